@@ -1,0 +1,45 @@
+"""Exceptions raised by nethessian.
+
+Every error says what is wrong and how to fix it. They subclass ``ValueError``
+(bad input) or ``RuntimeError`` (a computation that went wrong), so callers who
+catch the builtin types keep working.
+"""
+from __future__ import annotations
+
+__all__ = [
+    "NetHessianError",
+    "InputError",
+    "NonFiniteError",
+    "DenseTooLargeError",
+    "NotSymmetricError",
+    "CheckpointError",
+    "RandomModelError",
+]
+
+
+class NetHessianError(Exception):
+    """Base class of every error nethessian raises on purpose."""
+
+
+class InputError(NetHessianError, ValueError):
+    """The user's model, loss, data or options cannot give a well-defined answer."""
+
+
+class NonFiniteError(NetHessianError, RuntimeError):
+    """A NaN or Inf appeared in data, parameters or an intermediate product."""
+
+
+class DenseTooLargeError(InputError):
+    """A dense P x P matrix was requested that exceeds the memory limit."""
+
+
+class NotSymmetricError(InputError):
+    """An algorithm that needs a symmetric operator was given a non-symmetric one."""
+
+
+class CheckpointError(InputError):
+    """A checkpoint file is corrupt, foreign, or was made with other settings."""
+
+
+class RandomModelError(InputError):
+    """The model's forward pass draws random numbers (dropout in train mode, ...)."""
