@@ -1,0 +1,198 @@
+"""Batches and their weights: how several batches combine into one cost.
+
+The cost is over the whole data set. With a mean-reduced loss every loss term
+weighs the same whatever the batch sizes, so a batch's loss (as the loss
+function returns it) is weighted by its *term count* — the number of terms the
+mean divides by — and the sum is divided by the total count:
+
+    J = Σ_b c_b L_b / Σ_b c_b          (reduction "mean")
+    J = Σ_b L_b                         (reduction "sum")
+
+``c_b`` is the number of elements of the unreduced loss; for cross-entropy and
+NLL with class indices it is the number of non-ignored targets, or with class
+``weight=`` the sum of the targets' weights (exactly what torch divides by).
+"""
+from __future__ import annotations
+
+import copy
+import math
+from dataclasses import dataclass
+from typing import Any, Callable, Iterator, List, Optional, Union
+
+import torch
+from torch import nn
+
+from .errors import InputError, NonFiniteError
+
+__all__ = ["Batch", "Batches", "resolve_reduction", "term_count"]
+
+Reduction = Union[str, Callable[[torch.Tensor, torch.Tensor], Any], None]
+
+
+@dataclass(frozen=True)
+class Batch:
+    index: int
+    inputs: Any  # tensor, tuple of tensors (model(*inputs)) or dict (model(**inputs))
+    targets: torch.Tensor
+
+
+def _is_pair(obj) -> bool:
+    return isinstance(obj, (tuple, list)) and len(obj) == 2 and isinstance(obj[1], torch.Tensor)
+
+
+def _tensors(x):
+    if isinstance(x, torch.Tensor):
+        yield x
+    elif isinstance(x, (tuple, list)):
+        for t in x:
+            yield from _tensors(t)
+    elif isinstance(x, dict):
+        for t in x.values():
+            yield from _tensors(t)
+
+
+def _move(x, device, dtype):
+    if isinstance(x, torch.Tensor):
+        if x.is_floating_point():
+            return x.to(device=device, dtype=dtype)
+        return x.to(device=device)
+    if isinstance(x, (tuple, list)):
+        return type(x)(_move(t, device, dtype) for t in x)
+    if isinstance(x, dict):
+        return {k: _move(v, device, dtype) for k, v in x.items()}
+    return x
+
+
+class Batches:
+    """Re-iterable view of the user's data as ``Batch`` objects on the model's device.
+
+    ``data`` is an ``(inputs, targets)`` pair or a re-iterable of such pairs (a
+    list, a ``DataLoader``). Floating-point tensors are cast to the parameters'
+    dtype; in-memory data (a pair or a list/tuple of pairs) is moved once and kept.
+    """
+
+    def __init__(self, data, device: torch.device, dtype: torch.dtype):
+        self.device, self.dtype = device, dtype
+        if _is_pair(data):
+            self.in_memory = True
+            self._cached: Optional[List[Batch]] = [self._make(0, data)]
+            self._source = None
+        elif isinstance(data, (list, tuple)):
+            if len(data) == 0:
+                raise InputError("data is empty: pass an (inputs, targets) pair or a non-empty list of them")
+            self.in_memory = True
+            self._cached = [self._make(i, b) for i, b in enumerate(data)]
+            self._source = None
+        elif isinstance(data, torch.Tensor):
+            raise InputError(
+                "data is a single tensor; pass an (inputs, targets) pair, e.g. data=(X, y)"
+            )
+        else:
+            try:
+                it = iter(data)
+            except TypeError:
+                raise InputError(
+                    f"data of type {type(data).__name__} is neither an (inputs, targets) pair nor "
+                    "an iterable of such batches"
+                ) from None
+            if it is data:
+                raise InputError(
+                    "data is a one-shot iterator (e.g. a generator); nethessian passes over the data "
+                    "many times. Pass a list of batches or a DataLoader instead"
+                )
+            self.in_memory = False
+            self._cached = None
+            self._source = data
+        if self._cached is not None:
+            self.num_batches = len(self._cached)
+        else:
+            try:
+                self.num_batches = len(data)
+            except TypeError:
+                self.num_batches = None
+
+    def _make(self, index: int, raw) -> Batch:
+        if not (isinstance(raw, (tuple, list)) and len(raw) == 2):
+            raise InputError(
+                f"batch {index} is a {type(raw).__name__}, not an (inputs, targets) pair; "
+                "each batch must be a pair such as (X, y)"
+            )
+        inputs, targets = raw
+        if not isinstance(targets, torch.Tensor):
+            raise InputError(f"batch {index}: targets must be a tensor, got {type(targets).__name__}")
+        for role, obj in (("inputs", inputs), ("targets", targets)):
+            for t in _tensors(obj):
+                if t.is_floating_point() or t.is_complex():
+                    if not torch.isfinite(t).all():
+                        bad = int((~torch.isfinite(t)).sum())
+                        raise NonFiniteError(
+                            f"batch {index}: {role} contain {bad} NaN or Inf value(s); "
+                            "clean or impute the data first"
+                        )
+        return Batch(index, _move(inputs, self.device, self.dtype), _move(targets, self.device, self.dtype))
+
+    def __iter__(self) -> Iterator[Batch]:
+        if self._cached is not None:
+            yield from self._cached
+            return
+        n = 0
+        for i, raw in enumerate(self._source):
+            n += 1
+            yield self._make(i, raw)
+        if n == 0:
+            raise InputError("data is empty: the iterable yielded no batch")
+
+    def first(self) -> Batch:
+        for b in self:
+            return b
+        raise InputError("data is empty: the iterable yielded no batch")
+
+
+def resolve_reduction(loss_fn, reduction: Reduction, multi_batch: bool) -> Reduction:
+    """The reduction that decides batch weights: the user's ``reduction=``, else ``loss_fn.reduction``.
+
+    Returns ``"sum"``, ``"mean"``, ``"batchmean"``, a callable ``(outputs, targets) -> count``,
+    or ``None`` when there is one batch and the reduction cannot be known (weight 1).
+    """
+    if reduction is None:
+        reduction = getattr(loss_fn, "reduction", None)
+    if reduction is None:
+        if multi_batch:
+            raise InputError(
+                "the loss function's reduction cannot be known (it has no .reduction attribute) and "
+                "the data has several batches, so they cannot be weighted correctly. Pass "
+                "reduction='mean' (each batch weighted by its number of samples) or reduction='sum', "
+                "or a callable (outputs, targets) -> number of loss terms"
+            )
+        return None
+    if callable(reduction):
+        return reduction
+    if reduction not in ("sum", "mean", "batchmean"):
+        raise InputError(
+            f"reduction {reduction!r} is not supported; use 'mean', 'sum', 'batchmean' or a callable"
+        )
+    return reduction
+
+
+def term_count(loss_fn, reduction: Reduction, outputs: torch.Tensor, targets: torch.Tensor) -> float:
+    """The number of loss terms a mean-reduced loss divides by for this batch."""
+    if reduction is None or reduction == "sum":
+        return 1.0
+    if callable(reduction):
+        return float(reduction(outputs, targets))
+    if reduction == "batchmean":
+        return float(outputs.shape[0])
+    if isinstance(loss_fn, (nn.CrossEntropyLoss, nn.NLLLoss)) and not targets.is_floating_point():
+        mask = targets != loss_fn.ignore_index
+        if loss_fn.weight is not None:
+            w = loss_fn.weight.to(device=targets.device)
+            return float(w[targets[mask]].double().sum())
+        return float(mask.sum())
+    if isinstance(loss_fn, (nn.CrossEntropyLoss, nn.NLLLoss)):  # probability targets
+        return float(math.prod(outputs.shape) // outputs.shape[1 if outputs.ndim > 1 else 0]) if outputs.ndim > 1 else 1.0
+    if isinstance(loss_fn, nn.Module) and hasattr(loss_fn, "reduction"):
+        unreduced = copy.copy(loss_fn)
+        unreduced.reduction = "none"
+        with torch.no_grad():
+            return float(unreduced(outputs.detach(), targets).numel())
+    return float(outputs.shape[0])  # a callable told to be "mean": weight by samples

@@ -1,0 +1,95 @@
+"""Built-in problems: the classic two-layer network, and the benchmark MLP and CNN.
+
+Each returns ``(model, loss_fn, data)`` ready for ``nh.hessian`` and friends.
+Synthetic data is drawn from a seeded generator, so runs are reproducible.
+"""
+from __future__ import annotations
+
+from typing import Sequence, Tuple
+
+import torch
+from torch import nn
+
+__all__ = ["TwoLayerNet", "HalfSumSquaredError", "two_layer", "mlp", "cnn", "BUILTINS"]
+
+#: hours of sleep, hours of study -> test score (the tutorial's data set)
+SLEEP_STUDY = ((3.0, 5.0), (5.0, 1.0), (10.0, 2.0))
+SCORES = (75.0, 82.0, 93.0)
+
+
+class TwoLayerNet(nn.Module):
+    """2-3-1 sigmoid network without biases: ŷ = f(f(X W1) W2)."""
+
+    def __init__(self, generator: torch.Generator, dtype=torch.float64):
+        super().__init__()
+        self.W1 = nn.Parameter(torch.randn(2, 3, generator=generator, dtype=torch.float64).to(dtype))
+        self.W2 = nn.Parameter(torch.randn(3, 1, generator=generator, dtype=torch.float64).to(dtype))
+
+    def forward(self, X: torch.Tensor) -> torch.Tensor:
+        z2 = X @ self.W1
+        a2 = torch.sigmoid(z2)
+        z3 = a2 @ self.W2
+        return torch.sigmoid(z3)
+
+
+class HalfSumSquaredError(nn.Module):
+    """J = ½ Σ (y − ŷ)²  (a sum over samples: ``reduction = "sum"``)."""
+
+    reduction = "sum"
+
+    def forward(self, yhat: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return 0.5 * ((y - yhat) ** 2).sum()
+
+
+def two_layer(seed: int = 0, dtype: torch.dtype = torch.float64):
+    """The classic 2-3-1 sigmoid network on the sleep/study/score data set.
+
+    X = [[3, 5], [5, 1], [10, 2]] scaled by each column's maximum, y = [75, 82, 93] / 100,
+    weights W1 (2×3) and W2 (3×1) standard normal from ``seed``; J = ½ Σ (y − ŷ)².
+    """
+    g = torch.Generator().manual_seed(int(seed))
+    X = torch.tensor(SLEEP_STUDY, dtype=torch.float64)
+    X = X / X.max(dim=0).values
+    y = torch.tensor(SCORES, dtype=torch.float64).reshape(-1, 1) / 100
+    model = TwoLayerNet(g, dtype)
+    return model, HalfSumSquaredError(), (X.to(dtype), y.to(dtype))
+
+
+def mlp(sizes: Sequence[int] = (784, 128, 64, 10), n: int = 1024, *, activation: str = "tanh",
+        seed: int = 0, dtype: torch.dtype = torch.float32):
+    """MLP with ``activation`` between layers, cross-entropy, ``n`` synthetic samples.
+
+    Inputs are standard normal, labels from a random "teacher" MLP so the problem is learnable.
+    """
+    acts = {"tanh": nn.Tanh, "sigmoid": nn.Sigmoid, "relu": nn.ReLU, "softplus": nn.Softplus}
+    if activation not in acts:
+        raise ValueError(f"unknown activation {activation!r}; valid: {', '.join(acts)}")
+    torch.manual_seed(seed)  # nn.Linear initialisation
+    layers = []
+    for i, (a, b) in enumerate(zip(sizes[:-1], sizes[1:])):
+        layers.append(nn.Linear(a, b))
+        if i < len(sizes) - 2:
+            layers.append(acts[activation]())
+    model = nn.Sequential(*layers).to(dtype)
+    g = torch.Generator().manual_seed(seed + 1)
+    X = torch.randn(n, sizes[0], generator=g, dtype=torch.float64)
+    teacher = torch.randn(sizes[0], sizes[-1], generator=g, dtype=torch.float64)
+    y = (X @ teacher).argmax(dim=1)
+    return model, nn.CrossEntropyLoss(), (X.to(dtype), y)
+
+
+def cnn(n: int = 256, *, seed: int = 0, dtype: torch.dtype = torch.float32):
+    """Small CNN on 28×28 inputs: conv 1→8→16 (3×3), ReLU, max-pool, linear 400→10 (P = 5,258)."""
+    torch.manual_seed(seed)
+    model = nn.Sequential(
+        nn.Conv2d(1, 8, 3), nn.ReLU(), nn.MaxPool2d(2),
+        nn.Conv2d(8, 16, 3), nn.ReLU(), nn.MaxPool2d(2),
+        nn.Flatten(), nn.Linear(400, 10),
+    ).to(dtype)
+    g = torch.Generator().manual_seed(seed + 1)
+    X = torch.randn(n, 1, 28, 28, generator=g, dtype=torch.float64)
+    y = torch.randint(0, 10, (n,), generator=g)
+    return model, nn.CrossEntropyLoss(), (X.to(dtype), y)
+
+
+BUILTINS = {"two-layer": two_layer, "mlp": mlp, "cnn": cnn}

@@ -1,0 +1,210 @@
+"""Objective: J(θ) over the whole data set as a pure function of named parameters.
+
+The objective holds the user's model, loss and data, the chosen parameters
+(``params`` globs) and their layout, and a snapshot ``theta0`` of their values.
+It never changes the user's model: parameters and buffers are passed through
+``torch.func.functional_call``; buffers are cloned per call so batch-norm
+running statistics stay untouched in train mode.
+
+``sum_over_batches`` is the single place where per-batch quantities combine
+into whole-data-set ones (batch weights, and the data-parallel all-reduce).
+"""
+from __future__ import annotations
+
+import warnings
+from typing import Any, Callable, Dict, Optional, Sequence, Tuple
+
+import torch
+from torch import nn
+from torch.func import functional_call
+
+from . import distributed as dist
+from .data import Batch, Batches, resolve_reduction, term_count
+from .errors import InputError, NonFiniteError, RandomModelError
+from .params import ParamLayout, select_parameters
+
+__all__ = ["Objective"]
+
+_ELEMENTWISE = (nn.MSELoss, nn.L1Loss, nn.SmoothL1Loss, nn.HuberLoss, nn.BCELoss,
+                nn.BCEWithLogitsLoss, nn.SoftMarginLoss, nn.KLDivLoss, nn.PoissonNLLLoss)
+
+
+class Objective:
+    """J(θ) = weighted sum over batches of ``loss_fn(model(inputs), targets)``.
+
+    Args:
+        model: any ``nn.Module``; its mode decides batch norm (train: batch
+            statistics, eval: running ones).
+        loss_fn: callable ``(outputs, targets) -> scalar``.
+        data: an ``(inputs, targets)`` pair or a re-iterable of such batches.
+        params: ``None`` (every parameter with ``requires_grad``) or names / glob patterns.
+        reduction: how batches combine when ``loss_fn`` has no ``.reduction``.
+        allow_random: accept a model whose forward pass draws random numbers.
+    """
+
+    def __init__(self, model: nn.Module, loss_fn: Callable, data, params: Optional[Sequence[str]] = None,
+                 *, reduction=None, allow_random: bool = False):
+        if not isinstance(model, nn.Module):
+            raise InputError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+        if not callable(loss_fn):
+            raise InputError("loss_fn must be callable as loss_fn(outputs, targets) -> scalar")
+        self.model, self.loss_fn = model, loss_fn
+        chosen = select_parameters(model, params)
+        for name, p in chosen.items():
+            if not p.is_floating_point():
+                raise InputError(f"parameter {name!r} has dtype {p.dtype}; only floating point is supported")
+            if not torch.isfinite(p).all():
+                raise NonFiniteError(
+                    f"parameter {name!r} contains NaN or Inf; re-initialise or load finite weights"
+                )
+        dtypes = {p.dtype for p in chosen.values()}
+        devices = {p.device for p in chosen.values()}
+        if len(dtypes) > 1 or len(devices) > 1:
+            raise InputError(
+                f"parameters mix dtypes {sorted(map(str, dtypes))} / devices {sorted(map(str, devices))}; "
+                "convert the model with model.to(device, dtype) first"
+            )
+        self.dtype, self.device = dtypes.pop(), devices.pop()
+        self.layout = ParamLayout.from_tensors(chosen)
+        self.theta0 = torch.cat([p.detach().reshape(-1) for p in chosen.values()]).clone()
+        all_named = dict(model.named_parameters())
+        self._fixed = {n: p.detach() for n, p in all_named.items() if n not in chosen}
+        self._buffers = dict(model.named_buffers())
+        self.data = Batches(data, self.device, self.dtype)
+        multi = self.data.num_batches != 1
+        self.reduction = resolve_reduction(loss_fn, reduction, multi)
+        self._validate(allow_random)
+
+    # -- evaluation --------------------------------------------------------------------
+    @property
+    def size(self) -> int:
+        return self.layout.size
+
+    def params_dict(self, theta: torch.Tensor) -> Dict[str, torch.Tensor]:
+        return self.layout.unflatten(theta)
+
+    def forward(self, named: Dict[str, torch.Tensor], inputs) -> torch.Tensor:
+        state = {**self._fixed, **{k: b.clone() for k, b in self._buffers.items()}, **named}
+        if isinstance(inputs, dict):
+            return functional_call(self.model, state, args=(), kwargs=inputs)
+        if isinstance(inputs, (tuple, list)):
+            return functional_call(self.model, state, tuple(inputs))
+        return functional_call(self.model, state, (inputs,))
+
+    def batch_loss(self, named: Dict[str, torch.Tensor], batch: Batch) -> Tuple[torch.Tensor, torch.Tensor]:
+        """``(loss as loss_fn returns it, outputs)`` for one batch; checks what can go wrong."""
+        out = self.forward(named, batch.inputs)
+        if not isinstance(out, torch.Tensor):
+            raise InputError(
+                f"the model returned a {type(out).__name__}, not a tensor; wrap it so forward returns "
+                "the tensor the loss takes"
+            )
+        t = batch.targets
+        if isinstance(self.loss_fn, _ELEMENTWISE) and tuple(out.shape) != tuple(t.shape):
+            raise InputError(
+                f"batch {batch.index}: outputs have shape {tuple(out.shape)} but targets {tuple(t.shape)}; "
+                f"{type(self.loss_fn).__name__} would broadcast them into a wrong cost. Reshape the "
+                f"targets to {tuple(out.shape)} (e.g. y.view({', '.join(map(str, out.shape))}))"
+            )
+        try:
+            loss = self.loss_fn(out, t)
+        except (RuntimeError, ValueError, IndexError) as exc:
+            raise InputError(
+                f"batch {batch.index}: loss_fn failed on outputs of shape {tuple(out.shape)} "
+                f"({out.dtype}) and targets of shape {tuple(t.shape)} ({t.dtype}): {exc}"
+            ) from None
+        if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
+            shape = tuple(loss.shape) if isinstance(loss, torch.Tensor) else type(loss).__name__
+            raise InputError(
+                f"loss_fn must return a scalar, got {shape}; use reduction='mean' or 'sum' "
+                "(or .mean()/.sum() in your function)"
+            )
+        return loss.reshape(()), out
+
+    def count(self, outputs: torch.Tensor, targets: torch.Tensor) -> float:
+        return term_count(self.loss_fn, self.reduction, outputs, targets)
+
+    def sum_over_batches(self, fn: Callable[[Batch], Tuple[Any, float]]):
+        """Combine ``fn(batch) -> (value, count)`` over the data set with the batch weights.
+
+        ``value`` is the batch's quantity (loss, gradient, product ...) for the loss as
+        ``loss_fn`` returns it; the result is the same quantity for the whole-data-set
+        cost J. Across processes, local sums and counts are all-reduced (``finish``).
+        """
+        return self.finish(*self.local_sum(fn))
+
+    def local_sum(self, fn: Callable[[Batch], Tuple[Any, float]]) -> Tuple[Any, float]:
+        """This process's weighted sum ``Σ_b w_b value_b`` and term count ``Σ_b c_b``."""
+        total, n = None, 0.0
+        mean = self.reduction not in (None, "sum")
+        for batch in self.data:
+            value, c = fn(batch)
+            w = c if mean else 1.0
+            total = value * w if total is None else total + value * w
+            n += c
+        return total, n
+
+    def finish(self, total: torch.Tensor, n: float) -> torch.Tensor:
+        """All-reduce a local weighted sum and divide by the global term count for a mean."""
+        total, n = dist.reduce_sum(total, n)
+        if self.reduction not in (None, "sum"):
+            if n <= 0:
+                raise InputError("every target is ignored (zero loss terms): the mean cost is undefined")
+            total = total / n
+        return total
+
+    def value(self, theta: Optional[torch.Tensor] = None) -> float:
+        theta = self.theta0 if theta is None else theta
+        named = self.params_dict(theta)
+        with torch.no_grad():
+            def fn(b):
+                loss, out = self.batch_loss(named, b)
+                return loss.double(), self.count(out, b.targets)
+            return float(self.sum_over_batches(fn))
+
+    def value_and_grad(self, theta: Optional[torch.Tensor] = None) -> Tuple[float, torch.Tensor]:
+        theta = (self.theta0 if theta is None else theta).detach().requires_grad_(True)
+        named = self.params_dict(theta)
+
+        def fn(b):
+            with torch.enable_grad():
+                loss, out = self.batch_loss(named, b)
+                g, = torch.autograd.grad(loss, theta, allow_unused=True)
+            g = torch.zeros_like(theta) if g is None else g
+            return torch.cat([loss.detach().double().reshape(1), g.double()]), self.count(out, b.targets)
+
+        vg = self.sum_over_batches(fn)
+        return float(vg[0]), vg[1:].to(self.dtype)
+
+    def gradient(self, theta: Optional[torch.Tensor] = None) -> torch.Tensor:
+        return self.value_and_grad(theta)[1]
+
+    # -- validation ---------------------------------------------------------------------
+    def _validate(self, allow_random: bool) -> None:
+        batch = self.data.first()
+        cpu_state = torch.random.get_rng_state()
+        cuda_states = torch.cuda.get_rng_state_all() if torch.cuda.is_available() and torch.cuda.is_initialized() else None
+        with torch.no_grad(), warnings.catch_warnings():
+            warnings.simplefilter("error", UserWarning)
+            try:
+                loss, out = self.batch_loss(self.params_dict(self.theta0), batch)
+            except UserWarning as w:
+                raise InputError(f"batch {batch.index}: the loss warned: {w}; fix the shapes of outputs or targets") from None
+        random = not torch.equal(cpu_state, torch.random.get_rng_state())
+        if cuda_states is not None:
+            random |= any(not torch.equal(a, b) for a, b in zip(cuda_states, torch.cuda.get_rng_state_all()))
+        if random and not allow_random:
+            culprits = [f"{n or type(m).__name__} ({type(m).__name__}, p={m.p})"
+                        for n, m in self.model.named_modules()
+                        if isinstance(m, nn.modules.dropout._DropoutNd) and m.p > 0 and m.training]
+            where = f" — {', '.join(culprits)}" if culprits else ""
+            raise RandomModelError(
+                "the model's forward pass draws random numbers" + where + ", so the cost and its "
+                "Hessian would be random. Call model.eval() to switch dropout off, or pass "
+                "allow_random=True to accept a random cost"
+            )
+        if not torch.isfinite(loss):
+            raise NonFiniteError(
+                f"the loss of batch {batch.index} is {float(loss)} at the current parameters; "
+                "check the data scale and the initialisation"
+            )
