@@ -14,6 +14,7 @@ __all__ = [
     "NotSymmetricError",
     "CheckpointError",
     "RandomModelError",
+    "NotConvergedError",
 ]
 
 
@@ -43,3 +44,11 @@ class CheckpointError(InputError):
 
 class RandomModelError(InputError):
     """The model's forward pass draws random numbers (dropout in train mode, ...)."""
+
+
+class NotConvergedError(NetHessianError, RuntimeError):
+    """An iterative method stopped before reaching its tolerance (the result is attached)."""
+
+    def __init__(self, message: str, result=None):
+        super().__init__(message)
+        self.result = result

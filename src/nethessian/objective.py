@@ -23,7 +23,17 @@ from .data import Batch, Batches, resolve_reduction, term_count
 from .errors import InputError, NonFiniteError, RandomModelError
 from .params import ParamLayout, select_parameters
 
-__all__ = ["Objective"]
+__all__ = ["Objective", "math_attention"]
+
+
+def math_attention():
+    """Context that routes scaled_dot_product_attention to its twice-differentiable math kernel."""
+    try:
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+        return sdpa_kernel(SDPBackend.MATH)
+    except ImportError:  # torch < 2.3
+        return torch.backends.cuda.sdp_kernel(enable_flash=False, enable_mem_efficient=False,
+                                              enable_math=True)
 
 _ELEMENTWISE = (nn.MSELoss, nn.L1Loss, nn.SmoothL1Loss, nn.HuberLoss, nn.BCELoss,
                 nn.BCEWithLogitsLoss, nn.SoftMarginLoss, nn.KLDivLoss, nn.PoissonNLLLoss)
@@ -84,12 +94,18 @@ class Objective:
         return self.layout.unflatten(theta)
 
     def forward(self, named: Dict[str, torch.Tensor], inputs) -> torch.Tensor:
+        """The model's output with ``named`` parameters; buffers cloned (running stats untouched).
+
+        Attention runs on the "math" kernel: the fused flash / memory-efficient
+        kernels have no second derivative (nor forward-mode rule) in PyTorch.
+        """
         state = {**self._fixed, **{k: b.clone() for k, b in self._buffers.items()}, **named}
         if isinstance(inputs, dict):
-            return functional_call(self.model, state, args=(), kwargs=inputs)
-        if isinstance(inputs, (tuple, list)):
-            return functional_call(self.model, state, tuple(inputs))
-        return functional_call(self.model, state, (inputs,))
+            args, kwargs = (), inputs
+        else:
+            args, kwargs = (tuple(inputs) if isinstance(inputs, (tuple, list)) else (inputs,)), None
+        with math_attention():
+            return functional_call(self.model, state, args, kwargs)
 
     def batch_loss(self, named: Dict[str, torch.Tensor], batch: Batch) -> Tuple[torch.Tensor, torch.Tensor]:
         """``(loss as loss_fn returns it, outputs)`` for one batch; checks what can go wrong."""

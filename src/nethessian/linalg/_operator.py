@@ -53,11 +53,12 @@ class Operator:
         self.shape = (self.size, self.size)
         self.dtype = base.dtype
         self.device = torch.device(base.device) if not isinstance(base.device, torch.device) else base.device
-        self.layout = getattr(base, "layout", None)
+        layout = getattr(base, "layout", None)  # torch.Tensor.layout is torch.strided: not ours
+        self.layout = None if isinstance(base, torch.Tensor) or isinstance(layout, torch.layout) else layout
         self.num_matvecs = 0
 
     def __matmul__(self, v: torch.Tensor) -> torch.Tensor:
-        if v.shape[0] != self.size or v.ndim not in (1, 2):
+        if v.ndim not in (1, 2) or v.shape[0] != self.size:
             raise InputError(f"expected a vector of shape ({self.size},) or ({self.size}, k), got {tuple(v.shape)}")
         v = v.to(device=self.device, dtype=self.dtype)
         k = 1 if v.ndim == 1 else v.shape[1]
@@ -78,7 +79,7 @@ class Operator:
 
 
 def as_operator(A: Any) -> Operator:
-    """Wrap ``A`` (operator or tensor) for use by an estimator. Idempotent on counters: always a fresh count."""
+    """Wrap ``A`` (operator or tensor) for use by an estimator, with a fresh product count."""
     return Operator(A)
 
 
