@@ -167,6 +167,11 @@ def resolve_reduction(loss_fn, reduction: Reduction, multi_batch: bool) -> Reduc
         return None
     if callable(reduction):
         return reduction
+    if reduction == "none":
+        raise InputError(
+            "loss_fn has reduction='none', so it returns one loss per term, but the cost must be a "
+            "scalar: use reduction='mean' or reduction='sum'"
+        )
     if reduction not in ("sum", "mean", "batchmean"):
         raise InputError(
             f"reduction {reduction!r} is not supported; use 'mean', 'sum', 'batchmean' or a callable"

@@ -170,8 +170,10 @@ class HessianOperator(CurvatureOperator):
             return self._kept_product(V, batched=False)
         if self._batched is None:
             self._kept()
-            if self._t_single is None:
-                self._matvec(V[:, 0])  # time one column through the kept graph
+            if self._t_single is None:  # time one column through the kept graph
+                t0 = time.perf_counter()
+                self._kept_product(V[:, 0], batched=False)
+                self._t_single = time.perf_counter() - t0
             t0 = time.perf_counter()
             try:
                 out = self._kept_product(V, batched=True)

@@ -1,0 +1,57 @@
+"""nh.check and the command line's demo."""
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+from torch import nn
+
+import nethessian as nh
+from nethessian.check import check
+from nethessian.cli import main
+
+
+def test_check_passes_on_user_model_and_reports_errors():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2))  # float32: check runs a float64 copy
+    X, y = torch.randn(9, 3), torch.randint(0, 2, (9,))
+    rep = check(model, nn.CrossEntropyLoss(), (X, y))
+    assert rep.passed and rep.hvp_vs_fd < 1e-7 and rep.symmetry < 1e-12 and rep.dense_vs_columns < 1e-12
+    assert set(rep.blocks_vs_fd) >= {"0.weight / 0.weight", "0.weight / 2.bias"}
+    assert next(model.parameters()).dtype == torch.float32  # the user's model untouched
+    assert "PASSED" in str(rep)
+
+
+def test_check_detects_a_wrong_hessian(monkeypatch):
+    model, loss_fn, data = nh.examples.two_layer(seed=1)
+    from nethessian.operators.hessian import HessianOperator
+    orig = HessianOperator._matmat
+    monkeypatch.setattr(HessianOperator, "_matmat", lambda self, V: 1.01 * orig(self, V))
+    monkeypatch.setattr(HessianOperator, "_matvec", lambda self, v: 1.01 * orig(self, v[:, None])[:, 0])
+    rep = check(model, loss_fn, data)
+    assert not rep.passed and rep.hvp_vs_fd > 1e-3
+
+
+def test_demo_json_in_process(capsys):
+    assert main(["demo", "--json"]) == 0
+    res = json.loads(capsys.readouterr().out)
+    assert [b["shape"] for b in res["blocks"].values()] == [[6, 6], [6, 3], [3, 3]]
+    assert max(res["fd_relative_difference"].values()) < 1e-7
+    model, loss_fn, data = nh.examples.two_layer(seed=0)
+    H = nh.hessian(model, loss_fn, data)
+    assert res["blocks"]["b"]["values"] == H["W1", "W2"].tolist()
+    assert res["eigenvalues"] == pytest.approx(H.eigvalsh().tolist(), rel=1e-12, abs=1e-15)
+    assert res["verdict"]["kind"] == "not stationary"
+
+
+def test_demo_text_via_module():
+    out = subprocess.run([sys.executable, "-m", "nethessian", "demo"], capture_output=True, text=True,
+                         timeout=120)
+    assert out.returncode == 0, out.stderr
+    for s in ("J =", "a = ∂²J/∂W1²", "b = ∂²J/∂W1∂W2", "c = ∂²J/∂W2²", "eigenvalues", "finite differences"):
+        assert s in out.stdout
+
+
+def test_usage_error_exit_code():
+    assert main(["no-such-command"]) == 2
