@@ -10,9 +10,10 @@ from __future__ import annotations
 
 __version__ = "0.1.0"
 
-from . import examples
+from . import distributed, examples
 from .checkpoint import Checkpoint
 from .dense import BlockHessian, hessian
+from .distributed import DistributedError, shard
 from .errors import (CheckpointError, DenseTooLargeError, InputError, NetHessianError,
                      NonFiniteError, NotSymmetricError, RandomModelError)
 from .objective import Objective
@@ -24,8 +25,8 @@ __all__ = [
     "examples", "Objective", "ParamLayout", "hessian", "BlockHessian",
     # operators
     "CurvatureOperator", "HessianOperator",
-    # long runs
-    "Checkpoint",
+    # long runs, many processes
+    "Checkpoint", "distributed", "shard", "DistributedError",
     # errors
     "NetHessianError", "InputError", "NonFiniteError", "DenseTooLargeError",
     "NotSymmetricError", "RandomModelError", "CheckpointError",

@@ -80,8 +80,10 @@ class Objective:
         all_named = dict(model.named_parameters())
         self._fixed = {n: p.detach() for n, p in all_named.items() if n not in chosen}
         self._buffers = dict(model.named_buffers())
+        dist.check_consistent(self.layout.names, self.layout.shapes, self.dtype, self.device)
+        dist.check_theta(self.theta0)
         self.data = Batches(data, self.device, self.dtype)
-        multi = self.data.num_batches != 1
+        multi = self.data.num_batches != 1 or dist.world_size() > 1
         self.reduction = resolve_reduction(loss_fn, reduction, multi)
         self._validate(allow_random)
 

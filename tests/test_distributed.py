@@ -1,0 +1,77 @@
+"""Two gloo processes on 127.0.0.1 give the single-process numbers; faults end with a clear error."""
+import os
+import socket
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import nethessian as nh
+from dist_worker import problem, results
+
+WORKER = os.path.join(os.path.dirname(__file__), "dist_worker.py")
+
+
+def _port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return str(s.getsockname()[1])
+
+
+def _launch(mode, out="", timeout=120, env_extra=None):
+    port = _port()
+    env = {**os.environ, "OMP_NUM_THREADS": "1", **(env_extra or {})}
+    procs = [subprocess.Popen([sys.executable, WORKER, str(r), "2", port, mode, out], env=env,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for r in (0, 1)]
+    outs = []
+    for p in procs:  # rank 0 first; a rank still running after rank 0 ended gets `timeout` more
+        try:
+            outs.append(p.communicate(timeout=timeout))
+        except subprocess.TimeoutExpired:
+            p.kill()
+            outs.append(p.communicate())
+        timeout = 5 if mode == "hang" else timeout
+    return procs, outs
+
+
+def test_two_processes_equal_one(tmp_path):
+    out = str(tmp_path / "res")
+    procs, outs = _launch("compare", out)
+    for p, (o, e) in zip(procs, outs):
+        assert p.returncode == 0, e[-3000:]
+    ref = results(*problem())
+    for r in (0, 1):
+        got = torch.load(f"{out}.{r}")
+        for key, val in ref.items():
+            torch.testing.assert_close(got[key], val, rtol=1e-12, atol=1e-14 * max(1.0, float(val.abs().max())),
+                                       msg=f"rank {r}: {key}")
+
+
+def test_shard_splits_data_exactly():
+    X, y = torch.arange(10.0)[:, None], torch.arange(10)
+    parts = [nh.shard((X, y), r, 3) for r in range(3)]
+    assert torch.equal(torch.cat([p[1] for p in parts]), y)
+    assert [len(p[1]) for p in parts] == [3, 3, 4]
+    batches = [(X[i:i + 2], y[i:i + 2]) for i in range(0, 10, 2)]
+    got = [b for r in range(2) for b in nh.shard(batches, r, 2)]
+    assert sorted(int(b[1][0]) for b in got) == [0, 2, 4, 6, 8]
+    with pytest.raises(nh.InputError, match="every rank needs one"):
+        nh.shard((X[:1], y[:1]), 0, 2)
+
+
+@pytest.mark.parametrize("mode", ["die", "hang"])
+def test_dead_or_hung_rank_gives_clear_error_within_timeout(mode):
+    procs, outs = _launch(mode, timeout=90, env_extra={"NH_TIMEOUT": "5"})
+    err0 = outs[0][1]
+    assert procs[0].returncode == 1, err0[-3000:]
+    assert "another rank died, hung past the process group's timeout" in err0
+    elapsed = float(err0.split("ELAPSED ")[1].split()[0])  # rank 0: from the fault to the error
+    assert elapsed < 30, err0
+
+
+def test_mismatched_models_detected_at_start():
+    procs, outs = _launch("mismatch")
+    for p, (o, e) in zip(procs, outs):
+        assert p.returncode == 1, e[-3000:]
+        assert "the model differs across ranks" in e
