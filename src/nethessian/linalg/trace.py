@@ -1,0 +1,269 @@
+"""Trace of a square operator: exact, Hutchinson, Hutch++ and XTrace.
+
+Every method is written as a ``(P, s)`` table of *row contributions* whose column
+sums are ``s`` unbiased samples of tr(A); the estimate is their mean and the
+standard error their sample standard deviation / √s. Summing rows over a
+parameter block instead gives, from the same products, samples of the trace of
+that diagonal block (``by_block=True``); the block traces add up to the total.
+Tables are reduced to these sums as soon as they are formed. None of the
+estimators needs symmetry: each is unbiased for any square operator.
+
+For the sketching methods, with Π the projector onto the sketch and
+r = (I-Π)z the deflated probe (E[r rᵀ] = I-Π; for XTrace after the scaling
+c_i below), a block B (coordinate projector
+P_B) splits as tr(P_B A) = tr(P_B A Π) + tr(P_B A (I-Π)): the first term is the
+exact row sum of diag(AΠ) over B, the second is estimated without bias by
+r_Bᵀ (A r)_B. Over all rows these are tr(ΠAΠ) and rᵀAr, the usual estimator.
+
+* exact:      tr(A) = Σ_i e_iᵀ A e_i (``P`` products, one "sample", stderr 0).
+* Hutchinson: tr(A) ≈ (1/m) Σ_j z_jᵀ A z_j, Rademacher z_j.
+  M. F. Hutchinson (1989), Commun. Stat. Simul. Comput. 18(3) 1059-1076.
+* Hutch++:    with Q = orth(A S), S of k = ⌊m/3⌋ Rademacher columns,
+  tr(A) = tr(QᵀAQ) + tr((I-QQᵀ)A(I-QQᵀ)), the second term by Hutchinson on
+  g = m - 2k deflated probes (I-QQᵀ)z. The standard error is the Hutchinson one
+  of the deflated part: honest given Q, since tr(QᵀAQ) is then exact.
+  R. A. Meyer, C. Musco, C. Musco, D. P. Woodruff, "Hutch++: optimal stochastic
+  trace estimation", SOSA 2021.
+* XTrace:     with n = ⌊m/2⌋ probes ω_i (uniform on the sphere of radius √P) and
+  Q_i an orthonormal basis of A Ω_{-i}, the exchangeable mean of
+  tr(Q_iᵀAQ_i) + c_i ω_iᵀ(I-Q_iQ_iᵀ)A(I-Q_iQ_iᵀ)ω_i, c_i = (P-n+1)/‖(I-Q_iQ_iᵀ)ω_i‖²,
+  computed from one QR, A Ω = QR, by downdating: Q_iQ_iᵀ = Q(I - s_i s_iᵀ)Qᵀ with
+  s_i the normalised i-th row of R⁻¹. Standard error: std of the n terms / √n
+  (the paper's estimate; the terms are correlated, so it is optimistic when n
+  approaches P). When A Ω is rank deficient (rank A < n) or n > P, the sketch
+  holds range(A) and tr(QᵀAQ) is returned as exact, stderr 0.
+  E. N. Epperly, J. A. Tropp, R. J. Webber, "XTrace: making the most of every
+  sample in stochastic trace estimation", SIAM J. Matrix Anal. Appl. 45 (2024).
+
+Rademacher probes make Hutchinson exact on a diagonal matrix (zᵀDz = tr D):
+
+>>> import torch
+>>> D = torch.diag(torch.tensor([1.0, 2.0, 3.0, 4.0], dtype=torch.float64))
+>>> trace(D, exact=True).value
+10.0
+>>> est = trace(D, method="hutchinson", num_matvecs=6)
+>>> est.value, est.stderr, est.num_matvecs
+(10.0, 0.0, 6)
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, Dict, Literal, Optional
+
+import torch
+
+from ..errors import InputError
+from ..params import ParamLayout
+from ._operator import Operator, as_operator, make_generator, rademacher, randn
+from .diagonal import apply_chunked, default_chunk, exact_diagonal, progress_bar
+
+__all__ = ["TraceEstimate", "trace"]
+
+Method = Literal["hutchinson", "hutch++", "xtrace"]
+_MIN_MATVECS = {"hutchinson": 2, "hutch++": 4, "xtrace": 4}
+_WHY_MIN = {
+    "hutchinson": "2 probes for a standard error",
+    "hutch++": "1 sketch column, its product, and 2 deflated probes for a standard error",
+    "xtrace": "2 probes and 2 basis products for a standard error",
+}
+
+
+@dataclass(frozen=True)
+class TraceEstimate:
+    """An estimate of tr(A) with its standard error.
+
+    Attributes:
+        value: the estimate (exact when ``method == "exact"``).
+        stderr: its standard error (0 when exact).
+        num_matvecs: products spent.
+        method: ``"exact"``, ``"hutchinson"``, ``"hutch++"`` or ``"xtrace"``.
+        blocks: with ``by_block=True``, ``{name: TraceEstimate}`` of each diagonal
+            block (their values sum to ``value``); otherwise ``None``.
+    """
+
+    value: float
+    stderr: float
+    num_matvecs: int
+    method: str
+    blocks: Optional[Dict[str, "TraceEstimate"]] = None
+
+    def to_dict(self) -> Dict[str, Any]:
+        out: Dict[str, Any] = {
+            "value": self.value,
+            "stderr": self.stderr,
+            "num_matvecs": self.num_matvecs,
+            "method": self.method,
+        }
+        out["blocks"] = None if self.blocks is None else {k: b.to_dict() for k, b in self.blocks.items()}
+        return out
+
+
+def trace(
+    op: Any,
+    *,
+    method: Method = "hutch++",
+    num_matvecs: Optional[int] = None,
+    seed: Optional[int] = 0,
+    exact: bool = False,
+    by_block: bool = False,
+    chunk_size: Optional[int] = None,
+    progress: bool = False,
+) -> TraceEstimate:
+    """Trace of a square operator, exact or estimated with a standard error.
+
+    Args:
+        op: a curvature operator or a square tensor.
+        method: ``"hutchinson"``, ``"hutch++"`` (default) or ``"xtrace"``.
+        num_matvecs: product budget (default 90). Minimum 2 for Hutchinson, 4
+            for Hutch++ and XTrace; XTrace uses an even number (⌊m/2⌋ · 2).
+        seed: seed of the CPU generator the probes are drawn from.
+        exact: sum the exact diagonal instead (``P`` products; ``method`` and
+            ``num_matvecs`` are then ignored).
+        by_block: also return the trace of each named diagonal block ("per-layer
+            sharpness"); needs an operator with a ``.layout``.
+        chunk_size: columns per product ``A @ V`` (default: ``V`` ≤ 2**24 entries).
+        progress: show a tqdm bar on stderr.
+
+    Returns:
+        A ``TraceEstimate``.
+
+    Raises:
+        InputError: unknown method, too small a budget, ``by_block`` without layout.
+        NonFiniteError: a product returned NaN or Inf.
+    """
+    A = as_operator(op)
+    layout = _block_layout(A) if by_block else None
+    if chunk_size is not None and int(chunk_size) < 1:
+        raise InputError(f"chunk_size must be a positive number of columns, got {chunk_size}")
+    if exact:
+        values = exact_diagonal(A, chunk_size=chunk_size or default_chunk(A.size, A.size), progress=progress)
+        return _summarise(_reduce(values[:, None], layout), A.num_matvecs, "exact", layout)
+    m = _budget(method, num_matvecs)
+    gen = make_generator(seed)
+    bar = progress_bar(progress, 2 * (m // 2) if method == "xtrace" else m, f"trace ({method})")
+    sums = _SAMPLES[method](A, m, gen, chunk_size, bar, layout)
+    bar.close()
+    return _summarise(sums, A.num_matvecs, method, layout)
+
+
+def _budget(method: str, num_matvecs: Optional[int]) -> int:
+    if method not in _MIN_MATVECS:
+        raise InputError(f"unknown trace method {method!r}; choose one of {', '.join(map(repr, _MIN_MATVECS))}")
+    m = 90 if num_matvecs is None else int(num_matvecs)
+    if m < _MIN_MATVECS[method]:
+        raise InputError(
+            f"method={method!r} needs num_matvecs >= {_MIN_MATVECS[method]} "
+            f"({_WHY_MIN[method]}), got {m}"
+        )
+    return m
+
+
+def _block_layout(A: Operator) -> ParamLayout:
+    layout = A.layout
+    if layout is None:
+        raise InputError(
+            "by_block=True needs an operator with a .layout (a ParamLayout naming the "
+            "parameter blocks); a plain matrix has none"
+        )
+    if layout.size != A.size:
+        raise InputError(f"the operator's layout covers {layout.size} entries but the operator has size {A.size}")
+    return layout
+
+
+# ---------------------------------------------------------------- row tables
+
+
+def _reduce(rows: torch.Tensor, layout: Optional[ParamLayout]) -> torch.Tensor:
+    """Column sums of a (P, s) row table, (1, s); or per block, (num_blocks, s); float64."""
+    rows = rows.double()
+    if layout is None:
+        return rows.sum(dim=0, keepdim=True)
+    return torch.stack([rows[layout.slice(name)].sum(dim=0) for name in layout.names])
+
+
+def _hutchinson_samples(A: Operator, m: int, gen, chunk_size, bar, layout) -> torch.Tensor:
+    """Rows z ⊙ Az, drawn, applied and reduced ``chunk_size`` probes at a time."""
+    chunk = chunk_size or default_chunk(A.size, m)
+    parts = []
+    for start in range(0, m, chunk):
+        Z = rademacher(A, min(chunk, m - start), A.size, generator=gen).T  # (c, P) draws: chunk-independent
+        parts.append(_reduce(Z * apply_chunked(A, Z, chunk, bar), layout))
+    return torch.cat(parts, dim=1)
+
+
+def _hutchpp_samples(A: Operator, m: int, gen, chunk_size, bar, layout) -> torch.Tensor:
+    """Rows of Hutch++, (P, g): diag(A QQᵀ) (exact given Q) plus z̃ ⊙ A z̃, z̃ = (I-QQᵀ)z."""
+    k = m // 3
+    g = m - 2 * k
+    S = rademacher(A, A.size, k, generator=gen)
+    G = rademacher(A, A.size, g, generator=gen).double()
+    Q = torch.linalg.qr(apply_chunked(A, S, chunk_size, bar).double()).Q
+    AQ = apply_chunked(A, Q.to(A.dtype), chunk_size, bar).double()
+    exact_rows = (Q * AQ).sum(dim=1)  # diag(A QQᵀ); sums to tr(QᵀAQ)
+    Gt = G - Q @ (Q.T @ G)
+    AGt = apply_chunked(A, Gt.to(A.dtype), chunk_size, bar).double()
+    return _reduce(exact_rows[:, None] + Gt * AGt, layout)
+
+
+def _xtrace_samples(A: Operator, m: int, gen, chunk_size, bar, layout) -> torch.Tensor:
+    """Rows of XTrace, (P, n) with n = ⌊m/2⌋: column i sums to the i-th exchangeable term."""
+    P, n = A.size, m // 2
+    Om = randn(A, P, n, generator=gen, dtype=torch.float64)
+    Om = (Om * (math.sqrt(P) / Om.norm(dim=0))).to(A.dtype)  # uniform on the sphere of radius √P
+    Y = apply_chunked(A, Om, chunk_size, bar).double()
+    Om = Om.double()
+    Q, R = torch.linalg.qr(Y)
+    Z = apply_chunked(A, Q.to(A.dtype), chunk_size, bar).double()
+    if _sketch_is_complete(R, n, P):  # range(A) ⊂ range(Q): tr(A) = tr(QᵀAQ) exactly
+        return _reduce((Q * Z).sum(dim=1, keepdim=True), layout)
+    return _reduce(_xtrace_table(Om, Y, Q, R, Z), layout)
+
+
+def _sketch_is_complete(R: torch.Tensor, n: int, P: int) -> bool:
+    """More probes than dimensions, or A Ω numerically rank deficient (then rank A < n)."""
+    if n > P:
+        return True
+    d = R.diagonal().abs()
+    return bool(d.min() <= 10 * n * torch.finfo(torch.float64).eps * d.max())
+
+
+def _xtrace_table(Om, Y, Q, R, Z) -> torch.Tensor:
+    """XTrace rows with Π_i = Q(I - s_i s_iᵀ)Qᵀ, r_i = (I - Π_i)ω_i (all float64).
+
+    Row j, column i: the exact part diag(A Π_i)_j = Z_j·Q_j - (Z_j·s_i)(Q_j·s_i)
+    (Z = AQ), which sums to tr(QᵀAQ) - s_iᵀ(QᵀAQ)s_i over j, plus the scaled
+    residual c_i (r_i)_j (A r_i)_j with A r_i = Y_i - Z (I - s_i s_iᵀ) Qᵀω_i.
+    """
+    P, n = Om.shape
+    S = torch.linalg.solve_triangular(R, torch.eye(n, dtype=R.dtype, device=R.device), upper=True).T
+    S = S / S.norm(dim=0)  # column i: s_i ⟂ R_j (j ≠ i)
+    W = Q.T @ Om
+    sw = (S * W).sum(dim=0)  # s_iᵀ w_i
+    exact = (Q * Z).sum(dim=1, keepdim=True) - (Q @ S) * (Z @ S)
+    V = W - S * sw  # (I - s_i s_iᵀ) w_i
+    r = Om - Q @ V
+    Ar = Y - Z @ V
+    return exact + (P - n + 1) / r.square().sum(dim=0) * r * Ar
+
+
+_SAMPLES = {"hutchinson": _hutchinson_samples, "hutch++": _hutchpp_samples, "xtrace": _xtrace_samples}
+
+
+# ---------------------------------------------------------------- summaries
+
+
+def _estimate(samples: torch.Tensor, num_matvecs: int, method: str) -> TraceEstimate:
+    s = samples.shape[0]
+    value = float(samples.mean())
+    stderr = float(samples.std(correction=1)) / math.sqrt(s) if s > 1 else 0.0
+    return TraceEstimate(value, stderr, num_matvecs, method)
+
+
+def _summarise(sums: torch.Tensor, num_matvecs: int, method: str, layout: Optional[ParamLayout]) -> TraceEstimate:
+    """Mean and standard error of the samples: ``sums`` is (1, s), or (num_blocks, s) per block."""
+    total = _estimate(sums.sum(dim=0), num_matvecs, method)
+    if layout is None:
+        return total
+    blocks = {name: _estimate(sums[i], num_matvecs, method) for i, name in enumerate(layout.names)}
+    return TraceEstimate(total.value, total.stderr, num_matvecs, method, blocks)
