@@ -15,7 +15,15 @@ from .checkpoint import Checkpoint
 from .dense import BlockHessian, hessian
 from .distributed import DistributedError, shard
 from .errors import (CheckpointError, DenseTooLargeError, InputError, NetHessianError,
-                     NonFiniteError, NotSymmetricError, RandomModelError)
+                     NonFiniteError, NotConvergedError, NotSymmetricError, RandomModelError)
+from .check import CheckReport, check
+from .linalg.density import SpectralDensity, spectral_density
+from .linalg.diagonal import DiagonalEstimate, diagonal
+from .linalg.solve import SolveResult, inverse_hvp, solve
+from .linalg.trace import TraceEstimate, trace
+from .newton import NewtonIteration, NewtonResult, newton
+from .quadratic import NewtonStep, QuadraticComparison, QuadraticModel
+from .saving import SavedResult, load
 from .objective import Objective
 from .operators import CurvatureOperator, HessianOperator
 from .params import ParamLayout
@@ -25,9 +33,18 @@ __all__ = [
     "examples", "Objective", "ParamLayout", "hessian", "BlockHessian",
     # operators
     "CurvatureOperator", "HessianOperator",
+    # validation
+    "check", "CheckReport",
+    # estimators
+    "trace", "TraceEstimate", "diagonal", "DiagonalEstimate", "spectral_density", "SpectralDensity",
+    # the quadratic model, Newton, solves
+    "QuadraticModel", "QuadraticComparison", "NewtonStep", "newton", "NewtonResult", "NewtonIteration",
+    "solve", "inverse_hvp", "SolveResult",
+    # saved results
+    "load", "SavedResult",
     # long runs, many processes
     "Checkpoint", "distributed", "shard", "DistributedError",
     # errors
     "NetHessianError", "InputError", "NonFiniteError", "DenseTooLargeError",
-    "NotSymmetricError", "RandomModelError", "CheckpointError",
+    "NotSymmetricError", "RandomModelError", "CheckpointError", "NotConvergedError",
 ]

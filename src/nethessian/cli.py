@@ -94,15 +94,13 @@ def _cmd_demo(args) -> int:
     return 0
 
 
-def _demo_newton(seed: int) -> Optional[str]:
-    try:
-        from .quadratic import newton
-    except ImportError:
-        return None
+def _demo_newton(seed: int) -> str:
     from . import examples
+    from .newton import newton
     model, loss_fn, data = examples.two_layer(seed=seed)
     res = newton(model, loss_fn, data)
-    return "damped Newton on the two-layer network (Levenberg–Marquardt damping)\n" + res.table()
+    return ("damped Newton on the two-layer network (Levenberg–Marquardt damping λ = μ‖g‖; "
+            "see docs/quadratic-and-newton.md)\n" + res.table())
 
 
 # -- the problem, settings and output ---------------------------------------------------------
