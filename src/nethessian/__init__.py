@@ -23,6 +23,7 @@ from .linalg.solve import SolveResult, inverse_hvp, solve
 from .linalg.trace import TraceEstimate, trace
 from .newton import NewtonIteration, NewtonResult, newton
 from .quadratic import NewtonStep, QuadraticComparison, QuadraticModel
+from .report import ReportPaths, build_report
 from .saving import SavedResult, load
 from .objective import Objective
 from .operators import CurvatureOperator, HessianOperator
@@ -40,8 +41,8 @@ __all__ = [
     # the quadratic model, Newton, solves
     "QuadraticModel", "QuadraticComparison", "NewtonStep", "newton", "NewtonResult", "NewtonIteration",
     "solve", "inverse_hvp", "SolveResult",
-    # saved results
-    "load", "SavedResult",
+    # report and saved results
+    "build_report", "ReportPaths", "load", "SavedResult",
     # long runs, many processes
     "Checkpoint", "distributed", "shard", "DistributedError",
     # errors

@@ -1,0 +1,247 @@
+"""build_report: one self-contained HTML page and a JSON file with the same numbers."""
+import base64
+import io
+import json
+import os
+import re
+import shutil
+import subprocess
+
+import matplotlib.image as mpimg
+import pytest
+import torch
+
+import nethessian as nh
+from nethessian.errors import InputError
+from nethessian.report import SECTIONS, ReportPaths, build_report
+from nethessian.verdict import classify_point
+
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+SMALL = dict(num_eigs=3, trace_matvecs=12, density_probes=2, lanczos_steps=10)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny problems: one thread is faster and leaves the other core to parallel test runs."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def _load(paths: ReportPaths):
+    return paths.html.read_text(encoding="utf-8"), json.loads(paths.json.read_text(encoding="utf-8"))
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory):
+    model, loss_fn, data = nh.examples.two_layer()
+    paths = build_report(model, loss_fn, data, tmp_path_factory.mktemp("demo") / "new" / "folder")
+    return paths, *_load(paths)
+
+
+@pytest.fixture(scope="module")
+def mlp_problem():
+    return nh.examples.mlp((4, 6, 3), n=32, dtype=torch.float64)
+
+
+@pytest.fixture(scope="module")
+def matrix_free(tmp_path_factory, mlp_problem):
+    model, loss_fn, data = mlp_problem
+    paths = build_report(model, loss_fn, data, tmp_path_factory.mktemp("mf"), dense_max_params=10,
+                         problem_name="a small MLP", **SMALL)
+    return paths, *_load(paths)
+
+
+def _images(page: str):
+    return re.findall(r'<img src="([^"]*)"', page)
+
+
+def _cards(page: str):
+    return dict(re.findall(r'data-key="([^"]+)" data-value="([^"]+)"', page))
+
+
+@pytest.mark.parametrize("which", ["demo", "matrix_free"])
+def test_every_section_and_self_contained(which, request):
+    paths, page, _ = request.getfixturevalue(which)
+    assert paths.html.name == "report.html" and paths.json.name == "report.json"
+    for sid, heading in SECTIONS:
+        assert re.search(rf'<section id="{sid}"><h2>{re.escape(heading)}</h2>', page), sid
+        assert f'href="#{sid}"' in page
+    assert "<link" not in page and "<script" not in page and "url(" not in page
+    assert not re.search(r'(src|href)="(https?:|//)', page)
+    assert "<style>" in page
+
+
+@pytest.mark.parametrize("which, figures", [("demo", 5), ("matrix_free", 4)])
+def test_every_image_is_an_embedded_png(which, figures, request):
+    _, page, _ = request.getfixturevalue(which)
+    srcs = _images(page)
+    assert len(srcs) == figures
+    for src in srcs:
+        assert src.startswith("data:image/png;base64,")
+        png = base64.b64decode(src.split(",", 1)[1], validate=True)
+        assert png[:8] == PNG_SIGNATURE
+        pixels = mpimg.imread(io.BytesIO(png), format="png")
+        assert pixels.ndim == 3 and pixels.shape[0] > 200 and pixels.shape[1] > 400
+        assert float(pixels[..., :3].std()) > 0.05  # not a blank canvas
+
+
+def test_demo_numbers_equal_the_library(demo):
+    _, page, R = demo
+    model, loss_fn, data = nh.examples.two_layer()
+    H = nh.hessian(model, loss_fn, data)
+    J, g = nh.Objective(model, loss_fn, data).value_and_grad()
+    assert R["mode"] == "dense" and R["num_parameters"] == 9
+    torch.testing.assert_close(torch.tensor(R["eigenvalues"]["all"], dtype=torch.float64), H.eigvalsh(),
+                               rtol=1e-12, atol=1e-15)
+    assert R["trace"]["method"] == "exact" and R["trace"]["stderr"] == 0.0
+    assert R["trace"]["value"] == pytest.approx(float(torch.trace(H.dense)), rel=1e-12)
+    assert R["trace"]["blocks"]["W2"]["value"] == pytest.approx(float(torch.trace(H["W2"])), rel=1e-12)
+    for key, (r, c) in {"a": ("W1", "W1"), "b": ("W1", "W2"), "c": ("W2", "W2")}.items():
+        torch.testing.assert_close(torch.tensor(R["hessian"]["blocks"][key]["values"], dtype=torch.float64),
+                                   H[r, c], rtol=1e-12, atol=1e-15)
+    torch.testing.assert_close(torch.tensor(R["hessian"]["dense"], dtype=torch.float64), H.dense,
+                               rtol=1e-12, atol=1e-15)
+    assert R["cost"] == pytest.approx(J, rel=1e-12)
+    assert R["gradient_norm"] == pytest.approx(float(g.norm()), rel=1e-12)
+    verdict = classify_point(H.eigvalsh(), float(g.norm()))
+    assert R["verdict"]["kind"] == verdict.kind == "not stationary"
+    assert R["verdict"]["condition_number"] == pytest.approx(verdict.condition_number, rel=1e-10)
+    # the blocks are named a, b, c on the page, in the figure's caption and in the block tables
+    for text in ("a</b> = ∂²J/∂W1²", "b</b> = ∂²J/∂W1∂W2", "c</b> = ∂²J/∂W2²"):
+        assert text in page
+    # the quadratic model: three directions, the model exact at α = 0
+    dirs = R["quadratic"]["directions"]
+    assert [d["direction"] for d in dirs] == ["top-eigenvector", "gradient", "random"]
+    assert dirs[0]["curvature_dHd"] == pytest.approx(max(R["eigenvalues"]["all"]), rel=1e-8)
+    for d in dirs:
+        mid = len(d["alphas"]) // 2
+        assert d["alphas"][mid] == 0.0 and d["true"][mid] == pytest.approx(J) == d["model"][mid]
+    # the exact density integrates to 1
+    dens = torch.tensor(R["density"]["density"]), torch.tensor(R["density"]["grid"])
+    assert float(torch.trapezoid(*dens)) == pytest.approx(1.0, abs=1e-6)
+
+
+@pytest.mark.parametrize("which", ["demo", "matrix_free"])
+def test_json_numbers_equal_the_page(which, request):
+    _, page, R = request.getfixturevalue(which)
+    cards = _cards(page)
+    lam = (R["eigenvalues"]["all"] if R["mode"] == "dense" else
+           R["eigenvalues"]["largest"]["eigenvalues"] + R["eigenvalues"]["smallest"]["eigenvalues"])
+    expected = {"num_parameters": R["num_parameters"], "cost": R["cost"], "gradient_norm": R["gradient_norm"],
+                "trace": R["trace"]["value"], "lambda_max": max(lam), "lambda_min": min(lam),
+                "condition_number": R["verdict"]["condition_number"]}
+    for key, value in expected.items():
+        assert key in cards, key
+        assert float(cards[key]) == pytest.approx(float("inf") if value is None else value, rel=1e-15), key
+
+
+def test_settings_and_versions_recorded(demo):
+    _, page, R = demo
+    s, v = R["settings"], R["versions"]
+    assert (s["num_samples"], s["num_batches"], s["dtype"], s["device"], s["seed"]) == (3, 1, "float64", "cpu", 0)
+    assert s["dense_max_params"] == 2000 and s["date"]
+    assert set(v) >= {"nethessian", "torch", "numpy", "scipy", "python"}
+    assert v["nethessian"] == nh.__version__ and v["torch"] == torch.__version__
+    for x in (v["torch"], v["numpy"], v["scipy"], v["python"]):
+        assert x in page
+
+
+def test_matrix_free_path_says_so_and_is_right(matrix_free, mlp_problem):
+    _, page, R = matrix_free
+    model, loss_fn, data = mlp_problem
+    P = sum(p.numel() for p in model.parameters())
+    assert R["mode"] == "matrix-free" and R["num_parameters"] == P > 10
+    assert "Matrix-free mode." in page and "dense_max_params = 10" in page
+    assert "Lanczos" in page and "Hutch++" in page and "stochastic lanczos quadrature" in page.lower()
+    assert R["hessian"] is None and 'id="fig-heatmap"' not in page
+    lam = torch.linalg.eigvalsh(nh.hessian(model, loss_fn, data).dense)
+    top, bottom = R["eigenvalues"]["largest"], R["eigenvalues"]["smallest"]
+    assert len(top["eigenvalues"]) == len(bottom["eigenvalues"]) == SMALL["num_eigs"]
+    assert top["eigenvalues"][0] == pytest.approx(float(lam[-1]), rel=1e-3)
+    assert bottom["eigenvalues"][0] == pytest.approx(float(lam[0]), rel=1e-3, abs=1e-3 * float(lam.abs().max()))
+    tr = R["trace"]
+    assert tr["method"] == "hutch++" and tr["num_matvecs"] == SMALL["trace_matvecs"] and tr["stderr"] > 0
+    assert abs(tr["value"] - float(lam.sum())) <= 5 * tr["stderr"]
+    assert sum(b["value"] for b in tr["blocks"].values()) == pytest.approx(tr["value"], rel=1e-10)
+    assert R["density"]["num_probes"] == SMALL["density_probes"]
+    assert R["problem"]["name"] == "a small MLP"
+    if R["verdict"]["num_negative"] and R["verdict"]["num_positive"]:
+        assert R["verdict"]["condition_number_is_lower_bound"] and "≥" in page
+
+
+def test_unwritable_folder_is_an_input_error(tmp_path):
+    model, loss_fn, data = nh.examples.two_layer()
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    for out in (blocker, blocker / "report"):
+        with pytest.raises(InputError, match=re.escape(str(out))) as info:
+            build_report(model, loss_fn, data, out)
+        assert "out_dir" in str(info.value)
+    with pytest.raises(InputError, match="num_eigs"):
+        build_report(model, loss_fn, data, tmp_path, num_eigs=0)
+
+
+def _chromium():
+    return shutil.which("chromium") or shutil.which("chromium-browser") or (
+        "/usr/bin/chromium" if os.path.exists("/usr/bin/chromium") else None)
+
+
+CHECK_IMAGES = ("<script>window.addEventListener('load', () => { const im = [...document.images];"
+                " const ok = im.filter(i => i.complete && i.naturalWidth > 0).length;"
+                " document.body.setAttribute('data-images-ok', ok + '/' + im.length); });</script>")
+
+
+@pytest.mark.skipif(_chromium() is None, reason="headless Chromium is not installed")
+def test_every_image_loads_in_headless_chromium(demo, tmp_path):
+    paths, page, _ = demo
+    probe = tmp_path / "probe.html"
+    probe.write_text(page.replace("</body>", CHECK_IMAGES + "</body>"), encoding="utf-8")
+    cmd = [_chromium(), "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+           "--disable-background-networking", "--disable-component-update", "--disable-sync",
+           f"--user-data-dir={tmp_path / 'profile'}", "--virtual-time-budget=5000", "--dump-dom",
+           probe.as_uri()]
+    dom = subprocess.run(cmd, capture_output=True, text=True, timeout=90).stdout
+    found = re.search(r'data-images-ok="(\d+)/(\d+)"', dom)
+    assert found, dom[:500]
+    ok, total = map(int, found.groups())
+    assert total == len(_images(page)) == 5 and ok == total
+
+
+WORKER = """
+import datetime, os, sys
+import torch
+import nethessian as nh
+from nethessian.report import build_report
+rank, port, out = int(sys.argv[1]), sys.argv[2], sys.argv[3]
+os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=port)
+torch.distributed.init_process_group("gloo", rank=rank, world_size=2, timeout=datetime.timedelta(seconds=30))
+torch.set_num_threads(1)
+model, loss_fn, (X, y) = nh.examples.mlp((4, 6, 3), n=33, dtype=torch.float64)
+build_report(model, loss_fn, nh.shard((X, y)), f"{out}/rank{rank}", dense_max_params=10, num_eigs=3,
+             trace_matvecs=12, density_probes=2, lanczos_steps=10)
+"""
+
+
+def test_two_processes_compute_together_and_rank_0_writes(tmp_path):
+    import socket
+    import sys
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = str(s.getsockname()[1])
+    script = tmp_path / "worker.py"
+    script.write_text(WORKER)
+    procs = [subprocess.Popen([sys.executable, str(script), str(r), port, str(tmp_path)],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for r in (0, 1)]
+    for p in procs:
+        _, err = p.communicate(timeout=120)
+        assert p.returncode == 0, err[-2000:]
+    assert not (tmp_path / "rank1").exists()
+    _, R = _load(ReportPaths(tmp_path / "rank0" / "report.html", tmp_path / "rank0" / "report.json"))
+    model, loss_fn, data = nh.examples.mlp((4, 6, 3), n=33, dtype=torch.float64)
+    J, g = nh.Objective(model, loss_fn, data).value_and_grad()
+    assert R["cost"] == pytest.approx(J, rel=1e-12)
+    assert R["gradient_norm"] == pytest.approx(float(g.norm()), rel=1e-10)
+    assert (R["settings"]["world_size"], R["settings"]["num_samples"]) == (2, 33)
