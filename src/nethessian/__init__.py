@@ -18,6 +18,7 @@ from .errors import (CheckpointError, DenseTooLargeError, InputError, NetHessian
                      NonFiniteError, NotConvergedError, NotSymmetricError, RandomModelError)
 from .check import CheckReport, check
 from .linalg.density import SpectralDensity, spectral_density
+from .linalg.lanczos import EigenResult, eigenvalues
 from .linalg.diagonal import DiagonalEstimate, diagonal
 from .linalg.solve import SolveResult, inverse_hvp, solve
 from .linalg.trace import TraceEstimate, trace
@@ -27,17 +28,19 @@ from .report import ReportPaths, build_report
 from .saving import SavedResult, load
 from .objective import Objective
 from .operators import CurvatureOperator, HessianOperator
+from .operators.fisher import EmpiricalFisherOperator, FisherOperator
+from .operators.ggn import GGNOperator
 from .params import ParamLayout
 
 __all__ = [
     # the problem and its Hessian
     "examples", "Objective", "ParamLayout", "hessian", "BlockHessian",
     # operators
-    "CurvatureOperator", "HessianOperator",
+    "CurvatureOperator", "HessianOperator", "GGNOperator", "FisherOperator", "EmpiricalFisherOperator",
     # validation
     "check", "CheckReport",
     # estimators
-    "trace", "TraceEstimate", "diagonal", "DiagonalEstimate", "spectral_density", "SpectralDensity",
+    "eigenvalues", "EigenResult", "trace", "TraceEstimate", "diagonal", "DiagonalEstimate", "spectral_density", "SpectralDensity",
     # the quadratic model, Newton, solves
     "QuadraticModel", "QuadraticComparison", "NewtonStep", "newton", "NewtonResult", "NewtonIteration",
     "solve", "inverse_hvp", "SolveResult",

@@ -178,7 +178,7 @@ def _cmd_hessian(args) -> int:
     files = {}
     if args.output and dist.is_main():
         import numpy as np
-        from .plots import hessian_heatmap
+        from .plots import hessian_heatmap, save as save_figure
         os.makedirs(args.output, exist_ok=True)
         files["pt"] = os.path.join(args.output, "hessian.pt")
         torch.save({"dense": H.dense.cpu(), "names": list(H.names),
@@ -187,7 +187,7 @@ def _cmd_hessian(args) -> int:
         np.savez(files["npz"], dense=H.dense.detach().cpu().double().numpy(), names=np.array(H.names),
                  shapes=np.array([json.dumps(list(s)) for s in H.layout.shapes]))
         files["png"] = os.path.join(args.output, "hessian.png")
-        hessian_heatmap(H, files["png"])
+        save_figure(hessian_heatmap(H), files["png"])
     eig = H.eigvalsh()
     result = {"names": list(H.names), "shapes": [list(s) for s in H.layout.shapes], "P": H.shape[0],
               "eigenvalues": eig.tolist(), "trace": float(torch.trace(H.dense)),

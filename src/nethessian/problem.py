@@ -56,8 +56,8 @@ def _from_file(path: str):
     try:
         spec.loader.exec_module(module)
     except Exception as exc:
-        frames = [f for f in traceback.extract_tb(exc.__traceback__) if os.path.samefile(f.filename, path)
-                  ] if os.path.exists(path) else []
+        target = os.path.realpath(path)
+        frames = [f for f in traceback.extract_tb(exc.__traceback__) if os.path.realpath(f.filename) == target]
         where = f"{path}, line {frames[-1].lineno}" if frames else path
         line = f": {frames[-1].line}" if frames and frames[-1].line else ""
         raise InputError(f"problem file failed to import at {where}{line} — {type(exc).__name__}: {exc}") from None

@@ -1,7 +1,8 @@
-"""Results saved with provenance, and ``nh.load`` to read them back."""
+"""Results saved with provenance (a JSON file), and ``nh.load`` to read them back."""
 from __future__ import annotations
 
 import datetime
+import json
 import os
 import platform
 from dataclasses import dataclass
@@ -43,8 +44,17 @@ def save_result(path: str, kind: str, result: Dict[str, Any], settings: Dict[str
     blob = {"magic": _MAGIC, "kind": kind, "result": result, "settings": settings,
             "versions": versions(), "created": datetime.datetime.now(datetime.timezone.utc).isoformat()}
     tmp = path + ".tmp"
-    torch.save(blob, tmp)
+    with open(tmp, "w") as fh:
+        json.dump(blob, fh, default=_plain)
     os.replace(tmp, path)
+
+
+def _plain(x):
+    if isinstance(x, torch.Tensor):
+        return x.tolist()
+    if hasattr(x, "tolist"):  # numpy
+        return x.tolist()
+    return str(x)
 
 
 def load(path: str) -> SavedResult:
@@ -52,7 +62,8 @@ def load(path: str) -> SavedResult:
     if not os.path.exists(path):
         raise InputError(f"{path!r} does not exist")
     try:
-        blob = torch.load(path, map_location="cpu", weights_only=True)
+        with open(path) as fh:
+            blob = json.load(fh)
     except Exception as exc:
         raise InputError(f"{path!r} is not a nethessian result file ({type(exc).__name__})") from None
     if not isinstance(blob, dict) or blob.get("magic") != _MAGIC:
