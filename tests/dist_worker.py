@@ -71,7 +71,8 @@ def main():
         except nh.NetHessianError as exc:
             print(f"ELAPSED {time.time() - t0:.1f}", file=sys.stderr)
             print(f"ERROR {exc}", file=sys.stderr)
-            sys.exit(1)
+            sys.stderr.flush()
+            os._exit(1)  # a hung peer leaves gloo work pending: skip its teardown (it aborts)
     elif mode == "mismatch":
         if rank == 1:
             model = nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 3)).double()

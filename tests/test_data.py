@@ -114,3 +114,13 @@ def test_float32_data_follows_float64_model():
     X, y = torch.randn(6, 4, generator=g), torch.randn(6, 3, generator=g)
     op = nh.HessianOperator(_model(), nn.MSELoss(), (X, y))
     assert op.dtype == DT and (op @ torch.ones(op.shape[0], dtype=DT)).dtype == DT
+
+
+def test_batch_with_every_target_ignored_adds_nothing():
+    g = torch.Generator().manual_seed(7)
+    X, y = torch.randn(9, 4, generator=g, dtype=DT), torch.randint(0, 3, (9,), generator=g)
+    y[:3] = -100  # the first batch is entirely ignored
+    loss_fn = nn.CrossEntropyLoss(ignore_index=-100)
+    _assert_same(_model(), loss_fn, (X[3:], y[3:]), _split(X, y, [3, 6]))
+    with pytest.raises(nh.InputError, match="every target is ignored"):
+        nh.Objective(_model(), loss_fn, [(X[:3], y[:3])]).value()

@@ -98,9 +98,19 @@ def _demo_newton(seed: int) -> str:
     from . import examples
     from .newton import newton
     model, loss_fn, data = examples.two_layer(seed=seed)
+    from .dense import hessian
+    from .verdict import classify_point
     res = newton(model, loss_fn, data)
+    res.apply(model)  # our own copy of the demo network
+    eig = hessian(model, loss_fn, data).eigvalsh()
+    verdict = classify_point(eig, res.gradient_norms[-1], rtol=1e-6, gtol=1e-8)
     return ("damped Newton on the two-layer network (Levenberg–Marquardt damping λ = μ‖g‖; "
-            "see docs/quadratic-and-newton.md)\n" + res.table())
+            "see docs/quadratic-and-newton.md)\n" + res.table() +
+            "\n\neigenvalues of H at the end point\n  " + "  ".join(f"{x:+.4e}" for x in eig.tolist()) +
+            f"\n  → {verdict.message}" +
+            (f"\n  J = {res.value:.1e} and J = ½Σ(y − ŷ)² ≥ 0, so this is a global minimum, not isolated: the "
+             f"network fits all 3 points exactly, and the {verdict.num_zero} flat directions are tangent to a whole set of exact fits"
+             if verdict.kind == "degenerate" and res.value < 1e-20 else ""))
 
 
 # -- the problem, settings and output ---------------------------------------------------------
@@ -346,6 +356,9 @@ def main(argv: Optional[List[str]] = None) -> int:
         if args.debug:
             raise
         print(f"nethessian: {type(exc).__name__}: {exc}", file=sys.stderr)
+        if isinstance(exc, dist.DistributedError):
+            sys.stdout.flush(), sys.stderr.flush()
+            os._exit(1)  # a dead or hung peer leaves collectives pending; gloo's teardown would abort
         return 1
 
 

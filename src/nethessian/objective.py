@@ -157,9 +157,13 @@ class Objective:
         mean = self.reduction not in (None, "sum")
         for batch in self.data:
             value, c = fn(batch)
+            if mean and c == 0:  # every target ignored: no terms, and its mean loss is 0/0
+                continue
             w = c if mean else 1.0
             total = value * w if total is None else total + value * w
             n += c
+        if total is None:
+            raise InputError("every target is ignored (zero loss terms): the mean cost is undefined")
         return total, n
 
     def finish(self, total: torch.Tensor, n: float) -> torch.Tensor:
@@ -221,7 +225,7 @@ class Objective:
                 "Hessian would be random. Call model.eval() to switch dropout off, or pass "
                 "allow_random=True to accept a random cost"
             )
-        if not torch.isfinite(loss):
+        if not torch.isfinite(loss) and self.count(out, batch.targets) != 0:
             raise NonFiniteError(
                 f"the loss of batch {batch.index} is {float(loss)} at the current parameters; "
                 "check the data scale and the initialisation"
