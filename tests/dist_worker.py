@@ -9,7 +9,6 @@ from torch import nn
 
 sys.path.insert(0, os.path.dirname(__file__))
 import nethessian as nh  # noqa: E402
-from nethessian import distributed as dist  # noqa: E402
 
 
 def problem():
@@ -80,7 +79,8 @@ def main():
             nh.HessianOperator(model, loss_fn, nh.shard(batches))
         except nh.NetHessianError as exc:
             print(f"ERROR {exc}", file=sys.stderr)
-            sys.exit(1)
+            sys.stderr.flush()
+            os._exit(1)  # as the CLI does after a distributed fault: gloo's teardown may abort
     torch.distributed.destroy_process_group()
 
 

@@ -28,3 +28,22 @@ def assert_operator_matches(op, dense: torch.Tensor, *, rtol: float = 1e-10, see
                                atol=atol * P ** 0.5 * np.abs(Xm).max())
     D = op.to_dense()
     assert float((D - D.T).abs().max()) <= 1e3 * torch.finfo(D.dtype).eps * scale
+
+
+def sym(eigenvalues, seed=0, dtype=torch.float64) -> torch.Tensor:
+    """Q diag(λ) Qᵀ with a random orthogonal Q: a symmetric matrix with a known spectrum."""
+    lam = torch.as_tensor(eigenvalues, dtype=torch.float64)
+    g = torch.Generator().manual_seed(seed)
+    Q, _ = torch.linalg.qr(torch.randn(len(lam), len(lam), generator=g, dtype=torch.float64))
+    return ((Q * lam) @ Q.T).to(dtype)
+
+
+class Blocked:
+    """The smallest operator with a parameter layout."""
+
+    def __init__(self, M, layout):
+        self.M, self.layout = M, layout
+        self.shape, self.dtype, self.device = tuple(M.shape), M.dtype, M.device
+
+    def __matmul__(self, v):
+        return self.M @ v

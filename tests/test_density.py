@@ -7,22 +7,7 @@ import torch
 from nethessian.checkpoint import Checkpoint
 from nethessian.errors import CheckpointError, InputError, NonFiniteError, NotSymmetricError
 from nethessian.linalg.density import SpectralDensity, spectral_density
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Matrices here are tiny: one thread is faster, and does not oversubscribe a busy machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-def sym(eigenvalues, seed=0, dtype=torch.float64):
-    lam = torch.as_tensor(eigenvalues, dtype=torch.float64)
-    g = torch.Generator().manual_seed(seed)
-    Q, _ = torch.linalg.qr(torch.randn(len(lam), len(lam), generator=g, dtype=torch.float64))
-    return ((Q * lam) @ Q.T).to(dtype)
+from helpers import sym
 
 
 class Wrapped:

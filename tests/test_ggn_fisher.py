@@ -12,7 +12,6 @@ import torch
 from torch import nn
 from torch.autograd.function import once_differentiable
 
-import nethessian as nh
 from cases import CASES, DT, reference_hessian
 from helpers import assert_operator_matches
 from nethessian.errors import InputError

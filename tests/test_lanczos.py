@@ -16,15 +16,6 @@ from nethessian.params import ParamLayout
 CLUSTER = [0.291, 0.289, 0.285, 0.281, 0.276]  # the top five of an MLP Hessian (W3)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Matrices here are tiny: on a loaded 2-core machine extra BLAS threads only spin."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @functools.lru_cache(maxsize=None)
 def rotation(P: int, seed: int = 0) -> torch.Tensor:
     g = torch.Generator().manual_seed(seed)

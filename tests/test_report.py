@@ -20,15 +20,6 @@ PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 SMALL = dict(num_eigs=3, trace_matvecs=12, density_probes=2, lanczos_steps=10)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny problems: one thread is faster and leaves the other core to parallel test runs."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def _load(paths: ReportPaths):
     return paths.html.read_text(encoding="utf-8"), json.loads(paths.json.read_text(encoding="utf-8"))
 

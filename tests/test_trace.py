@@ -8,36 +8,9 @@ import torch
 from nethessian.errors import InputError, NonFiniteError
 from nethessian.linalg.trace import TraceEstimate, _xtrace_table, trace
 from nethessian.params import ParamLayout
+from helpers import sym, Blocked
 
 METHODS = ["hutchinson", "hutch++", "xtrace"]
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Matrices here are tiny: one thread is faster, and does not oversubscribe a busy machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-def sym(eigenvalues, seed=0, dtype=torch.float64):
-    """Q diag(λ) Qᵀ with a Haar-ish random orthogonal Q."""
-    lam = torch.as_tensor(eigenvalues, dtype=torch.float64)
-    g = torch.Generator().manual_seed(seed)
-    Q, _ = torch.linalg.qr(torch.randn(len(lam), len(lam), generator=g, dtype=torch.float64))
-    return ((Q * lam) @ Q.T).to(dtype)
-
-
-class Blocked:
-    """The smallest operator with a parameter layout."""
-
-    def __init__(self, M, layout):
-        self.M, self.layout = M, layout
-        self.shape, self.dtype, self.device = tuple(M.shape), M.dtype, M.device
-
-    def __matmul__(self, v):
-        return self.M @ v
 
 
 class NaNAfter(Blocked):

@@ -15,7 +15,7 @@ from __future__ import annotations
 import datetime
 import hashlib
 import os
-from typing import Any, List, Optional, Sequence, Tuple
+from typing import Optional, Sequence, Tuple
 
 import torch
 

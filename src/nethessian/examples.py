@@ -5,7 +5,7 @@ Synthetic data is drawn from a seeded generator, so runs are reproducible.
 """
 from __future__ import annotations
 
-from typing import Sequence, Tuple
+from typing import Sequence
 
 import torch
 from torch import nn

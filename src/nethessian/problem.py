@@ -7,9 +7,8 @@ from __future__ import annotations
 
 import importlib.util
 import os
-import sys
 import traceback
-from typing import Optional, Sequence
+from typing import Optional
 
 import torch
 

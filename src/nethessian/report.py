@@ -515,7 +515,7 @@ def _page(R: Dict[str, Any], images: Dict[str, str]) -> str:
                + _table(["parameter", "shape", "entries"], rows)
                + f'<details><summary>model</summary><pre>{_e(prob["model_repr"])}</pre></details></section>')
     # hessian
-    h = [f'<section id="hessian"><h2>Hessian</h2>']
+    h = ['<section id="hessian"><h2>Hessian</h2>']
     if dense:
         h.append(f"<p>The exact {P} × {P} Hessian H = ∇²J(θ), formed column by column from Hessian-vector "
                  "products; parameters flattened row-major in the order above. Red is positive, blue negative; "

@@ -7,7 +7,6 @@ progress bar and checkpoints) and ``to_scipy``.
 """
 from __future__ import annotations
 
-import math
 from typing import Optional
 
 import torch
