@@ -1,4 +1,5 @@
 """Two gloo processes on 127.0.0.1 give the single-process numbers; faults end with a clear error."""
+import json
 import os
 import socket
 import subprocess
@@ -75,3 +76,20 @@ def test_mismatched_models_detected_at_start():
     for p, (o, e) in zip(procs, outs):
         assert p.returncode == 1, e[-3000:]
         assert "the model differs across ranks" in e
+
+
+def test_cli_under_torchrun_prints_once_and_matches_one_process():
+    torchrun = os.path.join(os.path.dirname(sys.executable), "torchrun")
+    if not os.path.exists(torchrun):
+        pytest.skip("torchrun not installed beside this python")
+    prob = os.path.join(os.path.dirname(__file__), "dist_problem.py")
+    args = ["trace", prob, "--exact", "--json"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    one = subprocess.run([sys.executable, "-m", "nethessian", *args], capture_output=True, text=True,
+                         timeout=120, env=env)
+    two = subprocess.run([torchrun, "--nproc-per-node", "2", "--master-port", _port(), "-m", "nethessian", *args],
+                         capture_output=True, text=True, timeout=180, env=env)
+    assert one.returncode == 0 and two.returncode == 0, two.stderr[-3000:]
+    r1, r2 = json.loads(one.stdout), json.loads(two.stdout)  # one JSON document: only rank 0 printed
+    assert r2["settings"]["world_size"] == 2
+    assert r2["result"]["value"] == pytest.approx(r1["result"]["value"], rel=1e-12)

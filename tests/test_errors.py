@@ -96,3 +96,18 @@ def test_data_that_is_a_tensor():
     model, loss_fn, (X, y) = _problem()
     with pytest.raises(nh.InputError, match=r"\(inputs, targets\) pair"):
         nh.HessianOperator(model, loss_fn, X)
+
+
+def test_nan_mid_run_names_the_product_and_the_batch():
+    """A loss that is finite at θ0's first evaluation but NaN later (here: from the 3rd pass on)."""
+    model, _, (X, y) = _problem()
+    calls = {"n": 0}
+
+    def flaky(out, t):
+        calls["n"] += 1
+        loss = ((out - t) ** 2).mean()
+        return loss * float("nan") if calls["n"] >= 4 and t.shape[0] == 2 else loss
+
+    op = nh.HessianOperator(model, flaky, [(X[:4], y[:4]), (X[4:], y[4:])], cache=False, reduction="mean")
+    with pytest.raises(nh.NonFiniteError, match=r"at matrix-vector product \d+: .*batch 1 has a non-finite loss"):
+        nh.eigenvalues(op, k=2, check_symmetry=False)

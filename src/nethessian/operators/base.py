@@ -71,11 +71,31 @@ class CurvatureOperator:
             raise NonFiniteError("the vector contains NaN or Inf")
         v = v.to(device=self.device, dtype=self.dtype)
         if v.ndim == 1:
-            return self._matvec(v)
-        if v.shape[1] == 0:
+            out = self._matvec(v)
+        elif v.shape[1] == 0:
             return v.clone()
-        cols = [self._matmat(v[:, i:i + self.chunk_size]) for i in range(0, v.shape[1], self.chunk_size)]
-        return torch.cat(cols, dim=1)
+        else:
+            out = torch.cat([self._matmat(v[:, i:i + self.chunk_size])
+                             for i in range(0, v.shape[1], self.chunk_size)], dim=1)
+        if not torch.isfinite(out).all():
+            raise NonFiniteError(self._nonfinite_culprit())
+        return out
+
+    def _nonfinite_culprit(self) -> str:
+        """Name the batch whose loss or gradient is not finite (run only after a bad product)."""
+        obj = self.objective
+        theta = obj.theta0.detach().clone().requires_grad_(True)
+        named = obj.params_dict(theta)
+        for batch in obj.data:
+            with torch.enable_grad():
+                loss, _ = obj.batch_loss(named, batch)
+                g, = torch.autograd.grad(loss, theta, allow_unused=True)
+            if not torch.isfinite(loss) or (g is not None and not torch.isfinite(g).all()):
+                what = "loss" if not torch.isfinite(loss) else "gradient"
+                return (f"the product is NaN or Inf: batch {batch.index} has a non-finite {what} "
+                        f"(loss = {float(loss.detach())}); check that batch's data and the loss (log of 0, overflow)")
+        return ("the product is NaN or Inf although every batch's loss and gradient are finite: the "
+                f"second derivative overflows in {str(self.dtype).replace('torch.', '')}; try float64")
 
     matmul = __matmul__
 
