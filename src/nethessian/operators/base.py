@@ -34,6 +34,14 @@ def check_dense_size(P: int, dtype: torch.dtype, max_bytes: Optional[int]) -> in
     return need
 
 
+def _all_finite(t: torch.Tensor) -> bool:
+    """NaN/Inf check via min and max (several times cheaper than ``isfinite(t).all()``)."""
+    if t.numel() == 0:
+        return True
+    lo, hi = torch.aminmax(t)
+    return bool(torch.isfinite(lo) & torch.isfinite(hi))
+
+
 class CurvatureOperator:
     """Symmetric ``P × P`` curvature matrix of J(θ) at the parameters' current values.
 
@@ -67,17 +75,19 @@ class CurvatureOperator:
         P = self.shape[0]
         if v.ndim not in (1, 2) or v.shape[0] != P:
             raise InputError(f"expected a tensor of shape ({P},) or ({P}, k), got {tuple(v.shape)}")
-        if not torch.isfinite(v).all():
+        if not _all_finite(v):
             raise NonFiniteError("the vector contains NaN or Inf")
         v = v.to(device=self.device, dtype=self.dtype)
         if v.ndim == 1:
             out = self._matvec(v)
         elif v.shape[1] == 0:
             return v.clone()
+        elif v.shape[1] <= self.chunk_size:
+            out = self._matmat(v)
         else:
             out = torch.cat([self._matmat(v[:, i:i + self.chunk_size])
                              for i in range(0, v.shape[1], self.chunk_size)], dim=1)
-        if not torch.isfinite(out).all():
+        if not _all_finite(out):
             raise NonFiniteError(self._nonfinite_culprit())
         return out
 
