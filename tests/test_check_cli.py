@@ -55,3 +55,21 @@ def test_demo_text_via_module():
 
 def test_usage_error_exit_code():
     assert main(["no-such-command"]) == 2
+
+
+def test_check_with_class_weighted_loss_runs_in_float64():
+    torch.manual_seed(1)
+    model = nn.Linear(3, 3)
+    loss_fn = nn.CrossEntropyLoss(weight=torch.tensor([1.0, 2.0, 3.0]))
+    rep = check(model, loss_fn, (torch.randn(8, 3), torch.randint(0, 3, (8,))))
+    assert rep.passed
+    assert loss_fn.weight.dtype == torch.float32  # the user's loss untouched
+
+
+def test_debug_flag_before_or_after_the_command():
+    from nethessian.cli import build_parser
+    args = build_parser().parse_args(["--debug", "trace"])
+    assert args.debug is True
+    args = build_parser().parse_args(["trace", "--debug"])
+    assert args.debug is True
+    assert build_parser().parse_args(["trace"]).debug is False

@@ -111,3 +111,34 @@ def test_nan_mid_run_names_the_product_and_the_batch():
     op = nh.HessianOperator(model, flaky, [(X[:4], y[:4]), (X[4:], y[4:])], cache=False, reduction="mean")
     with pytest.raises(nh.NonFiniteError, match=r"at matrix-vector product \d+: .*batch 1 has a non-finite loss"):
         nh.eigenvalues(op, k=2, check_symmetry=False)
+
+
+def test_half_precision_and_inference_mode_are_refused_clearly():
+    model, loss_fn, data = _problem()
+    with pytest.raises(nh.InputError, match="float16.*model.float\\(\\)"):
+        nh.HessianOperator(model.half(), loss_fn, data)
+    model.double()
+    with torch.inference_mode(), pytest.raises(nh.InputError, match="inference_mode"):
+        nh.HessianOperator(model, loss_fn, data)
+
+
+def test_empty_params_selection():
+    model, loss_fn, data = _problem()
+    with pytest.raises(nh.InputError, match="params=\\[\\] selects no parameter"):
+        nh.HessianOperator(model, loss_fn, data, params=[])
+
+
+def test_other_warnings_in_forward_are_not_errors():
+    class Warns(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(3, 2)
+
+        def forward(self, x):
+            import warnings
+            warnings.warn("some deprecation the user does not control", UserWarning)
+            return self.fc(x)
+
+    _, loss_fn, data = _problem()
+    with pytest.warns(UserWarning, match="deprecation"):
+        nh.HessianOperator(Warns().double(), loss_fn, data)

@@ -134,3 +134,26 @@ def test_matrix_product_chunks_equal_single_columns():
     HV = op @ V
     for j in range(7):
         torch.testing.assert_close(HV[:, j], op @ V[:, j], rtol=1e-10, atol=1e-12)
+
+
+def test_under_no_grad_nothing_changes():
+    model, loss_fn, data = CASES["mlp_tanh_mse"]()
+    R = reference_hessian(model, loss_fn, data)
+    with torch.no_grad():
+        op = nh.HessianOperator(model, loss_fn, data)
+        torch.testing.assert_close(op.to_dense(), R, rtol=1e-10, atol=1e-13)
+        g = nh.Objective(model, loss_fn, data).gradient()
+    torch.testing.assert_close(op.to_dense(), R, rtol=1e-10, atol=1e-13)
+    assert float(g.norm()) > 0
+
+
+@pytest.mark.parametrize("cache", [True, False])
+def test_operator_is_a_snapshot(cache):
+    model, loss_fn, data = CASES["mlp_tanh_mse"]()
+    op = nh.HessianOperator(model, loss_fn, data, params=["0.*"], cache=cache)
+    v = torch.ones(op.shape[0], dtype=torch.float64)
+    before = op @ v
+    with torch.no_grad():  # the user keeps training: the operator stays at θ0
+        for p in model.parameters():
+            p.mul_(1.5)
+    torch.testing.assert_close(op @ v, before, rtol=0, atol=0)

@@ -98,6 +98,8 @@ def check(model, loss_fn, data, params=None, *, num_vectors: int = 3, seed: int 
         A ``CheckReport``; ``print(report)`` shows a small table.
     """
     model64 = copy.deepcopy(model).double()
+    if isinstance(loss_fn, torch.nn.Module):  # e.g. class weights of a cross-entropy
+        loss_fn = copy.deepcopy(loss_fn).double()
     op = HessianOperator(model64, loss_fn, data, params, **options)
     obj = op.objective
     theta = obj.theta0

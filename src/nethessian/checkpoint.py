@@ -79,6 +79,10 @@ class Checkpoint:
             )
         return blob["state"]
 
+    def due(self) -> bool:
+        """Whether a throttled ``save`` would write now (check before building a costly state)."""
+        return time.monotonic() - self._last >= self.every
+
     def save(self, state: Dict[str, Any], *, force: bool = False) -> bool:
         """Write ``state`` atomically; returns whether it was written."""
         now = time.monotonic()

@@ -297,7 +297,7 @@ def build_parser() -> argparse.ArgumentParser:
     common.add_argument("--json", action="store_true", help="machine-readable result on stdout")
     common.add_argument("--save", default=None, metavar="FILE", help="save the result with its settings")
     common.add_argument("--checkpoint", default=None, metavar="FILE", help="resume long work from FILE")
-    common.add_argument("--debug", action="store_true", help="show tracebacks")
+    common.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks")
     sub = parser.add_subparsers(dest="command", metavar="command")
 
     def add(name, func, help_):
@@ -308,7 +308,7 @@ def build_parser() -> argparse.ArgumentParser:
     d = sub.add_parser("demo", help="the two-layer network: J, gradient, Hessian blocks, eigenvalues, Newton")
     d.add_argument("--seed", type=int, default=0, help="seed of the weights (default 0)")
     d.add_argument("--json", action="store_true", help="machine-readable output on stdout")
-    d.add_argument("--debug", action="store_true", help="show tracebacks")
+    d.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks")
     d.set_defaults(func=_cmd_demo)
     p = add("report", _cmd_report, "self-contained HTML report + JSON")
     p.add_argument("-o", "--output", default="nethessian-report", help="output folder")

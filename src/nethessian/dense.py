@@ -120,7 +120,5 @@ def hessian(model, loss_fn, data, params: Optional[Sequence[str]] = None, *,
     (('W1', 'W2'), (6, 3), (2, 3, 3, 1))
     """
     op = HessianOperator(model, loss_fn, data, params, **operator_options)
-    from .operators.base import check_dense_size
-    check_dense_size(op.shape[0], op.dtype, max_bytes)
     dense = op.to_dense(max_bytes=max_bytes, progress=progress, checkpoint=checkpoint)
     return BlockHessian(dense, op.layout)

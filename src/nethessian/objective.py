@@ -75,11 +75,23 @@ class Objective:
                 "convert the model with model.to(device, dtype) first"
             )
         self.dtype, self.device = dtypes.pop(), devices.pop()
+        if self.dtype in (torch.float16, torch.bfloat16):
+            raise InputError(
+                f"parameters are {str(self.dtype).replace('torch.', '')}: second derivatives need more "
+                "precision than half floats carry (rounding swamps them). Use model.float() or "
+                "model.double(); mixed-precision training can still use the float32 Hessian"
+            )
+        if torch.is_inference_mode_enabled():
+            raise InputError(
+                "nethessian cannot differentiate inside torch.inference_mode(); call it outside "
+                "that context (torch.no_grad() is fine)"
+            )
         self.layout = ParamLayout.from_tensors(chosen)
         self.theta0 = torch.cat([p.detach().reshape(-1) for p in chosen.values()]).clone()
         all_named = dict(model.named_parameters())
-        self._fixed = {n: p.detach() for n, p in all_named.items() if n not in chosen}
-        self._buffers = dict(model.named_buffers())
+        # snapshots: later in-place changes to the user's model don't reach this objective
+        self._fixed = {n: p.detach().clone() for n, p in all_named.items() if n not in chosen}
+        self._buffers = {n: b.detach().clone() for n, b in model.named_buffers()}
         dist.check_consistent(self.layout.names, self.layout.shapes, self.dtype, self.device)
         dist.check_theta(self.theta0)
         self.data = Batches(data, self.device, self.dtype)
@@ -95,13 +107,25 @@ class Objective:
     def params_dict(self, theta: torch.Tensor) -> Dict[str, torch.Tensor]:
         return self.layout.unflatten(theta)
 
+    def leaf(self, theta: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
+        """A fresh leaf copy of θ that requires grad, and its named views.
+
+        The views are made with grad mode on, so derivatives flow to the leaf even when
+        the caller runs under ``torch.no_grad()``.
+        """
+        with torch.enable_grad():
+            leaf = (self.theta0 if theta is None else theta).detach().clone().requires_grad_(True)
+            return leaf, self.params_dict(leaf)
+
     def forward(self, named: Dict[str, torch.Tensor], inputs) -> torch.Tensor:
         """The model's output with ``named`` parameters; buffers cloned (running stats untouched).
 
         Attention runs on the "math" kernel: the fused flash / memory-efficient
         kernels have no second derivative (nor forward-mode rule) in PyTorch.
         """
-        state = {**self._fixed, **{k: b.clone() for k, b in self._buffers.items()}, **named}
+        buffers = ({k: b.clone() for k, b in self._buffers.items()} if self.model.training
+                   else self._buffers)  # train-mode batch norm writes running stats: into copies
+        state = {**self._fixed, **buffers, **named}
         if isinstance(inputs, dict):
             args, kwargs = (), inputs
         else:
@@ -157,13 +181,12 @@ class Objective:
         mean = self.reduction not in (None, "sum")
         for batch in self.data:
             value, c = fn(batch)
-            if mean and c == 0:  # every target ignored: no terms, and its mean loss is 0/0
-                continue
-            w = c if mean else 1.0
-            total = value * w if total is None else total + value * w
+            if mean and c == 0:  # every target ignored: no terms (and its mean loss is 0/0)
+                term = torch.zeros_like(value)
+            else:
+                term = value * (c if mean else 1.0)
+            total = term if total is None else total + term
             n += c
-        if total is None:
-            raise InputError("every target is ignored (zero loss terms): the mean cost is undefined")
         return total, n
 
     def finish(self, total: torch.Tensor, n: float) -> torch.Tensor:
@@ -185,8 +208,7 @@ class Objective:
             return float(self.sum_over_batches(fn))
 
     def value_and_grad(self, theta: Optional[torch.Tensor] = None) -> Tuple[float, torch.Tensor]:
-        theta = (self.theta0 if theta is None else theta).detach().requires_grad_(True)
-        named = self.params_dict(theta)
+        theta, named = self.leaf(theta)
 
         def fn(b):
             with torch.enable_grad():
@@ -207,11 +229,13 @@ class Objective:
         cpu_state = torch.random.get_rng_state()
         cuda_states = torch.cuda.get_rng_state_all() if torch.cuda.is_available() and torch.cuda.is_initialized() else None
         with torch.no_grad(), warnings.catch_warnings():
-            warnings.simplefilter("error", UserWarning)
+            # torch warns, then broadcasts, when a loss's input and target sizes differ
+            warnings.filterwarnings("error", message=".*target size.*", category=UserWarning)
             try:
                 loss, out = self.batch_loss(self.params_dict(self.theta0), batch)
             except UserWarning as w:
-                raise InputError(f"batch {batch.index}: the loss warned: {w}; fix the shapes of outputs or targets") from None
+                raise InputError(f"batch {batch.index}: {w} — the loss would broadcast them into a wrong "
+                                 "cost; reshape the targets to the outputs' shape") from None
         random = not torch.equal(cpu_state, torch.random.get_rng_state())
         if cuda_states is not None:
             random |= any(not torch.equal(a, b) for a, b in zip(cuda_states, torch.cuda.get_rng_state_all()))

@@ -140,6 +140,8 @@ def select_parameters(
         return chosen
     if isinstance(params, str):
         params = [params]
+    if len(params) == 0:
+        raise InputError("params=[] selects no parameter; pass None for all of them, or names/globs")
     chosen_names = set()
     for pat in params:
         hits = [n for n in named if n == pat or fnmatch.fnmatchcase(n, pat)]

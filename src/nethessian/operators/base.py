@@ -94,8 +94,7 @@ class CurvatureOperator:
     def _nonfinite_culprit(self) -> str:
         """Name the batch whose loss or gradient is not finite (run only after a bad product)."""
         obj = self.objective
-        theta = obj.theta0.detach().clone().requires_grad_(True)
-        named = obj.params_dict(theta)
+        theta, named = obj.leaf()
         for batch in obj.data:
             with torch.enable_grad():
                 loss, _ = obj.batch_loss(named, batch)
@@ -140,8 +139,8 @@ class CurvatureOperator:
                 E[torch.arange(start, stop), torch.arange(stop - start)] = 1
                 out[:, start:stop] = self._matmat(E)
                 bar.update(stop - start)
-                if checkpoint is not None:
-                    checkpoint.save({"done": stop, "columns": out[:, :stop].cpu()}, force=stop == P)
+                if checkpoint is not None and (stop == P or checkpoint.due()):
+                    checkpoint.save({"done": stop, "columns": out[:, :stop].cpu()}, force=True)
         return out
 
     def to_scipy(self):

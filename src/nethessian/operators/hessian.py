@@ -19,13 +19,19 @@ from typing import Literal, Optional
 import torch
 from torch.func import grad as func_grad, jvp, vmap
 
-from ..errors import InputError
+from ..errors import InputError, NetHessianError
 from .base import CurvatureOperator
 
 __all__ = ["HessianOperator"]
 
 Method = Literal["auto", "forward-over-reverse", "double-backward"]
 _METHODS = ("auto", "forward-over-reverse", "double-backward")
+
+
+def _not_an_ad_gap(exc: BaseException) -> bool:
+    """Errors that a change of AD engine cannot cure: ours, and running out of memory."""
+    oom = getattr(torch, "OutOfMemoryError", ())
+    return isinstance(exc, NetHessianError) or (bool(oom) and isinstance(exc, oom))
 
 
 def _zeros_if_none(t, like):
@@ -75,8 +81,7 @@ class HessianOperator(CurvatureOperator):
     def _kept(self):
         if self._graph is None:
             obj = self.objective
-            theta = obj.theta0.detach().clone().requires_grad_(True)
-            named = obj.params_dict(theta)
+            theta, named = obj.leaf()
 
             def fn(b):
                 loss, out = obj.batch_loss(named, b)
@@ -126,9 +131,9 @@ class HessianOperator(CurvatureOperator):
 
     def _batch_double_backward(self, batch, V):
         obj = self.objective
-        theta = obj.theta0.detach().clone().requires_grad_(True)
+        theta, named = obj.leaf()
         with torch.enable_grad():
-            loss, out = obj.batch_loss(obj.params_dict(theta), batch)
+            loss, out = obj.batch_loss(named, batch)
             g, = torch.autograd.grad(loss, theta, create_graph=True, allow_unused=True)
             if g is None or not g.requires_grad:
                 hv = torch.zeros_like(V)
@@ -144,7 +149,7 @@ class HessianOperator(CurvatureOperator):
             try:
                 return self.objective.sum_over_batches(lambda b: self._batch_forward_over_reverse(b, V))
             except (RuntimeError, NotImplementedError) as exc:
-                if not self._fallback_ok:
+                if not self._fallback_ok or _not_an_ad_gap(exc):
                     raise
                 self.fallback_reason = f"{type(exc).__name__}: {str(exc).splitlines()[0]}"
                 self.method = "double-backward"
