@@ -143,7 +143,13 @@ class FisherOperator(JacobianSandwich):
 class EmpiricalFisherOperator(JacobianSandwich):
     """v ↦ EF v with the empirical Fisher EF = Σ_b w_b s_b Σ_n ∇ℓ_n ∇ℓ_nᵀ (true labels).
 
-    For ``J = (1/N) Σ_n ℓ_n`` this is ``(1/N) Σ_n ∇ℓ_n ∇ℓ_nᵀ``; for a sum, ``Σ_n ∇ℓ_n ∇ℓ_nᵀ``.
+    For ``J = (1/C) Σ_n ℓ_n`` this is ``(1/C) Σ_n ∇ℓ_n ∇ℓ_nᵀ``; for a sum, ``Σ_n ∇ℓ_n ∇ℓ_nᵀ``.
+    ``C`` is the number of loss terms the mean divides by (the term count that also weights
+    batches): ``C = N`` when every sample has one term (cross-entropy, single-output MSE), but
+    ``nn.MSELoss()`` on ``(N, d)`` outputs divides by ``N·d``, so its EF is ``d`` times smaller
+    than ``(1/N) Σ_n ∇ℓ̃_n ∇ℓ̃_nᵀ`` with per-sample means ``ℓ̃_n = ℓ_n / d``. The EF is not a
+    function of J alone: it depends on how J splits into terms, and this is the split the
+    loss's own reduction defines.
     Per-sample gradients come from the output gradients: ``∇ℓ_n = J_nᵀ ∂L_b/∂f_n / s_b``,
     valid for any loss that is a sum (or mean) of per-sample terms. ``ℓ_n`` is sample n's
     term as the unreduced loss gives it (class weights included). Any loss with a known
