@@ -16,6 +16,7 @@ from typing import Any, Optional, Protocol, Tuple, runtime_checkable
 
 import torch
 
+from .._checks import all_finite
 from ..errors import InputError, NonFiniteError, NotSymmetricError
 
 __all__ = ["LinearOperatorLike", "Operator", "as_operator", "check_symmetric", "make_generator"]
@@ -68,7 +69,7 @@ class Operator:
         except NonFiniteError as exc:
             raise NonFiniteError(f"at matrix-vector product {step}: {exc}") from None
         self.num_matvecs += k
-        if not torch.isfinite(out).all():
+        if not all_finite(out):
             raise NonFiniteError(
                 f"matrix-vector product {step} returned NaN or Inf; the operator (model, loss "
                 "or data) is not finite at this point"

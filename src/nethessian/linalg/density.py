@@ -39,7 +39,7 @@ from ..checkpoint import Checkpoint
 from ..errors import InputError
 from ._krylov import lanczos_tridiag
 from ._operator import Operator, as_operator, check_symmetric, make_generator, randn
-from .diagonal import progress_bar, resume_state
+from ._util import progress_bar, resume_state
 
 __all__ = ["SpectralDensity", "spectral_density"]
 

@@ -56,7 +56,8 @@ import torch
 from ..errors import InputError
 from ..params import ParamLayout
 from ._operator import Operator, as_operator, make_generator, rademacher, randn
-from .diagonal import apply_chunked, default_chunk, exact_diagonal, progress_bar
+from ._util import apply_chunked, default_chunk, progress_bar
+from .diagonal import exact_diagonal
 
 __all__ = ["TraceEstimate", "trace"]
 

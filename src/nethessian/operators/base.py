@@ -12,6 +12,7 @@ from typing import Optional
 import torch
 from tqdm import tqdm
 
+from .._checks import all_finite
 from ..errors import DenseTooLargeError, InputError, NonFiniteError
 from ..objective import Objective
 
@@ -32,14 +33,6 @@ def check_dense_size(P: int, dtype: torch.dtype, max_bytes: Optional[int]) -> in
             "nh.diagonal or nh.spectral_density"
         )
     return need
-
-
-def _all_finite(t: torch.Tensor) -> bool:
-    """NaN/Inf check via min and max (several times cheaper than ``isfinite(t).all()``)."""
-    if t.numel() == 0:
-        return True
-    lo, hi = torch.aminmax(t)
-    return bool(torch.isfinite(lo) & torch.isfinite(hi))
 
 
 class CurvatureOperator:
@@ -75,7 +68,7 @@ class CurvatureOperator:
         P = self.shape[0]
         if v.ndim not in (1, 2) or v.shape[0] != P:
             raise InputError(f"expected a tensor of shape ({P},) or ({P}, k), got {tuple(v.shape)}")
-        if not _all_finite(v):
+        if not all_finite(v):
             raise NonFiniteError("the vector contains NaN or Inf")
         v = v.to(device=self.device, dtype=self.dtype)
         if v.ndim == 1:
@@ -87,7 +80,7 @@ class CurvatureOperator:
         else:
             out = torch.cat([self._matmat(v[:, i:i + self.chunk_size])
                              for i in range(0, v.shape[1], self.chunk_size)], dim=1)
-        if not _all_finite(out):
+        if not all_finite(out):
             raise NonFiniteError(self._nonfinite_culprit())
         return out
 
