@@ -16,30 +16,11 @@ import os
 import sys
 import time
 
+from _machine import cpu_snapshot, others_load, wait_quiet
+
 # numpy/scipy OpenBLAS threads starve torch's on these small machines (FACTS.md):
 # pin them to one thread before anything imports numpy.
 os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
-
-
-def _cpu_snapshot():
-    with open("/proc/stat") as fh:
-        f = [int(x) for x in fh.readline().split()[1:]]
-    total = sum(f[:8])  # user nice system idle iowait irq softirq steal
-    idle = f[3] + f[4]
-    t = os.times()
-    ours = t.user + t.system + t.children_user + t.children_system
-    return total, idle, ours, time.perf_counter()
-
-
-def others_load(a, b):
-    """Cores' worth of CPU used by other processes between two snapshots."""
-    total, idle = b[0] - a[0], b[1] - a[1]
-    if total <= 0:
-        return 0.0
-    ncpu = os.cpu_count() or 1
-    busy_cores = (total - idle) / total * ncpu
-    ours_cores = (b[2] - a[2]) / max(b[3] - a[3], 1e-9)
-    return max(0.0, busy_cores - ours_cores)
 
 
 # On a shared machine torch's OpenMP threads spin at every barrier while a sibling thread
@@ -58,9 +39,9 @@ def _resolve_omp_wait(argv):
     if "OMP_WAIT_POLICY" in os.environ:
         return f"env:{os.environ['OMP_WAIT_POLICY']}", probe
     if choice == "auto":
-        a = _cpu_snapshot()
+        a = cpu_snapshot()
         time.sleep(2.0)
-        probe = others_load(a, _cpu_snapshot())
+        probe = others_load(a, cpu_snapshot())
         choice = "passive" if probe > 0.3 else "default"
     if choice == "passive":
         os.environ["OMP_WAIT_POLICY"] = "PASSIVE"
@@ -218,25 +199,6 @@ def rel_err(a, ref):
 # ----------------------------------------------------------------------------------------
 # contention: these machines are shared; measure what others use while we run
 # ----------------------------------------------------------------------------------------
-def wait_quiet(max_wait_s, threshold, log):
-    """Wait (up to max_wait_s) until other processes use under ``threshold`` cores for 2 s."""
-    if max_wait_s <= 0:
-        return None
-    t0 = time.perf_counter()
-    quiet = 0
-    while True:
-        a = _cpu_snapshot()
-        time.sleep(1.0)
-        load = others_load(a, _cpu_snapshot())
-        quiet = quiet + 1 if load < threshold else 0
-        if quiet >= 2:
-            return load
-        if time.perf_counter() - t0 > max_wait_s:
-            log(f"  machine not quiet for 2 s in a row within {max_wait_s:.0f} s (others: {load:.1f} "
-                "cores in the last second): measuring anyway")
-            return load
-
-
 # ----------------------------------------------------------------------------------------
 # timing
 # ----------------------------------------------------------------------------------------
@@ -685,9 +647,9 @@ def main(argv=None):
 
     def section(key, fn):
         before = wait_quiet(args.wait_quiet, 0.3, log)
-        a = _cpu_snapshot()
+        a = cpu_snapshot()
         out = fn()
-        load = others_load(a, _cpu_snapshot())
+        load = others_load(a, cpu_snapshot())
         contention[key] = {"before": before, "during": load}
         out["others_cpu_cores_during"] = load
         if load > 0.3:

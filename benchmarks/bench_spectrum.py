@@ -49,6 +49,8 @@ import traceback
 import warnings
 from pathlib import Path
 
+from _machine import cpu_snapshot, others_load, wait_quiet
+
 import numpy as np
 import torch
 
@@ -112,47 +114,7 @@ def import_peers(log):
 
 # ----------------------------------------------------------------------------------------
 # contention: these machines are shared; measure what others use while we run
-# (same helpers as bench_core.py)
 # ----------------------------------------------------------------------------------------
-def _cpu_snapshot():
-    with open("/proc/stat") as fh:
-        f = [int(x) for x in fh.readline().split()[1:]]
-    total = sum(f[:8])
-    idle = f[3] + f[4]
-    t = os.times()
-    ours = t.user + t.system + t.children_user + t.children_system
-    return total, idle, ours, time.perf_counter()
-
-
-def others_load(a, b):
-    """Cores' worth of CPU used by other processes between two snapshots."""
-    total, idle = b[0] - a[0], b[1] - a[1]
-    if total <= 0:
-        return 0.0
-    ncpu = os.cpu_count() or 1
-    busy_cores = (total - idle) / total * ncpu
-    ours_cores = (b[2] - a[2]) / max(b[3] - a[3], 1e-9)
-    return max(0.0, busy_cores - ours_cores)
-
-
-def wait_quiet(max_wait_s, threshold, log):
-    """Wait (up to max_wait_s) until other processes use under ``threshold`` cores for 2 s."""
-    if max_wait_s <= 0:
-        return None
-    t0 = time.perf_counter()
-    quiet = 0
-    while True:
-        a = _cpu_snapshot()
-        time.sleep(1.0)
-        load = others_load(a, _cpu_snapshot())
-        quiet = quiet + 1 if load < threshold else 0
-        if quiet >= 2:
-            return load
-        if time.perf_counter() - t0 > max_wait_s:
-            log(f"  machine still busy (others use {load:.1f} cores) after {max_wait_s:.0f} s: measuring anyway")
-            return load
-
-
 # ----------------------------------------------------------------------------------------
 # product counting
 # ----------------------------------------------------------------------------------------
@@ -819,9 +781,9 @@ def main(argv=None):
 
     def section(key, fn):
         before = wait_quiet(args.wait_quiet, 0.3, log)
-        a = _cpu_snapshot()
+        a = cpu_snapshot()
         out = fn()
-        load = others_load(a, _cpu_snapshot())
+        load = others_load(a, cpu_snapshot())
         contention[key] = {"before": before, "during": load}
         out["others_cpu_cores_during"] = load
         if load > 0.3:
