@@ -68,6 +68,17 @@ def test_save_and_load_with_provenance(capsys, tmp_path):
         nh.load(str(tmp_path / "junk.pt"))
 
 
+def test_saved_eigenpairs_round_trip(capsys, tmp_path):
+    path = str(tmp_path / "eig.json")
+    assert main(["eig", "-k", "2", "--tol", "1e-10", "--save", path]) == 0
+    res = nh.load(path)
+    vecs = torch.tensor(res.result["eigenvectors"], dtype=torch.float64)
+    H = nh.hessian(*nh.examples.two_layer()).dense
+    lam = torch.tensor(res.result["eigenvalues"], dtype=torch.float64)
+    vecs = vecs if vecs.shape[0] == 9 else vecs.T
+    torch.testing.assert_close(H @ vecs, vecs * lam, rtol=1e-8, atol=1e-10)
+
+
 def test_problem_file_and_builtin(capsys, tmp_path):
     f = tmp_path / "prob.py"
     f.write_text("import nethessian as nh\ndef problem():\n    return nh.examples.two_layer(seed=4)\n")

@@ -215,7 +215,7 @@ def _cmd_eig(args) -> int:
     settings = _settings(args, k=args.k, which=args.which, tol=args.tol)
     res = eigenvalues(op, k=args.k, which=args.which, tol=args.tol, seed=args.seed,
                       checkpoint=_checkpoint(args, settings), progress=_progress())
-    result = res.to_dict()
+    result = res.to_dict(eigenvectors=bool(args.save))  # --save keeps whole eigenpairs
     lines = [f"{args.k} {args.which} eigenvalues of the Hessian (P = {op.shape[0]}, {res.num_matvecs} products, "
              f"{'converged' if res.converged else 'NOT converged'})"]
     lines += [f"  λ{i + 1} = {float(v):+.8e}   residual {float(r):.1e}"
