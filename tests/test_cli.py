@@ -153,3 +153,13 @@ def test_sigkill_midway_then_resume_equals_uninterrupted(tmp_path):
     straight = _run(args).communicate(timeout=300)[0]
     r, s = json.loads(resumed)["result"], json.loads(straight)["result"]
     assert r["values"] == pytest.approx(s["values"], rel=1e-12, abs=1e-15)
+
+
+def test_report_command_writes_html_and_json(capsys, tmp_path):
+    out = _json(capsys, ["report", "-o", str(tmp_path / "rep"), "--json"])
+    html = (tmp_path / "rep" / "report.html").read_text()
+    data = json.loads((tmp_path / "rep" / "report.json").read_text())
+    assert out["result"]["html"].endswith("report.html") and 'id="hessian"' in html
+    H = nh.hessian(*nh.examples.two_layer())
+    assert data["num_parameters"] == 9
+    assert float(data["trace"]["value"]) == pytest.approx(float(torch.trace(H.dense)), rel=1e-12)
