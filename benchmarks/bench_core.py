@@ -308,8 +308,7 @@ def run_hvp(pb: Problem, reps, sample_s, first_reps, log):
 def run_batch(pb: Problem, reps, sample_s, log):
     op = pb.nh_operator()
     op @ pb.V  # builds the graph and decides batched-vs-loop (timed inside the operator)
-    chosen = {"batched": "batched (is_grads_batched)", "loop": "loop", "forward": "vmap(jvp(grad))",
-              None: "undecided"}[op.matmat_mode]
+    chosen = {True: "batched (is_grads_batched)", False: "loop", None: "undecided"}[op._batched]
     ref = pb.reference_hvp(pb.V)
     ps, g = pb.raw_kept_graph()
     cols = [pb.V[:, j].contiguous() for j in range(K_BATCH)]

@@ -574,7 +574,7 @@ def run_trace(name, mods, budgets, seeds, curv_seeds, log):
             "within_2_stderr": sum(abs(z) <= 2 for z in zs) / n if n else None,
             "within_3_stderr": sum(abs(z) <= 3 for z in zs) / n if n else None,
         }
-    return {"reference": ref, "nethessian_matmat_mode": op.matmat_mode, "runs": runs, "summary": summary,
+    return {"reference": ref, "nethessian_batched_products": op._batched, "runs": runs, "summary": summary,
             "honesty": honesty}
 
 

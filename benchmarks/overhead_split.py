@@ -62,7 +62,7 @@ def split_batch(pb, reps, sample_s):
     VT = V.T.contiguous()
     Vl = [pb.V_dict[nm] for nm in pb.names]
     out = op._kept_product(V, True)
-    print(f"\n({pb.name}: this operator chose {op.matmat_mode} for (P, 32))")
+    print(f"\n({pb.name}: this operator chose {'is_grads_batched' if op._batched else 'a loop'} for (P, 32))")
     fns = {
         "gradient": pb.gradient,
         "op @ V": lambda: op @ V,

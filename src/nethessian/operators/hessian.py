@@ -5,9 +5,8 @@ Two engines, chosen automatically:
 * **kept graph** (data in memory): the gradient g(θ) is computed once with
   ``create_graph=True`` and kept; each product is one backward pass through it,
   ``Hv = ∂(gᵀv)/∂θ`` — about 1.2–1.4 gradients, the cheapest HVP in PyTorch.
-  Many columns go through ``is_grads_batched`` (vmap over the backward), a loop,
-  or vmapped ``jvp(grad)``, whichever measured fastest on this model's first
-  products (``op.matmat_mode``).
+  Many columns go through ``is_grads_batched`` (vmap over the backward) or a
+  loop, whichever measured faster on this model.
 * **streaming** (a DataLoader, or ``cache=False``): per batch, forward-over-
   reverse ``jvp(grad(L_b))`` with ``torch.func`` (vmapped over columns), falling
   back automatically to double backward for ops without a forward-mode rule.
@@ -24,8 +23,6 @@ from ..errors import InputError, NetHessianError
 from .base import CurvatureOperator
 
 __all__ = ["HessianOperator"]
-
-_MATMAT_MODES = ("batched", "forward", "loop")
 
 Method = Literal["auto", "forward-over-reverse", "double-backward"]
 _METHODS = ("auto", "forward-over-reverse", "double-backward")
@@ -78,8 +75,7 @@ class HessianOperator(CurvatureOperator):
         self._fallback_ok = method == "auto"
         self.fallback_reason: Optional[str] = None
         self._graph = None
-        self.matmat_mode: Optional[str] = None  # kept graph, many columns: the fastest way measured
-        self._per_column: dict = {}
+        self._batched: Optional[bool] = None  # kept graph: vmap'd backward faster than a loop?
 
     # -- kept graph ---------------------------------------------------------------------
     def _kept(self):
@@ -170,31 +166,30 @@ class HessianOperator(CurvatureOperator):
             return self._streaming_product(V)
         if V.shape[1] == 1:
             return self._kept_product(V, batched=False)
-        mode = self.matmat_mode or min(_MATMAT_MODES, key=lambda m: len(self._per_column.get(m, ())))
-        if self.matmat_mode is None and len(self._per_column.get(mode, ())) >= 2:
-            # every way tried twice on real work (the first call of each warms up): keep the fastest
-            self.matmat_mode = mode = min(self._per_column, key=lambda m: min(self._per_column[m]))
-        t0 = time.perf_counter()
-        try:
-            out = self._product_by(mode, V)
-        except (RuntimeError, NotImplementedError) as exc:  # no batching / forward-mode rule here
-            if _not_an_ad_gap(exc) or mode == "loop":
-                raise
-            self._per_column[mode] = [float("inf")] * 2
-            return self._matmat(V)
-        if self.matmat_mode is None:
-            self._per_column.setdefault(mode, []).append((time.perf_counter() - t0) / V.shape[1])
-        return out
+        if self._batched is None:
+            try:
+                out = self._kept_product(V, batched=True)  # also the warm-up of the timing below
+            except RuntimeError:  # an op without a batching rule for its double backward
+                self._batched = False
+                return self._kept_product(V, batched=False)
+            self._batched = self._batched_is_faster(V[:, :16])
+            return out
+        return self._kept_product(V, batched=self._batched)
 
-    def _product_by(self, mode: str, V: torch.Tensor) -> torch.Tensor:
-        """Many columns: vmap'd backward through the kept graph, a loop over it, or vmap'd jvp(grad).
+    def _batched_is_faster(self, W: torch.Tensor) -> bool:
+        """Batched (vmap'd) backward unless clearly slower per column than a loop (best of 2 each).
 
-        Which is fastest depends on the model (FACTS.md: vmap over the backward wins on
-        MLPs and loses 2x on convolutions), so the first products of an operator try each
-        twice — on real work, no extra products — and later ones use the fastest.
+        Measured once per operator: vmap over the backward wins on MLPs and loses by
+        2x on convolutions (FACTS.md), so neither can be the fixed choice.
         """
-        if mode == "batched":
-            return self._kept_product(V, batched=True)
-        if mode == "loop":
-            return self._kept_product(V, batched=False)
-        return self.objective.sum_over_batches(lambda b: self._batch_forward_over_reverse(b, V))
+        def best(f):
+            times = []
+            for _ in range(2):
+                t0 = time.perf_counter()
+                f()
+                times.append(time.perf_counter() - t0)
+            return min(times)
+
+        per_col = best(lambda: self._kept_product(W, batched=True)) / W.shape[1]
+        single = best(lambda: self._kept_product(W[:, 0], batched=False))
+        return per_col <= 1.2 * single
