@@ -347,6 +347,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     try:
         dist.init_from_env()
         return args.func(args)
+    except BrokenPipeError:  # the reader went away (e.g. `nethessian demo | head`)
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
     except (UsageError, InputError) as exc:
         if args.debug:
             raise
