@@ -9,42 +9,7 @@ from nethessian.checkpoint import Checkpoint
 from nethessian.errors import CheckpointError, InputError, NonFiniteError
 from nethessian.linalg.diagonal import DiagonalEstimate, diagonal
 from nethessian.params import ParamLayout
-from helpers import sym
-
-
-class Wrapped:
-    """A minimal operator: shape, dtype, device, layout and ``@``."""
-
-    def __init__(self, M, layout=None):
-        self.M, self.layout = M, layout
-        self.shape, self.dtype, self.device = tuple(M.shape), M.dtype, M.device
-
-    def __matmul__(self, v):
-        return self.M @ v
-
-
-class CrashAfter(Wrapped):
-    """Simulates a killed process: raises once more than ``n`` columns were multiplied."""
-
-    def __init__(self, M, n):
-        super().__init__(M)
-        self.n, self.columns = n, 0
-
-    def __matmul__(self, v):
-        self.columns += 1 if v.ndim == 1 else v.shape[1]
-        if self.columns > self.n:
-            raise KeyboardInterrupt("simulated crash")
-        return self.M @ v
-
-
-class NaNAfter(Wrapped):
-    def __init__(self, M, n):
-        super().__init__(M)
-        self.n, self.calls = n, 0
-
-    def __matmul__(self, v):
-        self.calls += 1
-        return self.M @ v * (float("nan") if self.calls >= self.n else 1.0)
+from helpers import Blocked, CrashAfter, NaNAfter, sym
 
 
 LAYOUT = ParamLayout(("a", "b"), ((3, 4), (5,)))
@@ -89,7 +54,7 @@ def test_estimate_closed_form_and_chunking():
 
 def test_by_name_natural_shapes():
     M = sym(torch.arange(17.0), seed=3)
-    est = diagonal(Wrapped(M, LAYOUT))
+    est = diagonal(Blocked(M, LAYOUT))
     named = est.by_name
     assert {k: tuple(v.shape) for k, v in named.items()} == {"a": (3, 4), "b": (5,)}
     torch.testing.assert_close(named["a"].reshape(-1), M.diagonal()[:12])

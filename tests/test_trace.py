@@ -8,22 +8,9 @@ import torch
 from nethessian.errors import InputError, NonFiniteError
 from nethessian.linalg.trace import TraceEstimate, _xtrace_table, trace
 from nethessian.params import ParamLayout
-from helpers import sym, Blocked
+from helpers import Blocked, NaNAfter, sym
 
 METHODS = ["hutchinson", "hutch++", "xtrace"]
-
-
-class NaNAfter(Blocked):
-    """Returns NaN from product call ``n`` on."""
-
-    def __init__(self, M, n):
-        super().__init__(M, None)
-        self.n, self.calls = n, 0
-
-    def __matmul__(self, v):
-        self.calls += 1
-        out = self.M @ v
-        return out * float("nan") if self.calls >= self.n else out
 
 
 LAYOUT = ParamLayout(("a", "b"), ((3, 4), (5,)))
