@@ -4,7 +4,7 @@ from __future__ import annotations
 import os
 import time
 
-__all__ = ["cpu_snapshot", "others_load", "wait_quiet"]
+__all__ = ["cpu_snapshot", "others_load", "wait_quiet", "measured_section"]
 
 
 def cpu_snapshot():
@@ -45,3 +45,16 @@ def wait_quiet(max_wait_s, threshold, log):
             log(f"  machine not quiet for 2 s in a row within {max_wait_s:.0f} s (others: {load:.1f} "
                 "cores in the last second): measuring anyway")
             return load
+
+
+def measured_section(key, fn, contention, wait_s, log, threshold=0.3):
+    """Run ``fn`` after waiting for a quiet machine; record and flag others' CPU use during it."""
+    before = wait_quiet(wait_s, threshold, log)
+    a = cpu_snapshot()
+    out = fn()
+    load = others_load(a, cpu_snapshot())
+    contention[key] = {"before": before, "during": load}
+    out["others_cpu_cores_during"] = load
+    if load > threshold:
+        log(f"  WARNING: other processes used {load:.1f} cores during {key}: timings are contended")
+    return out

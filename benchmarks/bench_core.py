@@ -16,7 +16,7 @@ import os
 import sys
 import time
 
-from _machine import cpu_snapshot, others_load, wait_quiet
+from _machine import cpu_snapshot, measured_section, others_load
 
 # numpy/scipy OpenBLAS threads starve torch's on these small machines (FACTS.md):
 # pin them to one thread before anything imports numpy.
@@ -646,15 +646,7 @@ def main(argv=None):
     contention = meta["others_cpu_cores"] = {}
 
     def section(key, fn):
-        before = wait_quiet(args.wait_quiet, 0.3, log)
-        a = cpu_snapshot()
-        out = fn()
-        load = others_load(a, cpu_snapshot())
-        contention[key] = {"before": before, "during": load}
-        out["others_cpu_cores_during"] = load
-        if load > 0.3:
-            log(f"  WARNING: other processes used {load:.1f} cores during {key}: timings are contended")
-        return out
+        return measured_section(key, fn, contention, args.wait_quiet, log)
 
     if "hvp" in parts:
         res["hvp"] = {}

@@ -49,7 +49,7 @@ import traceback
 import warnings
 from pathlib import Path
 
-from _machine import cpu_snapshot, others_load, wait_quiet
+from _machine import measured_section
 
 import numpy as np
 import torch
@@ -780,15 +780,7 @@ def main(argv=None):
     contention = meta["others_cpu_cores"] = {}
 
     def section(key, fn):
-        before = wait_quiet(args.wait_quiet, 0.3, log)
-        a = cpu_snapshot()
-        out = fn()
-        load = others_load(a, cpu_snapshot())
-        contention[key] = {"before": before, "during": load}
-        out["others_cpu_cores_during"] = load
-        if load > 0.3:
-            log(f"  WARNING: other processes used {load:.1f} cores during {key}: timings are contended")
-        return out
+        return measured_section(key, fn, contention, args.wait_quiet, log)
 
     res_eig, res_trace = {}, {}
     if "eig" in parts:
