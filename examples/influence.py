@@ -34,9 +34,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from nethessian.linalg.solve import inverse_hvp
-from nethessian.newton import newton
-from nethessian.objective import Objective
+from nethessian.linalg._solve import inverse_hvp
+from nethessian._newton import newton
+from nethessian._objective import Objective
 from nethessian.operators import HessianOperator
 
 D64 = torch.float64

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 import nethessian as nh
-from nethessian.objective import math_attention
+from nethessian._objective import math_attention
 
 DT = torch.float64
 

@@ -29,9 +29,9 @@ def problem():
 
 def results(model, loss_fn, data):
     """Everything compared between 1 and 2 processes."""
-    from nethessian.linalg.density import spectral_density
-    from nethessian.linalg.lanczos import eigenvalues
-    from nethessian.linalg.trace import trace
+    from nethessian.linalg._density import spectral_density
+    from nethessian.linalg._lanczos import eigenvalues
+    from nethessian.linalg._trace import trace
 
     op = nh.HessianOperator(model, loss_fn, data)
     v = torch.randn(op.shape[0], generator=torch.Generator().manual_seed(7), dtype=torch.float64)

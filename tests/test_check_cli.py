@@ -8,8 +8,8 @@ import torch
 from torch import nn
 
 import nethessian as nh
-from nethessian.check import check
-from nethessian.cli import main
+from nethessian._check import check
+from nethessian._app.cli import main
 
 
 def test_check_passes_on_user_model_and_reports_errors():
@@ -25,7 +25,7 @@ def test_check_passes_on_user_model_and_reports_errors():
 
 def test_check_detects_a_wrong_hessian(monkeypatch):
     model, loss_fn, data = nh.examples.two_layer(seed=1)
-    from nethessian.operators.hessian import HessianOperator
+    from nethessian.operators._hessian import HessianOperator
     orig = HessianOperator._matmat
     monkeypatch.setattr(HessianOperator, "_matmat", lambda self, V: 1.01 * orig(self, V))
     monkeypatch.setattr(HessianOperator, "_matvec", lambda self, v: 1.01 * orig(self, v[:, None])[:, 0])
@@ -67,7 +67,7 @@ def test_check_with_class_weighted_loss_runs_in_float64():
 
 
 def test_debug_flag_before_or_after_the_command():
-    from nethessian.cli import build_parser
+    from nethessian._app.cli import build_parser
     args = build_parser().parse_args(["--debug", "trace"])
     assert args.debug is True
     args = build_parser().parse_args(["trace", "--debug"])

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import nethessian as nh
-from nethessian.cli import main
+from nethessian._app.cli import main
 
 SLOW_PROBLEM = '''
 import time, torch

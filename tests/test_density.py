@@ -4,9 +4,9 @@ import json
 import pytest
 import torch
 
-from nethessian.checkpoint import Checkpoint
+from nethessian._checkpoint import Checkpoint
 from nethessian.errors import CheckpointError, InputError, NonFiniteError, NotSymmetricError
-from nethessian.linalg.density import SpectralDensity, spectral_density
+from nethessian.linalg._density import SpectralDensity, spectral_density
 from helpers import CrashAfter, NaNAfter, sym
 
 

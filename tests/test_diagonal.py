@@ -5,10 +5,10 @@ import math
 import pytest
 import torch
 
-from nethessian.checkpoint import Checkpoint
+from nethessian._checkpoint import Checkpoint
 from nethessian.errors import CheckpointError, InputError, NonFiniteError
-from nethessian.linalg.diagonal import DiagonalEstimate, diagonal
-from nethessian.params import ParamLayout
+from nethessian.linalg._diagonal import DiagonalEstimate, diagonal
+from nethessian._params import ParamLayout
 from helpers import Blocked, CrashAfter, NaNAfter, sym
 
 

@@ -15,9 +15,9 @@ from torch.autograd.function import once_differentiable
 from cases import CASES, DT, reference_hessian
 from helpers import assert_operator_matches
 from nethessian.errors import InputError
-from nethessian.objective import math_attention
-from nethessian.operators.fisher import EmpiricalFisherOperator, FisherOperator
-from nethessian.operators.ggn import GGNOperator
+from nethessian._objective import math_attention
+from nethessian.operators._fisher import EmpiricalFisherOperator, FisherOperator
+from nethessian.operators._ggn import GGNOperator
 
 ids = list(CASES)
 

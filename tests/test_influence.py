@@ -18,7 +18,7 @@ import sys
 import pytest
 import torch
 
-from nethessian.objective import Objective
+from nethessian._objective import Objective
 from nethessian.operators import HessianOperator
 
 D64 = torch.float64
@@ -75,7 +75,7 @@ def test_hessian_and_gradients_match_closed_form(fitted):
 def test_removal_error_is_second_order(fitted):
     """Weight 1 − t on point i: |t·Δ_i − (L_test(θ̂_t) − L_test(θ̂))| = O(t²)."""
     ex, model, (X, y), test = fitted
-    from nethessian.linalg.solve import inverse_hvp
+    from nethessian.linalg._solve import inverse_hvp
 
     N, i = len(y), 5
     s_test = inverse_hvp(HessianOperator(model, ex.train_loss(), (X, y)),

@@ -8,10 +8,10 @@ import warnings
 import pytest
 import torch
 
-from nethessian.checkpoint import Checkpoint
+from nethessian._checkpoint import Checkpoint
 from nethessian.errors import CheckpointError, InputError, NonFiniteError, NotSymmetricError
-from nethessian.linalg.lanczos import EigenResult, eigenvalues
-from nethessian.params import ParamLayout
+from nethessian.linalg._lanczos import EigenResult, eigenvalues
+from nethessian._params import ParamLayout
 
 CLUSTER = [0.291, 0.289, 0.285, 0.281, 0.276]  # the top five of an MLP Hessian (W3)
 

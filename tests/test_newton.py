@@ -17,8 +17,8 @@ from torch import nn
 from cases import reference_hessian
 from nethessian.errors import InputError
 from nethessian.examples import two_layer
-from nethessian.newton import NewtonIteration, NewtonResult, newton
-from nethessian.quadratic import QuadraticModel
+from nethessian._newton import NewtonIteration, NewtonResult, newton
+from nethessian._quadratic import QuadraticModel
 
 D64 = torch.float64
 

@@ -17,8 +17,8 @@ import torch
 from cases import CASES, reference_hessian
 from nethessian.errors import InputError, NonFiniteError, NotConvergedError
 from nethessian.examples import two_layer
-from nethessian.objective import math_attention
-from nethessian.quadratic import DIRECTIONS, NewtonStep, QuadraticComparison, QuadraticModel
+from nethessian._objective import math_attention
+from nethessian._quadratic import DIRECTIONS, NewtonStep, QuadraticComparison, QuadraticModel
 
 D64 = torch.float64
 SMOOTH = ("two_layer", "mlp_tanh_mse", "mlp_softplus_ce")

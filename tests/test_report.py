@@ -13,8 +13,8 @@ import torch
 
 import nethessian as nh
 from nethessian.errors import InputError
-from nethessian.report import SECTIONS, ReportPaths, build_report
-from nethessian.verdict import classify_point
+from nethessian._app.report import SECTIONS, ReportPaths, build_report
+from nethessian._verdict import classify_point
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 SMALL = dict(num_eigs=3, trace_matvecs=12, density_probes=2, lanczos_steps=10)
@@ -204,7 +204,7 @@ WORKER = """
 import datetime, os, sys
 import torch
 import nethessian as nh
-from nethessian.report import build_report
+from nethessian._app.report import build_report
 rank, port, out = int(sys.argv[1]), sys.argv[2], sys.argv[3]
 os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=port)
 torch.distributed.init_process_group("gloo", rank=rank, world_size=2, timeout=datetime.timedelta(seconds=30))

@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from nethessian.errors import InputError, NetHessianError, NonFiniteError, NotConvergedError
-from nethessian.linalg.solve import SolveResult, inverse_hvp, solve
-from nethessian.params import ParamLayout
+from nethessian.linalg._solve import SolveResult, inverse_hvp, solve
+from nethessian._params import ParamLayout
 
 D64 = torch.float64
 

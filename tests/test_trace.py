@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from nethessian.errors import InputError, NonFiniteError
-from nethessian.linalg.trace import TraceEstimate, _xtrace_table, trace
-from nethessian.params import ParamLayout
+from nethessian.linalg._trace import TraceEstimate, _xtrace_table, trace
+from nethessian._params import ParamLayout
 from helpers import Blocked, NaNAfter, sym
 
 METHODS = ["hutchinson", "hutch++", "xtrace"]

@@ -8,29 +8,29 @@ torch.Size([9, 9])
 """
 from __future__ import annotations
 
-__version__ = "0.1.0"
+from ._version import __version__
 
 from . import distributed, examples
-from .checkpoint import Checkpoint
-from .dense import BlockHessian, hessian
+from ._checkpoint import Checkpoint
+from ._dense import BlockHessian, hessian
 from .distributed import DistributedError, shard
 from .errors import (CheckpointError, DenseTooLargeError, InputError, NetHessianError,
                      NonFiniteError, NotConvergedError, NotSymmetricError, RandomModelError)
-from .check import CheckReport, check
-from .linalg.density import SpectralDensity, spectral_density
-from .linalg.lanczos import EigenResult, eigenvalues
-from .linalg.diagonal import DiagonalEstimate, diagonal
-from .linalg.solve import SolveResult, inverse_hvp, solve
-from .linalg.trace import TraceEstimate, trace
-from .newton import NewtonIteration, NewtonResult, newton
-from .quadratic import NewtonStep, QuadraticComparison, QuadraticModel
-from .report import ReportPaths, build_report
-from .saving import SavedResult, load
-from .objective import Objective
+from ._check import CheckReport, check
+from .linalg._density import SpectralDensity, spectral_density
+from .linalg._lanczos import EigenResult, eigenvalues
+from .linalg._diagonal import DiagonalEstimate, diagonal
+from .linalg._solve import SolveResult, inverse_hvp, solve
+from .linalg._trace import TraceEstimate, trace
+from ._newton import NewtonIteration, NewtonResult, newton
+from ._quadratic import NewtonStep, QuadraticComparison, QuadraticModel
+from ._app.report import ReportPaths, build_report
+from ._app.saving import SavedResult, load
+from ._objective import Objective
 from .operators import CurvatureOperator, HessianOperator
-from .operators.fisher import EmpiricalFisherOperator, FisherOperator
-from .operators.ggn import GGNOperator
-from .params import ParamLayout
+from .operators._fisher import EmpiricalFisherOperator, FisherOperator
+from .operators._ggn import GGNOperator
+from ._params import ParamLayout
 
 __all__ = [
     # the problem and its Hessian

@@ -19,14 +19,10 @@ from typing import Optional, Sequence, Tuple
 
 import torch
 
-from .errors import InputError, NetHessianError
+from .errors import DistributedError, InputError, NetHessianError
 
 __all__ = ["DistributedError", "is_active", "rank", "world_size", "is_main", "reduce_sum",
            "check_consistent", "shard", "init_from_env"]
-
-
-class DistributedError(NetHessianError, RuntimeError):
-    """A collective failed: a rank died, hung past the timeout, or ranks disagree."""
 
 
 def is_active() -> bool:

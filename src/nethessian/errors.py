@@ -15,6 +15,7 @@ __all__ = [
     "CheckpointError",
     "RandomModelError",
     "NotConvergedError",
+    "DistributedError",
 ]
 
 
@@ -52,3 +53,7 @@ class NotConvergedError(NetHessianError, RuntimeError):
     def __init__(self, message: str, result=None):
         super().__init__(message)
         self.result = result
+
+
+class DistributedError(NetHessianError, RuntimeError):
+    """A collective failed: a rank died, hung past the timeout, or ranks disagree."""

@@ -6,7 +6,7 @@ from typing import Any, Dict, Optional
 
 import torch
 
-from ..checkpoint import Checkpoint
+from .._checkpoint import Checkpoint
 from ..errors import CheckpointError, InputError
 from ._operator import Operator
 

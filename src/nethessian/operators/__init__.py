@@ -1,5 +1,5 @@
 """Curvature operators: Hessian, generalised Gauss-Newton, Fisher."""
-from .base import CurvatureOperator
-from .hessian import HessianOperator
+from ._base import CurvatureOperator
+from ._hessian import HessianOperator
 
 __all__ = ["CurvatureOperator", "HessianOperator"]

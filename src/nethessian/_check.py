@@ -17,9 +17,9 @@ from typing import Dict, Optional
 
 import torch
 
-from .dense import BlockHessian
-from .objective import Objective
-from .operators.hessian import HessianOperator
+from ._dense import BlockHessian
+from ._objective import Objective
+from .operators._hessian import HessianOperator
 
 __all__ = ["CheckReport", "check", "fd_hessian", "fd_step"]
 

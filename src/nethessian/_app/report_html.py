@@ -278,7 +278,7 @@ def render_page(R: Dict[str, Any], images: Dict[str, str]) -> str:
     srows = [[f'<td class="mono">{_e(k)}</td>', f'<td class="mono">{_e(st.get(k))}</td>'] for k in keys]
     vrows = [[f'<td class="mono">{_e(k)}</td>', f'<td class="mono">{_e(x)}</td>'] for k, x in R["versions"].items()]
     trows = [[f"<td>{_e(k)}</td>", _num(x, 3)] for k, x in R["timings_s"].items()]
-    call = ("import nethessian as nh\nfrom nethessian.report import build_report\n"
+    call = ("import nethessian as nh\nfrom nethessian._app.report import build_report\n"
             + ("model, loss_fn, data = nh.examples.two_layer()\n" if prob["model"] == "TwoLayerNet"
                else "model, loss_fn, data = ...  # the same problem\n")
             + "build_report(model, loss_fn, data, \"report\",\n"

@@ -14,7 +14,7 @@ from tqdm import tqdm
 
 from .._checks import all_finite
 from ..errors import DenseTooLargeError, InputError, NonFiniteError
-from ..objective import Objective
+from .._objective import Objective
 
 __all__ = ["CurvatureOperator", "DEFAULT_MAX_DENSE_BYTES", "check_dense_size"]
 
@@ -111,7 +111,7 @@ class CurvatureOperator:
                  checkpoint=None) -> torch.Tensor:
         """The dense matrix, column chunk by column chunk (memory checked first).
 
-        ``checkpoint`` (a ``nethessian.checkpoint.Checkpoint``) saves finished
+        ``checkpoint`` (a ``nethessian._checkpoint.Checkpoint``) saves finished
         column chunks so an interrupted run resumes where it stopped.
         """
         P = self.shape[0]

@@ -28,6 +28,11 @@ def _fingerprint(settings: Dict[str, Any]) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()
 
 
+def _short(x) -> str:
+    s = repr(x)
+    return s if len(s) <= 24 else s[:21] + "..."
+
+
 class Checkpoint:
     """Save and resume the state of one long computation.
 
@@ -78,6 +83,26 @@ class Checkpoint:
                 "rerun with the original arguments, or delete the file to start over"
             )
         return blob["state"]
+
+    def resume(self, expect: Dict[str, Any]) -> Optional[Dict[str, Any]]:
+        """The saved state, after checking it belongs to the computation described by ``expect``.
+
+        ``expect`` names what the numbers depend on (algorithm, size, seed, the
+        operator's fingerprint); any difference is refused, never mixed in.
+        """
+        state = self.load()
+        if state is None:
+            return None
+        if not isinstance(state, dict):
+            raise CheckpointError(f"{self.path!r} holds malformed state; delete it to start over")
+        diff = sorted(k for k in expect if state.get(k) != expect[k])
+        if diff:
+            got = ", ".join(f"{k}={_short(state.get(k))} (now {_short(expect[k])})" for k in diff)
+            raise CheckpointError(
+                f"checkpoint {self.path!r} holds another computation: {got}; "
+                "rerun with the original arguments, or delete the file to start over"
+            )
+        return state
 
     def due(self) -> bool:
         """Whether a throttled ``save`` would write now (check before building a costly state)."""

@@ -54,10 +54,10 @@ from typing import Any, Dict, Literal, Optional
 import torch
 
 from ..errors import InputError
-from ..params import ParamLayout
+from .._params import ParamLayout
 from ._operator import Operator, as_operator, make_generator, rademacher, randn
 from ._util import apply_chunked, default_chunk, progress_bar
-from .diagonal import exact_diagonal
+from ._diagonal import exact_diagonal
 
 __all__ = ["TraceEstimate", "trace"]
 

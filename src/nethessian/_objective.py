@@ -19,9 +19,9 @@ from torch import nn
 from torch.func import functional_call
 
 from . import distributed as dist
-from .data import Batch, Batches, resolve_reduction, term_count
+from ._data import Batch, Batches, resolve_reduction, term_count
 from .errors import InputError, NonFiniteError, RandomModelError
-from .params import ParamLayout, select_parameters
+from ._params import ParamLayout, select_parameters
 
 __all__ = ["Objective", "math_attention"]
 

@@ -35,7 +35,7 @@ from typing import Any, Dict, Optional
 
 import torch
 
-from ..checkpoint import Checkpoint
+from .._checkpoint import Checkpoint
 from ..errors import InputError
 from ._krylov import lanczos_tridiag
 from ._operator import Operator, as_operator, check_symmetric, make_generator, randn

@@ -30,7 +30,7 @@ import torch
 from torch.nn import functional as F
 
 from ..errors import InputError
-from .ggn import JacobianSandwich, Method, class_dim, exact_output_fisher, likelihood_of, loss_scale, \
+from ._ggn import JacobianSandwich, Method, class_dim, exact_output_fisher, likelihood_of, loss_scale, \
     term_mask
 
 __all__ = ["FisherOperator", "EmpiricalFisherOperator"]
@@ -103,7 +103,7 @@ class FisherOperator(JacobianSandwich):
         InputError: for another loss, or an invalid ``mc_samples``.
 
     >>> import torch
-    >>> from nethessian.operators.fisher import FisherOperator
+    >>> from nethessian.operators._fisher import FisherOperator
     >>> X = torch.randn(20, 3, dtype=torch.float64); y = torch.randn(20, 1, dtype=torch.float64)
     >>> model = torch.nn.Linear(3, 1, bias=False).double()
     >>> F = FisherOperator(model, torch.nn.MSELoss(), (X, y)).to_dense()
@@ -163,7 +163,7 @@ class EmpiricalFisherOperator(JacobianSandwich):
         InputError: when the loss's reduction cannot be known (pass ``reduction=``).
 
     >>> import torch
-    >>> from nethessian.operators.fisher import EmpiricalFisherOperator
+    >>> from nethessian.operators._fisher import EmpiricalFisherOperator
     >>> X = torch.randn(20, 3, dtype=torch.float64); y = torch.randn(20, 1, dtype=torch.float64)
     >>> model = torch.nn.Linear(3, 1, bias=False).double()
     >>> r = model(X).detach() - y                         # residuals; ∇ℓ_n = 2 r_n x_n

@@ -14,8 +14,8 @@ from typing import Any, Dict, List, Optional
 
 import torch
 
-from . import distributed as dist
-from .errors import InputError, NetHessianError
+from .. import distributed as dist
+from ..errors import InputError, NetHessianError
 
 __all__ = ["main"]
 
@@ -31,11 +31,11 @@ def _fmt_matrix(M: torch.Tensor, indent: str = "    ") -> str:
 
 def demo_result(seed: int = 0) -> dict:
     """The numbers ``nethessian demo`` shows for the two-layer network."""
-    from . import examples
-    from .check import fd_hessian
-    from .dense import BlockHessian, hessian
-    from .objective import Objective
-    from .verdict import classify_point
+    from .. import examples
+    from .._check import fd_hessian
+    from .._dense import BlockHessian, hessian
+    from .._objective import Objective
+    from .._verdict import classify_point
 
     model, loss_fn, data = examples.two_layer(seed=seed)
     obj = Objective(model, loss_fn, data)
@@ -95,11 +95,11 @@ def _cmd_demo(args) -> int:
 
 
 def _demo_newton(seed: int) -> str:
-    from . import examples
-    from .newton import newton
+    from .. import examples
+    from .._newton import newton
     model, loss_fn, data = examples.two_layer(seed=seed)
-    from .dense import hessian
-    from .verdict import classify_point
+    from .._dense import hessian
+    from .._verdict import classify_point
     res = newton(model, loss_fn, data)
     res.apply(model)  # our own copy of the demo network
     eig = hessian(model, loss_fn, data).eigvalsh()
@@ -154,7 +154,7 @@ def _settings(args, **extra) -> Dict[str, Any]:
 def _checkpoint(args, settings):
     if not args.checkpoint:
         return None
-    from .checkpoint import Checkpoint
+    from .._checkpoint import Checkpoint
     return Checkpoint(args.checkpoint, settings)
 
 
@@ -174,13 +174,13 @@ def _progress() -> bool:
 
 
 def _operator(args, model, loss_fn, data):
-    from .operators.hessian import HessianOperator
+    from ..operators._hessian import HessianOperator
     return HessianOperator(model, loss_fn, data, args.params)
 
 
 # -- commands ---------------------------------------------------------------------------------
 def _cmd_hessian(args) -> int:
-    from .dense import hessian
+    from .._dense import hessian
     model, loss_fn, data = _problem(args)
     settings = _settings(args, max_bytes=args.max_bytes)
     H = hessian(model, loss_fn, data, args.params, max_bytes=args.max_bytes, progress=_progress(),
@@ -188,7 +188,7 @@ def _cmd_hessian(args) -> int:
     files = {}
     if args.output and dist.is_main():
         import numpy as np
-        from .plots import hessian_heatmap, save as save_figure
+        from .._plots import hessian_heatmap, save as save_figure
         os.makedirs(args.output, exist_ok=True)
         files["pt"] = os.path.join(args.output, "hessian.pt")
         torch.save({"dense": H.dense.cpu(), "names": list(H.names),
@@ -209,7 +209,7 @@ def _cmd_hessian(args) -> int:
 
 
 def _cmd_eig(args) -> int:
-    from .linalg.lanczos import eigenvalues
+    from ..linalg._lanczos import eigenvalues
     model, loss_fn, data = _problem(args)
     op = _operator(args, model, loss_fn, data)
     settings = _settings(args, k=args.k, which=args.which, tol=args.tol)
@@ -224,7 +224,7 @@ def _cmd_eig(args) -> int:
 
 
 def _cmd_trace(args) -> int:
-    from .linalg.trace import trace
+    from ..linalg._trace import trace
     model, loss_fn, data = _problem(args)
     op = _operator(args, model, loss_fn, data)
     settings = _settings(args, method=args.method, num_matvecs=args.num_matvecs, exact=args.exact,
@@ -238,7 +238,7 @@ def _cmd_trace(args) -> int:
 
 
 def _cmd_diag(args) -> int:
-    from .linalg.diagonal import diagonal
+    from ..linalg._diagonal import diagonal
     model, loss_fn, data = _problem(args)
     op = _operator(args, model, loss_fn, data)
     settings = _settings(args, method=args.method, num_matvecs=args.num_matvecs, chunk_size=args.chunk_size)
@@ -251,7 +251,7 @@ def _cmd_diag(args) -> int:
 
 
 def _cmd_density(args) -> int:
-    from .linalg.density import spectral_density
+    from ..linalg._density import spectral_density
     model, loss_fn, data = _problem(args)
     op = _operator(args, model, loss_fn, data)
     settings = _settings(args, num_probes=args.probes, lanczos_steps=args.steps)
@@ -266,7 +266,7 @@ def _cmd_density(args) -> int:
 
 
 def _cmd_check(args) -> int:
-    from .check import check
+    from .._check import check
     model, loss_fn, data = _problem(args)
     rep = check(model, loss_fn, data, args.params)
     _finish(args, "check", rep.to_dict(), _settings(args), str(rep))

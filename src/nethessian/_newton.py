@@ -32,8 +32,8 @@ import torch
 from torch import nn
 
 from .errors import InputError
-from .params import ParamLayout
-from .quadratic import QuadraticModel
+from ._params import ParamLayout
+from ._quadratic import QuadraticModel
 
 __all__ = ["NewtonIteration", "NewtonResult", "newton"]
 

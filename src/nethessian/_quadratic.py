@@ -23,9 +23,9 @@ from typing import Any, Dict, Literal, Mapping, Optional, Sequence, Tuple, Union
 import torch
 
 from .errors import InputError, NonFiniteError, NotConvergedError
-from .linalg.solve import SolveResult, _solve
-from .operators.hessian import HessianOperator
-from .params import ParamLayout
+from .linalg._solve import SolveResult, _solve
+from .operators._hessian import HessianOperator
+from ._params import ParamLayout
 
 __all__ = ["QuadraticModel", "QuadraticComparison", "NewtonStep", "DIRECTIONS"]
 
@@ -75,7 +75,7 @@ class NewtonStep:
         positive_definite: ``True`` when CG solved it (no non-positive curvature of ``H + λI``
             met), ``False`` when CG met some (``negative_curvature_direction`` holds that unit
             direction; with ``method="auto"`` MINRES then made ``d``), ``None`` for ``method="minres"``.
-        solve: the :class:`~nethessian.linalg.solve.SolveResult` that made ``d``.
+        solve: the :class:`~nethessian.linalg._solve.SolveResult` that made ``d``.
         layout: the parameters' layout.
     """
 
@@ -210,7 +210,7 @@ class QuadraticModel:
         if name == "top-eigenvector":
             if self.size == 1:
                 return torch.ones_like(self.gradient)
-            from .linalg.lanczos import eigenvalues
+            from .linalg._lanczos import eigenvalues
             return eigenvalues(self.operator, k=1, which="largest", tol=1e-8, seed=seed).eigenvectors[:, 0]
         raise InputError(f"unknown direction {name!r}; valid: {', '.join(DIRECTIONS)}, or a vector")
 
@@ -260,7 +260,7 @@ class QuadraticModel:
         stationary point of the damped model (a saddle of it, possibly uphill), and the
         step says so (``positive_definite=False``, the direction found, a negative
         ``predicted_decrease`` when it goes uphill). For a descent step on an indefinite
-        ``H``, raise ``damping`` above ``−λ_min(H)``, or use :func:`nethessian.newton`.
+        ``H``, raise ``damping`` above ``−λ_min(H)``, or use :func:`nethessian._newton`.
 
         Raises:
             NotConvergedError: the solve did not reach ``tol`` (maxiter, a singular system,

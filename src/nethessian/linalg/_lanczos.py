@@ -47,7 +47,7 @@ import torch
 from tqdm import tqdm
 
 from ..errors import CheckpointError, InputError
-from ..params import ParamLayout
+from .._params import ParamLayout
 from ._operator import Operator, as_operator, check_symmetric, make_generator, randn
 
 __all__ = ["EigenResult", "eigenvalues"]
@@ -136,7 +136,7 @@ def eigenvalues(op: Any, k: int = 5, *, which: Which = "largest", tol: float = 1
             Single-vector Lanczos (``b = 1``) sees one copy of a repeated eigenvalue.
         ncv: basis size (default ``max(2k + 1, 20, k + 6b)``), memory ``P x ncv``.
         check_symmetry: spend 2 products checking ``uᵀ(Av) = vᵀ(Au)`` (not when resuming).
-        checkpoint: a ``nethessian.checkpoint.Checkpoint``; resumed from at the start,
+        checkpoint: a ``nethessian._checkpoint.Checkpoint``; resumed from at the start,
             written after every restart and at the end.
         progress: show a tqdm bar (products done) on stderr.
 

@@ -12,8 +12,8 @@ from typing import Optional
 
 import torch
 
-from . import examples
-from .errors import InputError
+from .. import examples
+from ..errors import InputError
 
 __all__ = ["load_problem", "parse_device", "parse_dtype"]
 

@@ -6,8 +6,8 @@ from typing import Dict, List, Optional, Sequence, Tuple, Union
 import torch
 
 from .errors import InputError
-from .operators.hessian import HessianOperator
-from .params import ParamLayout
+from .operators._hessian import HessianOperator
+from ._params import ParamLayout
 
 __all__ = ["BlockHessian", "hessian"]
 
@@ -107,7 +107,7 @@ def hessian(model, loss_fn, data, params: Optional[Sequence[str]] = None, *,
         model, loss_fn, data, params: the problem; ``params`` are names or globs.
         max_bytes: refuse (with the bytes needed) a P × P matrix above this (default 4 GiB).
         progress: show a progress bar on stderr.
-        checkpoint: a ``nethessian.checkpoint.Checkpoint`` to resume long runs.
+        checkpoint: a ``nethessian._checkpoint.Checkpoint`` to resume long runs.
         **operator_options: passed to ``HessianOperator`` (method, cache, reduction, ...).
 
     Returns:

@@ -33,10 +33,10 @@ import torch
 from torch import nn
 from torch.func import jvp, vjp, vmap
 
-from ..data import term_count
+from .._data import term_count
 from ..errors import InputError
-from .base import CurvatureOperator
-from .hessian import _not_an_ad_gap
+from ._base import CurvatureOperator
+from ._hessian import _not_an_ad_gap
 
 __all__ = ["GGNOperator", "JacobianSandwich", "likelihood_of", "loss_scale", "exact_output_fisher"]
 
@@ -293,7 +293,7 @@ class GGNOperator(JacobianSandwich):
         reduction, allow_random, chunk_size: see ``CurvatureOperator``.
 
     >>> import torch
-    >>> from nethessian.operators.ggn import GGNOperator
+    >>> from nethessian.operators._ggn import GGNOperator
     >>> X = torch.randn(20, 3, dtype=torch.float64); y = torch.randn(20, 1, dtype=torch.float64)
     >>> model = torch.nn.Linear(3, 1, bias=False).double()
     >>> G = GGNOperator(model, torch.nn.MSELoss(), (X, y)).to_dense()

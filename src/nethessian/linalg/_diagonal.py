@@ -26,9 +26,9 @@ from typing import Any, Dict, Literal, Optional
 
 import torch
 
-from ..checkpoint import Checkpoint
+from .._checkpoint import Checkpoint
 from ..errors import InputError
-from ..params import ParamLayout
+from .._params import ParamLayout
 from ._operator import Operator, as_operator, make_generator, rademacher
 from ._util import _chunk, progress_bar, resume_state
 

@@ -29,8 +29,8 @@ from typing import Any, Callable, Dict, Optional, Sequence
 
 import torch
 
-from . import distributed as dist
-from .errors import InputError
+from .. import distributed as dist
+from ..errors import InputError
 from .report_html import SECTIONS, render_page
 
 __all__ = ["ReportPaths", "SECTIONS", "build_report"]
@@ -71,7 +71,7 @@ def build_report(model, loss_fn, data, out_dir, *, params: Optional[Sequence[str
     Raises:
         InputError: the output folder cannot be written, or a setting is not a positive integer.
     """
-    from .quadratic import QuadraticModel
+    from .._quadratic import QuadraticModel
 
     for name, v in (("dense_max_params", dense_max_params), ("num_eigs", num_eigs),
                     ("trace_matvecs", trace_matvecs), ("density_probes", density_probes),
@@ -140,9 +140,9 @@ class _Stages:
 
 # ----------------------------------------------------------------------------- computation
 def _compute(q, S: Dict[str, Any], stages: _Stages, progress: bool):
-    from . import plots
-    from .dense import BlockHessian
-    from .verdict import classify_point
+    from .. import _plots as plots
+    from .._dense import BlockHessian
+    from .._verdict import classify_point
 
     op, lay = q.operator, q.layout
     P, gn = lay.size, q.gradient_norm
@@ -189,8 +189,8 @@ def _compute(q, S: Dict[str, Any], stages: _Stages, progress: bool):
                      "lower bound: max|λ| / min|λ| of the computed extremes; the eigenvalue nearest 0 "
                      "is in the middle of the spectrum, which Lanczos did not compute")
         top = hi.eigenvectors[:, 0]
-        from .linalg.trace import trace as trace_fn
-        from .linalg.density import spectral_density
+        from ..linalg._trace import trace as trace_fn
+        from ..linalg._density import spectral_density
         trace = stages("trace (Hutch++)", lambda: trace_fn(op, method="hutch++", num_matvecs=S["trace_matvecs"],
                                                            seed=S["seed"], by_block=True, progress=progress))
         density = stages("spectral density (SLQ)", lambda: spectral_density(
@@ -220,7 +220,7 @@ def _compute(q, S: Dict[str, Any], stages: _Stages, progress: bool):
 
 
 def _lanczos(op, k, which, seed, progress):
-    from .linalg.lanczos import eigenvalues
+    from ..linalg._lanczos import eigenvalues
 
     with warnings.catch_warnings():  # non-convergence is shown on the page (converged: False)
         warnings.simplefilter("ignore", UserWarning)
@@ -238,7 +238,7 @@ def _block_letters(names):
 
 
 def _exact_trace(H, P: int):
-    from .linalg.trace import TraceEstimate
+    from ..linalg._trace import TraceEstimate
 
     blocks = {n: TraceEstimate(float(torch.trace(H[n].double())), 0.0, P, "exact") for n in H.names}
     return TraceEstimate(float(torch.trace(H.dense.double())), 0.0, P, "exact", blocks)
@@ -246,7 +246,7 @@ def _exact_trace(H, P: int):
 
 def _exact_density(lam: torch.Tensor, grid_size: int = 1000):
     """Every eigenvalue with weight 1/P, broadened like SLQ (σ = spread / 100)."""
-    from .linalg.density import SpectralDensity
+    from ..linalg._density import SpectralDensity
 
     lam = lam.double().cpu()
     spread, scale = float(lam.max() - lam.min()), float(lam.abs().max())
@@ -281,7 +281,7 @@ def _quadratic(q, top: torch.Tensor, lam_max: float, S):
 
 # ----------------------------------------------------------------------------- context
 def _problem(model, loss_fn, name: Optional[str]) -> Dict[str, Any]:
-    from .examples import TwoLayerNet
+    from ..examples import TwoLayerNet
 
     if isinstance(model, TwoLayerNet):
         return {"name": name or "the two-layer 2-3-1 sigmoid network (sleep, study → test score)",
@@ -316,7 +316,7 @@ def _versions() -> Dict[str, str]:
     import numpy
     import scipy
 
-    from . import __version__
+    from .._version import __version__
 
     return {"nethessian": __version__, "torch": torch.__version__, "numpy": numpy.__version__,
             "scipy": scipy.__version__, "matplotlib": matplotlib.__version__,

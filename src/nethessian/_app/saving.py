@@ -10,7 +10,7 @@ from typing import Any, Dict
 
 import torch
 
-from .errors import InputError
+from ..errors import InputError
 
 __all__ = ["SavedResult", "save_result", "load", "versions"]
 
@@ -21,7 +21,7 @@ def versions() -> Dict[str, str]:
     import numpy
     import scipy
 
-    from . import __version__
+    from .._version import __version__
     return {"nethessian": __version__, "torch": torch.__version__, "numpy": numpy.__version__,
             "scipy": scipy.__version__, "python": platform.python_version()}
 

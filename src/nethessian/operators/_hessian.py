@@ -20,7 +20,7 @@ import torch
 from torch.func import grad as func_grad, jvp, vmap
 
 from ..errors import InputError, NetHessianError
-from .base import CurvatureOperator
+from ._base import CurvatureOperator
 
 __all__ = ["HessianOperator"]
 

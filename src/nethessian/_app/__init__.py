@@ -1,0 +1,1 @@
+"""The command-line application: problem files, the HTML report, saved results. Not public API."""
