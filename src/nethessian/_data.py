@@ -132,12 +132,21 @@ class Batches:
         return Batch(index, _move(inputs, self.device, self.dtype), _move(targets, self.device, self.dtype))
 
     def __iter__(self) -> Iterator[Batch]:
+        return self.iterate()
+
+    def iterate(self, hasher=None) -> Iterator[Batch]:
+        """One pass over the batches; ``hasher`` (a ``_fingerprint.Hasher``) takes in every batch's tensors."""
         if self._cached is not None:
-            yield from self._cached
+            for b in self._cached:
+                if hasher is not None:
+                    hasher.value([b.inputs, b.targets])
+                yield b
             return
         n = 0
         for i, raw in enumerate(self._source):
             n += 1
+            if hasher is not None:
+                hasher.value(list(raw) if isinstance(raw, (tuple, list)) else raw)
             yield self._make(i, raw)
         if n == 0:
             raise InputError("data is empty: the iterable yielded no batch")

@@ -11,6 +11,7 @@ into whole-data-set ones (batch weights, and the data-parallel all-reduce).
 """
 from __future__ import annotations
 
+import copy
 import warnings
 from typing import Any, Callable, Dict, Optional, Sequence, Tuple
 
@@ -19,7 +20,9 @@ from torch import nn
 from torch.func import functional_call
 
 from . import distributed as dist
+from ._checks import check_vector
 from ._data import Batch, Batches, resolve_reduction, term_count
+from ._fingerprint import Hasher, _name, loss_description
 from .errors import InputError, NonFiniteError, RandomModelError
 from ._params import ParamLayout, select_parameters
 
@@ -92,12 +95,57 @@ class Objective:
         # snapshots: later in-place changes to the user's model don't reach this objective
         self._fixed = {n: p.detach().clone() for n, p in all_named.items() if n not in chosen}
         self._buffers = {n: b.detach().clone() for n, b in model.named_buffers()}
+        self._modes = tuple((n, m.training) for n, m in model.named_modules())
+        self._fingerprint: Optional[str] = None
+        self._shared: Dict[str, Any] = {"data_hash": None}  # shared with every .at(θ) copy
         dist.check_consistent(self.layout.names, self.layout.shapes, self.dtype, self.device)
         dist.check_theta(self.theta0)
         self.data = Batches(data, self.device, self.dtype)
         multi = self.data.num_batches != 1 or dist.world_size() > 1
         self.reduction = resolve_reduction(loss_fn, reduction, multi)
         self._validate(allow_random)
+
+    # -- the same objective at other parameters; its identity ------------------------------
+    def at(self, theta: torch.Tensor) -> "Objective":
+        """The same objective with ``theta0 = theta``: model, loss, data, layout and validation shared.
+
+        Cheap: nothing is re-validated and no data pass is made. ``theta`` is a ``(P,)`` tensor.
+        """
+        check_vector(theta, self.size, "theta")
+        if theta.ndim != 1:
+            raise InputError(f"theta must be a vector of shape ({self.size},), got {tuple(theta.shape)}")
+        new = copy.copy(self)
+        new.theta0 = theta.detach().to(device=self.device, dtype=self.dtype).clone()
+        new._fingerprint = None
+        return new
+
+    def fingerprint(self) -> str:
+        """sha256 hex of everything the numbers depend on (computed once, then cached).
+
+        Covers θ₀, the fixed parameters, the buffers, the train/eval flag of every
+        module, the loss's type and settings, the reduction, and the data: the bytes
+        of every tensor of every batch (streaming data: hashed during one pass, so a
+        shuffling DataLoader gives another fingerprint on every pass).
+        """
+        if self._fingerprint is None:
+            h = Hasher().text("nethessian.Objective").tensor(self.theta0)
+            h.value(list(self.layout.names)).value([list(s) for s in self.layout.shapes])
+            h.text("fixed").named(sorted(self._fixed.items()))
+            h.text("buffers").named(sorted(self._buffers.items()))
+            h.text("modes").named(self._modes)
+            loss_description(h.text("loss"), self.loss_fn)
+            red = self.reduction
+            h.text("reduction").value(red if red is None or isinstance(red, str) else _name(red))
+            self._fingerprint = h.text("data").text(self._data_hash()).hexdigest()
+        return self._fingerprint
+
+    def _data_hash(self) -> str:
+        if self._shared["data_hash"] is None:
+            h = Hasher()
+            for _ in self.data.iterate(h):
+                pass
+            self._shared["data_hash"] = h.hexdigest()
+        return self._shared["data_hash"]
 
     # -- evaluation --------------------------------------------------------------------
     @property
