@@ -75,7 +75,7 @@ def test_mismatched_models_detected_at_start():
     procs, outs = _launch("mismatch")
     for p, (o, e) in zip(procs, outs):
         assert p.returncode == 1, e[-3000:]
-        assert "the model differs across ranks" in e
+        assert "differ across ranks" in e and "parameter 0.weight: rank 0 shape (5, 4), rank 1 shape (6, 4)" in e
 
 
 def test_cli_under_torchrun_prints_once_and_matches_one_process():
@@ -93,3 +93,49 @@ def test_cli_under_torchrun_prints_once_and_matches_one_process():
     r1, r2 = json.loads(one.stdout), json.loads(two.stdout)  # one JSON document: only rank 0 printed
     assert r2["settings"]["world_size"] == 2
     assert r2["result"]["value"] == pytest.approx(r1["result"]["value"], rel=1e-12)
+
+
+# -- C5 without processes: the single-process path -------------------------------------------------
+def test_common_seed_single_process():
+    assert nh.distributed.common_seed(7) == 7
+    assert nh.distributed.common_seed(7.0) == 7
+    drawn = {nh.distributed.common_seed(None) for _ in range(4)}
+    assert len(drawn) == 4 and all(0 <= s < 2 ** 63 for s in drawn)  # fresh, and fits an int64
+    for bad in ("abc", 2.7, True):
+        with pytest.raises(nh.InputError, match="seed"):
+            nh.distributed.common_seed(bad)
+
+
+def test_check_same_single_process_checks_plain_values_only():
+    nh.distributed.check_same("trace", num_matvecs=20, tol=1e-3, method="hutchinson", shape=(3, None))
+    with pytest.raises(nh.InputError, match="v must be plain values"):
+        nh.distributed.check_same("trace", v=torch.ones(2))
+
+
+def test_agree_single_process_raises_own_error():
+    nh.distributed.agree(None)
+    err = nh.InputError("data is empty")
+    with pytest.raises(nh.InputError, match="data is empty"):
+        nh.distributed.agree(err)
+    with pytest.raises(KeyError):
+        with nh.distributed.agreeing():
+            raise KeyError("x")
+    with nh.distributed.agreeing():
+        pass
+
+
+def test_state_facts_name_what_ranks_must_share():
+    model, loss_fn, data = problem()
+    model = torch.nn.Sequential(model, torch.nn.BatchNorm1d(3).double())
+    obj = nh.Objective(model, loss_fn, data, params=["0.*"])
+    facts = nh.distributed.state_facts(obj)
+    assert facts["dtype"] == "float64" and facts["parameter 0.0.weight"] == "shape (5, 4)"
+    assert facts["number of parameters"] == "43 in 4 tensors"
+    assert facts["loss.ignore_index"] == "-100" and facts["train/eval mode"] == "all train"
+    assert "buffer 1.running_mean" in facts and "fixed parameter 1.weight" in facts
+    nh.distributed.check_state(obj)  # a no-op in one process
+    model[1].eval()
+    assert nh.distributed.state_facts(obj)["train/eval mode"] == "eval: 1"
+    before = facts["buffer 1.running_mean"]
+    obj._buffers["1.running_mean"] += 1.0
+    assert nh.distributed.state_facts(obj)["buffer 1.running_mean"] != before

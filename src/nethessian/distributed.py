@@ -3,26 +3,45 @@
 When a process group is initialised, every process holds a shard of the data;
 ``Objective.finish`` all-reduces each local weighted sum together with its term
 count, so batch weights use the *global* count and every rank gets the same
-product. Nothing else in nethessian knows about processes: estimators draw
-their random vectors from seeded CPU generators, so all ranks run the same
-Krylov iterations on the same numbers.
+product. Every rank must therefore run the same computation on the same
+numbers; this module is where ranks make sure of that:
+
+* ``check_state(objective)`` at start-up: parameter names, shapes, dtype,
+  device type and values, the fixed parameters, the buffers (batch-norm running
+  statistics), the train/eval mode of every module, and the loss's settings;
+* ``common_seed(seed)``: one seed for every rank (``None`` is drawn on rank 0
+  and broadcast), so random probes are the same everywhere;
+* ``check_same(what, **values)``: the same options (``k``, ``num_matvecs`` ...)
+  on every rank, before the first collective they decide;
+* ``agree(error)``: a rank whose local validation failed makes every rank stop
+  with an error that names it, instead of leaving the others waiting.
+
+Every disagreement raises ``DistributedError`` on *every* rank, naming what
+differs and each rank's value. All are no-ops without torch.distributed.
 
 Cost: one all-reduce of P (+1) numbers per matrix-vector product (k·P for a
-block of k vectors).
+block of k vectors); the checks gather a few kilobytes of text, once.
 """
 from __future__ import annotations
 
+import contextlib
 import datetime
-import hashlib
+import json
+import math
 import os
-from typing import Optional, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 
-from .errors import DistributedError, InputError, NetHessianError
+from ._checks import as_seed
+from ._fingerprint import Hasher, loss_description
+from .errors import DistributedError, InputError
 
 __all__ = ["DistributedError", "is_active", "rank", "world_size", "is_main", "reduce_sum",
-           "check_consistent", "shard", "init_from_env"]
+           "common_seed", "check_same", "check_state", "agree", "agreeing", "shard", "init_from_env"]
+
+_ABSENT = "(absent)"
+_SHOWN = 6  # differences spelled out in one message; the rest are counted
 
 
 def is_active() -> bool:
@@ -54,6 +73,15 @@ def _collective(fn, what: str):
         ) from None
 
 
+def _comm_device(hint: Optional[torch.device] = None) -> torch.device:
+    """Where collective buffers live: the CPU for gloo, this rank's GPU for NCCL."""
+    if torch.distributed.get_backend() != "nccl":
+        return torch.device("cpu")
+    if hint is not None and hint.type == "cuda":
+        return hint
+    return torch.device("cuda", torch.cuda.current_device())
+
+
 def reduce_sum(total: torch.Tensor, count: float) -> Tuple[torch.Tensor, float]:
     """All-reduce a local sum and its term count (identity without torch.distributed)."""
     if not is_active():
@@ -66,37 +94,249 @@ def reduce_sum(total: torch.Tensor, count: float) -> Tuple[torch.Tensor, float]:
     return flat[:-1].reshape(total.shape).to(total.dtype), float(flat[-1])
 
 
-def check_consistent(names: Sequence[str], shapes: Sequence[Sequence[int]], dtype: torch.dtype,
-                     device: torch.device) -> None:
-    """Refuse, on every rank, models whose parameters differ across ranks (names, shapes, dtype)."""
+# -- gathering and comparing plain facts ---------------------------------------------------------
+def _gather_text(text: str, what: str, device: Optional[torch.device] = None) -> List[str]:
+    """Every rank's ``text``, in rank order (two all-gathers: lengths, then padded UTF-8 bytes)."""
+    dev = _comm_device(device)
+    raw = list(text.encode("utf-8"))
+    n = torch.tensor([len(raw)], dtype=torch.int64, device=dev)
+    sizes = [torch.zeros_like(n) for _ in range(world_size())]
+    _collective(lambda: torch.distributed.all_gather(sizes, n), what)
+    buf = torch.zeros(max(1, max(int(s) for s in sizes)), dtype=torch.uint8, device=dev)
+    buf[:len(raw)] = torch.tensor(raw, dtype=torch.uint8, device=dev)
+    bufs = [torch.zeros_like(buf) for _ in range(world_size())]
+    _collective(lambda: torch.distributed.all_gather(bufs, buf), what)
+    return [bytes(b[:int(s)].tolist()).decode("utf-8") for b, s in zip(bufs, sizes)]
+
+
+def _short(value: str, limit: int = 160) -> str:
+    return value if len(value) <= limit else value[:limit - 3] + "..."
+
+
+def _per_rank(values: Sequence[str]) -> str:
+    """``rank 0 a, rank 1 b`` — ranks that agree are grouped: ``ranks 0,2 a, rank 1 b``."""
+    groups: Dict[str, List[int]] = {}
+    for r, v in enumerate(values):
+        groups.setdefault(v, []).append(r)
+    return ", ".join(f"rank{'s' if len(rs) > 1 else ''} {','.join(map(str, rs))} {_short(v)}"
+                     for v, rs in groups.items())
+
+
+def _differences(per_rank: List[Dict[str, str]]) -> List[str]:
+    """``"key: rank 0 a, rank 1 b"`` for every key whose value is not the same on every rank."""
+    keys = list(dict.fromkeys(k for facts in per_rank for k in facts))
+    out = []
+    for k in keys:
+        values = [facts.get(k, _ABSENT) for facts in per_rank]
+        if len(set(values)) > 1:
+            out.append(f"{k}: {_per_rank(values)}")
+    return out
+
+
+def _compare(facts: Dict[str, str], header: str, fix: str, device: Optional[torch.device] = None) -> None:
+    """Gather ``facts`` from every rank; on any difference raise on every rank, naming each one."""
     if not is_active():
         return
-    desc = repr((list(names), [list(s) for s in shapes], str(dtype))).encode()
-    digest = int.from_bytes(hashlib.sha256(desc).digest()[:7], "big")
-    size = sum(int(torch.tensor(s).prod()) if len(s) else 1 for s in shapes)
-    mine = torch.tensor([digest, size], dtype=torch.int64,
-                        device=device if torch.distributed.get_backend() == "nccl" else "cpu")
-    everyone = [torch.zeros_like(mine) for _ in range(world_size())]
-    _collective(lambda: torch.distributed.all_gather(everyone, mine), "the start-up model check")
-    if any(not torch.equal(e, everyone[0]) for e in everyone):
-        sizes = [int(e[1]) for e in everyone]
-        raise DistributedError(
-            f"the model differs across ranks (parameter counts per rank: {sizes}); every rank must "
-            "build the same model with the same params= selection"
-        )
+    per_rank = [json.loads(t) for t in _gather_text(json.dumps(facts), header, device)]
+    diffs = _differences(per_rank)
+    if diffs:
+        more = f"; and {len(diffs) - _SHOWN} more" if len(diffs) > _SHOWN else ""
+        raise DistributedError(f"{header} differ across ranks — {'; '.join(diffs[:_SHOWN])}{more}. {fix}")
+
+
+def _plain(value) -> bool:
+    if isinstance(value, (tuple, list)):
+        return all(_plain(v) for v in value)
+    return value is None or isinstance(value, (bool, int, float, str, torch.dtype))
+
+
+def check_same(what: str, **values) -> None:
+    """Refuse, on every rank, options that are not the same on every rank.
+
+    Call it before the first collective that the options decide (the number of
+    products, the block size ...): ranks that disagree would otherwise wait for
+    each other forever or crash inside the backend.
+
+    Args:
+        what: what the values set up, for the message (``"trace"``, ``"eigenvalues"``).
+        **values: plain values (numbers, strings, ``None``, tuples of them) compared by ``repr``.
+
+    Raises:
+        InputError: a value is not plain (on the calling rank, before any collective).
+        DistributedError: on every rank, naming each key whose values differ and each rank's value.
+
+    >>> check_same("trace", num_matvecs=20)  # a no-op without torch.distributed
+    """
+    bad = [k for k, v in values.items() if not _plain(v)]
+    if bad:
+        raise InputError(f"check_same({what!r}): {', '.join(bad)} must be plain values "
+                         "(numbers, strings, None or tuples of them)")
+    if is_active():
+        _compare({k: repr(v) for k, v in values.items()}, f"the settings of {what}",
+                 "Every rank must make the same call with the same arguments")
+
+
+# -- seeds ---------------------------------------------------------------------------------------
+def _fresh_seed() -> int:
+    """A non-deterministic seed in [0, 2⁶³) (fits an int64 for the broadcast)."""
+    return int.from_bytes(os.urandom(8), "little") >> 1
+
+
+def common_seed(seed) -> int:
+    """One seed for every rank: random probes must be the same numbers everywhere.
+
+    ``seed=None`` draws a fresh seed (on rank 0, broadcast to the others); a
+    whole number is returned as is, after checking that every rank passed the
+    same one. Without torch.distributed, ``None`` is drawn locally.
+
+    Raises:
+        InputError: ``seed`` is not ``None`` or a whole number.
+        DistributedError: ranks passed different seeds (or ``None`` on some ranks only).
+
+    >>> common_seed(7)
+    7
+    >>> 0 <= common_seed(None) < 2 ** 63
+    True
+    """
+    seed = as_seed(seed)
+    if not is_active():
+        return _fresh_seed() if seed is None else seed
+    _compare({"seed": repr(seed)}, "the random seeds",
+             "Pass the same seed on every rank, or seed=None on every rank (drawn on rank 0)")
+    if seed is not None:
+        return seed
+    t = torch.tensor([_fresh_seed() if rank() == 0 else 0], dtype=torch.int64, device=_comm_device())
+    _collective(lambda: torch.distributed.broadcast(t, src=0), "the broadcast of the random seed")
+    return int(t.item())
+
+
+# -- local failures ------------------------------------------------------------------------------
+def agree(error: Optional[BaseException]) -> None:
+    """A collective after local validation: if any rank failed, every rank raises.
+
+    Each rank passes the error its own checks raised (or ``None``). The failing
+    rank re-raises its own error; every other rank raises ``DistributedError``
+    naming the first failing rank and its message, instead of waiting in the next
+    collective until the timeout. Without torch.distributed: raises ``error`` if given.
+
+    >>> agree(None)  # nothing failed
+    """
+    if not is_active():
+        if error is not None:
+            raise error
+        return
+    mine = "" if error is None else f"{type(error).__name__}: {error}"
+    texts = _gather_text(mine, "the agreement after local checks")
+    if error is not None:
+        raise error
+    failed = [(r, t) for r, t in enumerate(texts) if t]
+    if failed:
+        r, message = failed[0]
+        others = f" (and {len(failed) - 1} other rank(s))" if len(failed) > 1 else ""
+        raise DistributedError(f"rank {r} failed{others}, so rank {rank()} stops too: {message}")
+
+
+@contextlib.contextmanager
+def agreeing():
+    """``agree`` around a block of local work: ``with agreeing(): validate()``.
+
+    Any ``Exception`` in the block is shared with the other ranks (and re-raised
+    here); a ``DistributedError`` is re-raised at once — it already reached every rank.
+    """
+    try:
+        yield
+    except DistributedError:
+        raise
+    except Exception as exc:  # noqa: BLE001 — every local failure must reach the other ranks
+        agree(exc)
+    else:
+        agree(None)
+
+
+# -- start-up comparison of the objective ------------------------------------------------------
+def _tensor_fact(t: torch.Tensor) -> str:
+    digest = Hasher().tensor(t).hexdigest()[:16]
+    return f"{tuple(t.shape)} {str(t.dtype).replace('torch.', '')} {t.device.type} sha256:{digest}"
+
+
+def _layout_facts(names, shapes, dtype, device) -> Dict[str, str]:
+    facts = {"dtype": str(dtype).replace("torch.", ""), "device type": torch.device(device).type,
+             "number of parameters": f"{sum(math.prod(s) for s in shapes)} in {len(names)} tensors"}
+    facts.update({f"parameter {n}": f"shape {tuple(s)}" for n, s in zip(names, shapes)})
+    return facts
+
+
+def _mode_facts(model) -> Dict[str, str]:
+    """Train/eval mode: "all train", "all eval", or the names of the modules in eval mode."""
+    named = list(model.named_modules())
+    evals = [n or "(the model)" for n, m in named if not m.training]
+    mode = ("all train" if not evals else "all eval" if len(evals) == len(named)
+            else "eval: " + ", ".join(evals))
+    return {"train/eval mode": mode}
+
+
+def _loss_facts(loss_fn) -> Dict[str, str]:
+    """The loss: its type, readable plain settings, and a hash of everything that decides it."""
+    facts = {"loss": getattr(type(loss_fn), "__qualname__", "?") if isinstance(loss_fn, torch.nn.Module)
+             else getattr(loss_fn, "__qualname__", type(loss_fn).__qualname__)}
+    if isinstance(loss_fn, torch.nn.Module):
+        facts.update({f"loss.{k}": repr(v) for k, v in sorted(vars(loss_fn).items())
+                      if not k.startswith("_") and k != "training" and _plain(v)})
+        facts.update({f"loss.{n}": _tensor_fact(t) for n, t in loss_fn.named_buffers()})
+    facts["loss settings"] = "sha256:" + loss_description(Hasher(), loss_fn).hexdigest()[:16]
+    return facts
+
+
+_SAME_MODEL = ("Every rank must build the same model (same seed or weights, same params= selection, "
+               "same dtype), in the same train/eval mode with the same buffers (batch-norm running "
+               "statistics), and the same loss")
+
+
+def state_facts(objective) -> Dict[str, str]:
+    """What every rank must share, as readable ``{what: value}`` (tensors by shape, dtype and hash)."""
+    facts = _layout_facts(objective.layout.names, objective.layout.shapes, objective.dtype, objective.device)
+    facts["values of the selected parameters"] = _tensor_fact(objective.theta0)
+    facts.update({f"fixed parameter {n}": _tensor_fact(t) for n, t in objective._fixed.items()})
+    facts.update({f"buffer {n}": _tensor_fact(t) for n, t in objective._buffers.items()})
+    facts.update(_mode_facts(objective.model))
+    facts.update(_loss_facts(objective.loss_fn))
+    facts["reduction"] = repr(getattr(objective, "reduction", None))
+    return facts
+
+
+def check_state(objective) -> None:
+    """Refuse, on every rank, objectives that differ across ranks; the message names what differs.
+
+    Compared: parameter names, shapes, dtype, device type and values (θ₀); the
+    fixed (unselected) parameters; the buffers (batch-norm running statistics);
+    the train/eval mode of every module; the loss (type, settings such as
+    ``reduction``, ``ignore_index``, ``weight``) and the batch reduction. The
+    data are not compared: every rank holds its own shard. One all-gather of a
+    few kilobytes of text; tensors are compared by a sha256 of their bytes.
+
+    Raises:
+        DistributedError: on every rank, e.g. ``buffer 1.running_mean: rank 0 (5,) float64 cpu
+            sha256:..., rank 1 (5,) float64 cpu sha256:...``.
+    """
+    if is_active():
+        _compare(state_facts(objective), "the model, its state or the loss", _SAME_MODEL, objective.device)
+
+
+def check_consistent(names: Sequence[str], shapes: Sequence[Sequence[int]], dtype: torch.dtype,
+                     device: torch.device) -> None:
+    """Refuse, on every rank, parameters whose names, shapes, dtype or device type differ across ranks.
+
+    Superseded by ``check_state``, which compares this and more.
+    """
+    if is_active():
+        _compare(_layout_facts(names, shapes, dtype, device), "the model's parameters", _SAME_MODEL, device)
 
 
 def check_theta(theta: torch.Tensor) -> None:
-    """Refuse parameter values that differ across ranks (different seeds or checkpoints)."""
-    if not is_active():
-        return
-    ref = theta.detach().clone()
-    _collective(lambda: torch.distributed.broadcast(ref, src=0), "the start-up weight check")
-    if not torch.equal(ref, theta.detach()):
-        raise DistributedError(
-            f"rank {rank()}'s parameter values differ from rank 0's: seed the model identically or "
-            "load the same weights on every rank"
-        )
+    """Refuse parameter values that differ across ranks (superseded by ``check_state``)."""
+    if is_active():
+        _compare({"values of the selected parameters": _tensor_fact(theta)}, "the parameter values",
+                 "Seed the model identically or load the same weights on every rank", theta.device)
 
 
 class _Sharded:
