@@ -1,35 +1,53 @@
 """CurvatureOperator: the base every curvature matrix (Hessian, GGN, Fisher) shares.
 
-A concrete operator implements ``_matmat(V)`` for a ``(P, k)`` block of
-vectors. The base does everything else once: input checks, ``@`` on ``(P,)``
-and ``(P, k)`` (in memory-bounded chunks), ``to_dense`` (with a memory check,
-progress bar and checkpoints) and ``to_scipy``.
+A concrete operator offers its engines (``_engines()``, see ``_engine.py``) and the
+options that define its matrix (``_matrix_options()``). The base does everything
+else, once: input checks (``_checks.check_vector``), the engine choice, ``@`` on
+``(P,)`` and ``(P, k)`` in chunks (``_columns.column_chunk`` with the engine's memory per
+column), one finiteness check of every result, ``to_dense`` through
+``_columns.identity_columns`` (checkpoints carry the operator's fingerprint),
+``to_scipy``, ``fingerprint()`` and ``at(theta)``.
 """
 from __future__ import annotations
 
-from typing import Optional
+import copy
+import hashlib
+import json
+from typing import Any, Dict, List, Optional
 
 import torch
-from tqdm import tqdm
 
-from .._checks import all_finite
-from ..errors import DenseTooLargeError, InputError, NonFiniteError
+from .._checks import all_finite, as_int, check_vector
+from .._columns import column_chunk, identity_columns
 from .._objective import Objective
+from ..errors import DenseTooLargeError, InputError, NonFiniteError
+from ._engine import Engine, choose_batched, choose_engine, loop_columns
 
 __all__ = ["CurvatureOperator", "DEFAULT_MAX_DENSE_BYTES", "check_dense_size"]
 
 DEFAULT_MAX_DENSE_BYTES = 4 * 2**30
 
 
-def check_dense_size(P: int, dtype: torch.dtype, max_bytes: Optional[int]) -> int:
-    """Refuse a dense ``P × P`` matrix above ``max_bytes`` (default 4 GiB); return its size in bytes."""
-    limit = DEFAULT_MAX_DENSE_BYTES if max_bytes is None else int(max_bytes)
-    need = P * P * torch.empty((), dtype=dtype).element_size()
+def _gib(n: float) -> str:
+    return f"{n:,.0f} bytes ({n / 2**30:.2f} GiB)"
+
+
+def check_dense_size(P: int, dtype: torch.dtype, max_bytes: Optional[int], work_bytes: float = 0) -> int:
+    """Refuse a dense ``P × P`` matrix whose memory exceeds ``max_bytes`` (default 4 GiB).
+
+    The estimate is the matrix, ``P² × itemsize``, plus ``work_bytes``: what one chunk
+    of products holds while it runs (its vectors and, for a batched engine, every
+    column's activations). Returns the estimate in bytes.
+    """
+    limit = DEFAULT_MAX_DENSE_BYTES if max_bytes is None else as_int("max_bytes", max_bytes, minimum=0)
+    matrix = P * P * torch.empty((), dtype=dtype).element_size()
+    need = int(matrix + work_bytes)
     if need > limit:
         raise DenseTooLargeError(
-            f"the dense {P} x {P} {str(dtype).replace('torch.', '')} matrix needs {need:,} bytes "
-            f"({need / 2**30:.1f} GiB), above the limit of {limit:,} bytes. Pass max_bytes={need} to "
-            "allow it, or stay matrix-free: HessianOperator(...) with nh.eigenvalues, nh.trace, "
+            f"the dense {P} x {P} {str(dtype).replace('torch.', '')} matrix needs {_gib(need)}: "
+            f"{_gib(matrix)} for the matrix and {_gib(work_bytes)} for one chunk of products, above "
+            f"the limit of {limit:,} bytes. Pass max_bytes={need} to allow it (or a smaller "
+            "chunk_size), or stay matrix-free: HessianOperator(...) with nh.eigenvalues, nh.trace, "
             "nh.diagonal or nh.spectral_density"
         )
     return need
@@ -38,48 +56,101 @@ def check_dense_size(P: int, dtype: torch.dtype, max_bytes: Optional[int]) -> in
 class CurvatureOperator:
     """Symmetric ``P × P`` curvature matrix of J(θ) at the parameters' current values.
 
-    The operator snapshots θ at construction; later changes to the model's
-    weights do not affect it. ``op @ v`` takes ``(P,)`` or ``(P, k)`` tensors.
+    The operator snapshots θ at construction; later changes to the model's weights do
+    not affect it (``at(theta)`` gives the same operator at other parameters).
+    ``op @ v`` takes ``(P,)`` or ``(P, k)`` tensors.
+
+    Attributes:
+        engine: the engine that computes products, chosen once at construction.
+        engine_reason: why that engine (and, after a fallback, why not the others).
+        fallback_reason: why the preferred engine was not used, or None.
+        batched: columns vectorised (vmap) or looped; None until the first block product.
+        chunk_size: columns per product.
     """
 
     def __init__(self, model, loss_fn, data, params=None, *, reduction=None,
-                 allow_random: bool = False, chunk_size: Optional[int] = None):
-        self.objective = Objective(model, loss_fn, data, params, reduction=reduction,
-                                   allow_random=allow_random)
+                 allow_random: bool = False, chunk_size: Optional[int] = None, _objective=None):
+        self.objective = _objective if _objective is not None else Objective(
+            model, loss_fn, data, params, reduction=reduction, allow_random=allow_random)
         self.layout = self.objective.layout
         P = self.layout.size
         self.shape = (P, P)
         self.dtype = self.objective.dtype
         self.device = self.objective.device
-        if chunk_size is None:
-            # bounded memory: a chunk of columns holds at most ~64 Mi entries of vectors
-            chunk_size = max(1, min(256, (64 * 2**20) // max(P, 1)))
-        if int(chunk_size) < 1:
-            raise InputError(f"chunk_size must be a positive integer, got {chunk_size}")
-        self.chunk_size = int(chunk_size)
+        self._chunk_size = None if chunk_size is None else as_int("chunk_size", chunk_size, minimum=1)
+        self._fresh_state()
+
+    # -- hooks for concrete operators ---------------------------------------------------------
+    def _engines(self) -> List[Engine]:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def _matrix_options(self) -> Dict[str, Any]:
+        """The options that change the matrix (not merely how it is computed)."""
+        return {}
+
+    def _fresh_state(self) -> None:
+        """Drop what depends on θ (kept graphs); engine decisions stay."""
+
+    def _bytes_per_column(self) -> Optional[float]:
+        """Memory one vectorised column holds while a product runs (None: unknown)."""
+        return None
+
+    # -- the engine ---------------------------------------------------------------------------
+    def _choose_engine(self) -> None:
+        engines = self._engines()
+        self._engine, self.engine_reason, self.fallback_reason = choose_engine(engines)
+        self.batched: Optional[bool] = None
+        self.batched_reason: Optional[str] = None
+        self._bpc: Optional[float] = None
+
+    @property
+    def engine(self) -> str:
+        return self._engine.name
+
+    @property
+    def cache(self) -> bool:
+        """True when products go through a graph kept across products."""
+        return self._engine.keeps_graph
+
+    @property
+    def bytes_per_column(self) -> float:
+        """Estimated memory per vectorised column, measured once (0 when not batched)."""
+        if self._bpc is None:
+            self._bpc = float(self._bytes_per_column() or 0.0)
+        return self._bpc
+
+    @property
+    def chunk_size(self) -> int:
+        """Columns per product: yours, or ``column_chunk`` with the engine's memory per column."""
+        if self._chunk_size is not None:
+            return self._chunk_size
+        bpc = self.bytes_per_column if self.batched is not False else None
+        return column_chunk(self.shape[0], bytes_per_column=bpc)
 
     @property
     def names(self):
         return self.layout.names
 
+    # -- products -----------------------------------------------------------------------------
     def __matmul__(self, v: torch.Tensor) -> torch.Tensor:
-        if not isinstance(v, torch.Tensor):
-            raise InputError(f"expected a torch.Tensor, got {type(v).__name__}")
-        P = self.shape[0]
-        if v.ndim not in (1, 2) or v.shape[0] != P:
-            raise InputError(f"expected a tensor of shape ({P},) or ({P}, k), got {tuple(v.shape)}")
-        if not all_finite(v):
-            raise NonFiniteError("the vector contains NaN or Inf")
+        check_vector(v, self.shape[0], "the vector")
         v = v.to(device=self.device, dtype=self.dtype)
         if v.ndim == 1:
-            out = self._matvec(v)
-        elif v.shape[1] == 0:
-            return v.clone()
-        elif v.shape[1] <= self.chunk_size:
-            out = self._matmat(v)
-        else:
-            out = torch.cat([self._matmat(v[:, i:i + self.chunk_size])
-                             for i in range(0, v.shape[1], self.chunk_size)], dim=1)
+            return self._product(v[:, None])[:, 0]
+        return self._product(v)
+
+    matmul = __matmul__
+
+    def _product(self, V: torch.Tensor) -> torch.Tensor:
+        """``C V`` for a checked ``(P, k)`` block: chunked, one engine, one finiteness check."""
+        k = V.shape[1]
+        if k == 0:
+            return V.clone()
+        if k > 1 and self.batched is None:
+            self.batched, self.batched_reason = choose_batched(self._engine, V)
+        run = self._engine.run if k == 1 or self.batched else (lambda W: loop_columns(self._engine.run, W))
+        c = self.chunk_size
+        out = run(V) if k <= c else torch.cat([run(V[:, i:i + c]) for i in range(0, k, c)], dim=1)
         if not all_finite(out):
             raise NonFiniteError(self._nonfinite_culprit())
         return out
@@ -99,42 +170,24 @@ class CurvatureOperator:
         return ("the product is NaN or Inf although every batch's loss and gradient are finite: the "
                 f"second derivative overflows in {str(self.dtype).replace('torch.', '')}; try float64")
 
-    matmul = __matmul__
-
-    def _matvec(self, v: torch.Tensor) -> torch.Tensor:
-        return self._matmat(v[:, None])[:, 0]
-
-    def _matmat(self, V: torch.Tensor) -> torch.Tensor:  # pragma: no cover - abstract
-        raise NotImplementedError
-
-    def to_dense(self, *, max_bytes: Optional[int] = None, progress: bool = False,
+    # -- exports ------------------------------------------------------------------------------
+    def to_dense(self, *, max_bytes: Optional[int] = None, progress: Optional[bool] = None,
                  checkpoint=None) -> torch.Tensor:
         """The dense matrix, column chunk by column chunk (memory checked first).
 
-        ``checkpoint`` (a ``nethessian._checkpoint.Checkpoint``) saves finished
-        column chunks so an interrupted run resumes where it stopped.
+        The memory check counts the matrix and one chunk of products. ``checkpoint`` (a
+        ``nethessian._checkpoint.Checkpoint``) saves finished column chunks so an
+        interrupted run resumes where it stopped; it refuses columns of another operator
+        (other weights, data, options).
         """
         P = self.shape[0]
-        check_dense_size(P, self.dtype, max_bytes)
-        out = torch.empty(P, P, dtype=self.dtype, device=self.device)
-        done = 0
-        if checkpoint is not None:
-            state = checkpoint.load()
-            if state is not None:
-                done = int(state["done"])
-                out[:, :done] = state["columns"].to(out)
+        check_dense_size(P, self.dtype, max_bytes)  # before measuring anything
         c = self.chunk_size
-        with tqdm(total=P, initial=done, disable=not progress, desc="dense columns", unit="col",
-                  leave=False) as bar:
-            for start in range(done, P, c):
-                stop = min(P, start + c)
-                E = torch.zeros(P, stop - start, dtype=self.dtype, device=self.device)
-                E[torch.arange(start, stop), torch.arange(stop - start)] = 1
-                out[:, start:stop] = self._matmat(E)
-                bar.update(stop - start)
-                if checkpoint is not None and (stop == P or checkpoint.due()):
-                    checkpoint.save({"done": stop, "columns": out[:, :stop].cpu()}, force=True)
-        return out
+        work = c * (P * self.dtype.itemsize * 2 + self.bytes_per_column)
+        check_dense_size(P, self.dtype, max_bytes, work)
+        identity = {"operator": self.fingerprint()} if checkpoint is not None else None
+        return identity_columns(self._product, P, dtype=self.dtype, device=self.device, chunk=c,
+                                checkpoint=checkpoint, identity=identity, progress=progress)
 
     def to_scipy(self):
         """A ``scipy.sparse.linalg.LinearOperator`` (float64 numpy in and out) for SciPy solvers."""
@@ -147,6 +200,29 @@ class CurvatureOperator:
 
         return LinearOperator(self.shape, matvec=mv, matmat=mv, rmatvec=mv, rmatmat=mv, dtype=np.float64)
 
+    # -- identity and other parameters --------------------------------------------------------
+    def fingerprint(self) -> str:
+        """sha256 hex of what the matrix depends on: the class, its matrix options, the objective."""
+        opts = json.dumps(self._matrix_options(), sort_keys=True, default=str)
+        text = f"{type(self).__name__}\n{opts}\n{self.objective.fingerprint()}"
+        return hashlib.sha256(text.encode()).hexdigest()
+
+    def at(self, theta: torch.Tensor) -> "CurvatureOperator":
+        """The same operator (class, options, engine) at parameters ``theta``; no re-validation.
+
+        Args:
+            theta: flat ``(P,)`` parameter values, in ``op.names`` order.
+        """
+        check_vector(theta, self.shape[0], "theta")
+        if theta.ndim != 1:
+            raise InputError(f"theta must be a flat ({self.shape[0]},) tensor, got {tuple(theta.shape)}")
+        new = copy.copy(self)
+        new.objective = self.objective.at(theta.detach().to(device=self.device, dtype=self.dtype))
+        new._fresh_state()
+        new._engine = next(e for e in new._engines() if e.name == self.engine)  # no new trial
+        return new
+
     def __repr__(self) -> str:
         return (f"{type(self).__name__}(P={self.shape[0]}, params={len(self.layout.names)}, "
-                f"dtype={str(self.dtype).replace('torch.', '')}, device={self.device})")
+                f"dtype={str(self.dtype).replace('torch.', '')}, device={self.device}, "
+                f"engine={self.engine!r})")

@@ -29,6 +29,7 @@ from typing import Optional
 import torch
 from torch.nn import functional as F
 
+from .._checks import as_int
 from ..errors import InputError
 from ._ggn import JacobianSandwich, Method, class_dim, exact_output_fisher, likelihood_of, loss_scale, \
     term_mask
@@ -124,9 +125,12 @@ class FisherOperator(JacobianSandwich):
         if mc_samples is not None and (isinstance(mc_samples, bool) or not isinstance(mc_samples, int)
                                        or mc_samples < 1):
             raise InputError(f"mc_samples must be None (exact) or a positive integer, got {mc_samples!r}")
+        self.mc_samples, self.seed = mc_samples, as_int("seed", seed)
         super().__init__(model, loss_fn, data, params, method=method, cache=cache, reduction=reduction,
                          allow_random=allow_random, chunk_size=chunk_size)
-        self.mc_samples, self.seed = mc_samples, int(seed)
+
+    def _matrix_options(self):
+        return {"mc_samples": self.mc_samples, "seed": self.seed}
 
     def _output_op(self, batch, out):
         obj, t = self.objective, batch.targets

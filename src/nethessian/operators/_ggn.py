@@ -27,7 +27,7 @@ References:
 """
 from __future__ import annotations
 
-from typing import Callable, Literal, Optional
+from typing import Callable, List, Literal, Optional
 
 import torch
 from torch import nn
@@ -36,7 +36,8 @@ from torch.func import jvp, vjp, vmap
 from .._data import term_count
 from ..errors import InputError
 from ._base import CurvatureOperator
-from ._hessian import _not_an_ad_gap
+from ._crosscheck import verify_jv
+from ._engine import Engine, graph_bytes
 
 __all__ = ["GGNOperator", "JacobianSandwich", "likelihood_of", "loss_scale", "exact_output_fisher"]
 
@@ -116,17 +117,20 @@ def exact_output_fisher(kind: str, loss_fn, out: torch.Tensor, targets: torch.Te
 
 
 def _batched_grad(outputs, inputs, grads, like):
-    """``[∂⟨outputs, g_i⟩/∂inputs for g_i in grads]`` stacked, graph kept; zeros where unused."""
-    try:
+    """``[∂⟨outputs, g_i⟩/∂inputs for g_i in grads]`` stacked, graph kept; zeros where unused.
+
+    One row: a plain backward; more: one vectorised backward (``is_grads_batched``). An op
+    without a batching rule raises here, and the engine policy then loops over columns.
+    """
+    if grads.shape[0] == 1:
+        res, = torch.autograd.grad(outputs, inputs, grads[0], retain_graph=True, allow_unused=True)
+        res = None if res is None else res[None]
+    else:
         res, = torch.autograd.grad(outputs, inputs, grads, retain_graph=True, is_grads_batched=True,
                                    allow_unused=True)
-        if res is None:
-            return torch.zeros((grads.shape[0], *like.shape), dtype=like.dtype, device=like.device)
-        return res
-    except RuntimeError:  # an op without a batching rule for its backward: one column at a time
-        cols = [torch.autograd.grad(outputs, inputs, g, retain_graph=True, allow_unused=True)[0]
-                for g in grads]
-        return torch.stack([torch.zeros_like(like) if c is None else c for c in cols])
+    if res is None:
+        return torch.zeros((grads.shape[0], *like.shape), dtype=like.dtype, device=like.device)
+    return res
 
 
 def autograd_loss_hessian(loss_fn, out: torch.Tensor, targets: torch.Tensor) -> OutputOp:
@@ -152,25 +156,73 @@ class JacobianSandwich(CurvatureOperator):
     """Base of ``Σ_b w_b J_bᵀ M_b J_b`` operators; subclasses give ``_output_op(batch, out)``.
 
     ``_output_op`` returns ``U ↦ M_b U`` on ``(k, *out.shape)`` blocks, or None for a
-    batch that contributes nothing (every term ignored).
+    batch that contributes nothing (every term ignored). Subclasses set the attributes
+    ``_output_op`` reads before calling this ``__init__`` (the engine trial runs in it).
+
+    Engines (``op.engine``): ``"kept-graph"`` (reverse mode through graphs kept across
+    products), ``"forward"`` (``J V`` by forward mode), ``"reverse"`` (double-vjp, graphs
+    rebuilt per product). ``op.method`` is ``"forward"`` or ``"reverse"``.
     """
 
     def __init__(self, model, loss_fn, data, params=None, *, method: Method = "auto", cache="auto",
                  reduction=None, allow_random: bool = False, chunk_size: Optional[int] = None):
         if method not in ("auto", "forward", "reverse"):
             raise InputError(f"unknown method {method!r}; valid: auto, forward, reverse")
+        if cache != "auto" and bool(cache) and method == "forward":
+            raise InputError("cache=True keeps a reverse-mode graph, which method='forward' does not use; "
+                             "pass cache=False, or method='auto' / 'reverse'")
         super().__init__(model, loss_fn, data, params, reduction=reduction,
                          allow_random=allow_random, chunk_size=chunk_size)
-        self.method = "forward" if method == "auto" else method
-        self._fallback_ok = method == "auto"
-        self.fallback_reason: Optional[str] = None
-        self.cache = self.objective.data.in_memory if cache == "auto" else bool(cache)
-        self._kept = {}  # batch index -> reverse-mode state (kept graph), when cache
-        self._checked = False  # kept graph cross-checked against forward mode once
+        if cache == "auto":
+            cache = self.objective.data.in_memory and method != "forward"
+        self._requested = (method, bool(cache))
+        self._choose_engine()
+
+    @property
+    def method(self) -> str:
+        return "forward" if self.engine == "forward" else "reverse"
+
+    def _fresh_state(self) -> None:
+        self._kept = {}  # batch index -> reverse-mode state (kept graph)
 
     def _output_op(self, batch, out: torch.Tensor) -> Optional[OutputOp]:  # pragma: no cover
         raise NotImplementedError
 
+    def _engines(self) -> List[Engine]:
+        method, cache = self._requested
+        forward = Engine("forward", self._forward_run, trial=self._forward_trial,
+                         why="J V by forward mode (jvp), Jᵀ by reverse mode, per batch")
+        check = self._verify_reverse
+        if cache:
+            kept = Engine("kept-graph", lambda V: self._reverse_run(V, keep=True), trial=check,
+                          why="data in memory: graphs kept, one double-vjp and one vjp per product",
+                          keeps_graph=True, timed_batching=True)
+            return [kept, forward] if method == "auto" else [kept]
+        reverse = Engine("reverse", lambda V: self._reverse_run(V, keep=False), trial=check,
+                         why="J V by double backward (double-vjp), per batch")
+        if method == "auto":
+            return [forward, reverse]
+        chosen = forward if method == "forward" else reverse
+        chosen.why = f"method={method!r} requested"
+        if method == "forward":
+            chosen.trial = None  # the only candidate: its AD gap surfaces at the first product
+        return [chosen]
+
+    def _bytes_per_column(self) -> Optional[float]:
+        obj = self.objective
+        batches = [obj.data.first()] if not self.cache else list(obj.data)
+
+        def build():
+            for b in batches:
+                theta, named = obj.leaf()
+                with torch.enable_grad():
+                    _, out = obj.batch_loss(named, b)
+                    if out.requires_grad:
+                        u = torch.zeros_like(out, requires_grad=True)
+                        torch.autograd.grad(out, theta, u, create_graph=True)
+        return float(graph_bytes(build))
+
+    # -- forward mode ---------------------------------------------------------------------
     def _batch_forward(self, batch, V):
         obj = self.objective
 
@@ -188,12 +240,22 @@ class JacobianSandwich(CurvatureOperator):
         def jv(v):
             return jvp(lambda th: obj.forward(obj.params_dict(th), batch.inputs), (obj.theta0,), (v,))[1]
 
-        JV = vmap(jv, in_dims=1)(V)
-        JtW = vmap(lambda w: vjp_fn(w)[0])(M(JV))
+        if V.shape[1] == 1:
+            JtW = vjp_fn(M(jv(V[:, 0])[None])[0])[0][None]
+        else:
+            JtW = vmap(lambda w: vjp_fn(w)[0])(M(vmap(jv, in_dims=1)(V)))
         return JtW.T.detach(), count
 
-    def _reverse_state(self, batch):
-        """One forward pass with ``g = Jᵀu`` kept differentiable in ``u`` (cached when ``cache``)."""
+    def _forward_run(self, V):
+        return self.objective.sum_over_batches(lambda b: self._batch_forward(b, V))
+
+    def _forward_trial(self) -> None:
+        v = torch.ones(self.shape[0], 1, dtype=self.dtype, device=self.device)
+        self._batch_forward(self.objective.data.first(), v)
+
+    # -- reverse mode -------------------------------------------------------------------------
+    def _reverse_state(self, batch, keep: bool):
+        """One forward pass with ``g = Jᵀu`` kept differentiable in ``u`` (kept when ``keep``)."""
         if batch.index in self._kept:
             return self._kept[batch.index]
         obj = self.objective
@@ -207,12 +269,12 @@ class JacobianSandwich(CurvatureOperator):
                 u = torch.zeros_like(out, requires_grad=True)
                 g, = torch.autograd.grad(out, theta, u, create_graph=True)
         state = (theta, out, u, g, M, count)
-        if self.cache:
+        if keep:
             self._kept[batch.index] = state
         return state
 
-    def _batch_reverse(self, batch, V):
-        theta, out, u, g, M, count = self._reverse_state(batch)
+    def _batch_reverse(self, batch, V, keep: bool):
+        theta, out, u, g, M, count = self._reverse_state(batch, keep)
         if g is None:
             return torch.zeros_like(V), count
         with torch.enable_grad():
@@ -221,51 +283,33 @@ class JacobianSandwich(CurvatureOperator):
             JtW = _batched_grad(out, theta, M(JV.detach()), theta)
         return JtW.T.detach(), count
 
-    def _matvec(self, v):
-        if self.cache:  # one column: a backward through the kept graph is the cheapest product
-            try:
-                out = self.objective.sum_over_batches(lambda b: self._batch_reverse(b, v[:, None]))[:, 0]
-                return out if self._checked or self.method == "reverse" else self._cross_check(v, out)
-            except (RuntimeError, NotImplementedError) as exc:  # an op without a double backward
-                if self.method == "reverse" or _not_an_ad_gap(exc):
-                    raise
-                self._note_fallback(exc)
-                self.cache, self._kept = False, {}
-        return self._matmat(v[:, None])[:, 0]
+    def _reverse_run(self, V, keep: bool):
+        return self.objective.sum_over_batches(lambda b: self._batch_reverse(b, V, keep))
 
-    def _cross_check(self, v, out):
-        """Once: the double-vjp ``J v`` against forward mode.
+    def _verify_reverse(self) -> None:
+        """Cross-check the double-vjp ``J v`` on the first batch (see ``_crosscheck``)."""
+        obj = self.objective
+        batch = obj.data.first()
 
-        An op whose backward is ``@once_differentiable`` (custom extensions) cuts the graph
-        of ``Jᵀu`` without an error, so double backward silently drops its contribution.
-        """
-        self._checked = True
-        try:
-            ref = self.objective.sum_over_batches(lambda b: self._batch_forward(b, v[:, None]))[:, 0]
-        except (RuntimeError, NotImplementedError) as exc:
-            if _not_an_ad_gap(exc):
-                raise
-            return out  # no forward mode to compare with
-        tol = 1e3 * torch.finfo(self.dtype).eps * float(ref.norm())
-        if float((out - ref).norm()) > tol:
-            self.fallback_reason = ("double backward disagrees with forward mode (an op whose backward "
-                                    "is @once_differentiable?): products use forward mode")
-            self.cache, self._kept = False, {}
-        return ref
+        def f(theta):
+            return obj.forward(obj.params_dict(theta), batch.inputs)
 
-    def _note_fallback(self, exc):
-        self.fallback_reason = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+        def reverse_jv(v):
+            theta, named = obj.leaf()
+            with torch.enable_grad():
+                out = obj.forward(named, batch.inputs)
+                if not out.requires_grad:
+                    return torch.zeros_like(out)
+                u = torch.zeros_like(out, requires_grad=True)
+                g, = torch.autograd.grad(out, theta, u, create_graph=True)
+                if not g.requires_grad:
+                    return torch.zeros_like(out)
+                return torch.autograd.grad(g, u, v)[0]
 
-    def _matmat(self, V):
-        if self.method == "forward":
-            try:
-                return self.objective.sum_over_batches(lambda b: self._batch_forward(b, V))
-            except (RuntimeError, NotImplementedError) as exc:
-                if not self._fallback_ok or _not_an_ad_gap(exc):
-                    raise
-                self._note_fallback(exc)
-                self.method = "reverse"
-        return self.objective.sum_over_batches(lambda b: self._batch_reverse(b, V))
+        def forward_jv(v):
+            return jvp(f, (obj.theta0,), (v,))[1]
+
+        verify_jv(reverse_jv, f, obj.theta0, forward_jv)
 
 
 class GGNOperator(JacobianSandwich):
@@ -282,14 +326,17 @@ class GGNOperator(JacobianSandwich):
         loss_hessian: ``"auto"`` uses closed forms for ``CrossEntropyLoss`` (class-index
             targets), ``MSELoss`` and ``BCEWithLogitsLoss`` without weights, and double
             backward on the outputs for any other loss; ``"autograd"`` always the latter.
-        method: ``"auto"`` (forward mode for J v, falling back to reverse mode where an op
-            lacks a forward-mode rule), ``"forward"`` or ``"reverse"``: the engine of
-            ``op @ V`` for blocks of columns. ``"reverse"`` gets ``J v`` by double backward,
-            which an op with an ``@once_differentiable`` backward silently cuts; ``"auto"``
-            cross-checks the kept graph against forward mode once and drops it if they differ.
+        method: ``"auto"`` (kept graph with the data in memory, else forward mode for J v,
+            falling back to reverse mode where an op lacks a forward-mode rule), ``"forward"``
+            or ``"reverse"``. Reverse mode gets ``J v`` by double backward, which an op with an
+            ``@once_differentiable`` backward silently cuts: before it is used, one ``J v`` is
+            cross-checked against forward mode, or against central differences of the outputs
+            where forward mode is missing; a reverse route that disagrees is dropped (``"auto"``)
+            or refused with ``InputError``.
         cache: keep each batch's forward graph, output-space matrix and ``Jᵀu`` graph
-            across products (``"auto"``: when the data is in memory). Single vectors then
-            cost one double-vjp and one vjp through the kept graph; reverse mode uses it too.
+            across products (``"auto"``: when the data is in memory and the method is not
+            ``"forward"``). A product then costs one double-vjp and one vjp through the kept
+            graph. ``cache=True`` with ``method="forward"`` is refused (forward mode keeps no graph).
         reduction, allow_random, chunk_size: see ``CurvatureOperator``.
 
     >>> import torch
@@ -307,9 +354,12 @@ class GGNOperator(JacobianSandwich):
                  chunk_size: Optional[int] = None):
         if loss_hessian not in ("auto", "autograd"):
             raise InputError(f"unknown loss_hessian {loss_hessian!r}; valid: auto, autograd")
+        self.loss_hessian = loss_hessian
         super().__init__(model, loss_fn, data, params, method=method, cache=cache, reduction=reduction,
                          allow_random=allow_random, chunk_size=chunk_size)
-        self.loss_hessian = loss_hessian
+
+    def _matrix_options(self):
+        return {"loss_hessian": self.loss_hessian}
 
     def _output_op(self, batch, out):
         obj, t = self.objective, batch.targets

@@ -5,33 +5,28 @@ Two engines, chosen automatically:
 * **kept graph** (data in memory): the gradient g(θ) is computed once with
   ``create_graph=True`` and kept; each product is one backward pass through it,
   ``Hv = ∂(gᵀv)/∂θ`` — about 1.2–1.4 gradients, the cheapest HVP in PyTorch.
-  Many columns go through ``is_grads_batched`` (vmap over the backward) or a
-  loop, whichever measured faster on this model.
+  Many columns go through ``is_grads_batched`` (vmap over the backward), or a
+  loop where batching is not measurably faster on this model.
 * **streaming** (a DataLoader, or ``cache=False``): per batch, forward-over-
-  reverse ``jvp(grad(L_b))`` with ``torch.func`` (vmapped over columns), falling
-  back automatically to double backward for ops without a forward-mode rule.
+  reverse ``jvp(grad(L_b))`` with ``torch.func`` (vmapped over columns), or double
+  backward for models with an op that has no forward-mode rule (tried once, on the
+  first batch, at construction: ``op.engine`` and ``op.fallback_reason`` say which).
 """
 from __future__ import annotations
 
-import time
-from typing import Literal, Optional
+from typing import List, Literal, Optional
 
 import torch
 from torch.func import grad as func_grad, jvp, vmap
 
-from ..errors import InputError, NetHessianError
+from ..errors import InputError
 from ._base import CurvatureOperator
+from ._engine import Engine, graph_bytes
 
 __all__ = ["HessianOperator"]
 
 Method = Literal["auto", "forward-over-reverse", "double-backward"]
 _METHODS = ("auto", "forward-over-reverse", "double-backward")
-
-
-def _not_an_ad_gap(exc: BaseException) -> bool:
-    """Errors that a change of AD engine cannot cure: ours, and running out of memory."""
-    oom = getattr(torch, "OutOfMemoryError", ())
-    return isinstance(exc, NetHessianError) or (bool(oom) and isinstance(exc, oom))
 
 
 def _zeros_if_none(t, like):
@@ -47,8 +42,14 @@ class HessianOperator(CurvatureOperator):
             forward-over-reverse with fallback), ``"forward-over-reverse"``,
             or ``"double-backward"``.
         cache: keep the gradient graph across products (``"auto"``: when the
-            data is in memory). Costs the memory of one gradient graph.
+            data is in memory). Costs the memory of one gradient graph. The kept
+            graph is a double-backward engine: ``cache=True`` with
+            ``method="forward-over-reverse"`` is refused.
         reduction, allow_random, chunk_size: see ``CurvatureOperator``.
+
+    Attributes:
+        engine: ``"kept-graph"``, ``"forward-over-reverse"`` or ``"double-backward"``.
+        method: the AD method of the products (``"double-backward"`` for the kept graph).
 
     >>> import torch, nethessian as nh
     >>> X = torch.randn(20, 3, dtype=torch.float64); y = torch.randn(20, 1, dtype=torch.float64)
@@ -63,46 +64,83 @@ class HessianOperator(CurvatureOperator):
                  chunk_size: Optional[int] = None):
         if method not in _METHODS:
             raise InputError(f"unknown method {method!r}; valid: {', '.join(_METHODS)}")
+        if cache != "auto" and bool(cache) and method == "forward-over-reverse":
+            raise InputError("cache=True keeps a double-backward graph, which method='forward-over-reverse' "
+                             "does not use; pass cache=False, or method='auto' / 'double-backward'")
         super().__init__(model, loss_fn, data, params, reduction=reduction,
                          allow_random=allow_random, chunk_size=chunk_size)
         if cache == "auto":
             cache = self.objective.data.in_memory and method != "forward-over-reverse"
-        self.cache = bool(cache)
-        if self.cache:
-            self.method = "double-backward"
-        else:
-            self.method = "forward-over-reverse" if method == "auto" else method
-        self._fallback_ok = method == "auto"
-        self.fallback_reason: Optional[str] = None
+        self._requested = (method, bool(cache))
+        self._choose_engine()
+
+    @property
+    def method(self) -> str:
+        return "double-backward" if self.engine == "kept-graph" else self.engine
+
+    def _fresh_state(self) -> None:
         self._graph = None
-        self._batched: Optional[bool] = None  # kept graph: vmap'd backward faster than a loop?
+
+    def _engines(self) -> List[Engine]:
+        method, cache = self._requested
+        if cache:
+            return [Engine("kept-graph", self._kept_run, why="data in memory: the gradient graph is kept, "
+                           "one backward per product", keeps_graph=True, timed_batching=True)]
+        streaming = {
+            "forward-over-reverse": Engine("forward-over-reverse", lambda V: self._streaming(V, True),
+                                           trial=lambda: self._trial(True),
+                                           why="streaming: jvp(grad) per batch"),
+            "double-backward": Engine("double-backward", lambda V: self._streaming(V, False),
+                                      why="streaming: double backward per batch"),
+        }
+        if method == "auto":
+            return [streaming["forward-over-reverse"], streaming["double-backward"]]
+        chosen = streaming[method]
+        chosen.why, chosen.trial = f"method={method!r} requested", None  # its AD gap surfaces at use
+        return [chosen]
+
+    def _bytes_per_column(self) -> Optional[float]:
+        if self.cache:
+            return self._kept()[3]
+        obj = self.objective
+        batch = obj.data.first()
+
+        def build():
+            theta, named = obj.leaf()
+            with torch.enable_grad():
+                loss, _ = obj.batch_loss(named, batch)
+                torch.autograd.grad(loss, theta, create_graph=True, allow_unused=True)
+        return float(graph_bytes(build))
 
     # -- kept graph ---------------------------------------------------------------------
     def _kept(self):
         if self._graph is None:
             obj = self.objective
-            theta, named = obj.leaf()
+            built = {}
 
-            def fn(b):
-                loss, out = obj.batch_loss(named, b)
-                return loss, obj.count(out, b.targets)
+            def build():
+                theta, named = obj.leaf()
 
-            with torch.enable_grad():
-                J, n = obj.local_sum(fn)
-                g, = torch.autograd.grad(J, theta, create_graph=True, allow_unused=True)
-            self._graph = (theta, g, n)
+                def fn(b):
+                    loss, out = obj.batch_loss(named, b)
+                    return loss, obj.count(out, b.targets)
+
+                with torch.enable_grad():
+                    J, n = obj.local_sum(fn)
+                    g, = torch.autograd.grad(J, theta, create_graph=True, allow_unused=True)
+                built["graph"] = (theta, g, n)
+
+            nbytes = graph_bytes(build)
+            self._graph = (*built["graph"], float(nbytes))
         return self._graph
 
-    def _kept_product(self, V: torch.Tensor, batched: bool) -> torch.Tensor:
-        theta, g, n = self._kept()
+    def _kept_run(self, V: torch.Tensor) -> torch.Tensor:
+        theta, g, n, _ = self._kept()
         if g is None or not g.requires_grad:  # J is at most linear in θ: H = 0
             return self.objective.finish(torch.zeros_like(V), n)
-        if V.ndim == 1 or not batched:
-            cols = V[:, None] if V.ndim == 1 else V
-            out = torch.stack([_zeros_if_none(torch.autograd.grad(g, theta, c, retain_graph=True,
-                                                                  allow_unused=True)[0], theta)
-                               for c in cols.T], dim=1)
-            out = out[:, 0] if V.ndim == 1 else out
+        if V.shape[1] == 1:
+            hv, = torch.autograd.grad(g, theta, V[:, 0], retain_graph=True, allow_unused=True)
+            out = _zeros_if_none(hv, theta)[:, None]
         else:
             hv, = torch.autograd.grad(g, theta, V.T.contiguous(), retain_graph=True, is_grads_batched=True,
                                       allow_unused=True)
@@ -123,8 +161,9 @@ class HessianOperator(CurvatureOperator):
             _, hv, out = jvp(gfn, (obj.theta0,), (v,), has_aux=True)
             return hv, out
 
-        if V.ndim == 1:
-            hv, out = one(V)
+        if V.shape[1] == 1:
+            hv, out = one(V[:, 0])
+            hv = hv[:, None]
         else:
             hv, out = vmap(one, in_dims=1, out_dims=(1, None))(V)
         return hv, obj.count(out, batch.targets)
@@ -137,59 +176,19 @@ class HessianOperator(CurvatureOperator):
             g, = torch.autograd.grad(loss, theta, create_graph=True, allow_unused=True)
             if g is None or not g.requires_grad:
                 hv = torch.zeros_like(V)
-            elif V.ndim == 1:
-                hv = _zeros_if_none(torch.autograd.grad(g, theta, V, allow_unused=True)[0], V)
+            elif V.shape[1] == 1:
+                hv = _zeros_if_none(torch.autograd.grad(g, theta, V[:, 0], allow_unused=True)[0], theta)[:, None]
             else:
                 hv, = torch.autograd.grad(g, theta, V.T.contiguous(), is_grads_batched=True, allow_unused=True)
                 hv = _zeros_if_none(hv, V.T).T
         return hv.detach(), obj.count(out, batch.targets)
 
-    def _streaming_product(self, V):
-        if self.method == "forward-over-reverse":
-            try:
-                return self.objective.sum_over_batches(lambda b: self._batch_forward_over_reverse(b, V))
-            except (RuntimeError, NotImplementedError) as exc:
-                if not self._fallback_ok or _not_an_ad_gap(exc):
-                    raise
-                self.fallback_reason = f"{type(exc).__name__}: {str(exc).splitlines()[0]}"
-                self.method = "double-backward"
-        return self.objective.sum_over_batches(lambda b: self._batch_double_backward(b, V))
+    def _streaming(self, V, forward: bool):
+        per_batch = self._batch_forward_over_reverse if forward else self._batch_double_backward
+        return self.objective.sum_over_batches(lambda b: per_batch(b, V))
 
-    # -- the product --------------------------------------------------------------------
-    def _matvec(self, v):
-        if not self.cache:
-            return self._streaming_product(v)
-        return self._kept_product(v, batched=False)
-
-    def _matmat(self, V):
-        if not self.cache:
-            return self._streaming_product(V)
-        if V.shape[1] == 1:
-            return self._kept_product(V, batched=False)
-        if self._batched is None:
-            try:
-                out = self._kept_product(V, batched=True)  # also the warm-up of the timing below
-            except RuntimeError:  # an op without a batching rule for its double backward
-                self._batched = False
-                return self._kept_product(V, batched=False)
-            self._batched = self._batched_is_faster(V[:, :16])
-            return out
-        return self._kept_product(V, batched=self._batched)
-
-    def _batched_is_faster(self, W: torch.Tensor) -> bool:
-        """Batched (vmap'd) backward unless clearly slower per column than a loop (best of 2 each).
-
-        Measured once per operator: vmap over the backward wins on MLPs and loses by
-        2x on convolutions (FACTS.md), so neither can be the fixed choice.
-        """
-        def best(f):
-            times = []
-            for _ in range(2):
-                t0 = time.perf_counter()
-                f()
-                times.append(time.perf_counter() - t0)
-            return min(times)
-
-        per_col = best(lambda: self._kept_product(W, batched=True)) / W.shape[1]
-        single = best(lambda: self._kept_product(W[:, 0], batched=False))
-        return per_col <= 1.2 * single
+    def _trial(self, forward: bool) -> None:
+        """One column on the first batch: raises where the engine has an AD gap on this model."""
+        v = torch.ones(self.shape[0], 1, dtype=self.dtype, device=self.device)
+        batch = self.objective.data.first()
+        (self._batch_forward_over_reverse if forward else self._batch_double_backward)(batch, v)
