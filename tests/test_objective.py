@@ -7,6 +7,7 @@ import pytest
 import torch
 from torch import nn
 
+import nethessian._objective
 from nethessian._objective import Objective
 from nethessian.errors import InputError
 
@@ -49,7 +50,8 @@ def test_at_evaluates_at_theta_and_shares_everything_else():
 def test_at_does_not_revalidate(monkeypatch):
     obj = _objective()
     calls = []
-    monkeypatch.setattr(Objective, "_validate", lambda self, *a, **k: calls.append(1))
+    monkeypatch.setattr(nethessian._objective, "validate", lambda *a, **k: calls.append(1))
+    monkeypatch.setattr(Objective, "_build", lambda self, *a, **k: calls.append(3))
     monkeypatch.setattr(Objective, "__init__", lambda self, *a, **k: calls.append(2))
     obj.at(obj.theta0 * 2)
     assert calls == []

@@ -87,6 +87,11 @@ class Batches:
             raise InputError(
                 "data is a single tensor; pass an (inputs, targets) pair, e.g. data=(X, y)"
             )
+        elif isinstance(data, (str, bytes, dict)) or not hasattr(data, "__iter__"):
+            raise InputError(
+                f"data of type {type(data).__name__} is neither an (inputs, targets) pair nor an "
+                "iterable of such batches; pass data=(X, y), a list of (X, y) batches or a DataLoader"
+            )
         else:
             try:
                 it = iter(data)
@@ -103,6 +108,7 @@ class Batches:
             self.in_memory = False
             self._cached = None
             self._source = data
+            self._first_count: Optional[int] = None  # batches in the first complete pass
         if self._cached is not None:
             self.num_batches = len(self._cached)
         else:
@@ -120,6 +126,9 @@ class Batches:
         inputs, targets = raw
         if not isinstance(targets, torch.Tensor):
             raise InputError(f"batch {index}: targets must be a tensor, got {type(targets).__name__}")
+        if targets.numel() == 0:
+            raise InputError(f"batch {index} has no targets (shape {tuple(targets.shape)}): every batch "
+                             "needs at least one sample; drop empty batches")
         for role, obj in (("inputs", inputs), ("targets", targets)):
             for t in _tensors(obj):
                 if t.is_floating_point() or t.is_complex():
@@ -148,8 +157,28 @@ class Batches:
             if hasher is not None:
                 hasher.value(list(raw) if isinstance(raw, (tuple, list)) else raw)
             yield self._make(i, raw)
-        if n == 0:
-            raise InputError("data is empty: the iterable yielded no batch")
+        self._check_count(n)
+
+    def _check_count(self, n: int) -> None:
+        """Refuse an empty pass, and a pass with another number of batches than the first one.
+
+        A one-shot iterable (``__iter__`` returning a stored iterator, a ``DataLoader``
+        over a one-shot ``IterableDataset``) yields its batches once: the next pass is
+        empty or short, and a result computed from it would miss batches.
+        """
+        first = self._first_count
+        if first is None:
+            if n == 0:
+                raise InputError("data is empty: the iterable yielded no batch")
+            self._first_count = n
+        elif n != first:
+            raise InputError(
+                f"the data yielded {first} batches on its first pass and {n} on a later one: it can be "
+                f"iterated only once ({type(self._source).__name__}.__iter__ returns the same, used-up "
+                "iterator, or a DataLoader wraps a one-shot IterableDataset). nethessian passes over the "
+                "data many times: pass a list of batches, or a DataLoader over a map-style Dataset (or an "
+                "IterableDataset whose __iter__ starts a fresh pass each time)"
+            )
 
     def first(self) -> Batch:
         for b in self:
@@ -170,8 +199,10 @@ def resolve_reduction(loss_fn, reduction: Reduction, multi_batch: bool) -> Reduc
             raise InputError(
                 "the loss function's reduction cannot be known (it has no .reduction attribute) and "
                 "the data has several batches, so they cannot be weighted correctly. Pass "
-                "reduction='mean' (each batch weighted by its number of samples) or reduction='sum', "
-                "or a callable (outputs, targets) -> number of loss terms"
+                "reduction='sum'; reduction='mean', which weighs each batch by its number of samples "
+                "(outputs.shape[0]: for padded sequences that is the number of sequences, not of "
+                "tokens); or a callable (outputs, targets) -> number of loss terms the loss averages "
+                "over, e.g. lambda out, t: (t != -100).sum() to count the predicted tokens"
             )
         return None
     if callable(reduction):
@@ -189,11 +220,16 @@ def resolve_reduction(loss_fn, reduction: Reduction, multi_batch: bool) -> Reduc
 
 
 def term_count(loss_fn, reduction: Reduction, outputs: torch.Tensor, targets: torch.Tensor) -> float:
-    """The number of loss terms a mean-reduced loss divides by for this batch."""
+    """The number of loss terms a mean-reduced loss divides by for this batch.
+
+    A callable ``reduction(outputs, targets)`` gives it directly; ``"mean"`` with a loss
+    torch does not know is ``outputs.shape[0]`` (samples — for padded sequences the
+    number of sequences, not of tokens: pass a callable that counts the tokens).
+    """
     if reduction is None or reduction == "sum":
         return 1.0
     if callable(reduction):
-        return float(reduction(outputs, targets))
+        return _count(reduction(outputs, targets))
     if reduction == "batchmean":
         return float(outputs.shape[0])
     if isinstance(loss_fn, (nn.CrossEntropyLoss, nn.NLLLoss)) and not targets.is_floating_point():
@@ -210,3 +246,15 @@ def term_count(loss_fn, reduction: Reduction, outputs: torch.Tensor, targets: to
         with torch.no_grad():
             return float(unreduced(outputs.detach(), targets).numel())
     return float(outputs.shape[0])  # a callable told to be "mean": weight by samples
+
+
+def _count(value) -> float:
+    """A count returned by a ``reduction`` callable: a finite number ≥ 0."""
+    if isinstance(value, torch.Tensor) and value.numel() == 1:
+        value = value.item()
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
+        raise InputError(
+            f"the reduction callable returned {value!r}; it must return the batch's number of loss "
+            "terms (a finite number >= 0), e.g. lambda out, t: (t != -100).sum()"
+        )
+    return float(value)

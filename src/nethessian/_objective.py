@@ -20,9 +20,10 @@ from torch import nn
 from torch.func import functional_call
 
 from . import distributed as dist
-from ._checks import check_vector
+from ._checks import all_finite, check_vector
 from ._data import Batch, Batches, resolve_reduction, term_count
 from ._fingerprint import Hasher, _name, loss_description
+from ._validate import check_model_state, validate
 from .errors import InputError, NonFiniteError, RandomModelError
 from ._params import ParamLayout, select_parameters
 
@@ -37,6 +38,12 @@ def math_attention():
     except ImportError:  # torch < 2.3
         return torch.backends.cuda.sdp_kernel(enable_flash=False, enable_mem_efficient=False,
                                               enable_math=True)
+
+_INFERENCE_MODE = ("nethessian cannot differentiate inside torch.inference_mode(); call it outside "
+                   "that context (torch.no_grad() is fine)")
+
+_ALL_IGNORED = ("every target is ignored (zero loss terms): the mean cost is undefined; check "
+                "ignore_index and the targets (or use reduction='sum')")
 
 _ELEMENTWISE = (nn.MSELoss, nn.L1Loss, nn.SmoothL1Loss, nn.HuberLoss, nn.BCELoss,
                 nn.BCEWithLogitsLoss, nn.SoftMarginLoss, nn.KLDivLoss, nn.PoissonNLLLoss)
@@ -62,48 +69,39 @@ class Objective:
         if not callable(loss_fn):
             raise InputError("loss_fn must be callable as loss_fn(outputs, targets) -> scalar")
         self.model, self.loss_fn = model, loss_fn
+        with dist.agreeing():  # a local failure on one rank stops every rank, with its message
+            self._build(model, params, data, reduction, allow_random)
+        dist.check_state(self)
+
+    def _build(self, model: nn.Module, params, data, reduction, allow_random: bool) -> None:
+        """Local set-up and validation (everything but the comparison across ranks)."""
+        if torch.is_inference_mode_enabled():
+            raise InputError(_INFERENCE_MODE)
         chosen = select_parameters(model, params)
-        for name, p in chosen.items():
-            if not p.is_floating_point():
-                raise InputError(f"parameter {name!r} has dtype {p.dtype}; only floating point is supported")
-            if not torch.isfinite(p).all():
-                raise NonFiniteError(
-                    f"parameter {name!r} contains NaN or Inf; re-initialise or load finite weights"
-                )
-        dtypes = {p.dtype for p in chosen.values()}
+        check_model_state(model, chosen)
         devices = {p.device for p in chosen.values()}
-        if len(dtypes) > 1 or len(devices) > 1:
-            raise InputError(
-                f"parameters mix dtypes {sorted(map(str, dtypes))} / devices {sorted(map(str, devices))}; "
-                "convert the model with model.to(device, dtype) first"
-            )
-        self.dtype, self.device = dtypes.pop(), devices.pop()
+        if len(devices) > 1:
+            raise InputError(f"parameters are on several devices {sorted(map(str, devices))}; "
+                             "move the model to one device with model.to(device) first")
+        self.dtype, self.device = next(iter(chosen.values())).dtype, devices.pop()
         if self.dtype in (torch.float16, torch.bfloat16):
             raise InputError(
                 f"parameters are {str(self.dtype).replace('torch.', '')}: second derivatives need more "
                 "precision than half floats carry (rounding swamps them). Use model.float() or "
                 "model.double(); mixed-precision training can still use the float32 Hessian"
             )
-        if torch.is_inference_mode_enabled():
-            raise InputError(
-                "nethessian cannot differentiate inside torch.inference_mode(); call it outside "
-                "that context (torch.no_grad() is fine)"
-            )
         self.layout = ParamLayout.from_tensors(chosen)
         self.theta0 = torch.cat([p.detach().reshape(-1) for p in chosen.values()]).clone()
-        all_named = dict(model.named_parameters())
         # snapshots: later in-place changes to the user's model don't reach this objective
-        self._fixed = {n: p.detach().clone() for n, p in all_named.items() if n not in chosen}
+        self._fixed = {n: p.detach().clone() for n, p in model.named_parameters() if n not in chosen}
         self._buffers = {n: b.detach().clone() for n, b in model.named_buffers()}
         self._modes = tuple((n, m.training) for n, m in model.named_modules())
         self._fingerprint: Optional[str] = None
         self._shared: Dict[str, Any] = {"data_hash": None}  # shared with every .at(θ) copy
-        dist.check_consistent(self.layout.names, self.layout.shapes, self.dtype, self.device)
-        dist.check_theta(self.theta0)
         self.data = Batches(data, self.device, self.dtype)
         multi = self.data.num_batches != 1 or dist.world_size() > 1
-        self.reduction = resolve_reduction(loss_fn, reduction, multi)
-        self._validate(allow_random)
+        self.reduction = resolve_reduction(loss_fn=self.loss_fn, reduction=reduction, multi_batch=multi)
+        validate(self, allow_random)
 
     # -- the same objective at other parameters; its identity ------------------------------
     def at(self, theta: torch.Tensor) -> "Objective":
@@ -161,6 +159,8 @@ class Objective:
         The views are made with grad mode on, so derivatives flow to the leaf even when
         the caller runs under ``torch.no_grad()``.
         """
+        if torch.is_inference_mode_enabled():
+            raise InputError(_INFERENCE_MODE)
         with torch.enable_grad():
             leaf = (self.theta0 if theta is None else theta).detach().clone().requires_grad_(True)
             return leaf, self.params_dict(leaf)
@@ -171,8 +171,9 @@ class Objective:
         Attention runs on the "math" kernel: the fused flash / memory-efficient
         kernels have no second derivative (nor forward-mode rule) in PyTorch.
         """
-        buffers = ({k: b.clone() for k, b in self._buffers.items()} if self.model.training
-                   else self._buffers)  # train-mode batch norm writes running stats: into copies
+        # every forward gets its own buffers: a forward that writes them (train-mode batch norm's
+        # running statistics, a counter updated in eval mode) must not change the next one
+        buffers = {k: b.clone() for k, b in self._buffers.items()}
         state = {**self._fixed, **buffers, **named}
         if isinstance(inputs, dict):
             args, kwargs = (), inputs
@@ -223,26 +224,55 @@ class Objective:
         """
         return self.finish(*self.local_sum(fn))
 
-    def local_sum(self, fn: Callable[[Batch], Tuple[Any, float]]) -> Tuple[Any, float]:
-        """This process's weighted sum ``Σ_b w_b value_b`` and term count ``Σ_b c_b``."""
+    def local_sum(self, fn: Callable[[Batch], Tuple[Any, float]], *, what: Optional[str] = None,
+                  hash_data: bool = False) -> Tuple[Any, float]:
+        """This process's weighted sum ``Σ_b w_b value_b`` and term count ``Σ_b c_b``.
+
+        With ``what`` ("loss", "loss or gradient"), or when the value is a scalar (a batch's
+        loss), every batch's value is checked: a NaN or Inf raises ``NonFiniteError``
+        naming the batch (products are checked by the operator, which then looks for
+        the culprit batch). With
+        ``hash_data`` the pass also takes the data's fingerprint (streaming data).
+        """
         total, n = None, 0.0
         mean = self.reduction not in (None, "sum")
-        for batch in self.data:
+        hasher = Hasher() if hash_data else None
+        for batch in self.data.iterate(hasher):
             value, c = fn(batch)
             if mean and c == 0:  # every target ignored: no terms (and its mean loss is 0/0)
                 term = torch.zeros_like(value)
             else:
+                if what is not None or getattr(value, "ndim", None) == 0:  # a scalar is a batch's loss
+                    self.check_finite(value, batch.index, what or "loss")
                 term = value * (c if mean else 1.0)
             total = term if total is None else total + term
             n += c
+        if hasher is not None:
+            self._shared["data_hash"] = hasher.hexdigest()
+        if mean and n <= 0 and dist.world_size() == 1:
+            raise InputError(_ALL_IGNORED)
         return total, n
+
+    @staticmethod
+    def check_finite(value: torch.Tensor, index: int, what: str = "loss") -> None:
+        """Refuse a batch's loss (or other value) that holds NaN or Inf, naming the batch.
+
+        Skipped inside torch.func transforms (no data-dependent checks there).
+        """
+        if not isinstance(value, torch.Tensor) or torch._C._functorch.is_functorch_wrapped_tensor(value):
+            return
+        if not all_finite(value.detach()):
+            raise NonFiniteError(
+                f"batch {index}: the {what} is NaN or Inf at the current parameters; check that batch's "
+                "data and the loss (log of 0, overflow), and the parameters' scale"
+            )
 
     def finish(self, total: torch.Tensor, n: float) -> torch.Tensor:
         """All-reduce a local weighted sum and divide by the global term count for a mean."""
         total, n = dist.reduce_sum(total, n)
         if self.reduction not in (None, "sum"):
             if n <= 0:
-                raise InputError("every target is ignored (zero loss terms): the mean cost is undefined")
+                raise InputError(_ALL_IGNORED)
             total = total / n
         return total
 
@@ -253,7 +283,7 @@ class Objective:
             def fn(b):
                 loss, out = self.batch_loss(named, b)
                 return loss.double(), self.count(out, b.targets)
-            return float(self.sum_over_batches(fn))
+            return float(self.finish(*self.local_sum(fn, what="loss")))
 
     def value_and_grad(self, theta: Optional[torch.Tensor] = None) -> Tuple[float, torch.Tensor]:
         theta, named = self.leaf(theta)
@@ -265,40 +295,9 @@ class Objective:
             g = torch.zeros_like(theta) if g is None else g
             return torch.cat([loss.detach().double().reshape(1), g.double()]), self.count(out, b.targets)
 
-        vg = self.sum_over_batches(fn)
+        vg = self.finish(*self.local_sum(fn, what="loss or gradient"))
         return float(vg[0]), vg[1:].to(self.dtype)
 
     def gradient(self, theta: Optional[torch.Tensor] = None) -> torch.Tensor:
         return self.value_and_grad(theta)[1]
 
-    # -- validation ---------------------------------------------------------------------
-    def _validate(self, allow_random: bool) -> None:
-        batch = self.data.first()
-        cpu_state = torch.random.get_rng_state()
-        cuda_states = torch.cuda.get_rng_state_all() if torch.cuda.is_available() and torch.cuda.is_initialized() else None
-        with torch.no_grad(), warnings.catch_warnings():
-            # torch warns, then broadcasts, when a loss's input and target sizes differ
-            warnings.filterwarnings("error", message=".*target size.*", category=UserWarning)
-            try:
-                loss, out = self.batch_loss(self.params_dict(self.theta0), batch)
-            except UserWarning as w:
-                raise InputError(f"batch {batch.index}: {w} — the loss would broadcast them into a wrong "
-                                 "cost; reshape the targets to the outputs' shape") from None
-        random = not torch.equal(cpu_state, torch.random.get_rng_state())
-        if cuda_states is not None:
-            random |= any(not torch.equal(a, b) for a, b in zip(cuda_states, torch.cuda.get_rng_state_all()))
-        if random and not allow_random:
-            culprits = [f"{n or type(m).__name__} ({type(m).__name__}, p={m.p})"
-                        for n, m in self.model.named_modules()
-                        if isinstance(m, nn.modules.dropout._DropoutNd) and m.p > 0 and m.training]
-            where = f" — {', '.join(culprits)}" if culprits else ""
-            raise RandomModelError(
-                "the model's forward pass draws random numbers" + where + ", so the cost and its "
-                "Hessian would be random. Call model.eval() to switch dropout off, or pass "
-                "allow_random=True to accept a random cost"
-            )
-        if not torch.isfinite(loss) and self.count(out, batch.targets) != 0:
-            raise NonFiniteError(
-                f"the loss of batch {batch.index} is {float(loss)} at the current parameters; "
-                "check the data scale and the initialisation"
-            )

@@ -140,6 +140,11 @@ def select_parameters(
         return chosen
     if isinstance(params, str):
         params = [params]
+    if not isinstance(params, (list, tuple, set, frozenset)) or not all(isinstance(p, str) for p in params):
+        raise InputError(
+            f"params must be None or a list of parameter names / glob patterns (strings), got {params!r}; "
+            f"e.g. params=['{next(iter(named), '0.weight')}'] or params=['*.weight']"
+        )
     if len(params) == 0:
         raise InputError("params=[] selects no parameter; pass None for all of them, or names/globs")
     chosen_names = set()

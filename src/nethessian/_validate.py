@@ -1,0 +1,179 @@
+"""Construction-time checks of an ``Objective``: the model's state, the first batch, the data passes.
+
+Everything here runs once, when an ``Objective`` is built (``Objective.at`` reuses
+the results). Each check turns a silent wrong number into an error that says what
+is wrong and how to fix it:
+
+* the model: one floating dtype throughout, finite fixed parameters, no NaN in a buffer;
+* the first batch: a forward that draws no random numbers, a floating loss that
+  depends on the parameters, outputs and targets that don't broadcast into a
+  larger array;
+* streaming data (a ``DataLoader`` or other iterable): two passes computing
+  J(θ₀). Different batch counts mean the data is single-pass; different values
+  of J mean the data pipeline is random (shuffled batches with train-mode batch
+  norm, random augmentation). Every batch's loss is checked for finiteness on
+  the way (``Objective.local_sum``).
+"""
+from __future__ import annotations
+
+import warnings
+from typing import Dict, Tuple
+
+import torch
+from torch import nn
+
+from ._checks import all_finite
+from .errors import InputError, NonFiniteError, RandomModelError
+
+__all__ = ["check_model_state", "validate"]
+
+_FIX_RANDOM = ("Call model.eval() to switch dropout off, or pass allow_random=True to accept a random cost")
+
+
+def check_model_state(model: nn.Module, chosen: Dict[str, torch.Tensor]) -> None:
+    """Refuse a model whose parameters mix dtypes, or with NaN/Inf in any parameter or NaN in a buffer."""
+    everything = dict(model.named_parameters())
+    for name, p in everything.items():
+        if not p.is_floating_point():
+            if name in chosen:
+                raise InputError(f"parameter {name!r} has dtype {p.dtype}; only floating point is supported")
+            continue
+        if not all_finite(p.detach()):
+            role = "parameter" if name in chosen else "fixed (unselected) parameter"
+            raise NonFiniteError(f"{role} {name!r} contains NaN or Inf; re-initialise or load finite weights")
+    kinds = {}
+    for name, p in everything.items():
+        if p.is_floating_point():
+            kinds.setdefault(str(p.dtype).replace("torch.", ""), name)
+    if len(kinds) > 1:
+        example = ", ".join(f"{k} (e.g. {n!r})" for k, n in sorted(kinds.items()))
+        raise InputError(f"the model mixes parameter dtypes: {example}; convert it to one with "
+                         "model.float() or model.double() (autocast / mixed precision is not supported)")
+    for name, b in model.named_buffers():
+        if b.is_floating_point() and bool(torch.isnan(b.detach()).any()):
+            raise NonFiniteError(f"buffer {name!r} contains NaN (e.g. corrupted batch-norm running "
+                                 "statistics); reset or reload the model's state")
+
+
+def validate(obj, allow_random: bool) -> None:
+    """All data-dependent checks; for streaming data also the single-pass and determinism checks."""
+    if obj.data.in_memory:
+        _first_batch(obj, obj.data.first(), allow_random)
+        return
+    first = _Pass(obj, allow_random)
+    J1 = first.run(hash_data=True)
+    J2 = _Pass(obj, allow_random=True).run()
+    scale = abs(J1) + abs(J2) + first.output_scale
+    tol = 100 * torch.finfo(obj.dtype).eps * scale
+    if abs(J1 - J2) > tol:
+        raise RandomModelError(
+            f"two passes over the data give different costs at the same parameters ({J1!r} and {J2!r}): "
+            "the data pipeline is random, so every product would be another matrix. Causes: a shuffling "
+            "DataLoader with a model in train mode (batch norm sees other batches: use shuffle=False or "
+            "model.eval()), or random augmentation in the Dataset (switch it off for the Hessian). "
+            "Shuffling alone is fine with model.eval()"
+        )
+
+
+class _Pass:
+    """One pass computing this process's J(θ₀) (no graph); batch 0 gets the first-batch checks."""
+
+    def __init__(self, obj, allow_random: bool):
+        self.obj, self.allow_random = obj, allow_random
+        self.output_scale = 0.0
+
+    def _fn(self, batch):
+        obj = self.obj
+        if batch.index == 0:
+            loss, out = _first_batch(obj, batch, self.allow_random)
+        else:
+            with torch.no_grad():
+                loss, out = obj.batch_loss(obj.params_dict(obj.theta0), batch)
+        self.output_scale = max(self.output_scale, float(out.detach().abs().max()) if out.numel() else 0.0)
+        return loss.detach().double(), obj.count(out, batch.targets)
+
+    def run(self, hash_data: bool = False) -> float:
+        total, n = self.obj.local_sum(self._fn, what="loss", hash_data=hash_data)
+        if self.obj.reduction in (None, "sum"):
+            return float(total)
+        return float(total) / n if n > 0 else 0.0
+
+
+def _first_batch(obj, batch, allow_random: bool) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Forward one batch with graph: refuse randomness, a detached or integer loss, broadcasting."""
+    leaf, named = obj.leaf()
+    cpu_state = torch.random.get_rng_state()
+    cuda = torch.cuda.is_available() and torch.cuda.is_initialized()
+    cuda_states = torch.cuda.get_rng_state_all() if cuda else None
+    with torch.enable_grad(), warnings.catch_warnings():
+        # torch warns, then broadcasts, when a loss's input and target sizes differ
+        warnings.filterwarnings("error", message=".*target size.*", category=UserWarning)
+        try:
+            loss, out = obj.batch_loss(named, batch)
+        except UserWarning as w:
+            raise InputError(f"batch {batch.index}: {w} — the loss would broadcast them into a wrong "
+                             "cost; reshape the targets to the outputs' shape") from None
+    random = not torch.equal(cpu_state, torch.random.get_rng_state())
+    if cuda_states is not None:
+        random |= any(not torch.equal(a, b) for a, b in zip(cuda_states, torch.cuda.get_rng_state_all()))
+    if random and not allow_random:
+        culprits = [f"{n or type(m).__name__} ({type(m).__name__}, p={m.p})"
+                    for n, m in obj.model.named_modules()
+                    if isinstance(m, nn.modules.dropout._DropoutNd) and m.p > 0 and m.training]
+        where = f" — {', '.join(culprits)}" if culprits else ""
+        raise RandomModelError("the model's forward pass draws random numbers" + where + ", so the cost "
+                               "and its Hessian would be random. " + _FIX_RANDOM)
+    _check_broadcast(out, batch)
+    _check_loss_graph(loss, out, batch)
+    if not all_finite(loss.detach()) and obj.count(out, batch.targets) != 0:
+        raise NonFiniteError(f"the loss of batch {batch.index} is {float(loss.detach())} at the current parameters; "
+                             "check the data scale and the initialisation")
+    return loss.detach(), out.detach()
+
+
+def _check_broadcast(out: torch.Tensor, batch) -> None:
+    """Refuse outputs and floating targets that broadcast into an array larger than either.
+
+    ``(N, 1)`` outputs against ``(N,)`` targets broadcast to ``(N, N)``: the loss then
+    averages N² wrong differences without an error (torch's MSELoss only warns).
+    """
+    t = batch.targets
+    if not t.is_floating_point() or tuple(out.shape) == tuple(t.shape):
+        return
+    try:
+        shape = torch.broadcast_shapes(out.shape, t.shape)
+    except RuntimeError:
+        return  # not broadcastable: the loss decides (and fails clearly if it must)
+    numel = 1
+    for d in shape:
+        numel *= d
+    if numel > max(out.numel(), t.numel()):
+        raise InputError(
+            f"batch {batch.index}: outputs of shape {tuple(out.shape)} and targets of shape {tuple(t.shape)} "
+            f"broadcast to {tuple(shape)}, a larger array than either, so an elementwise loss would compare "
+            f"every output with every target. Reshape the targets to {tuple(out.shape)} "
+            f"(e.g. y.view({', '.join(map(str, out.shape))})) or the outputs to {tuple(t.shape)}"
+        )
+
+
+def _check_loss_graph(loss: torch.Tensor, out: torch.Tensor, batch) -> None:
+    """Refuse an integer loss, a loss cut from the graph, and outputs that don't depend on θ."""
+    if not loss.is_floating_point():
+        raise InputError(f"batch {batch.index}: loss_fn returned a {loss.dtype} tensor; the cost must be "
+                         "floating point (don't round it or convert it to an integer)")
+    if not out.requires_grad:
+        raise InputError(
+            "the model's outputs do not depend on the selected parameters, so there is nothing to "
+            "differentiate (PyTorch: 'element 0 of tensors does not require grad'). Causes: params= selects "
+            "parameters the forward never uses; the forward runs under torch.no_grad() or calls .detach(); "
+            "or reentrant activation checkpointing — torch.utils.checkpoint.checkpoint(..., "
+            "use_reentrant=True) builds no graph to parameters when the inputs need no gradient: pass "
+            "use_reentrant=False (or model.gradient_checkpointing_enable(gradient_checkpointing_kwargs="
+            "{'use_reentrant': False}) for Hugging Face models)"
+        )
+    if not loss.requires_grad:
+        raise InputError(
+            f"batch {batch.index}: the loss is detached from the model's outputs (it needs no gradient): "
+            "loss_fn must compute with torch operations on the outputs — no .item(), .detach(), "
+            "float(...) or NumPy"
+        )
