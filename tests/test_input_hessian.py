@@ -344,3 +344,15 @@ def test_works_under_no_grad_and_float32():
         R = input_hessian(copy.deepcopy(model).float(), nn.MSELoss(), (X.float(), y.float()))
     assert R.per_sample.dtype == torch.float32
     torch.testing.assert_close(R.per_sample.double(), ref, rtol=1e-4, atol=1e-6)
+
+
+def test_summary_and_to_dict():
+    model, loss, data = nh.examples.two_layer(seed=0)
+    R = input_hessian(model, loss, data)
+    d = R.to_dict()
+    assert d["num_samples"] == 3 and d["dim"] == 2 and d["block_diagonal"] and d["coupling"] is None
+    exact = torch.linalg.eigvalsh(two_layer_closed_form(model, *data))[:, -1]
+    torch.testing.assert_close(torch.tensor(d["top_eigenvalue"], dtype=F64), exact, rtol=1e-10, atol=1e-14)
+    text = R.summary(limit=2)
+    assert "N = 3 samples" in text and f"{d['top_eigenvalue'][0]:+.6e}" in text and "1 more" in text
+    assert "per_sample" in R.to_dict(blocks=True)

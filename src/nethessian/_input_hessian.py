@@ -81,11 +81,44 @@ class InputHessian:
 
     def top_eigenvalues(self) -> torch.Tensor:
         """``(N,)`` the largest eigenvalue of each per-sample block."""
-        return torch.linalg.eigvalsh(self._blocks().double())[:, -1].to(self._blocks().dtype)
+        blocks = self._blocks()
+        return torch.linalg.eigvalsh(blocks.double())[:, -1].to(blocks.dtype)
 
     def traces(self) -> torch.Tensor:
         """``(N,)`` the trace of each per-sample block."""
         return self._blocks().diagonal(dim1=1, dim2=2).sum(-1)
+
+    def to_dict(self, *, blocks: bool = False) -> dict:
+        """Plain numbers: shapes, coupling, per-sample top eigenvalue and trace (and the blocks)."""
+        out = {"at": self.at, "num_samples": self.num_samples, "dim": self.dim,
+               "sample_shape": list(self.sample_shape), "batch_sizes": list(self.batch_sizes),
+               "block_diagonal": self.block_diagonal, "coupling": self.coupling}
+        if self.per_sample is not None:
+            out["top_eigenvalue"] = self.top_eigenvalues().tolist()
+            out["trace"] = self.traces().tolist()
+            if blocks:
+                out["per_sample"] = self.per_sample.tolist()
+        return out
+
+    def summary(self, limit: int = 20) -> str:
+        """A table of each sample's top eigenvalue and trace (the first ``limit`` samples)."""
+        limit = as_int("limit", limit, minimum=0)
+        where = "the inputs" if self.at is None else f"the output of {self.at!r}"
+        shape = "block-diagonal by sample" if self.block_diagonal else "samples couple within a batch"
+        lines = [f"Hessian of the cost w.r.t. {where} (N = {self.num_samples} samples, "
+                 f"D = {self.dim} entries each; {shape})"]
+        if self.coupling:
+            lines.append(f"  {self.coupling}")
+        if self.per_sample is None:
+            return "\n".join(lines)
+        top, tr = self.top_eigenvalues().tolist(), self.traces().tolist()
+        lines.append(f"  {'sample':>8}  {'top eigenvalue':>15}  {'trace':>15}")
+        lines += [f"  {i:>8}  {top[i]:>+15.6e}  {tr[i]:>+15.6e}" for i in range(min(limit, len(top)))]
+        if len(top) > limit:
+            i = max(range(len(top)), key=top.__getitem__)
+            lines.append(f"  ... {len(top) - limit} more; the largest top eigenvalue is {top[i]:+.6e} "
+                         f"(sample {i}), the mean trace {sum(tr) / len(tr):+.6e}")
+        return "\n".join(lines)
 
     def _blocks(self) -> torch.Tensor:
         if self.per_sample is None:
@@ -121,10 +154,9 @@ def input_hessian(model: nn.Module, loss_fn, data, *, at: Optional[str] = None, 
             module that returns no tensor or runs twice, under torch.distributed.
         DenseTooLargeError: the per-sample blocks would exceed ``max_bytes``.
 
-    >>> import torch, nethessian as nh
     >>> X = torch.randn(4, 3, dtype=torch.float64); y = torch.randn(4, 1, dtype=torch.float64)
     >>> model = torch.nn.Linear(3, 1, bias=False).double()
-    >>> R = nh.input_hessian(model, torch.nn.MSELoss(reduction="sum"), (X, y))
+    >>> R = input_hessian(model, torch.nn.MSELoss(reduction="sum"), (X, y))
     >>> w = model.weight.detach()[0]                      # J = Σ (w·x_i − y_i)²: ∂²J/∂x_i² = 2 w wᵀ
     >>> torch.allclose(R.per_sample, (2 * torch.outer(w, w)).expand(4, 3, 3))
     True
