@@ -356,3 +356,23 @@ def test_summary_and_to_dict():
     text = R.summary(limit=2)
     assert "N = 3 samples" in text and f"{d['top_eigenvalue'][0]:+.6e}" in text and "1 more" in text
     assert "per_sample" in R.to_dict(blocks=True)
+
+
+def test_to_dense_checkpoint_and_fingerprint(tmp_path):
+    from nethessian._checkpoint import Checkpoint
+    from nethessian.errors import CheckpointError
+    model, (X, y) = mlp(), regression(4)
+    R = input_hessian(model, nn.MSELoss(), (X, y))
+    path = tmp_path / "dense.pt"
+    first = R.operator.to_dense(checkpoint=Checkpoint(path, {}))
+    torch.testing.assert_close(R.operator.to_dense(checkpoint=Checkpoint(path, {})), first)  # resumed
+    other = input_hessian(model, nn.MSELoss(), (X, y), at="1")
+    assert other.operator.fingerprint() != R.operator.fingerprint()
+    moved = input_hessian(model, nn.MSELoss(), (X + 1, y))
+    assert moved.operator.fingerprint() != R.operator.fingerprint()
+    with pytest.raises(CheckpointError):                      # another problem's columns are refused
+        moved.operator.to_dense(checkpoint=Checkpoint(path, {}))
+    M = R.mixed()
+    torch.testing.assert_close(M.T.to_dense(), M.to_dense().T, rtol=1e-12, atol=1e-15)
+    with pytest.raises(InputError, match="checkpoint"):
+        M.to_dense(checkpoint=Checkpoint(tmp_path / "m.pt", {}))

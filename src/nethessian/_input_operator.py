@@ -253,14 +253,22 @@ class _Matrix:
     matmul = __matmul__
 
     def to_dense(self, *, progress: Optional[bool] = False, checkpoint=None) -> torch.Tensor:
-        """The dense matrix from products with identity columns (checkpointed, resumable)."""
+        """The dense matrix from products with identity columns (square ones: checkpointed, resumable)."""
         rows, cols = self.shape
-        if rows != cols:  # identity_columns is for square matrices: transpose the rectangular case
-            return torch.cat([self @ e for e in torch.eye(cols, dtype=self.dtype, device=self.device)
-                              .split(column_chunk(max(rows, cols)), dim=1)], dim=1)
-        return identity_columns(self._apply, rows, dtype=self.dtype, device=self.device,
-                                chunk=column_chunk(rows), checkpoint=checkpoint,
-                                identity={"operator": self.fingerprint()}, progress=progress)
+        fingerprint = getattr(self, "fingerprint", None)
+        if rows == cols and fingerprint is not None:
+            return identity_columns(self._apply, rows, dtype=self.dtype, device=self.device,
+                                    chunk=column_chunk(rows), checkpoint=checkpoint,
+                                    identity={"operator": fingerprint()}, progress=progress)
+        if checkpoint is not None:
+            raise InputError("checkpoints are for the square operators (R.operator); "
+                             "call to_dense() without checkpoint=")
+        c, parts = column_chunk(max(rows, cols)), []
+        for start in range(0, cols, c):
+            E = torch.zeros(cols, min(c, cols - start), dtype=self.dtype, device=self.device)
+            E[torch.arange(start, start + E.shape[1]), torch.arange(E.shape[1])] = 1
+            parts.append(self._apply(E))
+        return torch.cat(parts, dim=1)
 
     def to_scipy(self):
         """A ``scipy.sparse.linalg.LinearOperator`` (float64 numpy in and out)."""
