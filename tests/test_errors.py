@@ -63,8 +63,13 @@ def test_dense_too_large_says_bytes_and_alternative():
     import re
     need = int(re.search(r"max_bytes=(\d+)", msg).group(1))  # the matrix and one chunk of products
     assert need >= P * P * 8
-    # the per-chunk memory is measured: allow for another measurement on the next call
-    assert nh.hessian(model, loss_fn, data, max_bytes=4 * need).dense.shape == (P, P)
+    for _ in range(3):  # the limit named covers what was checked so far (matrix, then a measured chunk)
+        try:
+            H = nh.hessian(model, loss_fn, data, max_bytes=2 * need)
+            break
+        except nh.DenseTooLargeError as again:
+            need = int(re.search(r"max_bytes=(\d+)", str(again)).group(1))
+    assert H.dense.shape == (P, P)
 
 
 def test_model_that_returns_non_tensor():

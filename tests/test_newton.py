@@ -174,3 +174,52 @@ def test_already_converged_takes_no_step():
         warnings.simplefilter("error")
         again = newton(first.apply(model), loss_fn, data)
     assert again.converged and again.num_steps == 0 and again.history == ()
+
+
+# ------------------------------------------------------------------ one objective for the whole run
+
+
+def test_newton_builds_one_objective(monkeypatch):
+    """Every iterate is evaluated on one Objective (QuadraticModel.at), not a rebuilt copy."""
+    import nethessian._objective as objective_module
+
+    built, init = [], objective_module.Objective.__init__
+
+    def counting(self, *args, **kwargs):
+        built.append(1)
+        init(self, *args, **kwargs)
+
+    monkeypatch.setattr(objective_module.Objective, "__init__", counting)
+    model, loss_fn, data = two_layer(seed=0)
+    res = newton(model, loss_fn, data)
+    assert res.converged and res.num_steps >= 5
+    assert len(built) == 1
+    # the result is the minimum: the gradient there, recomputed independently, vanishes
+    res.apply(model)
+    J = loss_fn(model(data[0]), data[1])
+    g = torch.autograd.grad(J, list(model.parameters()))
+    assert max(float(t.abs().max()) for t in g) < 1e-9
+
+
+def test_quadratic_model_at_matches_a_fresh_one():
+    model, loss_fn, data = logistic_problem()
+    q = QuadraticModel(model, loss_fn, data)
+    theta = q.theta + 0.1 * torch.linspace(-1, 1, q.size, dtype=D64)
+    moved = q.at(theta)
+    with torch.no_grad():  # the reference: a fresh model at θ, closed-form g and H
+        model.weight.copy_(theta[:3].reshape(1, 3))
+        model.bias.copy_(theta[3:])
+    g, H = closed_form(model, *data)
+    torch.testing.assert_close(moved.gradient, g, rtol=1e-12, atol=1e-14)
+    d = torch.linspace(0.5, -0.5, q.size, dtype=D64)
+    torch.testing.assert_close(moved.operator @ d, H @ d, rtol=1e-12, atol=1e-14)
+    assert moved.objective.model is q.objective.model and torch.equal(moved.theta, theta)
+    assert not torch.equal(q.theta, theta)  # the original is unchanged
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    ({"max_steps": "5"}, "max_steps"), ({"gtol": "1e-3"}, "gtol"), ({"damping": True}, "damping"),
+    ({"maxiter": 2.7}, "maxiter"), ({"maxiter": 0}, "maxiter")])
+def test_options_that_are_not_numbers(kwargs, match):
+    with pytest.raises(InputError, match=match):
+        newton(*two_layer(seed=0), **kwargs)

@@ -227,3 +227,43 @@ def test_plot_writes_a_png(demo, tmp_path):
     assert imread(one).shape[0] > 0
     with pytest.raises(InputError, match="radius"):
         q.plot(tmp_path / "bad.png", radius=0)
+
+
+def test_plot_delegates_to_the_shared_figure(demo, tmp_path, monkeypatch):
+    from nethessian import _plots
+
+    *_, q = demo
+    seen = []
+    original = _plots.quadratic_plot
+    monkeypatch.setattr(_plots, "quadratic_plot", lambda cmps, *a, **k: seen.append(cmps) or original(cmps, *a, **k))
+    q.plot(tmp_path / "q.png", ("gradient", "random"), num=7)
+    assert len(seen) == 1 and [c.direction for c in seen[0]] == ["gradient", "random"]
+    assert float(seen[0][0].alphas[3]) == 0.0  # the middle of the grid is exactly 0
+
+
+@pytest.mark.parametrize("num", [2, 5, 41, 40])
+def test_symmetric_grid(num):
+    from nethessian._quadratic import symmetric_grid
+
+    a = symmetric_grid(2.5, num)
+    assert a.shape == (num,) and float(a[0]) == -2.5 and float(a[-1]) == 2.5
+    assert torch.equal(a, -a.flip(0))  # mirrored exactly
+    torch.testing.assert_close(a, torch.linspace(-2.5, 2.5, num, dtype=D64), rtol=0, atol=1e-15)
+    if num % 2:
+        assert float(a[num // 2]) == 0.0
+
+
+@pytest.mark.parametrize("kwargs, match", [({"radius": "1"}, "radius"), ({"num": 2.5}, "num"),
+                                           ({"num": 1}, "num"), ({"seed": "abc"}, "seed")])
+def test_plot_options_that_are_not_numbers(demo, tmp_path, kwargs, match):
+    *_, q = demo
+    with pytest.raises(InputError, match=match):
+        q.plot(tmp_path / "bad.png", **kwargs)
+
+
+@pytest.mark.parametrize("kwargs, match", [({"damping": "0.1"}, "damping"), ({"tol": "1e-3"}, "tol"),
+                                           ({"maxiter": 2.7}, "maxiter")])
+def test_newton_step_options_that_are_not_numbers(demo, kwargs, match):
+    *_, q = demo
+    with pytest.raises(InputError, match=match):
+        q.newton_step(**kwargs)

@@ -2,6 +2,8 @@
 non-finite losses in any batch, broadcasting losses."""
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 from torch import nn
@@ -201,7 +203,7 @@ def _sq(out, t):
 
 
 @pytest.mark.parametrize("shapes", [((12, 1), (12,)), ((12,), (12, 1)), ((1, 12), (12, 1))])
-def test_callable_loss_that_broadcasts_is_refused(shapes):
+def test_callable_loss_that_broadcasts_is_flagged(shapes):
     out_shape, t_shape = shapes
     X, y = _data()
 
@@ -213,14 +215,32 @@ def test_callable_loss_that_broadcasts_is_refused(shapes):
         def forward(self, x):
             return self.lin(x).reshape(out_shape)
 
-    with pytest.raises(InputError, match="broadcast to .*a larger array than either.*Reshape the targets"):
+    with pytest.warns(UserWarning, match=r"broadcasts them to \(12, 12\): a larger array than either.*reshape"):
         Objective(Net(), _sq, (X, y[:, 0].reshape(t_shape)))
+
+
+@pytest.mark.parametrize("loss_fn", [
+    lambda out, t: ((out[:, 0] - t) ** 2).mean(),                      # reshapes itself
+    lambda out, t: nn.functional.mse_loss(out.squeeze(1), t),
+    lambda out, t: (nn.functional.softplus(out[:, 0]) - t * out[:, 0]).mean(),
+])
+def test_loss_that_reshapes_itself_is_not_flagged(loss_fn):
+    X, y = _data()
+    model = nn.Linear(3, 1).double()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        obj = Objective(model, loss_fn, (X, y[:, 0]))
+    with torch.no_grad():
+        ref = float(loss_fn(model(X), y[:, 0]))
+    assert abs(obj.value() - ref) <= 1e-12 * abs(ref)
 
 
 def test_broadcasting_that_does_not_grow_is_accepted():
     X, y = _data()
     weights = torch.rand(12, 1, dtype=DT)  # per-sample weights against (12, 2) outputs
-    obj = Objective(_mlp(), lambda out, w: (out ** 2 * w).mean(), (X, weights))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        obj = Objective(_mlp(), lambda out, w: (out ** 2 * w).mean(), (X, weights))
     with torch.no_grad():
         ref = float((_mlp()(X) ** 2 * weights).mean())
     assert abs(obj.value() - ref) <= 1e-12 * ref

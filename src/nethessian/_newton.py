@@ -17,12 +17,12 @@ convergence is quadratic, also at a degenerate (singular-H) minimum such as the
 two-layer network's exact fit; a fixed λ would leave it linear with rate about
 λ/(λ + σ) in the curvature-σ directions. The maths is in ``docs/quadratic-and-newton.md``.
 
-The caller's model is never changed: the loop works on a deep copy, and
+The caller's model is never changed: every iterate is evaluated on one
+``Objective`` (a snapshot of the model) through ``QuadraticModel.at(θ)``, and
 ``NewtonResult.apply(model)`` writes the result back when asked to.
 """
 from __future__ import annotations
 
-import copy
 import math
 import warnings
 from dataclasses import dataclass
@@ -31,6 +31,7 @@ from typing import Any, Callable, Dict, Optional, Sequence, Tuple
 import torch
 from torch import nn
 
+from ._checks import as_float, as_int
 from .errors import InputError
 from ._params import ParamLayout
 from ._quadratic import QuadraticModel
@@ -130,22 +131,17 @@ class NewtonResult:
                 "history": [dict(h.__dict__) for h in self.history]}
 
 
-def _check(max_steps, gtol, damping, min_factor, max_retries):
-    for name, v in (("max_steps", max_steps), ("max_retries", max_retries)):
-        if isinstance(v, bool) or not isinstance(v, int) or v < 0:
-            raise InputError(f"{name} must be an integer ≥ 0, got {v!r}")
-    for name, v in (("gtol", gtol), ("damping", damping), ("min_factor", min_factor)):
-        if not (isinstance(v, (int, float)) and math.isfinite(v) and v >= 0):
-            raise InputError(f"{name} must be a finite number ≥ 0, got {v!r}")
-    if damping == 0:
+def _check(max_steps, gtol, damping, min_factor, max_retries, maxiter):
+    """The options as numbers (strings, bools and fractional counts refused)."""
+    ints = [as_int(n, v, minimum=0) for n, v in (("max_steps", max_steps), ("max_retries", max_retries))]
+    floats = [as_float(n, v) for n, v in (("gtol", gtol), ("damping", damping), ("min_factor", min_factor))]
+    for name, v in zip(("gtol", "damping", "min_factor"), floats):
+        if v < 0:
+            raise InputError(f"{name} must be ≥ 0, got {v!r}")
+    if floats[1] == 0:
         raise InputError("damping (the initial λ) must be > 0: it scales the Levenberg–Marquardt factor μ")
-
-
-def _load(work: nn.Module, layout: ParamLayout, theta: torch.Tensor) -> None:
-    named = dict(work.named_parameters())
-    with torch.no_grad():
-        for name, value in layout.unflatten(theta).items():
-            named[name].copy_(value)
+    maxiter = None if maxiter is None else as_int("maxiter", maxiter, minimum=1)
+    return (*ints, *floats, maxiter)
 
 
 def _attempt(q: QuadraticModel, k: int, lam: float, tol: float, maxiter):
@@ -183,7 +179,8 @@ def newton(model: nn.Module, loss_fn: Callable, data, params: Optional[Sequence[
 
     Args:
         model, loss_fn, data, params, reduction, allow_random: the problem (see ``Objective``).
-            ``model`` is not changed: the loop runs on a deep copy.
+            ``model`` is not changed: one ``Objective`` (a snapshot) is built, and every
+            iterate is evaluated on it (``QuadraticModel.at``).
         max_steps: most accepted steps.
         gtol: stop when ``‖g‖ ≤ gtol`` (absolute; in float32 choose it above rounding, about
             1e-6 times the scale of g).
@@ -212,9 +209,9 @@ def newton(model: nn.Module, loss_fn: Callable, data, params: Optional[Sequence[
     >>> res.apply(model) is model and torch.equal(model.W1, res.params["W1"])   # ... until asked
     True
     """
-    _check(max_steps, gtol, damping, min_factor, max_retries)
-    work = copy.deepcopy(model)
-    q = QuadraticModel(work, loss_fn, data, params, reduction=reduction, allow_random=allow_random)
+    max_steps, max_retries, gtol, damping, min_factor, maxiter = _check(
+        max_steps, gtol, damping, min_factor, max_retries, maxiter)
+    q = QuadraticModel(model, loss_fn, data, params, reduction=reduction, allow_random=allow_random)
     layout, history, steps = q.layout, [], 0
     mu = damping / max(q.gradient_norm, 1e-300)
     while True:
@@ -242,8 +239,7 @@ def newton(model: nn.Module, loss_fn: Callable, data, params: Optional[Sequence[
             break
         if not math.isnan(rec.ratio):
             mu = max(mu / _SHRINK, min_factor) if rec.ratio > 0.75 else mu * _GROW if rec.ratio < 0.25 else mu
-        _load(work, layout, q.theta + step.step)
-        q = QuadraticModel(work, loss_fn, data, params, reduction=reduction, allow_random=allow_random)
+        q = q.at(q.theta + step.step)  # the same objective at the new θ: nothing rebuilt
         steps += 1
     result = NewtonResult(q.theta.clone(), q.value, q.gradient_norm, converged, steps, tuple(history), msg,
                           layout)

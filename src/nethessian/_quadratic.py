@@ -8,10 +8,12 @@ whose error is O(‖d‖³) for a cost with a Lipschitz Hessian: along a fixed
 direction, ``J(θ + αd) − q(αd)`` shrinks like α³ (``compare`` measures that
 slope). The damped Newton step minimises ``q(d) + ½λ‖d‖²``: it solves
 ``(H + λI) d = −g`` matrix-free (``linalg.solve``). The damped Newton *loop* lives
-in ``newton.py``; the maths is in ``docs/quadratic-and-newton.md``.
+in ``_newton.py``; the maths is in ``docs/quadratic-and-newton.md``.
 
 The model is built once at the current θ (a snapshot: later changes to the
-model's weights do not affect it) and never changes the caller's model.
+model's weights do not affect it) and never changes the caller's model;
+``QuadraticModel.at(θ')`` is the model at other parameters on the same
+objective (no copy of the network, no re-validation).
 """
 from __future__ import annotations
 
@@ -22,12 +24,13 @@ from typing import Any, Dict, Literal, Mapping, Optional, Sequence, Tuple, Union
 
 import torch
 
+from ._checks import all_finite, as_float, as_int, as_seed
 from .errors import InputError, NonFiniteError, NotConvergedError
 from .linalg._solve import SolveResult, _solve
 from .operators._hessian import HessianOperator
 from ._params import ParamLayout
 
-__all__ = ["QuadraticModel", "QuadraticComparison", "NewtonStep", "DIRECTIONS"]
+__all__ = ["QuadraticModel", "QuadraticComparison", "NewtonStep", "DIRECTIONS", "symmetric_grid"]
 
 Direction = Union[str, torch.Tensor, Mapping[str, torch.Tensor]]
 #: the named directions ``compare`` and ``plot`` understand (each a unit vector)
@@ -137,14 +140,28 @@ class QuadraticModel:
 
     def __init__(self, model, loss_fn, data, params: Optional[Sequence[str]] = None, *,
                  reduction=None, allow_random: bool = False):
-        self.operator = HessianOperator(model, loss_fn, data, params, reduction=reduction,
-                                        allow_random=allow_random)
-        self.objective = self.operator.objective
-        self.layout = self.operator.layout
+        self._set_operator(HessianOperator(model, loss_fn, data, params, reduction=reduction,
+                                           allow_random=allow_random))
+
+    def _set_operator(self, operator: HessianOperator) -> None:
+        self.operator = operator
+        self.objective = operator.objective
+        self.layout = operator.layout
         self.theta = self.objective.theta0
         self.value, self.gradient = self.objective.value_and_grad(self.theta)
-        if not (math.isfinite(self.value) and torch.isfinite(self.gradient).all()):
-            raise NonFiniteError(f"J = {self.value} or its gradient is not finite at the current parameters")
+        if not (math.isfinite(self.value) and all_finite(self.gradient)):
+            raise NonFiniteError(f"J = {self.value} or its gradient is not finite at these parameters")
+
+    def at(self, theta: torch.Tensor) -> "QuadraticModel":
+        """The Taylor model at other parameters ``theta`` (flat ``(P,)``), on the same objective.
+
+        Nothing is re-validated and no model is copied: the operator moves with
+        ``HessianOperator.at`` (the objective with ``Objective.at``); J and g are
+        evaluated at ``theta``.
+        """
+        new = object.__new__(type(self))
+        new._set_operator(self.operator.at(self.flat(theta, "theta")))
+        return new
 
     @property
     def size(self) -> int:
@@ -203,8 +220,9 @@ class QuadraticModel:
             if gn == 0:
                 raise InputError("the gradient is zero here: the 'gradient' direction is undefined")
             return -self.gradient / gn
+        seed = as_seed(seed) or 0
         if name == "random":
-            gen = torch.Generator().manual_seed(int(seed))
+            gen = torch.Generator().manual_seed(seed)
             u = torch.randn(self.size, generator=gen, dtype=torch.float64)
             return (u / u.norm()).to(self.gradient)
         if name == "top-eigenvector":
@@ -270,6 +288,9 @@ class QuadraticModel:
         """
         if method not in ("auto", "cg", "minres"):
             raise InputError(f"unknown method {method!r}; valid: 'auto', 'cg', 'minres'")
+        damping = as_float("damping", damping)
+        tol = as_float("tol", tol, positive=True)
+        maxiter = None if maxiter is None else as_int("maxiter", maxiter, minimum=1)
         step = self._step(damping, "cg" if method == "auto" else method, tol, maxiter)
         if method == "auto" and step.solve.status == "negative_curvature":
             mr = self._step(damping, "minres", tol, maxiter)
@@ -286,35 +307,20 @@ class QuadraticModel:
              num: int = 41, seed: int = 0) -> pathlib.Path:
         """Draw ``J(θ + αu)`` (true) and ``q(αu)`` (predicted), ``|α| ≤ radius``, per direction.
 
-        Named directions are unit vectors; a given vector is used as is. Writes an image
-        (format from the suffix, e.g. ``.png``) without touching pyplot's global state,
-        and returns its path.
+        Named directions are unit vectors; a given vector is used as is. The figure is
+        ``nethessian._plots.quadratic_plot`` (no pyplot state touched); the image format
+        comes from the suffix (e.g. ``.png``). Returns the path.
         """
-        from matplotlib.backends.backend_agg import FigureCanvasAgg
-        from matplotlib.figure import Figure
+        from . import _plots
 
         if isinstance(directions, (str, torch.Tensor, Mapping)):
             directions = (directions,)
         if not directions:
             raise InputError(f"give at least one direction: {', '.join(DIRECTIONS)}, or a vector")
-        if not (radius > 0 and math.isfinite(radius)) or int(num) < 2:
-            raise InputError(f"radius must be finite and > 0 and num ≥ 2, got radius={radius}, num={num}")
-        fig = Figure(figsize=(4.2 * len(directions), 3.6), layout="constrained")
-        FigureCanvasAgg(fig)
-        alphas = torch.linspace(-radius, radius, int(num), dtype=torch.float64)
-        for i, direction in enumerate(directions):
-            cmp = self.compare(direction, alphas, seed=seed)
-            ax = fig.add_subplot(1, len(directions), i + 1)
-            ax.plot(alphas.numpy(), cmp.true.numpy(), "k-", lw=2, label="true J(θ + αd)")
-            ax.plot(alphas.numpy(), cmp.model.numpy(), "C1--", lw=2, label="model q(αd)")
-            ax.axvline(0.0, color="0.7", lw=0.8)
-            ax.set_title(f"{cmp.direction} direction")
-            ax.set_xlabel("α")
-            ax.set_ylabel("cost")
-            ax.legend(fontsize="small")
-        path = pathlib.Path(path)
-        fig.savefig(path, dpi=100)
-        return path
+        alphas = symmetric_grid(as_float("radius", radius, positive=True), as_int("num", num, minimum=2))
+        seed = as_seed(seed)
+        comparisons = [self.compare(d, alphas, seed=seed) for d in directions]
+        return _plots.save(_plots.quadratic_plot(comparisons), path)
 
 
 def _loglog_slope(alphas: torch.Tensor, diff: torch.Tensor, value: float, eps: float) -> float:
@@ -326,3 +332,16 @@ def _loglog_slope(alphas: torch.Tensor, diff: torch.Tensor, value: float, eps: f
     x, y = alphas[keep].abs().log(), diff[keep].abs().log()
     x = x - x.mean()
     return float((x * (y - y.mean())).sum() / (x * x).sum())
+
+
+def symmetric_grid(radius: float, num: int) -> torch.Tensor:
+    """``num`` equally spaced α in ``[−radius, radius]``, mirrored exactly (α = 0 is exactly 0 for odd num).
+
+    ``torch.linspace(-r, r, 41)[20]`` is −2.8e-17 on some CPUs (vectorised rounding).
+    """
+    half = torch.linspace(0.0, radius, num // 2 + 1, dtype=torch.float64)
+    if num % 2:
+        return torch.cat([-half.flip(0)[:-1], half])
+    step = radius / (num - 1)
+    right = torch.linspace(step, radius, num // 2, dtype=torch.float64)
+    return torch.cat([-right.flip(0), right])

@@ -123,7 +123,7 @@ def _first_batch(obj, batch, allow_random: bool) -> Tuple[torch.Tensor, torch.Te
         where = f" — {', '.join(culprits)}" if culprits else ""
         raise RandomModelError("the model's forward pass draws random numbers" + where + ", so the cost "
                                "and its Hessian would be random. " + _FIX_RANDOM)
-    _check_broadcast(out, batch)
+    _check_broadcast(obj.loss_fn, out, batch)
     _check_loss_graph(loss, out, batch)
     if not all_finite(loss.detach()) and obj.count(out, batch.targets) != 0:
         raise NonFiniteError(f"the loss of batch {batch.index} is {float(loss.detach())} at the current parameters; "
@@ -131,29 +131,62 @@ def _first_batch(obj, batch, allow_random: bool) -> Tuple[torch.Tensor, torch.Te
     return loss.detach(), out.detach()
 
 
-def _check_broadcast(out: torch.Tensor, batch) -> None:
-    """Refuse outputs and floating targets that broadcast into an array larger than either.
+def _check_broadcast(loss_fn, out: torch.Tensor, batch) -> None:
+    """Warn when the loss broadcasts outputs against floating targets into a larger array.
 
-    ``(N, 1)`` outputs against ``(N,)`` targets broadcast to ``(N, N)``: the loss then
+    ``(N, 1)`` outputs minus ``(N,)`` targets is an ``(N, N)`` array: the loss then
     averages N² wrong differences without an error (torch's MSELoss only warns).
+    The loss is run once more on batch 0 under a ``TorchFunctionMode`` that follows
+    which tensors come from the outputs and which from the targets, so a loss that
+    reshapes correctly itself (``out[:, 0] - t``) is not flagged.
     """
     t = batch.targets
-    if not t.is_floating_point() or tuple(out.shape) == tuple(t.shape):
+    if not t.is_floating_point():
         return
-    try:
-        shape = torch.broadcast_shapes(out.shape, t.shape)
-    except RuntimeError:
-        return  # not broadcastable: the loss decides (and fails clearly if it must)
-    numel = 1
-    for d in shape:
-        numel *= d
-    if numel > max(out.numel(), t.numel()):
-        raise InputError(
-            f"batch {batch.index}: outputs of shape {tuple(out.shape)} and targets of shape {tuple(t.shape)} "
-            f"broadcast to {tuple(shape)}, a larger array than either, so an elementwise loss would compare "
-            f"every output with every target. Reshape the targets to {tuple(out.shape)} "
-            f"(e.g. y.view({', '.join(map(str, out.shape))})) or the outputs to {tuple(t.shape)}"
-        )
+    tracker = _Provenance(out.detach(), t)
+    with torch.no_grad(), tracker:
+        loss_fn(tracker.keep[0], t)
+    if tracker.found is not None:
+        (a_shape, b_shape), r_shape, name = tracker.found
+        warnings.warn(
+            f"batch {batch.index}: the loss combines a tensor of shape {a_shape} from the outputs "
+            f"(shape {tuple(out.shape)}) with one of shape {b_shape} from the targets (shape {tuple(t.shape)}) "
+            f"in {name}, which broadcasts them to {r_shape}: a larger array than either, so every output is "
+            f"compared with every target. If that is not intended, reshape the targets to {tuple(out.shape)} "
+            f"(e.g. y.view({', '.join(map(str, out.shape))})) or the outputs to {tuple(t.shape)}",
+            UserWarning, stacklevel=6)
+
+
+class _Provenance(torch.overrides.TorchFunctionMode):
+    """Tags tensors derived from the outputs ("o") and the targets ("t"); records the first
+    operation that takes both and returns more elements than any of its inputs."""
+
+    def __init__(self, out: torch.Tensor, targets: torch.Tensor):
+        super().__init__()
+        self.keep = [out, targets]  # alive, so ids are not reused
+        self.tags = {id(out): {"o"}, id(targets): {"t"}}
+        self.found = None
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        result = func(*args, **kwargs)
+        inputs = [a for a in torch.utils._pytree.tree_leaves((args, kwargs)) if isinstance(a, torch.Tensor)]
+        by_tag = {}
+        for a in inputs:
+            for tag in self.tags.get(id(a), ()):
+                by_tag.setdefault(tag, a)
+        if not by_tag:
+            return result
+        for r in torch.utils._pytree.tree_leaves(result):
+            if isinstance(r, torch.Tensor):
+                self.keep.append(r)
+                self.tags[id(r)] = set(by_tag)
+        if (self.found is None and len(by_tag) == 2 and isinstance(result, torch.Tensor)
+                and result.numel() > max(a.numel() for a in inputs)):
+            a, b = by_tag["o"], by_tag["t"]
+            self.found = ((tuple(a.shape), tuple(b.shape)), tuple(result.shape),
+                          getattr(func, "__name__", str(func)))
+        return result
 
 
 def _check_loss_graph(loss: torch.Tensor, out: torch.Tensor, batch) -> None:
