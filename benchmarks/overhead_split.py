@@ -29,14 +29,22 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import torch  # noqa: E402
 
-import bench_core as bc  # noqa: E402
+from _machine import cpu_snapshot, others_load  # noqa: E402
+from _timing import THREADS, bench_interleaved  # noqa: E402
+from _workloads import Problem  # noqa: E402
+
+
+def _kept(pb, x):
+    """A fresh operator after one product with ``x`` (kept graph built), and that graph."""
+    op = pb.nh_operator()
+    op @ x
+    theta, g, n = op._kept()
+    return op, theta, g, n
 
 
 def split_single(pb, reps, sample_s):
-    op = pb.nh_operator()
     v = pb.v
-    op @ v
-    theta, g, n = op._kept()
+    op, theta, g, n = _kept(pb, v)
     ps, gl = pb.raw_kept_graph()
     out = op._kept_product(v, False)
     fns = {
@@ -50,14 +58,12 @@ def split_single(pb, reps, sample_s):
         "finish (out / n)": lambda: op.objective.finish(out, n),
         "stack of 1 column": lambda: torch.stack([out], dim=1)[:, 0],
     }
-    return bc.bench_interleaved(fns, reps, sample_s)
+    return bench_interleaved(fns, reps, sample_s)
 
 
 def split_batch(pb, reps, sample_s):
-    op = pb.nh_operator()
     V = pb.V
-    op @ V
-    theta, g, n = op._kept()
+    op, theta, g, n = _kept(pb, V)
     ps, gl = pb.raw_kept_graph()
     VT = V.T.contiguous()
     Vl = [pb.V_dict[nm] for nm in pb.names]
@@ -78,15 +84,13 @@ def split_batch(pb, reps, sample_s):
         "finish (out / n)": lambda: op.objective.finish(out, n),
         "cat of 1 chunk": lambda: torch.cat([out], dim=1),
     }
-    return bc.bench_interleaved(fns, reps, sample_s)
+    return bench_interleaved(fns, reps, sample_s)
 
 
 def profile(pb):
     from torch.profiler import ProfilerActivity, profile as prof
-    op = pb.nh_operator()
     V = pb.V
-    op @ V
-    theta, g, n = op._kept()
+    op, theta, g, n = _kept(pb, V)
     VT = V.T.contiguous()
     for name, fn in (("op @ V", lambda: op @ V),
                      ("flat grad, contiguous (k, P)",
@@ -105,15 +109,15 @@ def main():
     ap.add_argument("--reps", type=int, default=11)
     ap.add_argument("--profile", action="store_true")
     args = ap.parse_args()
-    torch.set_num_threads(bc.THREADS)
+    torch.set_num_threads(THREADS)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, "
           f"OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', 'default')}")
     for wl in args.workloads.split(","):
-        pb = bc.Problem(wl)
+        pb = Problem(wl)
         for title, fn, s in (("one HVP", split_single, 0.05), ("32 HVPs", split_batch, 0.2)):
-            a = bc._cpu_snapshot()
+            a = cpu_snapshot()
             med, _, _, paired = fn(pb, args.reps, s)
-            load = bc.others_load(a, bc._cpu_snapshot())
+            load = others_load(a, cpu_snapshot())
             gm = med["gradient"]
             print(f"\n## {wl}: {title} (gradient {gm * 1e3:.3f} ms; others used {load:.1f} cores)\n")
             print("| layer | ms | gradients (ratio of medians) | gradients (paired) |\n|---|---|---|---|")
