@@ -1,5 +1,6 @@
 """One rank of a 2-process gloo run, launched by test_distributed.py (not a test module)."""
 import datetime
+import json
 import os
 import sys
 import time
@@ -9,6 +10,10 @@ from torch import nn
 
 sys.path.insert(0, os.path.dirname(__file__))
 import nethessian as nh  # noqa: E402
+import dist_scenarios  # noqa: E402
+
+SCENARIOS = {"disagree": dist_scenarios.disagreements, "empty": dist_scenarios.empty_data,
+             "options": dist_scenarios.other_options}
 
 
 def problem():
@@ -81,6 +86,13 @@ def main():
             print(f"ERROR {exc}", file=sys.stderr)
             sys.stderr.flush()
             os._exit(1)  # as the CLI does after a distributed fault: gloo's teardown may abort
+    elif mode in SCENARIOS:
+        found = SCENARIOS[mode](rank)
+        with open(f"{out}.{rank}", "w") as f:
+            json.dump(found, f)
+        os._exit(0)  # ranks whose collectives fell out of step: skip gloo's teardown (it may abort)
+    elif mode == "seed":
+        torch.save(dist_scenarios.seed_none_run(rank, problem), f"{out}.{rank}")
     torch.distributed.destroy_process_group()
 
 

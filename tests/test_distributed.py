@@ -139,3 +139,102 @@ def test_state_facts_name_what_ranks_must_share():
     before = facts["buffer 1.running_mean"]
     obj._buffers["1.running_mean"] += 1.0
     assert nh.distributed.state_facts(obj)["buffer 1.running_mean"] != before
+
+
+# -- ranks that disagree: every rank stops, and the message names what differs ----------------------
+def _run_scenarios(mode, tmp_path_factory, timeout=120):
+    out = str(tmp_path_factory.mktemp(mode) / "found")
+    procs, outs = _launch(mode, out, timeout=timeout, env_extra={"NH_TIMEOUT": "30"})
+    found = []
+    for r, (p, (o, e)) in enumerate(zip(procs, outs)):
+        assert p.returncode == 0, f"rank {r}: {e[-3000:]}"
+        with open(f"{out}.{r}") as f:
+            found.append(json.load(f))
+    return found
+
+
+@pytest.fixture(scope="module")
+def disagree(tmp_path_factory):
+    return _run_scenarios("disagree", tmp_path_factory)
+
+
+def _both_refuse(found, name, *needles):
+    """Both ranks raised DistributedError, and each message names every needle."""
+    for r, ranks in enumerate(found):
+        msg = ranks[name]
+        assert msg.startswith("DistributedError: "), f"rank {r}, {name}: {msg}"
+        for needle in needles:
+            assert needle in msg, f"rank {r}, {name}: {needle!r} not in {msg}"
+    return [ranks[name] for ranks in found]
+
+
+def test_dtype_mismatch_names_the_dtype(disagree):
+    msgs = _both_refuse(disagree, "dtype", "dtype: rank 0 float64, rank 1 float32")
+    assert all("parameter counts" not in m and "number of parameters" not in m for m in msgs)
+
+
+@pytest.mark.parametrize("via", ["check_state", "operator"])
+def test_batch_norm_statistics_that_differ_are_refused(disagree, via):
+    _both_refuse(disagree, f"buffers_{via}", "buffer 1.running_mean: rank 0 (5,) float64 cpu sha256:")
+
+
+@pytest.mark.parametrize("via", ["check_state", "operator"])
+def test_train_on_one_rank_and_eval_on_the_other_is_refused(disagree, via):
+    _both_refuse(disagree, f"mode_{via}", "train/eval mode: rank 0 all eval, rank 1 all train")
+
+
+def test_loss_settings_that_differ_are_refused(disagree):
+    _both_refuse(disagree, "loss_check_state", "loss.label_smoothing: rank 0 0.0, rank 1 0.1")
+
+
+def test_check_same_names_only_the_differing_option(disagree):
+    msgs = _both_refuse(disagree, "check_same", "the settings of trace differ across ranks",
+                        "num_matvecs: rank 0 20, rank 1 30")
+    assert all("method" not in m for m in msgs)
+
+
+def test_common_seed_is_one_seed_for_every_rank(disagree):
+    _both_refuse(disagree, "seed_differs", "seed: rank 0 3, rank 1 4")
+    _both_refuse(disagree, "seed_none_on_one_rank", "seed: rank 0 None, rank 1 5")
+    drawn = [ranks["seed_none"] for ranks in disagree]
+    assert drawn[0].startswith("ok ") and drawn[0] == drawn[1]
+
+
+def test_a_local_failure_stops_every_rank(disagree):
+    assert disagree[1]["agree"] == "InputError: rank one's data are bad"
+    assert disagree[0]["agree"] == ("DistributedError: rank 1 failed, so rank 0 stops too: "
+                                    "InputError: rank one's data are bad")
+    assert disagree[1]["agreeing"] == "KeyError: 'a bug on rank 1'"
+    assert disagree[0]["agreeing"].startswith("DistributedError: rank 1 failed")
+    assert "a bug on rank 1" in disagree[0]["agreeing"]
+
+
+def test_a_rank_without_data_stops_every_rank(tmp_path_factory):
+    found = _run_scenarios("empty", tmp_path_factory)
+    assert found[1]["empty"].startswith("InputError: ") and "empty" in found[1]["empty"]
+    assert found[0]["empty"].startswith("DistributedError: rank 1 failed"), found[0]["empty"]
+    assert "empty" in found[0]["empty"]
+
+
+def test_other_num_matvecs_or_k_on_one_rank_stops_every_rank(tmp_path_factory):
+    found = _run_scenarios("options", tmp_path_factory)
+    _both_refuse(found, "num_matvecs", "num_matvecs: rank 0 20, rank 1 30")
+    _both_refuse(found, "k", "k: rank 0 3, rank 1 4")
+
+
+def test_seed_none_draws_the_same_probes_on_every_rank(tmp_path):
+    """Issue 9 item 2: seed=None was drawn per rank, and the all-reduce mixed two probe sets."""
+    from dist_scenarios import FIXED_SEED, seed_none_results
+    out = str(tmp_path / "seed")
+    procs, outs = _launch("seed", out, env_extra={"NH_TIMEOUT": "30"})
+    for p, (o, e) in zip(procs, outs):
+        assert p.returncode == 0, e[-3000:]
+    ref = seed_none_results(*problem(), seed=FIXED_SEED)  # one process, the broadcast seed
+    other = seed_none_results(*problem(), seed=FIXED_SEED + 1)
+    for key in ("trace", "diagonal", "early"):  # these numbers depend on the probes
+        assert not torch.allclose(ref[key], other[key], rtol=1e-6), key
+    for r in (0, 1):
+        got = torch.load(f"{out}.{r}")
+        for key, val in ref.items():
+            torch.testing.assert_close(got[key], val, rtol=1e-10, atol=1e-12 * max(1.0, float(val.abs().max())),
+                                       msg=f"rank {r}: {key}")

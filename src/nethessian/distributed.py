@@ -27,14 +27,13 @@ from __future__ import annotations
 import contextlib
 import datetime
 import json
-import math
 import os
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 
 from ._checks import as_seed
-from ._fingerprint import Hasher, loss_description
+from ._state_facts import layout_facts, plain, state_facts, tensor_fact
 from .errors import DistributedError, InputError
 
 __all__ = ["DistributedError", "is_active", "rank", "world_size", "is_main", "reduce_sum",
@@ -45,14 +44,17 @@ _SHOWN = 6  # differences spelled out in one message; the rest are counted
 
 
 def is_active() -> bool:
+    """True when a torch.distributed process group is initialised."""
     return torch.distributed.is_available() and torch.distributed.is_initialized()
 
 
 def rank() -> int:
+    """This process's rank (0 without torch.distributed)."""
     return torch.distributed.get_rank() if is_active() else 0
 
 
 def world_size() -> int:
+    """The number of processes (1 without torch.distributed)."""
     return torch.distributed.get_world_size() if is_active() else 1
 
 
@@ -144,18 +146,12 @@ def _compare(facts: Dict[str, str], header: str, fix: str, device: Optional[torc
         raise DistributedError(f"{header} differ across ranks — {'; '.join(diffs[:_SHOWN])}{more}. {fix}")
 
 
-def _plain(value) -> bool:
-    if isinstance(value, (tuple, list)):
-        return all(_plain(v) for v in value)
-    return value is None or isinstance(value, (bool, int, float, str, torch.dtype))
-
-
 def check_same(what: str, **values) -> None:
     """Refuse, on every rank, options that are not the same on every rank.
 
     Call it before the first collective that the options decide (the number of
     products, the block size ...): ranks that disagree would otherwise wait for
-    each other forever or crash inside the backend.
+    each other until the timeout or crash inside the backend.
 
     Args:
         what: what the values set up, for the message (``"trace"``, ``"eigenvalues"``).
@@ -167,13 +163,14 @@ def check_same(what: str, **values) -> None:
 
     >>> check_same("trace", num_matvecs=20)  # a no-op without torch.distributed
     """
-    bad = [k for k, v in values.items() if not _plain(v)]
+    bad = [k for k, v in values.items() if not plain(v)]
     if bad:
         raise InputError(f"check_same({what!r}): {', '.join(bad)} must be plain values "
                          "(numbers, strings, None or tuples of them)")
     if is_active():
         _compare({k: repr(v) for k, v in values.items()}, f"the settings of {what}",
-                 "Every rank must make the same call with the same arguments")
+                 "Every rank must make the same call with the same arguments (seed=None on every "
+                 "rank is fine: one seed is drawn on rank 0)")
 
 
 # -- seeds ---------------------------------------------------------------------------------------
@@ -182,16 +179,19 @@ def _fresh_seed() -> int:
     return int.from_bytes(os.urandom(8), "little") >> 1
 
 
-def common_seed(seed) -> int:
+def common_seed(seed, what: str = "the random probes", **same) -> int:
     """One seed for every rank: random probes must be the same numbers everywhere.
 
     ``seed=None`` draws a fresh seed (on rank 0, broadcast to the others); a
     whole number is returned as is, after checking that every rank passed the
-    same one. Without torch.distributed, ``None`` is drawn locally.
+    same one. Without torch.distributed, ``None`` is drawn locally. Options in
+    ``same`` (``num_matvecs=...``) are compared in the same exchange, as by
+    ``check_same(what, **same)``.
 
     Raises:
         InputError: ``seed`` is not ``None`` or a whole number.
-        DistributedError: ranks passed different seeds (or ``None`` on some ranks only).
+        DistributedError: ranks passed different seeds (or ``None`` on some ranks
+            only), or different ``same`` values.
 
     >>> common_seed(7)
     7
@@ -199,12 +199,11 @@ def common_seed(seed) -> int:
     True
     """
     seed = as_seed(seed)
-    if not is_active():
-        return _fresh_seed() if seed is None else seed
-    _compare({"seed": repr(seed)}, "the random seeds",
-             "Pass the same seed on every rank, or seed=None on every rank (drawn on rank 0)")
+    check_same(what, seed=seed, **same)
     if seed is not None:
         return seed
+    if not is_active():
+        return _fresh_seed()
     t = torch.tensor([_fresh_seed() if rank() == 0 else 0], dtype=torch.int64, device=_comm_device())
     _collective(lambda: torch.distributed.broadcast(t, src=0), "the broadcast of the random seed")
     return int(t.item())
@@ -238,7 +237,9 @@ def agree(error: Optional[BaseException]) -> None:
 
 @contextlib.contextmanager
 def agreeing():
-    """``agree`` around a block of local work: ``with agreeing(): validate()``.
+    """Share any failure of a block of local work with the other ranks, as ``agree`` does.
+
+    Use it as ``with agreeing(): validate()``.
 
     Any ``Exception`` in the block is shared with the other ranks (and re-raised
     here); a ``DistributedError`` is re-raised at once — it already reached every rank.
@@ -254,54 +255,9 @@ def agreeing():
 
 
 # -- start-up comparison of the objective ------------------------------------------------------
-def _tensor_fact(t: torch.Tensor) -> str:
-    digest = Hasher().tensor(t).hexdigest()[:16]
-    return f"{tuple(t.shape)} {str(t.dtype).replace('torch.', '')} {t.device.type} sha256:{digest}"
-
-
-def _layout_facts(names, shapes, dtype, device) -> Dict[str, str]:
-    facts = {"dtype": str(dtype).replace("torch.", ""), "device type": torch.device(device).type,
-             "number of parameters": f"{sum(math.prod(s) for s in shapes)} in {len(names)} tensors"}
-    facts.update({f"parameter {n}": f"shape {tuple(s)}" for n, s in zip(names, shapes)})
-    return facts
-
-
-def _mode_facts(model) -> Dict[str, str]:
-    """Train/eval mode: "all train", "all eval", or the names of the modules in eval mode."""
-    named = list(model.named_modules())
-    evals = [n or "(the model)" for n, m in named if not m.training]
-    mode = ("all train" if not evals else "all eval" if len(evals) == len(named)
-            else "eval: " + ", ".join(evals))
-    return {"train/eval mode": mode}
-
-
-def _loss_facts(loss_fn) -> Dict[str, str]:
-    """The loss: its type, readable plain settings, and a hash of everything that decides it."""
-    facts = {"loss": getattr(type(loss_fn), "__qualname__", "?") if isinstance(loss_fn, torch.nn.Module)
-             else getattr(loss_fn, "__qualname__", type(loss_fn).__qualname__)}
-    if isinstance(loss_fn, torch.nn.Module):
-        facts.update({f"loss.{k}": repr(v) for k, v in sorted(vars(loss_fn).items())
-                      if not k.startswith("_") and k != "training" and _plain(v)})
-        facts.update({f"loss.{n}": _tensor_fact(t) for n, t in loss_fn.named_buffers()})
-    facts["loss settings"] = "sha256:" + loss_description(Hasher(), loss_fn).hexdigest()[:16]
-    return facts
-
-
 _SAME_MODEL = ("Every rank must build the same model (same seed or weights, same params= selection, "
                "same dtype), in the same train/eval mode with the same buffers (batch-norm running "
                "statistics), and the same loss")
-
-
-def state_facts(objective) -> Dict[str, str]:
-    """What every rank must share, as readable ``{what: value}`` (tensors by shape, dtype and hash)."""
-    facts = _layout_facts(objective.layout.names, objective.layout.shapes, objective.dtype, objective.device)
-    facts["values of the selected parameters"] = _tensor_fact(objective.theta0)
-    facts.update({f"fixed parameter {n}": _tensor_fact(t) for n, t in objective._fixed.items()})
-    facts.update({f"buffer {n}": _tensor_fact(t) for n, t in objective._buffers.items()})
-    facts.update(_mode_facts(objective.model))
-    facts.update(_loss_facts(objective.loss_fn))
-    facts["reduction"] = repr(getattr(objective, "reduction", None))
-    return facts
 
 
 def check_state(objective) -> None:
@@ -329,13 +285,13 @@ def check_consistent(names: Sequence[str], shapes: Sequence[Sequence[int]], dtyp
     Superseded by ``check_state``, which compares this and more.
     """
     if is_active():
-        _compare(_layout_facts(names, shapes, dtype, device), "the model's parameters", _SAME_MODEL, device)
+        _compare(layout_facts(names, shapes, dtype, device), "the model's parameters", _SAME_MODEL, device)
 
 
 def check_theta(theta: torch.Tensor) -> None:
     """Refuse parameter values that differ across ranks (superseded by ``check_state``)."""
     if is_active():
-        _compare({"values of the selected parameters": _tensor_fact(theta)}, "the parameter values",
+        _compare({"values of the selected parameters": tensor_fact(theta)}, "the parameter values",
                  "Seed the model identically or load the same weights on every rank", theta.device)
 
 
