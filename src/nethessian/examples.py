@@ -1,7 +1,9 @@
 """Built-in problems: the classic two-layer network, and the benchmark MLP and CNN.
 
 Each returns ``(model, loss_fn, data)`` ready for ``nh.hessian`` and friends.
-Synthetic data is drawn from a seeded generator, so runs are reproducible.
+Weights and synthetic data are drawn from ``seed`` (weights inside
+``torch.random.fork_rng``, data from local ``torch.Generator``s), so runs are
+reproducible and the caller's global random state is left as it was.
 """
 from __future__ import annotations
 
@@ -9,6 +11,9 @@ from typing import Sequence
 
 import torch
 from torch import nn
+
+from ._checks import as_int
+from .errors import InputError
 
 __all__ = ["TwoLayerNet", "HalfSumSquaredError", "two_layer", "mlp", "cnn", "BUILTINS"]
 
@@ -47,7 +52,7 @@ def two_layer(seed: int = 0, dtype: torch.dtype = torch.float64):
     X = [[3, 5], [5, 1], [10, 2]] scaled by each column's maximum, y = [75, 82, 93] / 100,
     weights W1 (2×3) and W2 (3×1) standard normal from ``seed``; J = ½ Σ (y − ŷ)².
     """
-    g = torch.Generator().manual_seed(int(seed))
+    g = torch.Generator().manual_seed(as_int("seed", seed))
     X = torch.tensor(SLEEP_STUDY, dtype=torch.float64)
     X = X / X.max(dim=0).values
     y = torch.tensor(SCORES, dtype=torch.float64).reshape(-1, 1) / 100
@@ -63,14 +68,21 @@ def mlp(sizes: Sequence[int] = (784, 128, 64, 10), n: int = 1024, *, activation:
     """
     acts = {"tanh": nn.Tanh, "sigmoid": nn.Sigmoid, "relu": nn.ReLU, "softplus": nn.Softplus}
     if activation not in acts:
-        raise ValueError(f"unknown activation {activation!r}; valid: {', '.join(acts)}")
-    torch.manual_seed(seed)  # nn.Linear initialisation
-    layers = []
-    for i, (a, b) in enumerate(zip(sizes[:-1], sizes[1:])):
-        layers.append(nn.Linear(a, b))
-        if i < len(sizes) - 2:
-            layers.append(acts[activation]())
-    model = nn.Sequential(*layers).to(dtype)
+        raise InputError(f"unknown activation {activation!r}; valid: {', '.join(acts)}")
+    seed, n = as_int("seed", seed), as_int("n", n, minimum=1)
+    sizes = [as_int("sizes", s, minimum=1) for s in sizes]
+    if len(sizes) < 2:
+        raise InputError(f"sizes needs an input and an output size, got {sizes}")
+
+    def build():
+        layers = []
+        for i, (a, b) in enumerate(zip(sizes[:-1], sizes[1:])):
+            layers.append(nn.Linear(a, b))
+            if i < len(sizes) - 2:
+                layers.append(acts[activation]())
+        return nn.Sequential(*layers)
+
+    model = _seeded(build, seed).to(dtype)
     g = torch.Generator().manual_seed(seed + 1)
     X = torch.randn(n, sizes[0], generator=g, dtype=torch.float64)
     teacher = torch.randn(sizes[0], sizes[-1], generator=g, dtype=torch.float64)
@@ -80,16 +92,25 @@ def mlp(sizes: Sequence[int] = (784, 128, 64, 10), n: int = 1024, *, activation:
 
 def cnn(n: int = 256, *, seed: int = 0, dtype: torch.dtype = torch.float32):
     """Small CNN on 28×28 inputs: conv 1→8→16 (3×3), ReLU, max-pool, linear 400→10 (P = 5,258)."""
-    torch.manual_seed(seed)
-    model = nn.Sequential(
+    seed, n = as_int("seed", seed), as_int("n", n, minimum=1)
+    model = _seeded(lambda: nn.Sequential(
         nn.Conv2d(1, 8, 3), nn.ReLU(), nn.MaxPool2d(2),
         nn.Conv2d(8, 16, 3), nn.ReLU(), nn.MaxPool2d(2),
         nn.Flatten(), nn.Linear(400, 10),
-    ).to(dtype)
+    ), seed).to(dtype)
     g = torch.Generator().manual_seed(seed + 1)
     X = torch.randn(n, 1, 28, 28, generator=g, dtype=torch.float64)
     y = torch.randint(0, 10, (n,), generator=g)
     return model, nn.CrossEntropyLoss(), (X.to(dtype), y)
+
+
+def _seeded(build, seed: int) -> nn.Module:
+    """``build()`` with PyTorch's default initialisation drawn from ``torch.manual_seed(seed)``,
+    inside ``torch.random.fork_rng``: the caller's global random state is restored afterwards
+    (the weights are those of ``torch.manual_seed(seed); build()``)."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return build()
 
 
 BUILTINS = {"two-layer": two_layer, "mlp": mlp, "cnn": cnn}
