@@ -115,3 +115,40 @@ def test_fd_hessian_keeps_its_signature():
 def test_bad_arguments_are_refused(kwargs):
     with pytest.raises(InputError):
         check(*CORRECT["two_layer"](torch.float64), **kwargs)
+
+
+def test_directional_derivative_on_a_closed_form():
+    """f(θ) = Σ cos(a_j θ_j) + ½ θᵀAθ: H = A − diag(a² cos(aθ)), with a = logspace(-3, 3) and one
+    θ_j at 1000; every column within κ × its estimate, and to 1e-7 of the column's scale."""
+    from nethessian._finite_differences import directional_derivative, fd_steps
+    g = torch.Generator().manual_seed(0)
+    a = torch.logspace(-3, 3, 7, dtype=torch.float64)
+    B = torch.randn(7, 7, generator=g, dtype=torch.float64)
+    A = B @ B.T
+    theta = torch.randn(7, generator=g, dtype=torch.float64)
+    theta[3] = 1000.0
+
+    def grad(t):
+        return -a * torch.sin(a * t) + A @ t
+
+    H = A - torch.diag(a ** 2 * torch.cos(a * theta))
+    for j, h in enumerate(fd_steps(theta)):
+        col = directional_derivative(grad, theta, torch.eye(7, dtype=torch.float64)[j], float(h))
+        exact = H @ col.direction
+        err = float((col.value - exact).abs().max())
+        assert err <= KAPPA * float(col.error.max())
+        assert err <= 1e-7 * float(exact.abs().max())
+
+
+def test_a_non_finite_gradient_is_a_clear_error():
+    from nethessian._finite_differences import directional_derivative
+    from nethessian.errors import NetHessianError
+    with pytest.raises(NetHessianError, match="not finite"):
+        directional_derivative(lambda t: t / 0.0, torch.ones(3, dtype=torch.float64),
+                               torch.ones(3, dtype=torch.float64), 1e-5)
+
+
+def test_unresolved_block_is_said_so():
+    rep = check(*CORRECT["inputs_times_1e3_tanh"](torch.float64))
+    assert rep.passed
+    assert "not resolved" in str(rep)  # saturated units: finite differences see only noise

@@ -34,6 +34,8 @@ __all__ = ["CheckReport", "Comparison", "check", "fd_hessian"]
 
 #: safety factor on the estimated finite-difference error
 KAPPA = 10.0
+#: a block whose finite-difference error estimate exceeds this (relative) is flagged as not resolved
+UNRESOLVED = 1e-3
 
 
 @dataclass(frozen=True)
@@ -74,6 +76,8 @@ class Comparison:
         step = (f"{self.step_min:.1e}" if self.step_min == self.step_max
                 else f"{self.step_min:.1e}…{self.step_max:.1e}")
         verdict = "" if self.passed else f"   FAILED: {self.error / max(self.tolerance, 1e-300):.1e}× the tolerance"
+        if self.passed and self.estimate > UNRESOLVED:
+            verdict = "   (entries within the finite differences' error: not resolved)"
         return (f"  {label:<46}: {self.error:.2e}  (allowed {self.tolerance:.1e}; "
                 f"finite-difference error ≈ {self.estimate:.1e}, step {step}){verdict}")
 

@@ -25,7 +25,9 @@ from typing import Callable, Optional, Tuple
 
 import torch
 
+from ._checks import all_finite
 from ._progress import Progress
+from .errors import NetHessianError
 
 __all__ = ["Derivative", "directional_derivative", "fd_hessian", "fd_hessian_with_errors", "fd_steps"]
 
@@ -90,9 +92,13 @@ def directional_derivative(grad: Gradient, theta: torch.Tensor, d: torch.Tensor,
     for _ in range(_MAX_TRIES):
         r1, a, trunc, rnd = _ladder(grad, theta, h * d)
         evals += 6
-        if not bool(a.ne(0).any()):
-            break
+        if not bool(a.ne(0).any()):  # below the spacing of the numbers at θ: a larger step
+            h, last_dir = h * _GROW, 1
+            continue
         cand = Derivative(r1 / h, (trunc + rnd) / h, a / h, h, evals)
+        if not (all_finite(cand.value) and all_finite(cand.error)):  # left the domain: a smaller step
+            h, last_dir = h / _GROW, -1
+            continue
         if best is not None and float(cand.error.max()) >= float(best.error.max()):
             break
         best = cand
@@ -103,7 +109,9 @@ def directional_derivative(grad: Gradient, theta: torch.Tensor, d: torch.Tensor,
             break
         h, last_dir = h * _GROW ** direction, direction
     if best is None:
-        raise ValueError(f"the step {h:.1e} along the direction is below the floating-point spacing at θ")
+        raise NetHessianError("finite differences found no step giving a finite gradient that moves θ "
+                              f"(last step tried {h:.1e}): the gradient is not finite near θ, so nh.check "
+                              "cannot compare this model with finite differences")
     return Derivative(best.value, best.error, best.direction, best.step, evals)
 
 
