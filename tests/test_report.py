@@ -236,3 +236,27 @@ def test_two_processes_compute_together_and_rank_0_writes(tmp_path):
     assert R["cost"] == pytest.approx(J, rel=1e-12)
     assert R["gradient_norm"] == pytest.approx(float(g.norm()), rel=1e-10)
     assert (R["settings"]["world_size"], R["settings"]["num_samples"]) == (2, 33)
+
+
+@pytest.mark.parametrize("radius", [1.0, 0.1, 0.37, 3.3e-3, 7.77])
+def test_alpha_grid_is_symmetric_with_an_exact_zero(radius):
+    from nethessian._app.report_sections import alpha_grid
+
+    a = alpha_grid(radius)
+    assert a.numel() == 41 and a[20].item() == 0.0  # 0 · (r / 20): exactly zero on any CPU
+    torch.testing.assert_close(a, -a.flip(0), rtol=0, atol=0)
+    assert a[-1].item() == pytest.approx(radius, rel=1e-15) and bool((a.diff() > 0).all())
+
+
+def test_report_command_builds_one_objective(tmp_path, monkeypatch, capsys):
+    from nethessian._app.cli import main
+    from nethessian._objective import Objective
+
+    built = []
+    init = Objective.__init__
+    monkeypatch.setattr(Objective, "__init__", lambda self, *a, **k: (built.append(1), init(self, *a, **k))[1])
+    assert main(["report", "-o", str(tmp_path), "--save", str(tmp_path / "r.json")]) == 0
+    assert len(built) == 1  # the report, its quadratic model and the saved fingerprint share one objective
+    R = json.loads((tmp_path / "report.json").read_text())
+    assert R["problem"]["builtin"] == "two-layer" and "BUILTINS[&#x27;two-layer&#x27;](seed=0)" in \
+        (tmp_path / "report.html").read_text()
