@@ -376,3 +376,29 @@ def test_to_dense_checkpoint_and_fingerprint(tmp_path):
     torch.testing.assert_close(M.T.to_dense(), M.to_dense().T, rtol=1e-12, atol=1e-15)
     with pytest.raises(InputError, match="checkpoint"):
         M.to_dense(checkpoint=Checkpoint(tmp_path / "m.pt", {}))
+
+
+def test_per_sample_blocks_cost_d_products(monkeypatch):
+    """1 product for the coupling test, then D (no coupling) or max_b B_b · D (coupling) — never N·D."""
+    from nethessian import _input_operator
+    columns = []
+    real = _input_operator._Engine.hessian
+    monkeypatch.setattr(_input_operator._Engine, "hessian", lambda self, V: columns.append(V.shape[1]) or real(self, V))
+    model, (X, y) = mlp(), regression(9)
+    input_hessian(model, nn.MSELoss(), ragged(X, y))
+    assert sum(columns) == 1 + 3
+    columns.clear()
+    bn = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4), nn.Tanh(), nn.Linear(4, 2)).double().train()
+    input_hessian(bn, nn.MSELoss(), ragged(X, y))                # batches of 2, 3, 4 samples
+    assert sum(columns) == 1 + 4 * 3
+
+
+def test_dataloader_matches_batches():
+    from torch.utils.data import DataLoader, TensorDataset
+    model, (X, y) = mlp(), regression(9)
+    loader = DataLoader(TensorDataset(X, y), batch_size=4)        # batches of 4, 4, 1
+    R = input_hessian(model, nn.MSELoss(), loader, at="1")
+    ref = input_hessian(model, nn.MSELoss(), (X, y), at="1")
+    assert R.batch_sizes == (4, 4, 1)
+    torch.testing.assert_close(R.per_sample, ref.per_sample, rtol=1e-10, atol=1e-14)
+    assert (R.operator @ torch.zeros(R.operator.shape[0], 0, dtype=F64)).shape == (R.operator.shape[0], 0)

@@ -198,22 +198,26 @@ def _slots(op: InputHessianOperator, coupled: bool) -> torch.Tensor:
 
 
 def _per_sample(op: InputHessianOperator, coupled: bool) -> torch.Tensor:
-    """``(N, D, D)`` diagonal blocks from ``(number of slots) · D`` structured products."""
+    """``(N, D, D)`` diagonal blocks from ``(number of slots) · D`` structured products.
+
+    Probe ``(s, d)`` is 1 at entry ``d`` of every sample in slot ``s``; its product's
+    rows of those samples are column ``d`` of their blocks (each ``(sample, d)`` is
+    reached by exactly one probe, so the blocks are accumulated with ``index_add_``).
+    """
     lay = op.sample_layout
     N, D = lay.N, lay.D
     slots = _slots(op, coupled).to(op.device)
-    probes = [(s, d) for s in range(int(slots.max()) + 1) for d in range(D)]
-    out = torch.empty(N, D, D, dtype=op.dtype, device=op.device)
-    chunk = column_chunk(N * D, len(probes))
-    for start in range(0, len(probes), chunk):
-        batch = probes[start:start + chunk]
-        E = torch.zeros(N, D, len(batch), dtype=op.dtype, device=op.device)
-        for c, (s, d) in enumerate(batch):
-            E[slots == s, d, c] = 1
+    num = (int(slots.max()) + 1) * D
+    out = torch.zeros(N, D, D, dtype=op.dtype, device=op.device)
+    chunk = column_chunk(N * D, num)
+    for start in range(0, num, chunk):
+        probe = torch.arange(start, min(num, start + chunk), device=op.device)
+        s, d = probe // D, probe % D
+        mask = (slots[:, None] == s[None, :]).to(op.dtype)                     # (N, c)
+        E = torch.zeros(N, D, len(probe), dtype=op.dtype, device=op.device)
+        E[:, d, torch.arange(len(probe), device=op.device)] = mask
         HE = (op @ E.reshape(N * D, -1)).reshape(N, D, -1)
-        for c, (s, d) in enumerate(batch):
-            rows = slots == s
-            out[rows, :, d] = HE[rows, :, c]
+        out.index_add_(2, d, HE * mask[:, None, :])
     return out
 
 

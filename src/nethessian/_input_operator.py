@@ -179,7 +179,7 @@ class SampleLayout:
     def join(self, parts: Sequence[torch.Tensor]) -> torch.Tensor:
         """Per batch ``(k, *shape_b)`` → ``(N·D, k)``."""
         flat = [p.movedim(1 + self.sample_dim, 1).reshape(p.shape[0], -1) for p in parts]
-        return torch.cat(flat, dim=1).T
+        return (flat[0] if len(flat) == 1 else torch.cat(flat, dim=1)).T
 
 
 def _grads(outputs, inputs, grad_outputs, k: int, batched: bool):
@@ -246,8 +246,12 @@ class _Matrix:
         V = v.to(device=self.device, dtype=self.dtype)
         V = V[:, None] if v.ndim == 1 else V
         c = column_chunk(max(self.shape), V.shape[1])
-        out = torch.cat([self._apply(V[:, i:i + c]) for i in range(0, V.shape[1], c)], dim=1) \
-            if V.shape[1] else torch.zeros(self.shape[0], 0, dtype=self.dtype, device=self.device)
+        if V.shape[1] == 0:
+            out = torch.zeros(self.shape[0], 0, dtype=self.dtype, device=self.device)
+        elif V.shape[1] <= c:
+            out = self._apply(V)
+        else:
+            out = torch.cat([self._apply(V[:, i:i + c]) for i in range(0, V.shape[1], c)], dim=1)
         return out[:, 0] if v.ndim == 1 else out
 
     matmul = __matmul__
