@@ -1,0 +1,385 @@
+"""Influence of every training point on a test loss (Koh & Liang 2017), one inverse-HVP solve.
+
+Convention. The training cost is nethessian's ``J(θ) = Σ_i w_i ℓ_i(θ)`` over the
+training data: ``ℓ_i`` is ``loss_fn`` on sample ``i`` alone and ``w_i`` its weight in J —
+``c_i / Σ_j c_j`` for a mean-reduced loss (``c_i`` the sample's number of loss terms,
+e.g. its non-ignored tokens; ``1/N`` for one term per sample) and ``1`` for
+reduction ``"sum"``. With ``H = ∇²J(θ̂)``, ``λ`` the damping and ``L_test`` the test cost,
+
+    s = (H + λI)⁻¹ ∇L_test(θ̂)                      (one solve, shared by every point)
+    score_i = I(z_i, z_test) = −∇ℓ_i(θ̂)ᵀ s          (Koh & Liang's I_up,loss)
+
+``score_i = dL_test/dε`` when sample ``i``'s weight is raised from ``w_i`` to ``w_i + ε``
+(exactly, for λ = 0 at a minimum θ̂). Removing the sample is ``ε = −w_i``, so the
+predicted leave-one-out change of the test loss is ``ΔL_test ≈ −w_i · score_i``
+(``removal_effect``), and θ moves by ``≈ w_i (H + λI)⁻¹ ∇ℓ_i``.
+
+**Helpful** points have ``score_i < 0``: up-weighting them lowers the test loss and
+removing them raises it. **Harmful** points have ``score_i > 0``.
+
+Damping. ``λ > 0`` replaces ``H`` by ``H + λI``: it shrinks every component of ``s`` along
+an eigenvector of ``H`` with eigenvalue ``μ`` by ``μ / (μ + λ)``. Its effect is reported
+as the elasticity ``damping_sensitivity = ‖d scores / d log λ‖ / ‖scores‖ = ‖λ G t‖ / ‖G s‖``
+with ``G`` the ``(N, P)`` per-sample gradients and ``t = (H + λI)⁻¹ s`` (exact, since
+``ds/dλ = −t``; it costs one more solve with the same matrix). For a positive definite
+``H`` it is at most ``λ / (μ_min + λ)``. 0.01
+means a 10 % change of λ changes the scores by about 0.1 %; near 1 the scores say more
+about λ than about the model. An ``H + λI`` that is not positive definite is an error
+(``method="minres"``: a warning) with the damping that fixes it.
+"""
+from __future__ import annotations
+
+import math
+import warnings
+from dataclasses import dataclass
+from typing import Any, Dict, Optional, Sequence
+
+import torch
+from torch.func import grad, vmap
+from torch.utils._pytree import tree_flatten, tree_unflatten
+
+from . import distributed as dist
+from ._checks import all_finite, as_float, as_int
+from ._columns import column_chunk
+from ._data import Batch, term_count
+from ._objective import Objective
+from ._progress import Progress
+from .errors import InputError, NonFiniteError, NotConvergedError
+from .linalg._solve import _solve
+from .operators import HessianOperator
+
+__all__ = ["InfluenceResult", "influence", "per_sample_gradients"]
+
+METHODS = ("auto", "cg", "minres", "dense")
+AUTO_DENSE_MAX = 512       # method="auto": exact eigen-decomposition up to this many parameters
+_TOL = {torch.float64: 1e-10, torch.float32: 1e-5}
+
+
+@dataclass(frozen=True, repr=False)
+class InfluenceResult:
+    """Influence scores of every training point on one test cost (see the module docstring).
+
+    Attributes:
+        scores: ``(N,)`` ``I(z_i, z_test) = −∇ℓ_iᵀ (H + λI)⁻¹ ∇L_test``, in data order.
+            Negative: helpful; positive: harmful.
+        weights: ``(N,)`` each sample's weight ``w_i`` in the training cost J.
+        damping: the λ used.
+        damping_sensitivity: ``‖d scores / d log λ‖ / ‖scores‖`` (0 when λ = 0).
+        method: the solver used (``"cg"``, ``"minres"`` or ``"dense"``).
+        converged, residual, iterations, num_matvecs: the solve of ``(H + λI)s = ∇L_test``:
+            true relative residual, Krylov iterations, Hessian-vector products in all
+            (both solves; ``P`` columns for ``"dense"``).
+        min_eigenvalue, max_eigenvalue: of ``H`` (``"dense"`` only, else None).
+        test_loss: ``L_test(θ̂)``.
+    """
+
+    scores: torch.Tensor
+    weights: torch.Tensor
+    damping: float
+    damping_sensitivity: float
+    method: str
+    converged: bool
+    residual: float
+    iterations: int
+    num_matvecs: int
+    min_eigenvalue: Optional[float]
+    max_eigenvalue: Optional[float]
+    test_loss: float
+
+    @property
+    def removal_effect(self) -> torch.Tensor:
+        """``(N,)`` predicted change of the test loss when sample i is left out: ``−w_i · score_i``."""
+        return -self.weights * self.scores
+
+    def helpful(self, k: int = 10) -> torch.Tensor:
+        """Indices of the ``k`` most helpful samples (most negative scores first)."""
+        k = min(as_int("k", k, minimum=0), self.scores.numel())
+        return torch.argsort(self.scores)[:k]
+
+    def harmful(self, k: int = 10) -> torch.Tensor:
+        """Indices of the ``k`` most harmful samples (most positive scores first)."""
+        k = min(as_int("k", k, minimum=0), self.scores.numel())
+        return torch.argsort(self.scores, descending=True)[:k]
+
+    def table(self, top: int = 10) -> str:
+        """Text table of the ``top`` most helpful and most harmful samples."""
+        rows = [f"{'':8} {'index':>7} {'score':>12} {'removal Δ L_test':>17}"]
+        for label, idx in (("helpful", self.helpful(top)), ("harmful", self.harmful(top))):
+            for i in idx.tolist():
+                rows.append(f"{label:8} {i:>7} {float(self.scores[i]):12.4e} "
+                            f"{float(self.removal_effect[i]):17.4e}")
+        return "\n".join(rows)
+
+    def to_dict(self) -> Dict[str, Any]:
+        """Plain Python types only, ready for ``json.dumps``."""
+        d = {k: getattr(self, k) for k in self.__dataclass_fields__}
+        d["scores"] = self.scores.detach().cpu().double().tolist()
+        d["weights"] = self.weights.detach().cpu().double().tolist()
+        return d
+
+    def __repr__(self) -> str:
+        conv = "converged" if self.converged else "NOT converged"
+        return (f"InfluenceResult(N={self.scores.numel()}, damping={self.damping:g} "
+                f"(sensitivity {self.damping_sensitivity:.2g}), {self.method} {conv}, "
+                f"residual={self.residual:.1e}, matvecs={self.num_matvecs}, "
+                f"scores in [{float(self.scores.min()):.3e}, {float(self.scores.max()):.3e}])")
+
+
+# -- per-sample gradients ------------------------------------------------------------------
+def _check_sample_dims(batch: Batch) -> int:
+    """Samples in ``batch``: every input tensor must have the targets' leading size."""
+    t = batch.targets
+    if t.ndim == 0:
+        raise InputError(f"batch {batch.index}: targets are a scalar; per-sample influence needs one "
+                         "target per sample along dimension 0")
+    n = t.shape[0]
+    leaves, _ = tree_flatten(batch.inputs)
+    for x in leaves:
+        if isinstance(x, torch.Tensor) and (x.ndim == 0 or x.shape[0] != n):
+            raise InputError(
+                f"batch {batch.index}: an input has shape {tuple(x.shape)} but the targets have {n} "
+                f"samples (shape {tuple(t.shape)}); every input tensor must have the samples along "
+                "dimension 0")
+    return n
+
+
+def _refuse_coupling(objective: Objective) -> None:
+    """Batch norm in train mode couples the samples of a batch: no per-sample terms exist."""
+    for name, m in objective.model.named_modules():
+        if isinstance(m, torch.nn.modules.batchnorm._BatchNorm) and m.training:
+            raise InputError(
+                f"module {name or type(m).__name__} is batch norm in train mode: each sample's loss "
+                "depends on the whole batch, so the cost is no sum of per-sample terms. Call "
+                "model.eval() (running statistics) before computing influence")
+
+
+def _chunk_gradients(objective: Objective, theta: torch.Tensor, batch: Batch, lo: int, hi: int):
+    """``(∇ℓ_i (c, P), ℓ_i (c,), outputs (c, 1, ...))`` for samples ``lo:hi`` of ``batch`` (vmap of grad)."""
+    leaves, spec = tree_flatten(batch.inputs)
+    dims = tuple(0 if isinstance(x, torch.Tensor) else None for x in leaves)
+    sliced = tuple(x[lo:hi] if isinstance(x, torch.Tensor) else x for x in leaves)
+
+    def one(th, xs, y):
+        xs = [x.unsqueeze(0) if isinstance(x, torch.Tensor) else x for x in xs]
+        sample = Batch(batch.index, tree_unflatten(xs, spec), y.unsqueeze(0))
+        loss, out = objective.batch_loss(objective.params_dict(th), sample)
+        return loss, (loss, out)
+
+    try:
+        g, (loss, out) = vmap(grad(one, has_aux=True), in_dims=(None, dims, 0))(
+            theta, sliced, batch.targets[lo:hi])
+    except (RuntimeError, ValueError) as exc:
+        raise InputError(
+            f"batch {batch.index}: per-sample gradients (torch.func vmap of grad over samples "
+            f"{lo}..{hi - 1}) failed: {exc}. The model must treat samples independently and be "
+            "usable with torch.func (no in-place ops on inputs, no data-dependent Python control flow)"
+        ) from None
+    return g, loss.detach(), out.detach()
+
+
+def _term_counts(objective: Objective, batch: Batch, out: torch.Tensor, lo: int, hi: int) -> torch.Tensor:
+    """``c_i``: each sample's number of loss terms (1 unless the loss is mean-reduced over terms)."""
+    red = objective.reduction
+    c = torch.ones(hi - lo, dtype=torch.float64)
+    if red in (None, "sum", "batchmean"):
+        return c
+    for j in range(hi - lo):
+        c[j] = term_count(objective.loss_fn, red, out[j], batch.targets[lo + j:lo + j + 1])
+    return c
+
+
+def per_sample_gradients(objective: Objective, *, chunk_size: Optional[int] = None,
+                         progress: Optional[bool] = None):
+    """Yield ``(first index, ∇ℓ_i (c, P), ℓ_i (c,), c_i (c,))`` chunk by chunk, in data order.
+
+    ``ℓ_i`` is ``loss_fn`` on sample ``i`` alone, at ``objective.theta0``; chunks hold at most
+    ``chunk_size`` samples (default ``column_chunk(P)``: a ``(c, P)`` block under 2**24 entries)
+    and never cross a batch. A sample with no loss terms (every target ignored) gets a
+    zero gradient and loss, and ``c_i = 0``.
+    """
+    _refuse_coupling(objective)
+    P = objective.size
+    c = column_chunk(P) if chunk_size is None else as_int("chunk_size", chunk_size, minimum=1)
+    data = objective.data
+    if data.in_memory:
+        total, unit = sum(b.targets.shape[0] for b in data), "sample"
+    else:
+        total, unit = data.num_batches or 0, "batch"
+    theta = objective.theta0.detach()
+    start = 0
+    with Progress(total, "influence: per-sample gradients", unit=unit, enabled=progress) as bar:
+        for batch in data:
+            n = _check_sample_dims(batch)
+            for lo in range(0, n, c):
+                hi = min(n, lo + c)
+                g, loss, out = _chunk_gradients(objective, theta, batch, lo, hi)
+                counts = _term_counts(objective, batch, out, lo, hi)
+                empty = counts == 0
+                if bool(empty.any()):
+                    g, loss = g.masked_fill(empty[:, None].to(g.device), 0), loss.masked_fill(
+                        empty.to(loss.device), 0)
+                if not (all_finite(g) and all_finite(loss)):
+                    bad = (~torch.isfinite(g).all(1) | ~torch.isfinite(loss)).nonzero()[0, 0]
+                    raise NonFiniteError(f"sample {start + int(bad)} (batch {batch.index}) has a NaN or "
+                                         "Inf loss or gradient; check its data and the loss")
+                yield start, g, loss, counts
+                start += hi - lo
+                bar.update(hi - lo if unit == "sample" else 0)
+            if unit == "batch":
+                bar.update(1)
+
+
+# -- the solve ------------------------------------------------------------------------------
+def _indefinite(bound: Optional[float], damping: float, exact: bool) -> str:
+    """The message for an ``H + λI`` that is not positive definite; ``bound`` ≥ λ_min(H) when known."""
+    if bound is None:
+        what, fix = "a solve gave bᵀ(H + λI)⁻¹b ≤ 0", "a larger damping (try 10×, or method='dense' to see λ_min)"
+    else:
+        need = max(-bound, 0.0)
+        what = f"λ_min(H) = {bound:.3e}" if exact else f"H has curvature {bound:.3e} along a direction CG met"
+        fix = f"damping > {need:.3g} (e.g. damping={max(2 * need, 1e-12):.2g})"
+    return (f"H + λI is not positive definite ({what}, damping λ = {damping:g}): θ is not a minimum of the "
+            f"training cost, and the influence function assumes one. Train to convergence, or pass {fix}; "
+            "the scores then describe the damped problem (see damping_sensitivity). method='minres' solves "
+            "the indefinite system anyway (with a warning)")
+
+
+def _dense(op: HessianOperator, g: torch.Tensor, damping: float, progress) -> Dict[str, Any]:
+    """``s`` and ``t`` from the eigen-decomposition of the dense ``H`` (P products); exact extreme eigenvalues."""
+    H = op.to_dense(progress=progress).double()
+    H = (H + H.T) / 2
+    e, V = torch.linalg.eigh(H)
+    lmin, lmax = float(e[0]), float(e[-1])
+    if lmin + damping <= H.shape[0] * torch.finfo(op.dtype).eps * max(abs(lmax), abs(lmin), 1e-300):
+        raise InputError(_indefinite(lmin, damping, exact=True))
+    gd = g.double()
+    s = V @ ((V.T @ gd) / (e + damping))
+    t = V @ ((V.T @ s) / (e + damping))
+    gn = float(gd.norm())
+    residual = float((gd - H @ s - damping * s).norm()) / gn if gn > 0 else 0.0
+    return dict(s=s.to(op.dtype), t=t.to(op.dtype), method="dense", converged=True, residual=residual,
+                iterations=0, num_matvecs=H.shape[0], min_eigenvalue=lmin, max_eigenvalue=lmax)
+
+
+def _krylov_one(op, b, damping, method, tol, maxiter):
+    res = _solve(op, b, damping=damping, method=method, tol=tol, maxiter=maxiter, x0=None, callback=None)
+    if res.status == "negative_curvature":
+        p = res.curvature_direction  # unit p: pᵀHp ≥ λ_min(H)
+        raise InputError(_indefinite(float(p @ (op @ p)) / float(p @ p), damping, exact=False))
+    if not res.converged:
+        raise NotConvergedError(f"influence: the solve of (H + λI) x = b did not converge: {res.message}", res)
+    return res
+
+
+def _krylov(op, g, damping, method, tol, maxiter) -> Dict[str, Any]:
+    """``s = (H + λI)⁻¹ g`` and, for λ > 0, ``t = (H + λI)⁻¹ s`` by CG or MINRES."""
+    first = _krylov_one(op, g, damping, method, tol, maxiter)
+    s, t, matvecs = first.x, torch.zeros_like(first.x), first.num_matvecs
+    if damping > 0 and bool(s.any()):
+        second = _krylov_one(op, s, damping, method, tol, maxiter)
+        t, matvecs = second.x, matvecs + second.num_matvecs
+    # gᵀ(H + λI)⁻¹g and sᵀ(H + λI)⁻¹s are > 0 for a positive definite H + λI
+    if bool(s.any()) and (float(g @ s) <= 0 or (damping > 0 and float(s @ t) <= 0)):
+        msg = _indefinite(None, damping, exact=False)
+        if method != "minres":
+            raise InputError(msg)
+        warnings.warn(msg, RuntimeWarning, stacklevel=4)
+    return dict(s=s, t=t, method=method, converged=True, residual=first.final_residual,
+                iterations=first.iterations, num_matvecs=matvecs, min_eigenvalue=None, max_eigenvalue=None)
+
+
+# -- the weights of the per-sample terms, and the check that J is their sum -----------------
+def _weights(objective: Objective, counts, loss_sum, loss_abs, grad_sum, grad_abs) -> float:
+    """The normaliser ``Z`` with ``J = Σ_i c_i ℓ_i / Z``, verified on J's value and gradient."""
+    J, gJ = objective.value_and_grad()
+    C = float(counts.sum())
+    red = objective.reduction
+    candidates = [1.0] if red == "sum" else [C] if red is not None else [C, 1.0]
+    rtol = 1e3 * torch.finfo(objective.dtype).eps
+    for Z in candidates:
+        if Z > 0 and abs(J - loss_sum / Z) <= rtol * (abs(J) + loss_abs / Z):
+            gap = float((gJ.double() - grad_sum / Z).norm())
+            if gap <= rtol * (float(gJ.double().norm()) + grad_abs / Z):
+                return Z
+            raise InputError(
+                f"the training cost's gradient differs from the weighted sum of per-sample gradients "
+                f"(gap {gap:.3e}): the samples are not independent (a layer mixing samples, a loss "
+                "coupling them); influence needs J = Σ_i w_i ℓ_i")
+    hint = (" The loss has no .reduction: pass reduction='mean' or 'sum'." if red is None else "")
+    raise InputError(
+        f"the training cost J = {J:.6e} is not the weighted sum of per-sample losses "
+        f"(Σ c_i ℓ_i = {loss_sum:.6e} over {len(counts)} samples, Σ c_i = {C:g}): the loss does not "
+        f"split into per-sample terms.{hint}")
+
+
+def influence(model: torch.nn.Module, loss_fn, train_data, test_data, *, test_loss_fn=None,
+              params: Optional[Sequence[str]] = None, reduction=None, damping: float = 0.0,
+              method: str = "auto", tol: Optional[float] = None, maxiter: Optional[int] = None,
+              chunk_size: Optional[int] = None, progress: Optional[bool] = None) -> InfluenceResult:
+    """Influence of every training point on the test cost, ``−∇ℓ_iᵀ (H + λI)⁻¹ ∇L_test``.
+
+    See the module docstring for the convention: ``score_i < 0`` is helpful, ``> 0`` harmful,
+    and ``result.removal_effect[i] = −w_i score_i`` predicts the test loss change when sample
+    i is left out of training. ``H`` is the Hessian of nethessian's training cost J (batch
+    weighting included) at the model's current weights, which should be a minimum.
+
+    Args:
+        model, loss_fn, train_data, params, reduction: the training cost J (see ``Objective``).
+        test_data: the test points; ``L_test`` is their cost with ``test_loss_fn`` (default
+            ``loss_fn``; ``reduction`` applies to the test cost only when it uses ``loss_fn``).
+        damping: ``λ ≥ 0``.
+        method: ``"cg"`` (``H + λI`` positive definite), ``"minres"`` (indefinite allowed, with a
+            warning), ``"dense"`` (eigen-decomposition of the dense H: P products, exact
+            eigenvalues), ``"auto"`` (dense up to 512 parameters, else cg).
+        tol: relative residual of the solve (default 1e-10 in float64, 1e-5 in float32).
+        maxiter: most Krylov iterations per solve (default as ``nh.solve``).
+        chunk_size: samples per vmapped per-sample-gradient call (default ``column_chunk(P)``).
+        progress: ``None`` auto, ``True``/``False``.
+
+    Raises:
+        InputError: bad options, empty data, inputs and targets of different sample counts, a cost
+            that is not a sum of per-sample terms, or ``H + λI`` not positive definite (with the
+            damping that fixes it).
+        NotConvergedError: the solve did not reach ``tol``.
+    """
+    if method not in METHODS:
+        raise InputError(f"unknown method {method!r}; valid: {', '.join(map(repr, METHODS))}")
+    damping = as_float("damping", damping)
+    if damping < 0:
+        raise InputError(f"damping must be ≥ 0 (it is added to H's eigenvalues), got {damping}")
+    if dist.world_size() > 1:
+        raise InputError("influence does not support torch.distributed yet: run it on one process")
+    op = HessianOperator(model, loss_fn, train_data, params, reduction=reduction)
+    train = op.objective
+    test = Objective(model, test_loss_fn or loss_fn, test_data, params,
+                     reduction=reduction if test_loss_fn is None else None)
+    tol = _TOL.get(train.dtype, 1e-5) if tol is None else as_float("tol", tol, positive=True)
+    test_loss, g = test.value_and_grad()
+    if method == "auto":
+        method = "dense" if train.size <= AUTO_DENSE_MAX else "cg"
+    sol = _dense(op, g, damping, progress) if method == "dense" else _krylov(op, g, damping, method, tol, maxiter)
+    return _scores(train, sol, damping, float(test_loss), chunk_size, progress)
+
+
+def _scores(train: Objective, sol: Dict[str, Any], damping: float, test_loss: float,
+            chunk_size, progress) -> InfluenceResult:
+    """One pass of per-sample gradients: scores ``−G s``, sensitivity ``λ G t``, and J's check."""
+    S = torch.stack([sol.pop("s"), sol.pop("t")], dim=1)
+    parts, counts = [], []
+    loss_sum = loss_abs = grad_abs = 0.0
+    grad_sum = torch.zeros(train.size, dtype=torch.float64, device=train.device)
+    for _, G, loss, c in per_sample_gradients(train, chunk_size=chunk_size, progress=progress):
+        parts.append((G @ S).double().cpu())
+        cd = c.to(device=G.device)
+        loss_sum += float((cd * loss.double()).sum())
+        loss_abs += float((cd * loss.double().abs()).sum())
+        grad_sum += (cd[:, None] * G.double()).sum(0)
+        grad_abs += float((cd * G.double().norm(dim=1)).sum())
+        counts.append(c)
+    GS, counts = torch.cat(parts), torch.cat(counts)
+    Z = _weights(train, counts, loss_sum, loss_abs, grad_sum, grad_abs)
+    scores, dlog = -GS[:, 0], damping * GS[:, 1]
+    norm = float(scores.norm())
+    sens = float(dlog.norm()) / norm if norm > 0 else 0.0
+    return InfluenceResult(scores=scores.to(train.dtype), weights=(counts / Z).to(train.dtype),
+                           damping=damping, damping_sensitivity=sens, test_loss=test_loss, **sol)
