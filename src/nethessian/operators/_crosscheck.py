@@ -51,6 +51,8 @@ def verify_jv(jv: JV, f: Callable[[torch.Tensor], torch.Tensor], theta: torch.Te
         f: the model's outputs as a function of the flat parameters (one batch).
         theta: where to differentiate.
         exact: forward mode ``v ↦ J v``; where it hits an AD gap, finite differences serve.
+        what: the route's name, for the message.
+        seed: seed of the random direction ``v``.
     """
     g = torch.Generator(device="cpu").manual_seed(seed)
     v = torch.randn(theta.numel(), generator=g, dtype=torch.float64).to(theta)
