@@ -16,7 +16,6 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import numbers
 import os
 import socket
 import tempfile

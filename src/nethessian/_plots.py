@@ -104,22 +104,12 @@ def hessian_heatmap(H, *, block_labels: Optional[Mapping[Tuple[str, str], str]] 
         scale: ``"symlog"`` (default: small and large entries both visible) or ``"linear"``;
             either way a diverging map centred at 0 (red positive, blue negative).
         annotate: write each entry's value in its cell (default: when P ≤ 12).
-        title, caption: text above and below the matrix.
+        title: text above the matrix.
+        caption: text below the matrix.
     """
-    from matplotlib.colors import Normalize, SymLogNorm
-
     M = (0.5 * (H.dense + H.dense.T)).detach().double().cpu()
     lay, P = H.layout, M.shape[0]
-    m = float(M.abs().max()) or 1.0
-    ticks = None
-    if scale == "symlog":
-        lin = _symlog_threshold(M)
-        norm = SymLogNorm(lin, vmin=-m, vmax=m, base=10)
-        ticks = _symlog_ticks(lin, m)
-    elif scale == "linear":
-        norm = Normalize(-m, m)
-    else:
-        raise ValueError(f"scale must be 'symlog' or 'linear', got {scale!r}")
+    norm, ticks = _heatmap_norm(M, scale)
     small = P <= 24
     side = 6.4 if small else 6.8
     fig = _figure(side + 1.2, side + (0.5 if caption else 0.0))
@@ -128,8 +118,37 @@ def hessian_heatmap(H, *, block_labels: Optional[Mapping[Tuple[str, str], str]] 
     cb = fig.colorbar(img, ax=ax, shrink=0.78, pad=0.02, ticks=ticks)
     cb.set_label("∂²J/∂θᵢ∂θⱼ" + (" (symmetric log scale)" if scale == "symlog" else ""), fontsize=9)
     cb.ax.tick_params(labelsize=8)
-    edges = [o - 0.5 for o in lay.offsets[1:]]
-    for e in edges:
+    _block_axes(ax, lay, P, small)
+    if annotate if annotate is not None else P <= 12:
+        corners = {(lay.offsets[lay.index(r)], lay.offsets[lay.index(c)]) for r, c in (block_labels or {})}
+        _annotate_cells(ax, M, norm, corners)
+    for (r, c), label in (block_labels or {}).items():
+        y0, x0 = lay.offsets[lay.index(r)] - 0.5, lay.offsets[lay.index(c)] - 0.5
+        ax.text(x0 + 0.12, y0 + 0.12, label, ha="left", va="top", fontsize=12, fontweight="bold",
+                color=INK, bbox=dict(boxstyle="round,pad=0.22", fc="white", ec=INK, lw=0.8, alpha=0.92))
+    if title:
+        ax.set_title(title, fontsize=11, pad=8)
+    if caption:
+        fig.supxlabel(caption, fontsize=10.5)
+    return fig
+
+
+def _heatmap_norm(M: torch.Tensor, scale: str):
+    """A diverging colour norm centred at 0 (and its colour-bar ticks for ``symlog``)."""
+    from matplotlib.colors import Normalize, SymLogNorm
+
+    m = float(M.abs().max()) or 1.0
+    if scale == "symlog":
+        lin = _symlog_threshold(M)
+        return SymLogNorm(lin, vmin=-m, vmax=m, base=10), _symlog_ticks(lin, m)
+    if scale == "linear":
+        return Normalize(-m, m), None
+    raise ValueError(f"scale must be 'symlog' or 'linear', got {scale!r}")
+
+
+def _block_axes(ax, lay, P: int, small: bool) -> None:
+    """Heavy lines between parameter blocks; entry names (small P) or block names as ticks."""
+    for e in [o - 0.5 for o in lay.offsets[1:]]:
         ax.axhline(e, color=INK, lw=1.6)
         ax.axvline(e, color=INK, lw=1.6)
     if small:
@@ -142,25 +161,18 @@ def hessian_heatmap(H, *, block_labels: Optional[Mapping[Tuple[str, str], str]] 
         ax.set_xticks(centres, lay.names, rotation=45, ha="left", fontsize=8.5)
         ax.set_yticks(centres, lay.names, fontsize=8.5)
     ax.xaxis.tick_top()
-    if annotate is None:
-        annotate = P <= 12
-    corners = {(lay.offsets[lay.index(r)], lay.offsets[lay.index(c)]) for r, c in (block_labels or {})}
-    if annotate:
-        for i in range(P):
-            for j in range(P):
-                v = float(M[i, j])
-                dark = abs(norm(v) - 0.5) > 0.32
-                ax.text(j, i + (0.2 if (i, j) in corners else 0.0), f"{v:+.4f}" if abs(v) >= 1e-4 or v == 0 else f"{v:+.0e}", ha="center",
-                        va="center", fontsize=6.6, color="white" if dark else INK, family="monospace")
-    for (r, c), label in (block_labels or {}).items():
-        y0, x0 = lay.offsets[lay.index(r)] - 0.5, lay.offsets[lay.index(c)] - 0.5
-        ax.text(x0 + 0.12, y0 + 0.12, label, ha="left", va="top", fontsize=12, fontweight="bold",
-                color=INK, bbox=dict(boxstyle="round,pad=0.22", fc="white", ec=INK, lw=0.8, alpha=0.92))
-    if title:
-        ax.set_title(title, fontsize=11, pad=8)
-    if caption:
-        fig.supxlabel(caption, fontsize=10.5)
-    return fig
+
+
+def _annotate_cells(ax, M: torch.Tensor, norm, corners) -> None:
+    """Each entry's value in its cell (moved down a little where a block label sits)."""
+    P = M.shape[0]
+    for i in range(P):
+        for j in range(P):
+            v = float(M[i, j])
+            dark = abs(norm(v) - 0.5) > 0.32
+            text = f"{v:+.4f}" if abs(v) >= 1e-4 or v == 0 else f"{v:+.0e}"
+            ax.text(j, i + (0.2 if (i, j) in corners else 0.0), text, ha="center",
+                    va="center", fontsize=6.6, color="white" if dark else INK, family="monospace")
 
 
 def eigenvalue_plot(eigenvalues, *, smallest=None, title: Optional[str] = None, k_label: str = ""):
@@ -172,7 +184,8 @@ def eigenvalue_plot(eigenvalues, *, smallest=None, title: Optional[str] = None, 
     top = torch.as_tensor(eigenvalues, dtype=torch.float64).flatten().sort().values
     from matplotlib.ticker import NullLocator
 
-    groups = [top] if smallest is None else [torch.as_tensor(smallest, dtype=torch.float64).flatten().sort().values, top]
+    low = None if smallest is None else torch.as_tensor(smallest, dtype=torch.float64).flatten().sort().values
+    groups = [top] if low is None else [low, top]
     fig = _figure(7.6, 3.6)
     ax = fig.add_subplot()
     _style(ax)

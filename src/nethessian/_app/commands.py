@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import os
 import sys
-from typing import Any, Dict, Optional
+from typing import Any, Dict
 
 import torch
 
@@ -126,7 +126,8 @@ def hessian(args) -> int:
     result = {"names": list(H.names), "shapes": [list(s) for s in H.layout.shapes], "P": H.shape[0],
               "eigenvalues": eig.tolist(), "trace": float(torch.trace(H.dense)),
               "asymmetry": H.asymmetry, "files": files}
-    text = [f"Hessian: P = {H.shape[0]}, blocks " + ", ".join(f"{n}{list(s)}" for n, s in zip(H.names, H.layout.shapes)),
+    blocks = ", ".join(f"{n}{list(s)}" for n, s in zip(H.names, H.layout.shapes))
+    text = [f"Hessian: P = {H.shape[0]}, blocks {blocks}",
             f"  trace = {result['trace']:.6e}, eigenvalues in [{float(eig[0]):.4e}, {float(eig[-1]):.4e}]"]
     text += [f"  wrote {p}" for p in files.values()]
     return _finish(args, problem, "hessian", result, settings, "\n".join(text))

@@ -69,7 +69,8 @@ def report_problem(problem: Problem, out_dir, *, params: Optional[Sequence[str]]
             every section is matrix-free (Lanczos, Hutch++, SLQ).
         num_eigs: matrix-free: this many largest and this many smallest eigenvalues.
         trace_matvecs: matrix-free: the Hutch++ product budget.
-        density_probes, lanczos_steps: matrix-free: SLQ probes, and Lanczos steps per probe.
+        density_probes: matrix-free: SLQ probes.
+        lanczos_steps: matrix-free: Lanczos steps per SLQ probe.
         quadratic_radius: largest |α| of the quadratic-model plot (default: where
             ½ λ_max α² reaches J, clipped to [1e-3, 10]); the grid is 41 points
             symmetric about α = 0, which is exactly 0.

@@ -85,8 +85,11 @@ def _f(x, digits: int = 6) -> str:
 
 
 def _num(x, digits: int = 6, signed: bool = False, sci: bool = False) -> str:
-    """A right-aligned monospace cell; ``signed`` colours it red (> 0) or blue (< 0) like the figures,
-    ``sci`` writes ``+d.ddde±xx`` so that a column of numbers lines up."""
+    """A right-aligned monospace cell.
+
+    ``signed`` colours it red (> 0) or blue (< 0) like the figures; ``sci`` writes
+    ``+d.ddde±xx`` so that a column of numbers lines up.
+    """
     finite = isinstance(x, float) and math.isfinite(x)
     sign = "" if not signed or not finite or x == 0 else (" pos" if x > 0 else " neg")
     text = (f"{x:+.{digits - 1}e}" if signed else f"{x:.{digits - 1}e}") if sci and finite else _f(x, digits)
@@ -319,7 +322,8 @@ def _call(R: Dict[str, Any]) -> str:
     if prob.get("builtin"):
         make = f"model, loss_fn, data = nh.examples.BUILTINS[{prob['builtin']!r}](seed={prob['seed']!r})\n"
     else:
-        make = f"model, loss_fn, data = ...  # the same problem{' (' + prob['source'] + ')' if prob.get('source') else ''}\n"
+        where = f" ({prob['source']})" if prob.get("source") else ""
+        make = f"model, loss_fn, data = ...  # the same problem{where}\n"
     return ("import nethessian as nh\nfrom nethessian._app.report import build_report\n" + make
             + "build_report(model, loss_fn, data, \"report\",\n"
             + ",\n".join(f"             {k}={st[k]!r}" for k in _SETTING_KEYS[:8]) + ")")

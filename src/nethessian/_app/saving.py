@@ -40,8 +40,11 @@ def versions() -> Dict[str, str]:
 
 
 def jsonable(x: Any) -> Any:
-    """``x`` as plain JSON values: tensors and arrays as lists, NaN/Inf as ``None`` (JSON has neither),
-    dtypes, devices and paths as strings."""
+    """``x`` as plain JSON values.
+
+    Tensors and arrays become lists, NaN/Inf ``None`` (JSON has neither), dtypes, devices and
+    paths strings.
+    """
     if isinstance(x, dict):
         return {str(k): jsonable(v) for k, v in x.items()}
     if isinstance(x, (list, tuple)):
