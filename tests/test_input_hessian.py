@@ -106,10 +106,42 @@ def test_transformer_at_module(at):
     assert R.at == at and R.sample_shape == (4, 8)
 
 
+class TwoLayerEncoder(nn.Module):
+    """Token model called with keyword inputs, as language models are: model(input_ids=...)."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(1)
+        self.embed = nn.Embedding(10, 8)
+        layer = nn.TransformerEncoderLayer(8, 2, dim_feedforward=16, dropout=0.0, batch_first=True)
+        self.encoder = nn.TransformerEncoder(layer, 2, enable_nested_tensor=False)
+        self.head = nn.Linear(8, 10)
+
+    def forward(self, input_ids):
+        return self.head(self.encoder(self.embed(input_ids)).mean(1))
+
+
+def test_transformer_inner_layer():
+    model = TwoLayerEncoder().double().eval()
+    ids, y = tokens()
+    loss = nn.CrossEntropyLoss()
+    R = input_hessian(model, loss, [({"input_ids": ids[:2]}, y[:2]), ({"input_ids": ids[2:]}, y[2:])],
+                      at="encoder.layers.0")
+    with torch.no_grad():
+        A = model.encoder.layers[0](model.embed(ids))
+    with math_attention():
+        H = flat_hessian(lambda a: loss(model.head(model.encoder.layers[1](a).mean(1)), y), A)
+    check(R, H, 3)
+    assert R.block_diagonal
+
+
 def test_token_inputs_need_at():
     model = TinyTransformer().double().eval()
     with pytest.raises(InputError, match=r"cannot be differentiated.*at='embed'"):
         input_hessian(model, nn.CrossEntropyLoss(), tokens())
+    ids, y = tokens()
+    with pytest.raises(InputError, match=r"no floating-point tensor.*at='embed'"):
+        input_hessian(TwoLayerEncoder().double().eval(), nn.CrossEntropyLoss(), ({"input_ids": ids}, y))
 
 
 # -- the two-layer network: closed form -------------------------------------------------------
@@ -402,3 +434,11 @@ def test_dataloader_matches_batches():
     assert R.batch_sizes == (4, 4, 1)
     torch.testing.assert_close(R.per_sample, ref.per_sample, rtol=1e-10, atol=1e-14)
     assert (R.operator @ torch.zeros(R.operator.shape[0], 0, dtype=F64)).shape == (R.operator.shape[0], 0)
+
+
+def test_at_root_is_the_loss_hessian():
+    """at="" (the model itself): the Hessian w.r.t. the outputs; for a mean squared error 2/(N·C) I."""
+    model, (X, y) = mlp(), regression(6)
+    R = input_hessian(model, nn.MSELoss(), ragged(X, y, (1, 4)), at="")
+    torch.testing.assert_close(R.per_sample, torch.eye(2, dtype=F64).expand(6, 2, 2) * 2 / 12,
+                               rtol=1e-12, atol=1e-15)
