@@ -442,3 +442,18 @@ def test_at_root_is_the_loss_hessian():
     R = input_hessian(model, nn.MSELoss(), ragged(X, y, (1, 4)), at="")
     torch.testing.assert_close(R.per_sample, torch.eye(2, dtype=F64).expand(6, 2, 2) * 2 / 12,
                                rtol=1e-12, atol=1e-15)
+
+
+class AbsBySqrt(nn.Module):
+    def forward(self, x):
+        return torch.sqrt(x * x)                   # finite value at 0, NaN derivative there
+
+
+def test_non_finite_products_are_refused():
+    from nethessian.errors import NonFiniteError
+    torch.manual_seed(0)
+    model = nn.Sequential(AbsBySqrt(), nn.Linear(3, 2)).double()
+    X, y = regression(4)
+    X[1, 2] = 0.0
+    with pytest.raises(NonFiniteError, match="not finite"):
+        input_hessian(model, nn.MSELoss(), (X, y))

@@ -29,10 +29,10 @@ from typing import Callable, List, Optional, Sequence, Tuple
 import torch
 from torch import nn
 
-from ._checks import check_vector
+from ._checks import all_finite, check_vector
 from ._columns import column_chunk, identity_columns
 from ._params import ParamLayout, select_parameters
-from .errors import InputError
+from .errors import InputError, NonFiniteError
 
 __all__ = ["Perturbed", "InputHessianOperator", "MixedHessian"]
 
@@ -252,6 +252,10 @@ class _Matrix:
             out = self._apply(V)
         else:
             out = torch.cat([self._apply(V[:, i:i + c]) for i in range(0, V.shape[1], c)], dim=1)
+        if not all_finite(out):
+            raise NonFiniteError("the product is NaN or Inf: a second derivative of the cost with respect to "
+                                 "the inputs / activations is not finite here (e.g. sqrt or log at 0, "
+                                 "overflow in float32); check the data and the model")
         return out[:, 0] if v.ndim == 1 else out
 
     matmul = __matmul__
