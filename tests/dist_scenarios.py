@@ -56,6 +56,9 @@ def disagreements(rank: int) -> dict:
         "seed_differs": lambda: dist.common_seed(3 + rank),
         "seed_none_on_one_rank": lambda: dist.common_seed(5 if one else None),
         "seed_none": lambda: dist.common_seed(None),
+        "common_value_rank0": lambda: dist.common_value(rank == 1),
+        "common_value_max": lambda: dist.common_value(10.5 + rank, how="max"),
+        "common_value_min": lambda: dist.common_value(7 - rank, how="min"),
         "agree": lambda: dist.agree(nh.InputError("rank one's data are bad") if one else None),
         "agreeing": lambda: _raise_in_agreeing(one),
     }

@@ -114,6 +114,9 @@ def test_check_same_single_process_checks_plain_values_only():
 
 def test_agree_single_process_raises_own_error():
     nh.distributed.agree(None)
+    assert nh.distributed.common_value([1, "a"], how="rank0") == [1, "a"]
+    with pytest.raises(nh.InputError, match="how must be"):
+        nh.distributed.common_value(1, how="mean")
     err = nh.InputError("data is empty")
     with pytest.raises(nh.InputError, match="data is empty"):
         nh.distributed.agree(err)
@@ -135,7 +138,7 @@ def test_state_facts_name_what_ranks_must_share():
     assert "buffer 1.running_mean" in facts and "fixed parameter 1.weight" in facts
     nh.distributed.check_state(obj)  # a no-op in one process
     model[1].eval()
-    assert nh.distributed.state_facts(obj)["train/eval mode"] == "eval: 1"
+    assert nh.distributed.state_facts(nh.Objective(model, loss_fn, data))["train/eval mode"] == "eval: 1"
     before = facts["buffer 1.running_mean"]
     obj._buffers["1.running_mean"] += 1.0
     assert nh.distributed.state_facts(obj)["buffer 1.running_mean"] != before
@@ -198,6 +201,12 @@ def test_common_seed_is_one_seed_for_every_rank(disagree):
     _both_refuse(disagree, "seed_none_on_one_rank", "seed: rank 0 None, rank 1 5")
     drawn = [ranks["seed_none"] for ranks in disagree]
     assert drawn[0].startswith("ok ") and drawn[0] == drawn[1]
+
+
+def test_common_value_is_the_same_on_every_rank(disagree):
+    for ranks in disagree:  # a choice from local timing or memory, made once for all ranks
+        assert ranks["common_value_rank0"] == "ok False"
+        assert ranks["common_value_max"] == "ok 11.5" and ranks["common_value_min"] == "ok 6"
 
 
 def test_a_local_failure_stops_every_rank(disagree):

@@ -37,10 +37,10 @@ def layout_facts(names, shapes, dtype, device) -> Dict[str, str]:
     return facts
 
 
-def mode_facts(model: torch.nn.Module) -> Dict[str, str]:
-    """Train/eval mode: ``"all train"``, ``"all eval"``, or the names of the modules in eval mode."""
-    named = list(model.named_modules())
-    evals = [n or "(the model)" for n, m in named if not m.training]
+def mode_facts(modes) -> Dict[str, str]:
+    """Train/eval mode from ``(name, training)`` pairs: "all train", "all eval" or the modules in eval mode."""
+    named = list(modes)
+    evals = [n or "(the model)" for n, training in named if not training]
     mode = ("all train" if not evals else "all eval" if len(evals) == len(named)
             else "eval: " + ", ".join(evals))
     return {"train/eval mode": mode}
@@ -70,7 +70,7 @@ def state_facts(objective) -> Dict[str, str]:
     facts["values of the selected parameters"] = tensor_fact(objective.theta0)
     facts.update({f"fixed parameter {n}": tensor_fact(t) for n, t in objective._fixed.items()})
     facts.update({f"buffer {n}": tensor_fact(t) for n, t in objective._buffers.items()})
-    facts.update(mode_facts(objective.model))
+    facts.update(mode_facts(objective._modes))
     facts.update(loss_facts(objective.loss_fn))
     facts["reduction"] = repr(getattr(objective, "reduction", None))  # None: not resolved yet
     return facts

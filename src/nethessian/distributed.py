@@ -37,7 +37,7 @@ from ._state_facts import layout_facts, plain, state_facts, tensor_fact
 from .errors import DistributedError, InputError
 
 __all__ = ["DistributedError", "is_active", "rank", "world_size", "is_main", "reduce_sum",
-           "common_seed", "check_same", "check_state", "agree", "agreeing", "shard", "init_from_env"]
+           "common_seed", "common_value", "check_same", "check_state", "agree", "agreeing", "shard", "init_from_env"]
 
 _ABSENT = "(absent)"
 _SHOWN = 6  # differences spelled out in one message; the rest are counted
@@ -171,6 +171,29 @@ def check_same(what: str, **values) -> None:
         _compare({k: repr(v) for k, v in values.items()}, f"the settings of {what}",
                  "Every rank must make the same call with the same arguments (seed=None on every "
                  "rank is fine: one seed is drawn on rank 0)")
+
+
+def common_value(value, how: str = "rank0"):
+    """One value for every rank, from values that each rank decided alone.
+
+    A choice made from local timings or local memory (batch columns or loop; the
+    columns per product, which set the size of each all-reduce) must be the same
+    on every rank, or the ranks' collectives fall out of step (gloo aborts the
+    process). ``how``: ``"rank0"`` (rank 0's value), ``"min"`` or ``"max"``.
+
+    Args:
+        value: a JSON value (bool, number, string, ``None``, list).
+        how: ``"rank0"``, ``"min"`` or ``"max"``.
+
+    >>> common_value(True), common_value(3, how="max")  # one process: the value itself
+    (True, 3)
+    """
+    if how not in ("rank0", "min", "max"):
+        raise InputError(f"how must be 'rank0', 'min' or 'max', got {how!r}")
+    if not is_active():
+        return value
+    values = [json.loads(t) for t in _gather_text(json.dumps(value), "the choice of a common value")]
+    return values[0] if how == "rank0" else (min(values) if how == "min" else max(values))
 
 
 # -- seeds ---------------------------------------------------------------------------------------
