@@ -260,3 +260,71 @@ def test_report_command_builds_one_objective(tmp_path, monkeypatch, capsys):
     R = json.loads((tmp_path / "report.json").read_text())
     assert R["problem"]["builtin"] == "two-layer" and "BUILTINS[&#x27;two-layer&#x27;](seed=0)" in \
         (tmp_path / "report.html").read_text()
+
+
+def _count_products(monkeypatch):
+    from nethessian.operators._hessian import HessianOperator
+
+    seen = []
+    orig = HessianOperator._product
+    monkeypatch.setattr(HessianOperator, "_product", lambda self, V: (seen.append(V.shape[1]), orig(self, V))[1])
+    return seen
+
+
+def test_sections_and_budgets_change_the_work_done(tmp_path, monkeypatch, mlp_problem):
+    from nethessian._app.report import planned_products
+
+    model, loss_fn, data = mlp_problem
+    seen = _count_products(monkeypatch)
+
+    def products(**options):
+        seen.clear()
+        paths = build_report(model, loss_fn, data, tmp_path / str(len(os.listdir(tmp_path))),
+                             dense_max_params=10, **{**SMALL, **options})
+        return sum(seen), *_load(paths)
+
+    base, page, R = products(sections=["summary"])
+    assert R["sections"] == ["summary", "problem", "gradient", "reproduce"]
+    assert R["eigenvalues"] is None and R["trace"] is None and 'id="eigenvalues"' not in page
+    for m in (12, 24):
+        n, page, R = products(sections=["trace"], trace_matvecs=m)
+        assert n - base == m == R["trace"]["num_matvecs"] and 'id="trace"' in page and 'id="density"' not in page
+        P = R["num_parameters"]
+        assert planned_products(P, {**SMALL, "dense_max_params": 10, "trace_matvecs": m,
+                                    "sections": R["sections"]}) == (m, m)
+    n, _, R = products(sections=["density"], density_probes=3, lanczos_steps=7)
+    assert n - base == R["density"]["num_matvecs"] >= 3 * 7  # (+ a 2-product symmetry check)
+    with pytest.raises(InputError, match="unknown report section"):
+        build_report(model, loss_fn, data, tmp_path / "x", sections=["nope"])
+
+
+SMALL_PROBLEM = """
+import torch
+from torch import nn
+torch.manual_seed(0)
+model = nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 3)).double()
+g = torch.Generator().manual_seed(1)
+data = (torch.randn(32, 4, generator=g, dtype=torch.float64), torch.randint(0, 3, (32,), generator=g))
+loss_fn = nn.CrossEntropyLoss()
+"""
+
+
+def test_report_command_takes_the_options_and_states_its_cost(tmp_path, capsys):
+    from nethessian._app.cli import main
+
+    f = tmp_path / "p.py"
+    f.write_text(SMALL_PROBLEM)
+    argv = ["report", str(f), "-o", str(tmp_path / "r"), "--dense-max-params", "10", "--num-eigs", "2",
+            "--trace-matvecs", "8", "--density-probes", "2", "--lanczos-steps", "6",
+            "--sections", "eigenvalues", "trace"]
+    assert main(argv) == 0
+    err = capsys.readouterr().err
+    assert re.search(r"matrix-free; \d+–\d+ .*Hessian-vector products × [\d.e+-]+ ms each ≈", err)
+    assert "trace (Hutch++) done in" in err and "spectral density" not in err
+    R = json.loads((tmp_path / "r" / "report.json").read_text())
+    s = R["settings"]
+    assert (s["dense_max_params"], s["num_eigs"], s["trace_matvecs"], s["density_probes"], s["lanczos_steps"]) == \
+        (10, 2, 8, 2, 6)
+    assert R["density"] is None and R["trace"]["num_matvecs"] == 8
+    assert len(R["eigenvalues"]["largest"]["eigenvalues"]) == 2
+    assert main(["report", str(f), "--sections", "nope"]) == 2

@@ -68,6 +68,7 @@ def build_parser() -> argparse.ArgumentParser:
     d.set_defaults(func=commands.demo)
     p = add("report", commands.report, "self-contained HTML report + JSON")
     p.add_argument("-o", "--output", default="nethessian-report", help="output folder")
+    _report_options(p)
     p = add("hessian", commands.hessian, "dense Hessian: .pt, .npz and a heatmap")
     p.add_argument("-o", "--output", default=None, help="output folder")
     p.add_argument("--max-bytes", type=int, default=None)
@@ -90,6 +91,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-o", "--output", default=None, help="PNG to write")
     add("check", commands.check, "check the Hessian of your model against finite differences")
     return parser
+
+
+def _report_options(p: argparse.ArgumentParser) -> None:
+    from .report import DEFAULTS, SECTIONS
+
+    p.add_argument("--dense-max-params", type=int, default=DEFAULTS["dense_max_params"], metavar="P",
+                   help="form the dense Hessian up to this many parameters, matrix-free above (default %(default)s)")
+    p.add_argument("--num-eigs", type=int, default=DEFAULTS["num_eigs"], metavar="K",
+                   help="matrix-free: K largest and K smallest eigenvalues (default %(default)s)")
+    p.add_argument("--trace-matvecs", type=int, default=DEFAULTS["trace_matvecs"], metavar="M",
+                   help="matrix-free: Hutch++ products (default %(default)s)")
+    p.add_argument("--density-probes", type=int, default=DEFAULTS["density_probes"], metavar="N",
+                   help="matrix-free: SLQ probes (default %(default)s)")
+    p.add_argument("--lanczos-steps", type=int, default=DEFAULTS["lanczos_steps"], metavar="S",
+                   help="matrix-free: Lanczos steps per SLQ probe (default %(default)s)")
+    p.add_argument("--sections", nargs="+", default=None, metavar="NAME", choices=[i for i, _ in SECTIONS],
+                   help="sections to compute (default all; summary, problem, gradient and reproduce "
+                        "are always there): " + ", ".join(i for i, _ in SECTIONS))
 
 
 def _one_line(exc: BaseException) -> str:

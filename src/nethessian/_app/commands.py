@@ -206,6 +206,9 @@ def report(args) -> int:
     from .report import report_problem
     _no_checkpoint(args, "report")
     problem = _problem(args)
-    paths = report_problem(problem, args.output, params=args.params, seed=args.seed, progress=_progress())
+    options = {k: getattr(args, k) for k in ("dense_max_params", "num_eigs", "trace_matvecs", "density_probes",
+                                              "lanczos_steps", "sections")}
+    paths = report_problem(problem, args.output, params=args.params, seed=args.seed,
+                           progress=dist.is_main(), **options)
     return _finish(args, problem, "report", {"html": paths.html, "json": paths.json}, _settings(args, problem),
                    f"wrote {paths.html}\nwrote {paths.json}")

@@ -32,11 +32,12 @@ from .._checks import as_int
 from ..errors import InputError
 from .problem import Problem
 from .report_html import SECTIONS, render_page
-from .report_sections import compute
+from .report_sections import COSTLY, compute, is_dense
 from .saving import to_json, versions, write_atomic
 
 __all__ = ["ReportPaths", "SECTIONS", "build_report", "report_problem"]
 
+ALWAYS = {"summary", "problem", "gradient", "reproduce"}
 DEFAULTS = dict(dense_max_params=2000, num_eigs=5, trace_matvecs=90, density_probes=8, lanczos_steps=80)
 
 
@@ -56,7 +57,8 @@ def build_report(model, loss_fn, data, out_dir, *, problem_name: Optional[str] =
 def report_problem(problem: Problem, out_dir, *, params: Optional[Sequence[str]] = None, seed: int = 0,
                    title: str = "nethessian report", dense_max_params: int = 2000, num_eigs: int = 5,
                    trace_matvecs: int = 90, density_probes: int = 8, lanczos_steps: int = 80,
-                   quadratic_radius: Optional[float] = None, progress: bool = False) -> ReportPaths:
+                   quadratic_radius: Optional[float] = None, sections: Optional[Sequence[str]] = None,
+                   progress: bool = False) -> ReportPaths:
     """Compute the curvature summary of J at the current parameters; write ``report.html`` and ``report.json``.
 
     Args:
@@ -74,7 +76,10 @@ def report_problem(problem: Problem, out_dir, *, params: Optional[Sequence[str]]
         quadratic_radius: largest |α| of the quadratic-model plot (default: where
             ½ λ_max α² reaches J, clipped to [1e-3, 10]); the grid is 41 points
             symmetric about α = 0, which is exactly 0.
-        progress: stage names, timings and progress bars on stderr (rank 0).
+        sections: the sections to compute and show (ids of :data:`SECTIONS`; default all). Summary,
+            problem, gradient and reproduce are always shown; a costly section left out spends nothing.
+        progress: the estimated cost up front, then stage names, timings and progress bars on
+            stderr (rank 0).
 
     Returns:
         ``ReportPaths(html, json)`` (the same on every rank; the files exist on rank 0).
@@ -85,12 +90,14 @@ def report_problem(problem: Problem, out_dir, *, params: Optional[Sequence[str]]
     S = _settings(dict(seed=seed, dense_max_params=dense_max_params, num_eigs=num_eigs,
                        trace_matvecs=trace_matvecs, density_probes=density_probes,
                        lanczos_steps=lanczos_steps, quadratic_radius=quadratic_radius,
-                       params=None if params is None else list(params)))
+                       params=None if params is None else list(params), sections=sections))
     out = pathlib.Path(os.fspath(out_dir)).expanduser()
     why_not = _output_problem(out) if dist.is_main() else None
     stages = _Stages(progress and dist.is_main())
     q = stages("objective and gradient", lambda: problem.quadratic(params))
     _raise_together(why_not, out, q.objective.device)
+    if stages.verbose:
+        print(f"nethessian report: {estimate_cost(q, S)}", file=sys.stderr, flush=True)
     R, figs = compute(q, S, stages, progress and dist.is_main())
     R["title"], R["problem"] = title, problem.describe()
     R["settings"] = {**S, **_run_settings(q, problem.model)}
@@ -105,12 +112,47 @@ def report_problem(problem: Problem, out_dir, *, params: Optional[Sequence[str]]
 
 
 def _settings(S: Dict[str, Any]) -> Dict[str, Any]:
+    known = [sid for sid, _ in SECTIONS]
+    chosen = known if S["sections"] is None else list(S["sections"])
+    bad = [x for x in chosen if x not in known]
+    if bad or isinstance(S["sections"], str):
+        raise InputError(f"unknown report section(s) {bad or S['sections']!r}; choose from {', '.join(known)}")
+    S["sections"] = [sid for sid in known if sid in set(chosen) | ALWAYS]
     for name in DEFAULTS:
         S[name] = as_int(name, S[name], minimum=0 if name == "dense_max_params" else 1)
     if S["quadratic_radius"] is not None and not (isinstance(S["quadratic_radius"], (int, float))
                                                    and 0 < S["quadratic_radius"] < float("inf")):
         raise InputError(f"quadratic_radius must be a positive number, got {S['quadratic_radius']!r}")
     return S
+
+
+# ----------------------------------------------------------------------------- cost
+def planned_products(P: int, S: Dict[str, Any]) -> tuple:
+    """(fewest, most) Hessian-vector products the chosen sections take (Lanczos stops when converged)."""
+    want = set(S["sections"])
+    n_quadratic = 3 if "quadratic" in want else 0  # one product per direction inside compare()
+    if is_dense(P, S):
+        return (P + n_quadratic,) * 2 if want & set(COSTLY) else (0, 0)
+    k = min(S["num_eigs"], P - 1)
+    ncv = min(max(2 * k + 1, 20), P)
+    runs = ("eigenvalues" in want) + bool(want & {"eigenvalues", "quadratic"})
+    fixed = n_quadratic + (S["trace_matvecs"] if "trace" in want else 0) + \
+        (S["density_probes"] * min(S["lanczos_steps"], P) + 2 if "density" in want else 0)  # + symmetry check
+    return fixed + runs * ncv, fixed + runs * 20 * ncv
+
+
+def estimate_cost(q, S: Dict[str, Any]) -> str:
+    """One line: the planned products × the time of one product measured now (one extra product)."""
+    P = q.layout.size
+    lo, hi = planned_products(P, S)
+    v = torch.randn(P, generator=torch.Generator().manual_seed(0), dtype=torch.float64).to(q.gradient)
+    t0 = time.perf_counter()
+    q.operator @ v
+    t = time.perf_counter() - t0
+    span = f"{lo}" if lo == hi else f"{lo}–{hi} (Lanczos stops when converged)"
+    when = f"{lo * t:.1f} s" if lo == hi else f"{lo * t:.1f}–{hi * t:.1f} s"
+    return (f"P = {P:,}, {'dense' if is_dense(P, S) else 'matrix-free'}; {span} Hessian-vector products × "
+            f"{t * 1e3:.3g} ms each ≈ {when}")
 
 
 # ----------------------------------------------------------------------------- output folder

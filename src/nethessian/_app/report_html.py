@@ -139,6 +139,8 @@ def _entry_names(name: str, shape: Sequence[int]) -> List[str]:
 
 
 def _extremes(R: Dict[str, Any]) -> List[float]:
+    if R["eigenvalues"] is None:
+        return []
     if R["mode"] == "dense":
         return R["eigenvalues"]["all"]
     return R["eigenvalues"]["smallest"]["eigenvalues"] + R["eigenvalues"]["largest"]["eigenvalues"]
@@ -147,13 +149,15 @@ def _extremes(R: Dict[str, Any]) -> List[float]:
 def _free_note(R: Dict[str, Any]) -> str:
     if R["mode"] == "dense":
         return ""
-    st, tr = R["settings"], R["trace"]
+    st = R["settings"]
+    trace = (f"Hutch++ ({st['trace_matvecs']} products, ± standard error)" if R["trace"] is not None
+             else "Hutch++ (not computed)")
+    steps = min(st["lanczos_steps"], R["num_parameters"])
     return (f'<div class="banner"><b>Matrix-free mode.</b> P = {R["num_parameters"]:,} parameters is above '
             f'<span class="mono">dense_max_params = {st["dense_max_params"]:,}</span>, so the dense '
             f"P × P Hessian is not formed: eigenvalues come from thick-restart Lanczos, the trace from "
-            f"Hutch++ ({tr['num_matvecs']} products, ± standard error) and the density from stochastic "
-            f"Lanczos quadrature ({st['density_probes']} probes × {R['density']['lanczos_steps']} steps). "
-            "Raise dense_max_params for the exact dense sections.</div>")
+            f"{trace} and the density from stochastic Lanczos quadrature ({st['density_probes']} probes × "
+            f"{steps} steps). Raise dense_max_params for the exact dense sections.</div>")
 
 
 def _cond_text(v: Dict[str, Any]) -> str:
@@ -176,7 +180,8 @@ def _head(R: Dict[str, Any]) -> str:
             f'<header><div class="wrap"><h1>{_e(R["title"])}</h1><div class="problem">{_e(name)}</div>'
             f'<div class="meta"><span class="tag">{_e(R["mode"])}</span><span class="tag">P = {P:,}</span>'
             f'<span class="tag">{_e(st["dtype"])} · {_e(st["device"])}</span> {_e(st["date"])}</div></div></header>\n'
-            '<nav><div class="wrap">' + "".join(f'<a href="#{i}">{_e(t)}</a>' for i, t in SECTIONS)
+            '<nav><div class="wrap">' + "".join(f'<a href="#{i}">{_e(t)}</a>' for i, t in SECTIONS
+                                                if i in R["sections"])
             + '</div></nav>\n<main class="wrap">')
 
 
@@ -184,17 +189,20 @@ def _summary(R: Dict[str, Any], images) -> str:
     dense, P, v, tr, lam = R["mode"] == "dense", R["num_parameters"], R["verdict"], R["trace"], _extremes(R)
     cards = [_card("parameters P", _e(f"{P:,}"), "num_parameters", P),
              _card("cost J", _e(_f(R["cost"], 8)), "cost", R["cost"]),
-             _card("gradient norm ‖∇J‖", _e(_f(R["gradient_norm"], 4)), "gradient_norm", R["gradient_norm"]),
-             _card("largest eigenvalue", _e(_f(max(lam), 5)), "lambda_max", max(lam)),
-             _card("smallest eigenvalue", _e(_f(min(lam), 5)), "lambda_min", min(lam),
-                   "" if dense else "of the computed extremes"),
-             _card("condition number", _cond_text(v), "condition_number", v["condition_number"]),
-             _card("trace of H", _trace_text(tr), "trace", tr["value"], _e(tr["method"])),
-             _card("eigenvalue signs", f'<span class="neg">{v["num_negative"]} −</span> · '
-                   f'<span class="pos">{v["num_positive"]} +</span> · {v["num_zero"]} ≈0', "signs", None,
-                   "negative · positive · ~zero" + ("" if dense else ", of the computed extremes"), True)]
+             _card("gradient norm ‖∇J‖", _e(_f(R["gradient_norm"], 4)), "gradient_norm", R["gradient_norm"])]
+    if lam and v is not None:
+        cards += [_card("largest eigenvalue", _e(_f(max(lam), 5)), "lambda_max", max(lam)),
+                  _card("smallest eigenvalue", _e(_f(min(lam), 5)), "lambda_min", min(lam),
+                        "" if dense else "of the computed extremes"),
+                  _card("condition number", _cond_text(v), "condition_number", v["condition_number"])]
+    if tr is not None:
+        cards.append(_card("trace of H", _trace_text(tr), "trace", tr["value"], _e(tr["method"])))
+    if v is not None:
+        cards.append(_card("eigenvalue signs", f'<span class="neg">{v["num_negative"]} −</span> · '
+                           f'<span class="pos">{v["num_positive"]} +</span> · {v["num_zero"]} ≈0', "signs", None,
+                           "negative · positive · ~zero" + ("" if dense else ", of the computed extremes"), True))
     return (f'<section id="summary"><h2>Summary</h2>{_free_note(R)}<div class="cards">{"".join(cards)}</div>'
-            f"{_verdict_box(v)}</section>")
+            f"{_verdict_box(v) if v is not None else ''}</section>")
 
 
 def _problem(R: Dict[str, Any], images) -> str:
@@ -296,7 +304,7 @@ def _quadratic(R: Dict[str, Any], images) -> str:
 
 def _gradient(R: Dict[str, Any], images) -> str:
     prow = [[f'<td class="mono">{_e(n)}</td>', _num(x, 6)] for n, x in R["gradient_norm_by_parameter"].items()]
-    stationary = " (not a stationary point)." if R["verdict"]["kind"] == "not stationary" else "."
+    stationary = " (not a stationary point)." if (R["verdict"] or {}).get("kind") == "not stationary" else "."
     gr = [f'<section id="gradient"><h2>Gradient</h2><p>‖∇J‖ = <span class="mono">{_e(_f(R["gradient_norm"], 8))}'
           "</span>" + stationary + "</p>", _table(["parameter", "‖∂J/∂parameter‖"], prow)]
     if R["gradient"] and R["num_parameters"] <= 40:
@@ -313,7 +321,7 @@ def _gradient(R: Dict[str, Any], images) -> str:
 
 
 _SETTING_KEYS = ("seed", "dense_max_params", "num_eigs", "trace_matvecs", "density_probes", "lanczos_steps",
-                 "quadratic_radius", "params", "num_samples", "num_batches", "reduction", "dtype", "device",
+                 "quadratic_radius", "params", "sections", "num_samples", "num_batches", "reduction", "dtype", "device",
                  "hvp_method", "model_training_mode", "world_size", "date")
 
 
@@ -326,7 +334,7 @@ def _call(R: Dict[str, Any]) -> str:
         make = f"model, loss_fn, data = ...  # the same problem{where}\n"
     return ("import nethessian as nh\nfrom nethessian._app.report import build_report\n" + make
             + "build_report(model, loss_fn, data, \"report\",\n"
-            + ",\n".join(f"             {k}={st[k]!r}" for k in _SETTING_KEYS[:8]) + ")")
+            + ",\n".join(f"             {k}={st[k]!r}" for k in _SETTING_KEYS[:9]) + ")")
 
 
 def _reproduce(R: Dict[str, Any], images) -> str:
@@ -348,8 +356,8 @@ _RENDER = {"summary": _summary, "problem": _problem, "hessian": _hessian, "eigen
 
 
 def render_page(R: Dict[str, Any], images: Dict[str, str]) -> str:
-    """The whole page: head, one ``<section>`` per entry of :data:`SECTIONS`, footer."""
-    out = [_head(R)] + [_RENDER[sid](R, images) for sid, _ in SECTIONS]
+    """The whole page: head, one ``<section>`` per computed entry of :data:`SECTIONS`, footer."""
+    out = [_head(R)] + [_RENDER[sid](R, images) for sid, _ in SECTIONS if sid in R["sections"]]
     out.append(f'</main><footer><div class="wrap">Made by nethessian {_e(R["versions"]["nethessian"])} '
                f'on {_e(R["settings"]["date"])}.</div></footer></body></html>')
     return "\n".join(out)

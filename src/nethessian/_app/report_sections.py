@@ -14,34 +14,64 @@ from typing import Any, Callable, Dict, Tuple
 
 import torch
 
-__all__ = ["compute", "alpha_grid"]
+__all__ = ["COSTLY", "compute", "alpha_grid", "is_dense"]
 
 Figures = Dict[str, Callable[[], bytes]]
 
 
+#: the sections whose numbers cost products; the others are always on the page
+COSTLY = ("hessian", "eigenvalues", "trace", "density", "quadratic")
+
+
+def is_dense(P: int, S: Dict[str, Any]) -> bool:
+    """Dense mode: P ≤ dense_max_params (and always for P ≤ 2: Lanczos needs k < P)."""
+    return P <= max(S["dense_max_params"], 2)
+
+
 def compute(q, S: Dict[str, Any], stages, progress: bool) -> Tuple[Dict[str, Any], Figures]:
-    """Every section's numbers (the JSON's content) and a function per figure (PNG bytes)."""
+    """Every chosen section's numbers (the JSON's content) and a function per figure (PNG bytes).
+
+    ``S["sections"]`` names the sections to compute; a costly section left out spends no product.
+    """
+    P, want = q.layout.size, set(S["sections"])
+    dense = is_dense(P, S)
+    R = _basics(q, dense)
+    R["sections"] = list(S["sections"])
+    part = _dense_part if dense else _matrix_free_part
+    lam, top, trace, density, cond_note, figs = part(q, S, stages, progress, R, want)
+    R["verdict"] = _verdict(lam, q.gradient_norm, cond_note, dense) if "eigenvalues" in want else None
+    R["trace"] = trace.to_dict() if trace is not None else None
+    R["density"] = None if density is None else {
+        "method": "exact eigenvalues, Gaussian broadening" if dense else "stochastic Lanczos quadrature",
+        "sigma": density.sigma, "num_probes": None if dense else S["density_probes"],
+        "lanczos_steps": None if dense else min(S["lanczos_steps"], P),
+        "num_matvecs": density.num_matvecs, "grid": density.grid.tolist(), "density": density.density.tolist()}
+    R["quadratic"] = None
+    if "quadratic" in want:
+        lam_max = float(lam.max()) if lam is not None else None
+        R["quadratic"], cmps, titles = stages("quadratic model", lambda: _quadratic(q, top, lam_max, S))
+        figs["quadratic"] = _figure("quadratic_plot", cmps, titles)
+    figs.update(_common_figures(trace, density, lam if dense else None, S, P))
+    return R, figs
+
+
+def _verdict(lam, gradient_norm: float, cond_note: str, dense: bool) -> Dict[str, Any]:
     from .._verdict import classify_point
 
-    P = q.layout.size
-    dense = P <= max(S["dense_max_params"], 2)  # Lanczos needs k < P: a 1- or 2-parameter problem is dense
-    R = _basics(q, dense)
-    part = _dense_part if dense else _matrix_free_part
-    lam, top, trace, density, cond_note, figs = part(q, S, stages, progress, R)
-    verdict = classify_point(lam, q.gradient_norm)
-    R["verdict"] = {**verdict.to_dict(), "condition_number_note": cond_note,
-                    "condition_number_is_lower_bound": (not dense) and "lower bound" in cond_note}
+    verdict = classify_point(lam, gradient_norm)
+    out = {**verdict.to_dict(), "condition_number_note": cond_note,
+           "condition_number_is_lower_bound": (not dense) and "lower bound" in cond_note}
     if not dense:
-        R["verdict"]["message"] = f"from the {len(lam) // 2} smallest and largest eigenvalues: " + verdict.message
-    R["trace"] = trace.to_dict()
-    R["density"] = {"method": "exact eigenvalues, Gaussian broadening" if dense else "stochastic Lanczos quadrature",
-                    "sigma": density.sigma, "num_probes": None if dense else S["density_probes"],
-                    "lanczos_steps": None if dense else min(S["lanczos_steps"], P),
-                    "num_matvecs": density.num_matvecs, "grid": density.grid.tolist(),
-                    "density": density.density.tolist()}
-    R["quadratic"], cmps, titles = stages("quadratic model", lambda: _quadratic(q, top, float(lam.max()), S))
-    figs.update(_common_figures(trace, density, lam if dense else None, cmps, titles, S, P))
-    return R, figs
+        out["message"] = f"from the {len(lam) // 2} smallest and largest eigenvalues: " + verdict.message
+    return out
+
+
+def _figure(name: str, *args, **kwargs) -> Callable[[], bytes]:
+    """A deferred PNG of ``_plots.<name>(*args, **kwargs)`` (drawn on rank 0 only)."""
+    def draw() -> bytes:
+        from .. import _plots as plots
+        return plots.png_bytes(getattr(plots, name)(*args, **kwargs))
+    return draw
 
 
 def _basics(q, dense: bool) -> Dict[str, Any]:
@@ -66,68 +96,80 @@ class _Formed:
         return self.dense @ V
 
 
-def _dense_part(q, S, stages, progress, R):
-    from .. import _plots as plots
+def _dense_part(q, S, stages, progress, R, want):
     from .._dense import BlockHessian
     from ..linalg._trace import trace as trace_fn
 
     op, lay, P = q.operator, q.layout, q.layout.size
+    R["hessian"], R["eigenvalues"], figs = None, None, {}
+    if not want & set(COSTLY):
+        return None, None, None, None, "", figs
     H = stages("dense Hessian", lambda: BlockHessian(op.to_dense(progress=progress), lay))
     lam, vecs = stages("eigenvalues (dense)", lambda: torch.linalg.eigh(H.symmetric().double()))
     lam = lam.cpu()
     labels, defs = _block_letters(lay.names)
-    small = P <= 200
-    R["hessian"] = {"asymmetry": H.asymmetry, "dense": H.symmetric().double().cpu().tolist() if small else None,
-                    "blocks": {k: {"of": d, "rows": r, "cols": c, "values": H[r, c].double().cpu().tolist()}
-                               for k, (r, c, d) in defs.items()} if small else None}
-    R["eigenvalues"] = {"method": "dense (torch.linalg.eigh)", "all": lam.tolist()}
-    trace = stages("trace (exact)", lambda: trace_fn(_Formed(H), exact=True, by_block=True))
-    figs = {"heatmap": lambda: plots.png_bytes(plots.hessian_heatmap(
-                H, block_labels=labels, title=f"Hessian ∇²J(θ), {P} × {P}, by parameter block",
-                caption="   ".join(f"{k} = {d}" for k, (_, _, d) in defs.items()) or None)),
-            "eigenvalues": lambda: plots.png_bytes(plots.eigenvalue_plot(
-                lam, title=f"all {P} eigenvalues of H (dense)"))}
+    if "hessian" in want:
+        small = P <= 200
+        R["hessian"] = {"asymmetry": H.asymmetry, "dense": H.symmetric().double().cpu().tolist() if small else None,
+                        "blocks": {k: {"of": d, "rows": r, "cols": c, "values": H[r, c].double().cpu().tolist()}
+                                   for k, (r, c, d) in defs.items()} if small else None}
+        figs["heatmap"] = _figure("hessian_heatmap", H, block_labels=labels,
+                                  title=f"Hessian ∇²J(θ), {P} × {P}, by parameter block",
+                                  caption="   ".join(f"{k} = {d}" for k, (_, _, d) in defs.items()) or None)
+    if "eigenvalues" in want:
+        R["eigenvalues"] = {"method": "dense (torch.linalg.eigh)", "all": lam.tolist()}
+        figs["eigenvalues"] = _figure("eigenvalue_plot", lam, title=f"all {P} eigenvalues of H (dense)")
+    trace = stages("trace (exact)", lambda: trace_fn(_Formed(H), exact=True, by_block=True)) \
+        if "trace" in want else None
+    density = exact_density(lam) if "density" in want else None
     top = vecs[:, -1].to(q.gradient)
-    return lam, top, trace, exact_density(lam), "max|λ| / min|λ| over all eigenvalues", figs
+    return lam, top, trace, density, "max|λ| / min|λ| over all eigenvalues", figs
 
 
-def _matrix_free_part(q, S, stages, progress, R):
-    from .. import _plots as plots
+def _matrix_free_part(q, S, stages, progress, R, want):
     from .._verdict import classify_point
     from ..linalg._density import spectral_density
     from ..linalg._trace import trace as trace_fn
 
     op, P = q.operator, q.layout.size
     k = min(S["num_eigs"], P - 1)
-    R["hessian"] = None
-    hi = stages("largest eigenvalues (Lanczos)", lambda: _lanczos(op, k, "largest", S["seed"], progress))
-    lo = stages("smallest eigenvalues (Lanczos)", lambda: _lanczos(op, k, "smallest", S["seed"], progress))
-    lam = torch.cat([lo.eigenvalues, hi.eigenvalues]).cpu()
-    R["eigenvalues"] = {"method": "thick-restart Lanczos", "largest": hi.to_dict(), "smallest": lo.to_dict()}
-    v = classify_point(lam, q.gradient_norm)
-    cond_note = ("λ_max / λ_min from the Lanczos extremes" if v.num_negative == 0 or v.num_positive == 0 else
-                 "lower bound: max|λ| / min|λ| of the computed extremes; the eigenvalue nearest 0 "
-                 "is in the middle of the spectrum, which Lanczos did not compute")
-    trace = stages("trace (Hutch++)", lambda: trace_fn(op, method="hutch++", num_matvecs=S["trace_matvecs"],
-                                                       seed=S["seed"], by_block=True, progress=progress))
-    density = stages("spectral density (SLQ)", lambda: spectral_density(
-        op, num_probes=S["density_probes"], lanczos_steps=S["lanczos_steps"], seed=S["seed"], progress=progress))
-    figs = {"eigenvalues": lambda: plots.png_bytes(plots.eigenvalue_plot(
-        hi.eigenvalues, smallest=lo.eigenvalues, k_label=f"{k}",
-        title=f"the {k} smallest and {k} largest eigenvalues of H (Lanczos)"))}
-    return lam, hi.eigenvectors[:, 0], trace, density, cond_note, figs
+    R["hessian"], R["eigenvalues"], figs = None, None, {}
+    lam = top = trace = density = None
+    cond_note = ""
+    if want & {"eigenvalues", "quadratic"}:
+        hi = stages("largest eigenvalues (Lanczos)", lambda: _lanczos(op, k, "largest", S["seed"], progress))
+        lam, top = hi.eigenvalues.cpu(), hi.eigenvectors[:, 0]
+    if "eigenvalues" in want:
+        lo = stages("smallest eigenvalues (Lanczos)", lambda: _lanczos(op, k, "smallest", S["seed"], progress))
+        lam = torch.cat([lo.eigenvalues, hi.eigenvalues]).cpu()
+        R["eigenvalues"] = {"method": "thick-restart Lanczos", "largest": hi.to_dict(), "smallest": lo.to_dict()}
+        v = classify_point(lam, q.gradient_norm)
+        cond_note = ("λ_max / λ_min from the Lanczos extremes" if v.num_negative == 0 or v.num_positive == 0 else
+                     "lower bound: max|λ| / min|λ| of the computed extremes; the eigenvalue nearest 0 "
+                     "is in the middle of the spectrum, which Lanczos did not compute")
+        figs["eigenvalues"] = _figure("eigenvalue_plot", hi.eigenvalues, smallest=lo.eigenvalues, k_label=f"{k}",
+                                      title=f"the {k} smallest and {k} largest eigenvalues of H (Lanczos)")
+    if "trace" in want:
+        trace = stages("trace (Hutch++)", lambda: trace_fn(op, method="hutch++", num_matvecs=S["trace_matvecs"],
+                                                           seed=S["seed"], by_block=True, progress=progress))
+    if "density" in want:
+        density = stages("spectral density (SLQ)", lambda: spectral_density(
+            op, num_probes=S["density_probes"], lanczos_steps=S["lanczos_steps"], seed=S["seed"],
+            progress=progress))
+    return lam, top, trace, density, cond_note, figs
 
 
-def _common_figures(trace, density, exact_lam, cmps, titles, S, P) -> Figures:
-    from .. import _plots as plots
-
-    title = ("eigenvalue density (exact eigenvalues, Gaussian broadening σ = %.2g)" % density.sigma
-             if exact_lam is not None else
-             f"eigenvalue density (SLQ: {S['density_probes']} probes × {min(S['lanczos_steps'], P)} steps, "
-             f"σ = {density.sigma:.2g})")
-    return {"trace": lambda: plots.png_bytes(plots.block_trace_plot(trace)),
-            "density": lambda: plots.png_bytes(plots.density_plot(density, eigenvalues=exact_lam, title=title)),
-            "quadratic": lambda: plots.png_bytes(plots.quadratic_plot(cmps, titles))}
+def _common_figures(trace, density, exact_lam, S, P) -> Figures:
+    figs = {}
+    if trace is not None:
+        figs["trace"] = _figure("block_trace_plot", trace)
+    if density is not None:
+        title = ("eigenvalue density (exact eigenvalues, Gaussian broadening σ = %.2g)" % density.sigma
+                 if exact_lam is not None else
+                 f"eigenvalue density (SLQ: {S['density_probes']} probes × {min(S['lanczos_steps'], P)} steps, "
+                 f"σ = {density.sigma:.2g})")
+        figs["density"] = _figure("density_plot", density, eigenvalues=exact_lam, title=title)
+    return figs
 
 
 def _lanczos(op, k, which, seed, progress):
@@ -181,7 +223,7 @@ def _quadratic(q, top: torch.Tensor, lam_max: float, S):
     """
     radius = S["quadratic_radius"]
     if radius is None:
-        radius = math.sqrt(2 * abs(q.value) / lam_max) if lam_max > 0 and q.value != 0 else 1.0
+        radius = math.sqrt(2 * abs(q.value) / lam_max) if lam_max and lam_max > 0 and q.value != 0 else 1.0
         radius = min(max(radius, 1e-3), 10.0)
     alphas = alpha_grid(radius)
     dirs = [("top-eigenvector", top / top.double().norm().to(top.dtype), f"top eigenvector (λ = {lam_max:.4g})")]
