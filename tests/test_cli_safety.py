@@ -169,3 +169,31 @@ def test_distributed_timeout_is_a_flag(monkeypatch, capsys):
     assert seen["t"] == 12.5
     assert main(["diag", "--dist-timeout", "0"]) == 2
     assert "--dist-timeout must be a positive" in capsys.readouterr().err
+
+
+def test_a_run_killed_midway_is_not_resumed_with_other_weights(capsys, tmp_path, problem, monkeypatch):
+    from nethessian.operators._hessian import HessianOperator
+
+    ck = tmp_path / "ck.pt"
+    args = ["diag", str(problem), "--chunk-size", "1", "--json", "--checkpoint", str(ck)]
+    orig, calls = HessianOperator._product, []
+
+    def dies(self, V):
+        calls.append(1)
+        if len(calls) > 4:
+            raise RuntimeError("killed")
+        return orig(self, V)
+
+    monkeypatch.setattr(HessianOperator, "_product", dies)
+    assert main(args) == 1 and "killed" in capsys.readouterr().err
+    monkeypatch.setattr(HessianOperator, "_product", orig)
+    done = torch.load(ck, weights_only=True)["state"]["done"]
+    assert 0 < done < 26  # some columns of the first model on disk
+    torch.save(_net(9).state_dict(), tmp_path / "weights.pt")
+    rc, _, err = _diag(capsys, args)
+    assert rc == 2 and "operator" in err  # never spliced into the second model's diagonal
+    torch.save(_net(0).state_dict(), tmp_path / "weights.pt")
+    rc, resumed, _ = _diag(capsys, args)
+    rc2, straight, _ = _diag(capsys, args[:-2])
+    assert rc == rc2 == 0
+    assert resumed == pytest.approx(straight, rel=1e-10, abs=1e-14)
