@@ -236,7 +236,7 @@ def _indefinite(bound: Optional[float], damping: float, exact: bool) -> str:
         what, fix = "a solve gave bᵀ(H + λI)⁻¹b ≤ 0", "a larger damping (try 10×, or method='dense' to see λ_min)"
     else:
         need = max(-bound, 0.0)
-        what = f"λ_min(H) = {bound:.3e}" if exact else f"H has curvature {bound:.3e} along a direction CG met"
+        what = f"λ_min(H) = {bound:.3e}" if exact else f"λ_min(H) ≤ {bound:.3e}: the curvature along a direction the solve met"
         fix = f"damping > {need:.3g} (e.g. damping={max(2 * need, 1e-12):.2g})"
     return (f"H + λI is not positive definite ({what}, damping λ = {damping:g}): θ is not a minimum of the "
             f"training cost, and the influence function assumes one. Train to convergence, or pass {fix}; "
@@ -271,20 +271,52 @@ def _krylov_one(op, b, damping, method, tol, maxiter):
     return res
 
 
+def _ritz_min(op, B: torch.Tensor, damping: float):
+    """Smallest Ritz value of ``H + λI`` on span(B) (an upper bound on its λ_min), and the products used."""
+    Q, R = torch.linalg.qr(B.double())
+    Q = Q[:, R.diagonal().abs() > 1e-10 * R.diagonal().abs().max()]
+    M = Q.T @ (op @ Q.to(op.dtype)).double() + damping * torch.eye(Q.shape[1], dtype=torch.float64,
+                                                                      device=Q.device)
+    return float(torch.linalg.eigvalsh((M + M.T) / 2)[0]), Q.shape[1]
+
+
 def _krylov(op, g, damping, method, tol, maxiter) -> Dict[str, Any]:
-    """``s = (H + λI)⁻¹ g`` and, for λ > 0, ``t = (H + λI)⁻¹ s`` by CG or MINRES."""
+    """``s = (H + λI)⁻¹ g`` and ``t = (H + λI)⁻¹ s`` by CG or MINRES; positive definiteness checked.
+
+    CG stops at non-positive curvature (an error here). Both methods then check the
+    Rayleigh–Ritz values of ``H + λI`` on span{g, s, t} (≤ 3 products): a value ≤ 0 proves
+    ``H + λI`` indefinite (an error for CG, a warning for MINRES, which solves it anyway).
+    MINRES also runs CG on the same system for as many iterations as MINRES took: CG's
+    pivots ``pᵀ(H + λI)p`` turn non-positive once the Krylov space sees a negative
+    eigenvalue (Sylvester's inertia of the Lanczos matrix), which MINRES would not report.
+    """
     first = _krylov_one(op, g, damping, method, tol, maxiter)
     s, t, matvecs = first.x, torch.zeros_like(first.x), first.num_matvecs
-    if damping > 0 and bool(s.any()):
+    if bool(s.any()) and (damping > 0 or method == "minres"):
         second = _krylov_one(op, s, damping, method, tol, maxiter)
         t, matvecs = second.x, matvecs + second.num_matvecs
-    # gᵀ(H + λI)⁻¹g and sᵀ(H + λI)⁻¹s are > 0 for a positive definite H + λI
-    if bool(s.any()) and (float(g @ s) <= 0 or (damping > 0 and float(s @ t) <= 0)):
-        msg = _indefinite(None, damping, exact=False)
-        if method != "minres":
-            raise InputError(msg)
-        warnings.warn(msg, RuntimeWarning, stacklevel=4)
-    return dict(s=s, t=t, method=method, converged=True, residual=first.final_residual,
+    if method == "minres" and bool(s.any()):  # CG's pivots pᵀ(H + λI)p see the same Krylov space
+        probe = _solve(op, g, damping=damping, method="cg", tol=tol, maxiter=first.iterations + 1, x0=None,
+                       callback=None)
+        matvecs += probe.num_matvecs
+        if probe.status == "negative_curvature":
+            p = probe.curvature_direction
+            warnings.warn(_indefinite(float(p @ (op @ p)) / float(p @ p), damping, exact=False),
+                          RuntimeWarning, stacklevel=3)
+            return _krylov_result(first, s, t, matvecs + 1)
+    if bool(s.any()):
+        ritz, n = _ritz_min(op, torch.stack([g, s, t], dim=1), damping)
+        matvecs += n
+        if ritz <= 0 or float(g @ s) <= 0:  # evidence that H + λI is not positive definite
+            msg = _indefinite(ritz - damping if ritz <= 0 else None, damping, exact=False)
+            if method != "minres":
+                raise InputError(msg)
+            warnings.warn(msg, RuntimeWarning, stacklevel=3)
+    return _krylov_result(first, s, t, matvecs)
+
+
+def _krylov_result(first, s, t, matvecs) -> Dict[str, Any]:
+    return dict(s=s, t=t, method=first.method, converged=True, residual=first.final_residual,
                 iterations=first.iterations, num_matvecs=matvecs, min_eigenvalue=None, max_eigenvalue=None)
 
 
@@ -351,6 +383,10 @@ def influence(model: torch.nn.Module, loss_fn, train_data, test_data, *, test_lo
         raise InputError("influence does not support torch.distributed yet: run it on one process")
     op = HessianOperator(model, loss_fn, train_data, params, reduction=reduction)
     train = op.objective
+    _refuse_coupling(train)  # before any solve: the cheap refusals first
+    if train.data.in_memory:
+        for batch in train.data:
+            _check_sample_dims(batch)
     test = Objective(model, test_loss_fn or loss_fn, test_data, params,
                      reduction=reduction if test_loss_fn is None else None)
     tol = _TOL.get(train.dtype, 1e-5) if tol is None else as_float("tol", tol, positive=True)
