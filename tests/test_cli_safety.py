@@ -197,3 +197,19 @@ def test_a_run_killed_midway_is_not_resumed_with_other_weights(capsys, tmp_path,
     rc2, straight, _ = _diag(capsys, args[:-2])
     assert rc == rc2 == 0
     assert resumed == pytest.approx(straight, rel=1e-10, abs=1e-14)
+
+
+def test_the_fingerprint_is_one_for_all_ranks(monkeypatch):
+    """Each rank hashes its own shard; the problem's fingerprint combines them so every rank agrees."""
+    from nethessian import distributed
+    from nethessian._app.problem import load_problem
+
+    p = load_problem("two-layer")
+    local = p.fingerprint()
+    shards = {0: local, 1: "f" * 64}
+    monkeypatch.setattr(distributed, "is_active", lambda: True)
+    got = []
+    for r in (0, 1):
+        monkeypatch.setattr(distributed, "_gather_text", lambda text, what, device=None: [shards[0], shards[1]])
+        got.append(p.fingerprint())
+    assert got[0] == got[1] != local and len(got[0]) == 64

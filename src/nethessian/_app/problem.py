@@ -72,8 +72,20 @@ class Problem:
         return self.operator(params).objective
 
     def fingerprint(self, params: Optional[Sequence[str]] = None) -> str:
-        """sha256 of everything the numbers depend on (weights, buffers, modes, loss, data, operator)."""
-        return self.operator(params).fingerprint()
+        """sha256 of everything the numbers depend on (weights, buffers, modes, loss, data, operator).
+
+        Under torch.distributed each rank holds its own shard, so the ranks' fingerprints are
+        combined (in rank order) into one that every rank shares: one checkpoint file, one identity.
+        """
+        from .. import distributed as dist
+        from .._fingerprint import Hasher
+
+        op = self.operator(params)
+        local = op.fingerprint()
+        if not dist.is_active():
+            return local
+        ranks = dist._gather_text(local, "the problem's fingerprint", op.device)
+        return Hasher().text("ranks").value(ranks).hexdigest()
 
     def describe(self) -> Dict[str, Any]:
         """Name, description and the model's and loss's types, for the report and saved results."""
