@@ -17,22 +17,19 @@ predicted leave-one-out change of the test loss is ``ΔL_test ≈ −w_i · scor
 **Helpful** points have ``score_i < 0``: up-weighting them lowers the test loss and
 removing them raises it. **Harmful** points have ``score_i > 0``.
 
-Damping. ``λ > 0`` replaces ``H`` by ``H + λI``: it shrinks every component of ``s`` along
-an eigenvector of ``H`` with eigenvalue ``μ`` by ``μ / (μ + λ)``. Its effect is reported
-as the elasticity ``damping_sensitivity = ‖d scores / d log λ‖ / ‖scores‖ = ‖λ G t‖ / ‖G s‖``
-with ``G`` the ``(N, P)`` per-sample gradients and ``t = (H + λI)⁻¹ s`` (exact, since
-``ds/dλ = −t``; it costs one more solve with the same matrix). For a positive definite
-``H`` it is at most ``λ / (μ_min + λ)``. 0.01
-means a 10 % change of λ changes the scores by about 0.1 %; near 1 the scores say more
-about λ than about the model. An ``H + λI`` that is not positive definite is an error
-(``method="minres"``: a warning) with the damping that fixes it.
+Damping. ``λ > 0`` shrinks the component of ``s`` along an eigenvector of ``H`` with
+eigenvalue ``μ`` by ``μ / (μ + λ)``. Its effect is reported as the elasticity
+``damping_sensitivity = ‖d scores / d log λ‖ / ‖scores‖ = ‖λ G t‖ / ‖G s‖`` (``G`` the
+per-sample gradients, ``t = (H + λI)⁻¹ s``; exact since ``ds/dλ = −t``; one more solve):
+0.01 means a 10 % change of λ moves the scores by about 0.1 %; near 1 they say more about
+λ than about the model. ``H + λI`` not positive definite is an error (``method="minres"``:
+a warning) naming the damping that fixes it.
 """
 from __future__ import annotations
 
-import math
 import warnings
 from dataclasses import dataclass
-from typing import Any, Dict, Optional, Sequence
+from typing import Any, Dict, Literal, Optional, Sequence
 
 import torch
 from torch.func import grad, vmap
@@ -60,15 +57,13 @@ class InfluenceResult:
     """Influence scores of every training point on one test cost (see the module docstring).
 
     Attributes:
-        scores: ``(N,)`` ``I(z_i, z_test) = −∇ℓ_iᵀ (H + λI)⁻¹ ∇L_test``, in data order.
-            Negative: helpful; positive: harmful.
+        scores: ``(N,)`` ``−∇ℓ_iᵀ (H + λI)⁻¹ ∇L_test`` in data order; < 0 helpful, > 0 harmful.
         weights: ``(N,)`` each sample's weight ``w_i`` in the training cost J.
         damping: the λ used.
         damping_sensitivity: ``‖d scores / d log λ‖ / ‖scores‖`` (0 when λ = 0).
         method: the solver used (``"cg"``, ``"minres"`` or ``"dense"``).
-        converged, residual, iterations, num_matvecs: the solve of ``(H + λI)s = ∇L_test``:
-            true relative residual, Krylov iterations, Hessian-vector products in all
-            (both solves; ``P`` columns for ``"dense"``).
+        converged, residual, iterations, num_matvecs: the solve of ``(H + λI)s = ∇L_test`` (true
+            relative residual); H products in all (``P`` columns for ``"dense"``).
         min_eigenvalue, max_eigenvalue: of ``H`` (``"dense"`` only, else None).
         test_loss: ``L_test(θ̂)``.
     """
@@ -93,13 +88,11 @@ class InfluenceResult:
 
     def helpful(self, k: int = 10) -> torch.Tensor:
         """Indices of the ``k`` most helpful samples (most negative scores first)."""
-        k = min(as_int("k", k, minimum=0), self.scores.numel())
-        return torch.argsort(self.scores)[:k]
+        return torch.argsort(self.scores)[:as_int("k", k, minimum=0)]
 
     def harmful(self, k: int = 10) -> torch.Tensor:
         """Indices of the ``k`` most harmful samples (most positive scores first)."""
-        k = min(as_int("k", k, minimum=0), self.scores.numel())
-        return torch.argsort(self.scores, descending=True)[:k]
+        return torch.argsort(self.scores, descending=True)[:as_int("k", k, minimum=0)]
 
     def table(self, top: int = 10) -> str:
         """Text table of the ``top`` most helpful and most harmful samples."""
@@ -113,9 +106,7 @@ class InfluenceResult:
     def to_dict(self) -> Dict[str, Any]:
         """Plain Python types only, ready for ``json.dumps``."""
         d = {k: getattr(self, k) for k in self.__dataclass_fields__}
-        d["scores"] = self.scores.detach().cpu().double().tolist()
-        d["weights"] = self.weights.detach().cpu().double().tolist()
-        return d
+        return {**d, "scores": self.scores.double().tolist(), "weights": self.weights.double().tolist()}
 
     def __repr__(self) -> str:
         conv = "converged" if self.converged else "NOT converged"
@@ -130,11 +121,9 @@ def _check_sample_dims(batch: Batch) -> int:
     """Samples in ``batch``: every input tensor must have the targets' leading size."""
     t = batch.targets
     if t.ndim == 0:
-        raise InputError(f"batch {batch.index}: targets are a scalar; per-sample influence needs one "
-                         "target per sample along dimension 0")
+        raise InputError(f"batch {batch.index}: targets are a scalar; influence needs one per sample")
     n = t.shape[0]
-    leaves, _ = tree_flatten(batch.inputs)
-    for x in leaves:
+    for x in tree_flatten(batch.inputs)[0]:
         if isinstance(x, torch.Tensor) and (x.ndim == 0 or x.shape[0] != n):
             raise InputError(
                 f"batch {batch.index}: an input has shape {tuple(x.shape)} but the targets have {n} "
@@ -200,13 +189,9 @@ def per_sample_gradients(objective: Objective, *, chunk_size: Optional[int] = No
     _refuse_coupling(objective)
     P = objective.size
     c = column_chunk(P) if chunk_size is None else as_int("chunk_size", chunk_size, minimum=1)
-    data = objective.data
-    if data.in_memory:
-        total, unit = sum(b.targets.shape[0] for b in data), "sample"
-    else:
-        total, unit = data.num_batches or 0, "batch"
-    theta = objective.theta0.detach()
-    start = 0
+    data, theta, start = objective.data, objective.theta0.detach(), 0
+    unit = "sample" if data.in_memory else "batch"
+    total = sum(b.targets.shape[0] for b in data) if data.in_memory else (data.num_batches or 0)
     with Progress(total, "influence: per-sample gradients", unit=unit, enabled=progress) as bar:
         for batch in data:
             n = _check_sample_dims(batch)
@@ -214,10 +199,8 @@ def per_sample_gradients(objective: Objective, *, chunk_size: Optional[int] = No
                 hi = min(n, lo + c)
                 g, loss, out = _chunk_gradients(objective, theta, batch, lo, hi)
                 counts = _term_counts(objective, batch, out, lo, hi)
-                empty = counts == 0
-                if bool(empty.any()):
-                    g, loss = g.masked_fill(empty[:, None].to(g.device), 0), loss.masked_fill(
-                        empty.to(loss.device), 0)
+                empty = (counts == 0).to(g.device)  # no loss terms: 0/0 loss, weight 0
+                g, loss = g.masked_fill(empty[:, None], 0), loss.masked_fill(empty, 0)
                 if not (all_finite(g) and all_finite(loss)):
                     bad = (~torch.isfinite(g).all(1) | ~torch.isfinite(loss)).nonzero()[0, 0]
                     raise NonFiniteError(f"sample {start + int(bad)} (batch {batch.index}) has a NaN or "
@@ -232,11 +215,10 @@ def per_sample_gradients(objective: Objective, *, chunk_size: Optional[int] = No
 # -- the solve ------------------------------------------------------------------------------
 def _indefinite(bound: Optional[float], damping: float, exact: bool) -> str:
     """The message for an ``H + λI`` that is not positive definite; ``bound`` ≥ λ_min(H) when known."""
-    if bound is None:
-        what, fix = "a solve gave bᵀ(H + λI)⁻¹b ≤ 0", "a larger damping (try 10×, or method='dense' to see λ_min)"
-    else:
+    what, fix = "gᵀ(H + λI)⁻¹g ≤ 0", "a larger damping (try 10×; method='dense' gives λ_min)"
+    if bound is not None:
         need = max(-bound, 0.0)
-        what = f"λ_min(H) = {bound:.3e}" if exact else f"λ_min(H) ≤ {bound:.3e}: the curvature along a direction the solve met"
+        what = f"λ_min(H) {'=' if exact else '≤'} {bound:.3e}"
         fix = f"damping > {need:.3g} (e.g. damping={max(2 * need, 1e-12):.2g})"
     return (f"H + λI is not positive definite ({what}, damping λ = {damping:g}): θ is not a minimum of the "
             f"training cost, and the influence function assumes one. Train to convergence, or pass {fix}; "
@@ -255,17 +237,20 @@ def _dense(op: HessianOperator, g: torch.Tensor, damping: float, progress) -> Di
     gd = g.double()
     s = V @ ((V.T @ gd) / (e + damping))
     t = V @ ((V.T @ s) / (e + damping))
-    gn = float(gd.norm())
-    residual = float((gd - H @ s - damping * s).norm()) / gn if gn > 0 else 0.0
+    residual = float((gd - H @ s - damping * s).norm() / gd.norm()) if bool(gd.any()) else 0.0
     return dict(s=s.to(op.dtype), t=t.to(op.dtype), method="dense", converged=True, residual=residual,
                 iterations=0, num_matvecs=H.shape[0], min_eigenvalue=lmin, max_eigenvalue=lmax)
+
+
+def _curvature(op, p: torch.Tensor) -> float:
+    """``pᵀHp / pᵀp`` (one product): an upper bound on λ_min(H)."""
+    return float(p @ (op @ p)) / float(p @ p)
 
 
 def _krylov_one(op, b, damping, method, tol, maxiter):
     res = _solve(op, b, damping=damping, method=method, tol=tol, maxiter=maxiter, x0=None, callback=None)
     if res.status == "negative_curvature":
-        p = res.curvature_direction  # unit p: pᵀHp ≥ λ_min(H)
-        raise InputError(_indefinite(float(p @ (op @ p)) / float(p @ p), damping, exact=False))
+        raise InputError(_indefinite(_curvature(op, res.curvature_direction), damping, exact=False))
     if not res.converged:
         raise NotConvergedError(f"influence: the solve of (H + λI) x = b did not converge: {res.message}", res)
     return res
@@ -295,37 +280,29 @@ def _krylov(op, g, damping, method, tol, maxiter) -> Dict[str, Any]:
     if bool(s.any()) and (damping > 0 or method == "minres"):
         second = _krylov_one(op, s, damping, method, tol, maxiter)
         t, matvecs = second.x, matvecs + second.num_matvecs
+    bound, proof = None, False  # proof: H + λI is certainly not positive definite
     if method == "minres" and bool(s.any()):  # CG's pivots pᵀ(H + λI)p see the same Krylov space
         probe = _solve(op, g, damping=damping, method="cg", tol=tol, maxiter=first.iterations + 1, x0=None,
                        callback=None)
-        matvecs += probe.num_matvecs
+        matvecs += probe.num_matvecs + (probe.status == "negative_curvature")
         if probe.status == "negative_curvature":
-            p = probe.curvature_direction
-            warnings.warn(_indefinite(float(p @ (op @ p)) / float(p @ p), damping, exact=False),
-                          RuntimeWarning, stacklevel=3)
-            return _krylov_result(first, s, t, matvecs + 1)
-    if bool(s.any()):
+            bound, proof = _curvature(op, probe.curvature_direction), True
+    if bool(s.any()) and not proof:
         ritz, n = _ritz_min(op, torch.stack([g, s, t], dim=1), damping)
         matvecs += n
-        if ritz <= 0 or float(g @ s) <= 0:  # evidence that H + λI is not positive definite
-            msg = _indefinite(ritz - damping if ritz <= 0 else None, damping, exact=False)
-            if method != "minres":
-                raise InputError(msg)
-            warnings.warn(msg, RuntimeWarning, stacklevel=3)
-    return _krylov_result(first, s, t, matvecs)
-
-
-def _krylov_result(first, s, t, matvecs) -> Dict[str, Any]:
-    return dict(s=s, t=t, method=first.method, converged=True, residual=first.final_residual,
+        bound, proof = (ritz - damping if ritz <= 0 else None), ritz <= 0 or float(g @ s) <= 0
+    if proof and method != "minres":
+        raise InputError(_indefinite(bound, damping, exact=False))
+    if proof:
+        warnings.warn(_indefinite(bound, damping, exact=False), RuntimeWarning, stacklevel=3)
+    return dict(s=s, t=t, method=method, converged=True, residual=first.final_residual,
                 iterations=first.iterations, num_matvecs=matvecs, min_eigenvalue=None, max_eigenvalue=None)
 
 
 # -- the weights of the per-sample terms, and the check that J is their sum -----------------
 def _weights(objective: Objective, counts, loss_sum, loss_abs, grad_sum, grad_abs) -> float:
     """The normaliser ``Z`` with ``J = Σ_i c_i ℓ_i / Z``, verified on J's value and gradient."""
-    J, gJ = objective.value_and_grad()
-    C = float(counts.sum())
-    red = objective.reduction
+    (J, gJ), C, red = objective.value_and_grad(), float(counts.sum()), objective.reduction
     candidates = [1.0] if red == "sum" else [C] if red is not None else [C, 1.0]
     rtol = 1e3 * torch.finfo(objective.dtype).eps
     for Z in candidates:
@@ -346,7 +323,7 @@ def _weights(objective: Objective, counts, loss_sum, loss_abs, grad_sum, grad_ab
 
 def influence(model: torch.nn.Module, loss_fn, train_data, test_data, *, test_loss_fn=None,
               params: Optional[Sequence[str]] = None, reduction=None, damping: float = 0.0,
-              method: str = "auto", tol: Optional[float] = None, maxiter: Optional[int] = None,
+              method: Literal["auto", "cg", "minres", "dense"] = "auto", tol: Optional[float] = None, maxiter: Optional[int] = None,
               chunk_size: Optional[int] = None, progress: Optional[bool] = None) -> InfluenceResult:
     """Influence of every training point on the test cost, ``−∇ℓ_iᵀ (H + λI)⁻¹ ∇L_test``.
 
@@ -356,9 +333,13 @@ def influence(model: torch.nn.Module, loss_fn, train_data, test_data, *, test_lo
     weighting included) at the model's current weights, which should be a minimum.
 
     Args:
-        model, loss_fn, train_data, params, reduction: the training cost J (see ``Objective``).
-        test_data: the test points; ``L_test`` is their cost with ``test_loss_fn`` (default
-            ``loss_fn``; ``reduction`` applies to the test cost only when it uses ``loss_fn``).
+        model: the trained network (its weights θ̂ should minimise J).
+        loss_fn: ``(outputs, targets) -> scalar``: the training loss (see ``Objective``).
+        train_data: a pair, a list of batches or a DataLoader; scores follow its order.
+        test_data: the test points; ``L_test`` is their cost with ``test_loss_fn``.
+        test_loss_fn: default ``loss_fn`` (then ``reduction`` applies to the test cost too).
+        params: names or globs of the parameters θ (default: all that require grad).
+        reduction: how batches combine when ``loss_fn`` has no ``.reduction`` (see ``Objective``).
         damping: ``λ ≥ 0``.
         method: ``"cg"`` (``H + λI`` positive definite), ``"minres"`` (indefinite allowed, with a
             warning), ``"dense"`` (eigen-decomposition of the dense H: P products, exact
@@ -369,9 +350,8 @@ def influence(model: torch.nn.Module, loss_fn, train_data, test_data, *, test_lo
         progress: ``None`` auto, ``True``/``False``.
 
     Raises:
-        InputError: bad options, empty data, inputs and targets of different sample counts, a cost
-            that is not a sum of per-sample terms, or ``H + λI`` not positive definite (with the
-            damping that fixes it).
+        InputError: bad options or data, a cost that is not a sum of per-sample terms, or ``H + λI``
+            not positive definite (naming the damping that fixes it).
         NotConvergedError: the solve did not reach ``tol``.
     """
     if method not in METHODS:
@@ -415,7 +395,6 @@ def _scores(train: Objective, sol: Dict[str, Any], damping: float, test_loss: fl
     GS, counts = torch.cat(parts), torch.cat(counts)
     Z = _weights(train, counts, loss_sum, loss_abs, grad_sum, grad_abs)
     scores, dlog = -GS[:, 0], damping * GS[:, 1]
-    norm = float(scores.norm())
-    sens = float(dlog.norm()) / norm if norm > 0 else 0.0
+    sens = float(dlog.norm()) / float(scores.norm()) if bool(scores.any()) else 0.0
     return InfluenceResult(scores=scores.to(train.dtype), weights=(counts / Z).to(train.dtype),
                            damping=damping, damping_sensitivity=sens, test_loss=test_loss, **sol)
