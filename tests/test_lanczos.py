@@ -163,7 +163,9 @@ def test_eigenvalues_near_zero_terminate():
 def test_float32_operator_gives_float64_eigenvalues():
     lam = torch.cat([f64(3.0, 2.5, 2.0, 1.8), uniform(396, -0.5, 1.0)])
     A = with_spectrum(lam)
-    res = eigenvalues(A.float(), k=4, tol=1e-6)
+    # tol=1e-5: the verified residuals of float32 products sit near 1e-6 (eps32 · ‖A‖ · √P),
+    # so tol=1e-6 is at the rounding floor and is not claimed (see the next test)
+    res = eigenvalues(A.float(), k=4, tol=1e-5)
     ref = torch.linalg.eigvalsh(A).flip(0)[:4]
     assert res.converged
     assert res.eigenvalues.dtype == torch.float64 and res.eigenvectors.dtype == torch.float32
@@ -224,7 +226,8 @@ def test_block_products_go_through_the_operator_as_blocks():
     A = with_spectrum(torch.cat([f64(10.0, 8.0, 6.0), uniform(97, -1.0, 2.0)]))
     op = MatOp(A)
     res = eigenvalues(op, k=3, tol=1e-8, block_size=4, check_symmetry=False)
-    assert res.num_matvecs == op.columns == 4 * op.calls
+    # blocks of 4, then one product of the k = 3 returned vectors that verifies their residuals
+    assert res.num_matvecs == op.columns == 4 * (op.calls - 1) + 3
 
 
 # ---------------------------------------------------------------- budgets and counting

@@ -35,11 +35,14 @@ from typing import Any, Dict, Optional
 
 import torch
 
+from .. import distributed
 from .._checkpoint import Checkpoint
-from ..errors import InputError
+from .._checks import as_float, as_int
+from .._progress import Progress
+from ..errors import CheckpointError, InputError
 from ._krylov import lanczos_tridiag
 from ._operator import Operator, as_operator, check_symmetric, make_generator, randn
-from ._util import progress_bar, resume_state
+from ._util import loaded_count, loaded_generator, loaded_tensor, resume
 
 __all__ = ["SpectralDensity", "spectral_density"]
 
@@ -70,28 +73,21 @@ class SpectralDensity:
     num_matvecs: int
     sigma: float
 
-    def plot(self, path: str | os.PathLike, *, log: bool = True, title: Optional[str] = None) -> str:
-        """Write the density as a PNG (log-scale density by default, tiny values floored)."""
-        from matplotlib.backends.backend_agg import FigureCanvasAgg
-        from matplotlib.figure import Figure
+    def plot(self, path: str | os.PathLike, *, log: bool = True, title: Optional[str] = None,
+             eigenvalues=None) -> str:
+        """Write the density as an image (format from the suffix) with ``nethessian._plots.density_plot``."""
+        from .. import _plots
 
-        fig = Figure(figsize=(6.4, 4.0))
-        FigureCanvasAgg(fig)  # no pyplot: no global backend or figure state touched
-        ax = fig.add_subplot()
-        y = self.density.numpy()
-        if log:
-            floor = max(float(self.density.max()), 1e-300) * 1e-8
-            ax.semilogy(self.grid.numpy(), y.clip(min=floor))
-            ax.set_ylim(bottom=floor)
-        else:
-            ax.plot(self.grid.numpy(), y)
-        ax.set_xlabel("eigenvalue λ")
-        ax.set_ylabel("density" + (" (log scale)" if log else ""))
-        ax.set_title(title or f"spectral density (SLQ: {self.nodes.shape[0]} probes, "
-                              f"{self.nodes.shape[1]} steps, σ = {self.sigma:.3g})")
-        fig.tight_layout()
-        fig.savefig(os.fspath(path), format="png", dpi=100)
-        return os.fspath(path)
+        fig = _plots.density_plot(self, eigenvalues=eigenvalues, log=log, title=title or (
+            f"spectral density (SLQ: {self.nodes.shape[0]} probes, {self.nodes.shape[1]} steps, "
+            f"σ = {self.sigma:.3g})"))
+        return os.fspath(_plots.save(fig, path))
+
+    def __repr__(self) -> str:
+        probes, steps = self.nodes.shape
+        return (f"SpectralDensity({probes} probes x {steps} Lanczos steps, nodes in "
+                f"[{float(self.nodes.min()):.4g}, {float(self.nodes.max()):.4g}], sigma={self.sigma:.3g}, "
+                f"grid of {self.grid.numel()} points, num_matvecs={self.num_matvecs})")
 
     def to_dict(self) -> Dict[str, Any]:
         return {
@@ -151,12 +147,14 @@ def spectral_density(
         NonFiniteError: a product returned NaN or Inf.
     """
     A = as_operator(op)
-    steps = _validate(A, num_probes, lanczos_steps, sigma, grid_size, grid)
+    num_probes, steps, sigma, grid_size = _validate(A, num_probes, lanczos_steps, sigma, grid_size, grid)
+    distributed.check_same("spectral_density", num_probes=num_probes, lanczos_steps=steps,
+                           check_symmetry=bool(check_symmetry))
     nodes, weights, spent = _quadrature(A, num_probes, steps, seed, checkpoint, progress, check_symmetry)
-    sigma = _default_sigma(nodes) if sigma is None else float(sigma)
+    sigma = _default_sigma(nodes) if sigma is None else sigma
     if grid is None:
         lo, hi = float(nodes.min()) - _TAIL * sigma, float(nodes.max()) + _TAIL * sigma
-        grid = torch.linspace(lo, hi, int(grid_size), dtype=torch.float64)
+        grid = torch.linspace(lo, hi, grid_size, dtype=torch.float64)
     else:
         grid = torch.as_tensor(grid, dtype=torch.float64).cpu()
     density = _broaden(nodes, weights, sigma, grid)
@@ -166,47 +164,60 @@ def spectral_density(
     return SpectralDensity(grid, density, nodes, weights, spent, sigma)
 
 
-def _validate(A: Operator, num_probes, lanczos_steps, sigma, grid_size, grid) -> int:
-    if int(num_probes) < 1:
-        raise InputError(f"num_probes must be at least 1, got {num_probes}")
-    if int(lanczos_steps) < 1:
-        raise InputError(f"lanczos_steps must be at least 1, got {lanczos_steps}")
-    if sigma is not None and not (math.isfinite(float(sigma)) and float(sigma) > 0):
-        raise InputError(f"sigma must be a positive finite width, got {sigma}; or None for the default")
-    if grid is None and int(grid_size) < 2:
+def _validate(A: Operator, num_probes, lanczos_steps, sigma, grid_size, grid):
+    """The counts and width as numbers, after refusing bad values (strings, 2.7, non-positive)."""
+    num_probes = as_int("num_probes", num_probes, minimum=1)
+    steps = as_int("lanczos_steps", lanczos_steps, minimum=1)
+    if sigma is not None:
+        sigma = as_float("sigma", sigma, positive=True)
+    grid_size = as_int("grid_size", grid_size)
+    if grid is None and grid_size < 2:
         raise InputError(f"grid_size must be at least 2, got {grid_size}")
     if grid is not None:
-        g = torch.as_tensor(grid, dtype=torch.float64)
+        if not isinstance(grid, torch.Tensor) or grid.is_complex() or grid.is_sparse:
+            raise InputError("grid must be a real, dense 1-D torch.Tensor")
+        g = grid.detach().double()
         if g.ndim != 1 or g.numel() < 2 or not torch.isfinite(g).all() or not (g.diff() > 0).all():
             raise InputError("grid must be a finite, strictly increasing 1-D tensor of at least 2 points")
-    return min(int(lanczos_steps), A.size)
+    return num_probes, min(steps, A.size), sigma, grid_size
 
 
 def _quadrature(A: Operator, num_probes: int, steps: int, seed, checkpoint, progress, check_symmetry):
     """Gauss quadrature nodes and weights of each probe, ``(num_probes, steps)`` float64."""
-    expect = {"kind": "spectral-density", "size": A.size, "num_probes": int(num_probes),
-              "lanczos_steps": steps, "seed": seed}
+    expect = {"kind": "spectral-density", "operator": A.fingerprint(), "size": A.size,
+              "num_probes": num_probes, "lanczos_steps": steps, "seed": seed}
     gen = make_generator(seed)
     nodes = torch.zeros(num_probes, steps, dtype=torch.float64)
     weights = torch.zeros_like(nodes)
     done, before = 0, 0
-    state = resume_state(checkpoint, expect)
+    state = resume(checkpoint, expect)
     if state is not None:
-        done, before = int(state["done"]), int(state["num_matvecs"])
-        nodes, weights = state["nodes"].clone(), state["weights"].clone()
-        gen.set_state(state["generator"])
-    elif check_symmetry:
+        done, before, nodes, weights = _loaded(state, num_probes, steps, gen, checkpoint.path)
+    elif check_symmetry:  # its own generator: the probes do not depend on whether it ran
         check_symmetric(A, make_generator(seed))
-    bar = progress_bar(progress, num_probes, "spectral density", done, unit="probe")
-    for p in range(done, num_probes):
-        nodes[p], weights[p] = _gauss(A, randn(A, A.size, generator=gen), steps)
-        bar.update(1)
-        if checkpoint is not None:
-            checkpoint.save({**expect, "done": p + 1, "nodes": nodes, "weights": weights,
-                             "num_matvecs": before + A.num_matvecs, "generator": gen.get_state()},
-                            force=p + 1 == num_probes)
-    bar.close()
+    with Progress(num_probes, "spectral density", unit="probe", enabled=progress, initial=done) as bar:
+        for p in range(done, num_probes):
+            nodes[p], weights[p] = _gauss(A, randn(A, A.size, generator=gen), steps)
+            bar.update(1)
+            if checkpoint is not None and (p + 1 == num_probes or checkpoint.due()):
+                checkpoint.save({**expect, "done": p + 1, "nodes": nodes, "weights": weights,
+                                 "num_matvecs": before + A.num_matvecs, "generator": gen.get_state()},
+                                force=True)
     return nodes, weights, before + A.num_matvecs
+
+
+def _loaded(state, num_probes: int, steps: int, gen, path: str):
+    """``done, num_matvecs, nodes, weights`` of a saved state, each checked (``CheckpointError``)."""
+    done = loaded_count(state, "done", 0, num_probes, path)
+    before = loaded_count(state, "num_matvecs", 0, 2**62, path)
+    nodes = loaded_tensor(state, "nodes", (num_probes, steps), path).double().clone()
+    weights = loaded_tensor(state, "weights", (num_probes, steps), path).double().clone()
+    sums = weights[:done].sum(dim=1)
+    if bool((weights < 0).any()) or (done and not torch.allclose(sums, torch.ones_like(sums), atol=1e-6)):
+        raise CheckpointError(f"{path!r}: the saved quadrature weights are not a probability per probe; "
+                              "the file is damaged, delete it to start over")
+    loaded_generator(state, gen, path)
+    return done, before, nodes, weights
 
 
 def _gauss(A: Operator, v: torch.Tensor, steps: int):

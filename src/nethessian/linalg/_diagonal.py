@@ -26,11 +26,15 @@ from typing import Any, Dict, Literal, Optional
 
 import torch
 
+from .. import distributed
 from .._checkpoint import Checkpoint
-from ..errors import InputError
+from .._checks import as_int
+from .._columns import identity_columns
 from .._params import ParamLayout
+from .._progress import Progress
+from ..errors import CheckpointError, InputError
 from ._operator import Operator, as_operator, make_generator, rademacher
-from ._util import _chunk, progress_bar, resume_state
+from ._util import chunk_for, loaded_count, loaded_generator, loaded_tensor, resume
 
 __all__ = ["DiagonalEstimate", "diagonal"]
 
@@ -74,6 +78,28 @@ class DiagonalEstimate:
             "layout": None if lay is None else {"names": list(lay.names), "shapes": [list(s) for s in lay.shapes]},
         }
 
+    def table(self) -> str:
+        """One line per parameter block: name, size, mean entry, the median entry's standard error, range."""
+        if self.layout is None:
+            return _row("all", self.values, self.stderr)
+        return "\n".join(_row(n, self.values[self.layout.slice(n)],
+                               None if self.stderr is None else self.stderr[self.layout.slice(n)])
+                          for n in self.layout.names)
+
+    def __repr__(self) -> str:
+        v = self.values.double()
+        return (f"DiagonalEstimate({self.method}, P={v.numel()}, values in [{float(v.min()):.4g}, "
+                f"{float(v.max()):.4g}], sum={float(v.sum()):.6g}, num_matvecs={self.num_matvecs})")
+
+
+def _row(name: str, values: torch.Tensor, stderr: Optional[torch.Tensor]) -> str:
+    v = values.double()
+    mean = float(v.mean()) if v.numel() else 0.0
+    # per-entry errors are correlated across entries: report the typical one, not a block error
+    err = "exact" if stderr is None else f"(entry stderr, median {float(stderr.double().median()):.2e})"
+    return (f"{name}: {v.numel()} entries, mean {mean:.6g} {err}, "
+            f"range [{float(v.min()) if v.numel() else 0.0:.4g}, {float(v.max()) if v.numel() else 0.0:.4g}]")
+
 
 def diagonal(
     op: Any,
@@ -82,7 +108,7 @@ def diagonal(
     num_matvecs: Optional[int] = None,
     seed: Optional[int] = 0,
     chunk_size: Optional[int] = None,
-    progress: bool = False,
+    progress: Optional[bool] = None,
     checkpoint: Optional[Checkpoint] = None,
 ) -> DiagonalEstimate:
     """Diagonal of a square operator, exactly or by the Bekas-Kokiopoulou-Saad estimator.
@@ -93,11 +119,11 @@ def diagonal(
         method: ``"exact"`` (``P`` products) or ``"estimate"`` (``num_matvecs``).
         num_matvecs: probes for ``"estimate"`` (default 100, at least 2).
         seed: seed of the CPU generator the probes are drawn from.
-        chunk_size: columns per product ``A @ V``; default keeps ``V`` under
-            2**24 entries (``min(k, max(1, 2**24 // P))``).
-        progress: show a tqdm bar on stderr.
-        checkpoint: a ``Checkpoint``; state is saved after each chunk and a run
-            resumed from it gives the same result as an uninterrupted one.
+        chunk_size: columns per product ``A @ V``; default ``_columns.column_chunk``.
+        progress: ``None`` auto, ``True``/``False`` (see ``nethessian._progress``).
+        checkpoint: a ``Checkpoint``; state is saved as chunks finish and a run
+            resumed from it gives the same result as an uninterrupted one. It is
+            refused when made for another operator (its fingerprint), size or seed.
 
     Returns:
         A ``DiagonalEstimate``.
@@ -113,43 +139,25 @@ def diagonal(
     if method == "exact":
         if num_matvecs is not None:
             raise InputError("num_matvecs applies to method='estimate' only; the exact diagonal takes P products")
-        chunk = _chunk(A.size, A.size, chunk_size)
-        values = exact_diagonal(A, chunk_size=chunk, progress=progress, checkpoint=checkpoint)
+        distributed.check_same("diagonal", method=method)
+        values = exact_diagonal(A, chunk_size=chunk_for(A.size, A.size, chunk_size), progress=progress,
+                                checkpoint=checkpoint)
         return DiagonalEstimate(values, None, A.size, "exact", A.layout)
-    m = 100 if num_matvecs is None else int(num_matvecs)
+    m = 100 if num_matvecs is None else as_int("num_matvecs", num_matvecs)
     if m < 2:
         raise InputError(f"method='estimate' needs num_matvecs >= 2 for a standard error, got {m}")
-    mean, var = _bks(A, m, seed, _chunk(A.size, m, chunk_size), progress, checkpoint)
+    distributed.check_same("diagonal", method=method, num_matvecs=m)
+    mean, var = _bks(A, m, seed, chunk_for(A.size, m, chunk_size), progress, checkpoint)
     stderr = (var / m).sqrt()
     return DiagonalEstimate(mean.to(A.dtype), stderr.to(A.dtype), m, "estimate", A.layout)
 
 
-def exact_diagonal(
-    A: Operator, *, chunk_size: int, progress: bool = False, checkpoint: Optional[Checkpoint] = None
-) -> torch.Tensor:
-    """``diag(A)`` from products with chunks of identity columns, in ``A``'s dtype."""
-    P = A.size
-    expect = {"kind": "diagonal-exact", "size": P}
-    state = resume_state(checkpoint, expect)
-    values = torch.zeros(P, dtype=A.dtype, device=A.device)
-    done = 0
-    if state is not None:
-        done = int(state["done"])
-        values = state["values"].to(device=A.device, dtype=A.dtype)
-    bar = progress_bar(progress, P, "diagonal", done)
-    while done < P:
-        stop = min(P, done + chunk_size)
-        rows = torch.arange(done, stop, device=A.device)
-        cols = torch.arange(stop - done, device=A.device)
-        E = torch.zeros(P, stop - done, dtype=A.dtype, device=A.device)
-        E[rows, cols] = 1
-        values[done:stop] = (A @ E)[rows, cols]
-        bar.update(stop - done)
-        done = stop
-        if checkpoint is not None:
-            checkpoint.save({**expect, "done": done, "values": values.cpu()}, force=done == P)
-    bar.close()
-    return values
+def exact_diagonal(A: Operator, *, chunk_size: int, progress: Optional[bool] = None,
+                   checkpoint: Optional[Checkpoint] = None) -> torch.Tensor:
+    """``diag(A)`` from products with chunks of identity columns (``_columns.identity_columns``)."""
+    return identity_columns(A.matmul, A.size, dtype=A.dtype, device=A.device, chunk=chunk_size,
+                            keep="diagonal", checkpoint=checkpoint, identity={"operator": A.fingerprint()},
+                            progress=progress, desc="diagonal")
 
 
 def _bks(A: Operator, m: int, seed, chunk: int, progress: bool, checkpoint) -> tuple:
@@ -159,29 +167,41 @@ def _bks(A: Operator, m: int, seed, chunk: int, progress: bool, checkpoint) -> t
     which keeps the variance accurate when it is small next to the mean.
     """
     P = A.size
-    expect = {"kind": "diagonal-estimate", "size": P, "num_matvecs": m, "seed": seed}
+    expect = {"kind": "diagonal-estimate", "operator": A.fingerprint(), "size": P, "num_matvecs": m,
+              "seed": seed}
     gen = make_generator(seed)
     n = 0
     mean = torch.zeros(P, dtype=torch.float64, device=A.device)
     m2 = torch.zeros_like(mean)
-    state = resume_state(checkpoint, expect)
+    state = resume(checkpoint, expect)
     if state is not None:
-        n, mean, m2 = int(state["done"]), state["mean"].to(A.device), state["m2"].to(A.device)
-        gen.set_state(state["generator"])
-    bar = progress_bar(progress, m, "diagonal (estimate)", n)
-    while n < m:
-        c = min(chunk, m - n)
-        Z = rademacher(A, c, P, generator=gen).T  # drawn as (c, P): independent of the chunking
-        X = (Z * (A @ Z)).double()
-        cmean = X.mean(dim=1)
-        cm2 = (X - cmean[:, None]).square().sum(dim=1)
-        delta = cmean - mean
-        mean = mean + delta * (c / (n + c))
-        m2 = m2 + cm2 + delta.square() * (n * c / (n + c))
-        n += c
-        bar.update(c)
-        if checkpoint is not None:
-            state = {**expect, "done": n, "mean": mean.cpu(), "m2": m2.cpu(), "generator": gen.get_state()}
-            checkpoint.save(state, force=n == m)
-    bar.close()
+        n, mean, m2 = _loaded(state, P, m, gen, checkpoint.path)
+        mean, m2 = mean.to(A.device), m2.to(A.device)
+    with Progress(m, "diagonal (estimate)", unit="probe", enabled=progress, initial=n) as bar:
+        while n < m:
+            c = min(chunk, m - n)
+            Z = rademacher(A, c, P, generator=gen).T  # drawn as (c, P): independent of the chunking
+            X = (Z * (A @ Z)).double()
+            cmean = X.mean(dim=1)
+            cm2 = (X - cmean[:, None]).square().sum(dim=1)
+            delta = cmean - mean
+            mean = mean + delta * (c / (n + c))
+            m2 = m2 + cm2 + delta.square() * (n * c / (n + c))
+            n += c
+            bar.update(c)
+            if checkpoint is not None and (n == m or checkpoint.due()):
+                checkpoint.save({**expect, "done": n, "mean": mean.cpu(), "m2": m2.cpu(),
+                                 "generator": gen.get_state()}, force=True)
     return mean, m2 / (m - 1)
+
+
+def _loaded(state, P: int, m: int, gen, path: str):
+    """``done, mean, m2`` of a saved state, each checked (``CheckpointError``)."""
+    n = loaded_count(state, "done", 0, m, path)
+    mean = loaded_tensor(state, "mean", (P,), path).double()
+    m2 = loaded_tensor(state, "m2", (P,), path).double()
+    if bool((m2 < 0).any()):
+        raise CheckpointError(f"{path!r}: the saved sums of squares are negative; the file is damaged, "
+                              "delete it to start over")
+    loaded_generator(state, gen, path)
+    return n, mean, m2

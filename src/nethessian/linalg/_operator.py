@@ -4,31 +4,65 @@
 small adapter that
 
 * validates the shape (2-D, square) and exposes ``size``, ``dtype``, ``device``;
-* counts matrix-vector products (a ``(P, k)`` product counts ``k``);
-* refuses non-finite products with the product's number (and, when the wrapped
-  operator says so, the batch that produced it);
+* validates the vectors it is given (``_checks.check_vector``), once: the
+  finiteness of a *product* is checked here only when the wrapped object does
+  not check it itself (a ``CurvatureOperator`` does);
+* counts matrix-vector products (a ``(P, k)`` product counts ``k``) and puts the
+  product's number into every error a product raises;
 * carries the wrapped operator's ``layout`` (a ``ParamLayout``) when it has one,
-  so results can be keyed by parameter name without linalg knowing networks.
+  so results can be keyed by parameter name without linalg knowing networks;
+* has a ``fingerprint()`` of the matrix it stands for, which every checkpointed
+  algorithm stores under ``"operator"`` so a checkpoint of another matrix is refused.
+
+Non-convergence convention of ``nethessian.linalg``: a result that carries a
+``converged`` flag (``EigenResult``, ``SolveResult``) is returned and a
+``NotConvergedWarning`` is issued; a function that returns a bare tensor
+(``inverse_hvp``) raises ``NotConvergedError`` with the full result attached.
 """
 from __future__ import annotations
 
-from typing import Any, Optional, Protocol, Tuple, runtime_checkable
+import hashlib
+from typing import Any, Optional
 
 import torch
 
-from .._checks import all_finite
+from .. import distributed
+from .._checks import all_finite, as_seed, check_vector
 from ..errors import InputError, NonFiniteError, NotSymmetricError
 
-__all__ = ["LinearOperatorLike", "Operator", "as_operator", "check_symmetric", "make_generator"]
+__all__ = ["NotConvergedWarning", "Operator", "as_operator", "check_symmetric", "make_generator"]
 
 
-@runtime_checkable
-class LinearOperatorLike(Protocol):
-    shape: Tuple[int, int]
-    dtype: torch.dtype
-    device: torch.device
+class NotConvergedWarning(UserWarning):
+    """An iterative method returned a result with ``converged=False`` (the result says how far it got)."""
 
-    def __matmul__(self, v: torch.Tensor) -> torch.Tensor: ...
+
+def _tensor_hash(h, t: torch.Tensor) -> None:
+    t = t.detach().cpu().contiguous()
+    h.update(f"{tuple(t.shape)}|{t.dtype}|".encode())
+    h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+
+
+def fingerprint_of(base: Any) -> str:
+    """sha256 hex of what ``base``'s products depend on.
+
+    A base with a ``fingerprint()`` (a ``CurvatureOperator``) gives its own; a
+    tensor is hashed by bytes, shape and dtype; any other object by its class
+    name, shape, dtype and the tensors among its attributes.
+    """
+    own = getattr(base, "fingerprint", None)
+    if callable(own) and not isinstance(base, torch.Tensor):
+        return str(own())
+    h = hashlib.sha256()
+    if isinstance(base, torch.Tensor):
+        _tensor_hash(h, base)
+        return h.hexdigest()
+    h.update(f"{type(base).__qualname__}|{tuple(base.shape)}|{base.dtype}|".encode())
+    for name, value in sorted(vars(base).items()) if hasattr(base, "__dict__") else ():
+        if isinstance(value, torch.Tensor):
+            h.update(name.encode())
+            _tensor_hash(h, value)
+    return h.hexdigest()
 
 
 class Operator:
@@ -39,41 +73,44 @@ class Operator:
             base = base.base
         shape = tuple(getattr(base, "shape", ()))
         if len(shape) != 2:
-            raise InputError(
-                f"expected a square matrix or operator of shape (P, P), got shape {shape}"
-            )
+            raise InputError(f"expected a square matrix or operator of shape (P, P), got shape {shape}")
         if shape[0] != shape[1]:
             raise InputError(f"the operator must be square, got shape {shape}")
         if isinstance(base, torch.Tensor):
-            if not base.dtype.is_floating_point:
-                raise InputError(f"matrix dtype {base.dtype} is not floating point; use .double()")
-            if not torch.isfinite(base).all():
-                raise NonFiniteError("the matrix contains NaN or Inf entries")
+            check_vector(base, shape[0], "the matrix")  # dense, real, floating point, finite
         self.base = base
         self.size = int(shape[0])
         self.shape = (self.size, self.size)
         self.dtype = base.dtype
-        self.device = torch.device(base.device) if not isinstance(base.device, torch.device) else base.device
+        self.device = torch.device(base.device)
         layout = getattr(base, "layout", None)  # torch.Tensor.layout is torch.strided: not ours
         self.layout = None if isinstance(base, torch.Tensor) or isinstance(layout, torch.layout) else layout
+        # a CurvatureOperator checks its own products (and names the batch); don't repeat it
+        self._checks_itself = hasattr(base, "objective")
         self.num_matvecs = 0
+        self._fingerprint: Optional[str] = None
+
+    def fingerprint(self) -> str:
+        """sha256 hex of the matrix (see ``fingerprint_of``), computed once."""
+        if self._fingerprint is None:
+            self._fingerprint = fingerprint_of(self.base)
+        return self._fingerprint
 
     def __matmul__(self, v: torch.Tensor) -> torch.Tensor:
-        if v.ndim not in (1, 2) or v.shape[0] != self.size:
-            raise InputError(f"expected a vector of shape ({self.size},) or ({self.size}, k), got {tuple(v.shape)}")
+        step = self.num_matvecs + 1
+        if not self._checks_itself:  # a CurvatureOperator validates its input itself
+            check_vector(v, self.size, f"the vector of product {step}")
         v = v.to(device=self.device, dtype=self.dtype)
         k = 1 if v.ndim == 1 else v.shape[1]
-        step = self.num_matvecs + 1
         try:
             out = self.base @ v
         except NonFiniteError as exc:
             raise NonFiniteError(f"at matrix-vector product {step}: {exc}") from None
         self.num_matvecs += k
-        if not all_finite(out):
+        if not self._checks_itself and not all_finite(out):
             raise NonFiniteError(
                 f"matrix-vector product {step} returned NaN or Inf; the operator (model, loss "
-                "or data) is not finite at this point"
-            )
+                "or data) is not finite at this point")
         return out
 
     matmul = __matmul__
@@ -85,12 +122,14 @@ def as_operator(A: Any) -> Operator:
 
 
 def make_generator(seed: Optional[int]) -> torch.Generator:
-    """A CPU generator: random vectors are drawn on the CPU so every device and rank sees the same ones."""
+    """A CPU generator seeded with ``distributed.common_seed(seed)``.
+
+    Random vectors are drawn on the CPU so every device sees the same ones, and
+    the seed is the same on every rank (``seed=None`` is drawn on rank 0 and
+    broadcast), so all ranks run the same iterations on the same numbers.
+    """
     g = torch.Generator(device="cpu")
-    if seed is None:
-        g.seed()
-    else:
-        g.manual_seed(int(seed))
+    g.manual_seed(int(distributed.common_seed(as_seed(seed))))
     return g
 
 
@@ -124,5 +163,13 @@ def check_symmetric(op: Operator, generator: torch.Generator, *, rtol: Optional[
         raise NotSymmetricError(
             f"the operator is not symmetric: u·(A v) = {float(a):.6g} but v·(A u) = {float(b):.6g} "
             f"(relative difference {rel:.2e} > {rtol:.0e}); Lanczos and CG need a symmetric operator"
-        )
+            + _distributed_hint())
     return rel
+
+
+def _distributed_hint() -> str:
+    if not distributed.is_active():
+        return ""
+    return (f". Under torch.distributed ({distributed.world_size()} ranks) an asymmetry also appears when "
+            "the ranks multiply different vectors: a seed=None that was not drawn once and broadcast "
+            "(nh.distributed.common_seed), or ranks holding different weights or data")

@@ -17,29 +17,34 @@ Every answer is verified: when the recurrence reports ``‖r‖ ≤ tol·‖b‖
 residual ``b − (A + λI)x`` is computed; if it is larger (rounding drift) the
 method restarts from the current ``x`` (at most ``_MAX_RESTARTS`` times), so
 ``converged=True`` always means the *true* relative residual is ``≤ tol``.
+
+Non-convergence (the linalg convention): ``solve`` returns its ``SolveResult``
+with ``converged=False`` and issues a ``NotConvergedWarning``; ``inverse_hvp``,
+which returns a bare tensor, raises ``NotConvergedError`` with the result attached.
 """
 from __future__ import annotations
 
 import math
-import warnings
 from dataclasses import dataclass
 from typing import Any, Callable, Dict, Literal, Mapping, Optional, Union
 
 import torch
 
+from .. import distributed
+from .._checks import all_finite, as_float, as_int, check_vector
 from ..errors import InputError, NonFiniteError, NotConvergedError
 from ._operator import Operator, as_operator
+from ._util import warn_not_converged
 
 __all__ = ["SolveResult", "solve", "inverse_hvp"]
 
 METHODS = ("cg", "minres")
-STATUSES = ("converged", "maxiter", "negative_curvature", "breakdown")
 _MAX_RESTARTS = 3
 _MAXITER_CAP = 10_000
 Vector = Union[torch.Tensor, Mapping[str, torch.Tensor]]
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, repr=False)
 class SolveResult:
     """Outcome of :func:`solve`.
 
@@ -72,6 +77,12 @@ class SolveResult:
             d["curvature_direction"] = self.curvature_direction.detach().cpu().double().tolist()
         return d
 
+    def __repr__(self) -> str:
+        return (f"SolveResult({self.method}, status={self.status!r}, converged={self.converged}, "
+                f"final_residual={self.final_residual:.3e}, tol={self.tol:.1e}, iterations={self.iterations}, "
+                f"num_matvecs={self.num_matvecs}, damping={self.damping:g}, x=<({self.x.numel()},) "
+                f"{str(self.x.dtype).replace('torch.', '')}>)")
+
 
 def _dot(u: torch.Tensor, v: torch.Tensor) -> float:
     return float(torch.dot(u.double(), v.double()))
@@ -86,19 +97,22 @@ def _flat(op: Operator, v: Any, name: str) -> torch.Tensor:
                 f"pass a flat tensor of shape ({op.size},)"
             )
         v = op.layout.flatten(v)
-    v = torch.as_tensor(v)
-    if v.ndim != 1:
+    if isinstance(v, torch.Tensor) and v.ndim == 1 and v.shape[0] != op.size:
+        raise InputError(f"{name} has {v.shape[0]} entries but the operator has size P = {op.size}")
+    if isinstance(v, torch.Tensor) and v.ndim == 2 and v.shape[0] == op.size:
         raise InputError(
             f"{name} must be a flat vector of shape ({op.size},), got shape {tuple(v.shape)}; "
             "several right-hand sides are not supported: solve one column at a time"
         )
-    if v.shape[0] != op.size:
-        raise InputError(f"{name} has {v.shape[0]} entries but the operator has size P = {op.size}")
-    v = v.to(device=op.device, dtype=op.dtype)
-    bad = int((~torch.isfinite(v)).sum())
-    if bad:
-        raise NonFiniteError(f"{name} has {bad} non-finite (NaN or Inf) entries out of {op.size} (in {op.dtype})")
-    return v
+    check_vector(v, op.size, name)  # a tensor: dense, real, floating point, (P,) or (P, k), finite
+    if v.ndim != 1:
+        raise InputError(f"{name} must be a flat vector of shape ({op.size},), got shape {tuple(v.shape)}")
+    out = v.to(device=op.device, dtype=op.dtype)
+    if out.dtype != v.dtype and not all_finite(out):  # finite before, not after the cast: overflow
+        bad = int((~torch.isfinite(out)).sum())
+        raise NonFiniteError(f"{name} has {bad} non-finite (overflowing) entries in the operator's dtype "
+                             f"{op.dtype}; scale it down or use a float64 operator")
+    return out
 
 
 def _cg(apply, x, r, eps):
@@ -177,15 +191,11 @@ def _solve(op, b, *, damping, method, tol, maxiter, x0, callback) -> SolveResult
     op = as_operator(op)
     if method not in METHODS:
         raise InputError(f"unknown method {method!r}; valid methods: {', '.join(map(repr, METHODS))}")
-    damping, tol = float(damping), float(tol)
-    if not math.isfinite(damping):
-        raise InputError(f"damping must be a finite number, got {damping}")
-    if not (tol >= 0 and math.isfinite(tol)):
+    damping, tol = as_float("damping", damping), as_float("tol", tol)
+    if tol < 0:
         raise InputError(f"tol must be a finite number ≥ 0 (relative to ‖b‖), got {tol}")
-    if maxiter is None:
-        maxiter = min(10 * op.size, _MAXITER_CAP)
-    if isinstance(maxiter, bool) or not isinstance(maxiter, int) or maxiter < 0:
-        raise InputError(f"maxiter must be an integer ≥ 0 or None, got {maxiter!r}")
+    maxiter = min(10 * op.size, _MAXITER_CAP) if maxiter is None else as_int("maxiter", maxiter, minimum=0)
+    distributed.check_same("solve", method=method, maxiter=maxiter, damping=damping, tol=tol)
     if callback is not None and not callable(callback):
         raise InputError(f"callback must be callable as callback(iteration, x, residual), got {callback!r}")
     b = _flat(op, b, "b")
@@ -254,7 +264,7 @@ def solve(op: Any, b: Vector, *, damping: float = 0.0, method: Literal["cg", "mi
     Returns:
         :class:`SolveResult` with ``x`` flat ``(P,)``. ``num_matvecs`` counts every product: one per
         iteration, one per true-residual check (at the end and at each restart), one for ``x0``.
-        A result with ``converged=False`` also emits a ``UserWarning`` carrying its ``message``.
+        A result with ``converged=False`` also emits a ``NotConvergedWarning`` carrying its ``message``.
         ``b = 0`` gives ``x = 0`` (whatever ``x0``) with no product.
 
     Raises:
@@ -274,7 +284,7 @@ def solve(op: Any, b: Vector, *, damping: float = 0.0, method: Literal["cg", "mi
     """
     res = _solve(op, b, damping=damping, method=method, tol=tol, maxiter=maxiter, x0=x0, callback=callback)
     if not res.converged:
-        warnings.warn(res.message, UserWarning, stacklevel=2)
+        warn_not_converged(res.message)
     return res
 
 

@@ -53,11 +53,15 @@ from typing import Any, Dict, Literal, Optional
 
 import torch
 
-from ..errors import InputError
+from .. import distributed
+from .._checks import as_int
 from .._params import ParamLayout
-from ._operator import Operator, as_operator, make_generator, rademacher, randn
-from ._util import apply_chunked, default_chunk, progress_bar
+from .._progress import Progress
+from ..errors import InputError
 from ._diagonal import exact_diagonal
+from ._operator import Operator, as_operator, make_generator, rademacher, randn
+from ._probes import Products
+from ._util import chunk_for
 
 __all__ = ["TraceEstimate", "trace"]
 
@@ -70,7 +74,7 @@ _WHY_MIN = {
 }
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, repr=False)
 class TraceEstimate:
     """An estimate of tr(A) with its standard error.
 
@@ -99,6 +103,17 @@ class TraceEstimate:
         out["blocks"] = None if self.blocks is None else {k: b.to_dict() for k, b in self.blocks.items()}
         return out
 
+    def table(self) -> str:
+        """One line per block (and the total): name, value, standard error."""
+        rows = [("total", self)] + list((self.blocks or {}).items())
+        width = max(len(name) for name, _ in rows)
+        return "\n".join(f"{name:<{width}}  {est.value:>14.6g}  ± {est.stderr:.2e}" for name, est in rows)
+
+    def __repr__(self) -> str:
+        blocks = "" if self.blocks is None else f", {len(self.blocks)} blocks (see .table())"
+        return (f"TraceEstimate({self.value:.6g} ± {self.stderr:.2g}, method={self.method!r}, "
+                f"num_matvecs={self.num_matvecs}{blocks})")
+
 
 def trace(
     op: Any,
@@ -109,7 +124,8 @@ def trace(
     exact: bool = False,
     by_block: bool = False,
     chunk_size: Optional[int] = None,
-    progress: bool = False,
+    progress: Optional[bool] = None,
+    checkpoint: Any = None,
 ) -> TraceEstimate:
     """Trace of a square operator, exact or estimated with a standard error.
 
@@ -123,8 +139,11 @@ def trace(
             ``num_matvecs`` are then ignored).
         by_block: also return the trace of each named diagonal block ("per-layer
             sharpness"); needs an operator with a ``.layout``.
-        chunk_size: columns per product ``A @ V`` (default: ``V`` ≤ 2**24 entries).
-        progress: show a tqdm bar on stderr.
+        chunk_size: columns per product ``A @ V`` (default ``_columns.column_chunk``).
+        progress: ``None`` auto, ``True``/``False`` (see ``nethessian._progress``).
+        checkpoint: a ``Checkpoint``; finished products (or their reduced sums) are
+            saved as they come and a resumed run gives the same estimate without
+            redoing them. Refused when made for another operator, method, budget or seed.
 
     Returns:
         A ``TraceEstimate``.
@@ -132,26 +151,31 @@ def trace(
     Raises:
         InputError: unknown method, too small a budget, ``by_block`` without layout.
         NonFiniteError: a product returned NaN or Inf.
+        CheckpointError: the checkpoint holds another computation or is damaged.
     """
     A = as_operator(op)
     layout = _block_layout(A) if by_block else None
-    if chunk_size is not None and int(chunk_size) < 1:
-        raise InputError(f"chunk_size must be a positive number of columns, got {chunk_size}")
     if exact:
-        values = exact_diagonal(A, chunk_size=chunk_size or default_chunk(A.size, A.size), progress=progress)
-        return _summarise(_reduce(values[:, None], layout), A.num_matvecs, "exact", layout)
+        distributed.check_same("trace", exact=True)
+        values = exact_diagonal(A, chunk_size=chunk_for(A.size, A.size, chunk_size), progress=progress,
+                                checkpoint=checkpoint)
+        return _summarise(_reduce(values[:, None], layout), A.size, "exact", layout)
     m = _budget(method, num_matvecs)
+    distributed.check_same("trace", method=method, num_matvecs=m, by_block=bool(by_block))
     gen = make_generator(seed)
-    bar = progress_bar(progress, 2 * (m // 2) if method == "xtrace" else m, f"trace ({method})")
-    sums = _SAMPLES[method](A, m, gen, chunk_size, bar, layout)
-    bar.close()
-    return _summarise(sums, A.num_matvecs, method, layout)
+    expect = {"kind": f"trace-{method}", "operator": A.fingerprint(), "size": A.size, "num_matvecs": m,
+              "seed": seed, "by_block": bool(by_block)}
+    spend = 2 * (m // 2) if method == "xtrace" else m
+    with Progress(spend, f"trace ({method})", enabled=progress) as bar:
+        prods = Products(A, chunk_for(A.size, m, chunk_size), checkpoint, expect, bar)
+        sums = _SAMPLES[method](A, m, gen, prods, layout)
+    return _summarise(sums, prods.num_matvecs, method, layout)
 
 
 def _budget(method: str, num_matvecs: Optional[int]) -> int:
     if method not in _MIN_MATVECS:
         raise InputError(f"unknown trace method {method!r}; choose one of {', '.join(map(repr, _MIN_MATVECS))}")
-    m = 90 if num_matvecs is None else int(num_matvecs)
+    m = 90 if num_matvecs is None else as_int("num_matvecs", num_matvecs)
     if m < _MIN_MATVECS[method]:
         raise InputError(
             f"method={method!r} needs num_matvecs >= {_MIN_MATVECS[method]} "
@@ -183,39 +207,44 @@ def _reduce(rows: torch.Tensor, layout: Optional[ParamLayout]) -> torch.Tensor:
     return torch.stack([rows[layout.slice(name)].sum(dim=0) for name in layout.names])
 
 
-def _hutchinson_samples(A: Operator, m: int, gen, chunk_size, bar, layout) -> torch.Tensor:
-    """Rows z ⊙ Az, drawn, applied and reduced ``chunk_size`` probes at a time."""
-    chunk = chunk_size or default_chunk(A.size, m)
-    parts = []
-    for start in range(0, m, chunk):
-        Z = rademacher(A, min(chunk, m - start), A.size, generator=gen).T  # (c, P) draws: chunk-independent
-        parts.append(_reduce(Z * apply_chunked(A, Z, chunk, bar), layout))
-    return torch.cat(parts, dim=1)
+def _products(prods: Products, label: str, V: torch.Tensor) -> torch.Tensor:
+    """``A V`` (float64) for a block ``V`` held in memory, through the resumable product loop."""
+    return prods.run(label, V.shape[1], V.shape[0], lambda a, b: V[:, a:b], lambda _, AV: AV)
 
 
-def _hutchpp_samples(A: Operator, m: int, gen, chunk_size, bar, layout) -> torch.Tensor:
+def _hutchinson_samples(A: Operator, m: int, gen, prods: Products, layout) -> torch.Tensor:
+    """Rows z ⊙ Az, drawn, applied and reduced one chunk of probes at a time."""
+    rows = 1 if layout is None else len(layout.names)
+
+    def draw(start: int, stop: int) -> torch.Tensor:  # drawn as (c, P): independent of the chunking
+        return rademacher(A, stop - start, A.size, generator=gen).T
+
+    return prods.run("hutchinson", m, rows, draw, lambda Z, AZ: _reduce(Z * AZ, layout))
+
+
+def _hutchpp_samples(A: Operator, m: int, gen, prods: Products, layout) -> torch.Tensor:
     """Rows of Hutch++, (P, g): diag(A QQᵀ) (exact given Q) plus z̃ ⊙ A z̃, z̃ = (I-QQᵀ)z."""
     k = m // 3
     g = m - 2 * k
     S = rademacher(A, A.size, k, generator=gen)
     G = rademacher(A, A.size, g, generator=gen).double()
-    Q = torch.linalg.qr(apply_chunked(A, S, chunk_size, bar).double()).Q
-    AQ = apply_chunked(A, Q.to(A.dtype), chunk_size, bar).double()
+    Q = torch.linalg.qr(_products(prods, "sketch", S)).Q
+    AQ = _products(prods, "basis", Q.to(A.dtype))
     exact_rows = (Q * AQ).sum(dim=1)  # diag(A QQᵀ); sums to tr(QᵀAQ)
     Gt = G - Q @ (Q.T @ G)
-    AGt = apply_chunked(A, Gt.to(A.dtype), chunk_size, bar).double()
+    AGt = _products(prods, "deflated", Gt.to(A.dtype))
     return _reduce(exact_rows[:, None] + Gt * AGt, layout)
 
 
-def _xtrace_samples(A: Operator, m: int, gen, chunk_size, bar, layout) -> torch.Tensor:
+def _xtrace_samples(A: Operator, m: int, gen, prods: Products, layout) -> torch.Tensor:
     """Rows of XTrace, (P, n) with n = ⌊m/2⌋: column i sums to the i-th exchangeable term."""
     P, n = A.size, m // 2
     Om = randn(A, P, n, generator=gen, dtype=torch.float64)
     Om = (Om * (math.sqrt(P) / Om.norm(dim=0))).to(A.dtype)  # uniform on the sphere of radius √P
-    Y = apply_chunked(A, Om, chunk_size, bar).double()
+    Y = _products(prods, "sketch", Om)
     Om = Om.double()
     Q, R = torch.linalg.qr(Y)
-    Z = apply_chunked(A, Q.to(A.dtype), chunk_size, bar).double()
+    Z = _products(prods, "basis", Q.to(A.dtype))
     if _sketch_is_complete(R, n, P):  # range(A) ⊂ range(Q): tr(A) = tr(QᵀAQ) exactly
         return _reduce((Q * Z).sum(dim=1, keepdim=True), layout)
     return _reduce(_xtrace_table(Om, Y, Q, R, Z), layout)

@@ -1,65 +1,67 @@
-"""Helpers shared by the estimators: column chunks, progress bars, checkpoint resumption."""
+"""Helpers shared by the estimators: column chunks, loaded-state checks, the non-convergence warning."""
 from __future__ import annotations
 
-import sys
-from typing import Any, Dict, Optional
+import warnings
+from typing import Any, Dict, Optional, Sequence
 
 import torch
 
-from .._checkpoint import Checkpoint
-from ..errors import CheckpointError, InputError
-from ._operator import Operator
+from .._checks import all_finite, as_int
+from .._columns import column_chunk
+from ..errors import CheckpointError
+from ._operator import NotConvergedWarning
 
-__all__ = ["apply_chunked", "default_chunk", "progress_bar", "resume_state"]
-
-_CHUNK_ELEMENTS = 2**24  # entries of one (P, chunk) block of probes: 128 MiB in float64
-
-
-def default_chunk(P: int, k: int) -> int:
-    """Columns per product so that a ``(P, chunk)`` block has at most 2**24 entries."""
-    return max(1, min(k, _CHUNK_ELEMENTS // max(P, 1)))
+__all__ = ["chunk_for", "loaded_count", "loaded_generator", "loaded_tensor", "resume", "warn_not_converged"]
 
 
-def _chunk(P: int, k: int, chunk_size: Optional[int]) -> int:
+def chunk_for(P: int, k: int, chunk_size: Any) -> int:
+    """Columns per product: ``chunk_size`` (validated) or the one rule, ``_columns.column_chunk``."""
     if chunk_size is None:
-        return default_chunk(P, k)
-    if int(chunk_size) < 1:
-        raise InputError(f"chunk_size must be a positive number of columns, got {chunk_size}")
-    return int(chunk_size)
+        return column_chunk(P, k)
+    return as_int("chunk_size", chunk_size, minimum=1)
 
 
-def apply_chunked(A: Operator, V: torch.Tensor, chunk_size: Optional[int], bar=None) -> torch.Tensor:
-    """``A @ V`` for a ``(P, k)`` block, ``chunk_size`` columns per product."""
-    chunk = _chunk(A.size, V.shape[1], chunk_size)
-    outs = []
-    for start in range(0, V.shape[1], chunk):
-        outs.append(A @ V[:, start : start + chunk])
-        if bar is not None:
-            bar.update(outs[-1].shape[1])
-    return torch.cat(outs, dim=1) if outs else V.new_zeros(V.shape)
+def warn_not_converged(message: str, stacklevel: int = 3) -> None:
+    """The one way linalg reports a result with ``converged=False``."""
+    warnings.warn(message, NotConvergedWarning, stacklevel=stacklevel)
 
 
-def progress_bar(enabled: bool, total: int, desc: str, initial: int = 0, unit: str = "matvec"):
-    """A tqdm bar on stderr (disabled unless asked for)."""
-    from tqdm import tqdm
-
-    return tqdm(total=total, initial=initial, desc=desc, unit=unit, file=sys.stderr, disable=not enabled)
+def _damaged(path: str, what: str) -> CheckpointError:
+    return CheckpointError(f"{path!r}: {what}; the file is damaged or not from this computation, "
+                           "delete it to start over")
 
 
-def resume_state(checkpoint: Optional[Checkpoint], expect: Dict[str, Any]) -> Optional[Dict[str, Any]]:
-    """The checkpoint's saved state, after checking it is the same computation as ``expect``."""
-    if checkpoint is None:
-        return None
-    state = checkpoint.load()
-    if state is None:
-        return None
-    diff = sorted(k for k in expect if state.get(k) != expect[k])
-    if diff:
-        got = ", ".join(f"{k}={state.get(k)!r} (now {expect[k]!r})" for k in diff)
-        raise CheckpointError(
-            f"checkpoint {checkpoint.path!r} holds another computation: {got}; "
-            "rerun with the original arguments, or delete the file to start over"
-        )
-    return state
+def loaded_count(state: Dict[str, Any], key: str, lo: int, hi: int, path: str) -> int:
+    """``state[key]`` as an int in ``[lo, hi]``, or ``CheckpointError``."""
+    value = state.get(key)
+    if not isinstance(value, int) or isinstance(value, bool) or not lo <= value <= hi:
+        raise _damaged(path, f"{key} = {value!r} is not a whole number in [{lo}, {hi}]")
+    return value
 
 
+def loaded_tensor(state: Dict[str, Any], key: str, shape: Sequence[int], path: str,
+                  finite: bool = True) -> torch.Tensor:
+    """``state[key]`` as a tensor of ``shape`` (finite unless told), or ``CheckpointError``."""
+    value = state.get(key)
+    if not isinstance(value, torch.Tensor) or tuple(value.shape) != tuple(shape):
+        got = tuple(value.shape) if isinstance(value, torch.Tensor) else type(value).__name__
+        raise _damaged(path, f"{key} has shape {got}, expected {tuple(shape)}")
+    if not value.is_floating_point() and finite:
+        raise _damaged(path, f"{key} has dtype {value.dtype}, expected floating point")
+    if finite and not all_finite(value):
+        raise _damaged(path, f"{key} contains NaN or Inf")
+    return value
+
+
+def loaded_generator(state: Dict[str, Any], gen: torch.Generator, path: str) -> None:
+    """Restore ``gen`` from ``state["generator"]``, or ``CheckpointError``."""
+    value = state.get("generator")
+    try:
+        gen.set_state(value)
+    except (TypeError, RuntimeError, ValueError):
+        raise _damaged(path, "the saved random generator state is not valid") from None
+
+
+def resume(checkpoint: Optional[Any], expect: Dict[str, Any]) -> Optional[Dict[str, Any]]:
+    """``checkpoint.resume(expect)`` or ``None`` when there is no checkpoint."""
+    return None if checkpoint is None else checkpoint.resume(expect)
