@@ -82,8 +82,7 @@ class InfluenceResult:
     test_loss: float
 
     @property
-    def removal_effect(self) -> torch.Tensor:
-        """``(N,)`` predicted change of the test loss when sample i is left out: ``−w_i · score_i``."""
+    def removal_effect(self) -> torch.Tensor:  # ΔL_test ≈ −w_i score_i when sample i is left out
         return -self.weights * self.scores
 
     def helpful(self, k: int = 10) -> torch.Tensor:
@@ -323,8 +322,9 @@ def _weights(objective: Objective, counts, loss_sum, loss_abs, grad_sum, grad_ab
 
 def influence(model: torch.nn.Module, loss_fn, train_data, test_data, *, test_loss_fn=None,
               params: Optional[Sequence[str]] = None, reduction=None, damping: float = 0.0,
-              method: Literal["auto", "cg", "minres", "dense"] = "auto", tol: Optional[float] = None, maxiter: Optional[int] = None,
-              chunk_size: Optional[int] = None, progress: Optional[bool] = None) -> InfluenceResult:
+              method: Literal["auto", "cg", "minres", "dense"] = "auto", tol: Optional[float] = None,
+              maxiter: Optional[int] = None, chunk_size: Optional[int] = None,
+              progress: Optional[bool] = None) -> InfluenceResult:
     """Influence of every training point on the test cost, ``−∇ℓ_iᵀ (H + λI)⁻¹ ∇L_test``.
 
     See the module docstring for the convention: ``score_i < 0`` is helpful, ``> 0`` harmful,
@@ -360,7 +360,7 @@ def influence(model: torch.nn.Module, loss_fn, train_data, test_data, *, test_lo
     if damping < 0:
         raise InputError(f"damping must be ≥ 0 (it is added to H's eigenvalues), got {damping}")
     if dist.world_size() > 1:
-        raise InputError("influence does not support torch.distributed yet: run it on one process")
+        raise InputError("influence does not support torch.distributed: run it on one process")
     op = HessianOperator(model, loss_fn, train_data, params, reduction=reduction)
     train = op.objective
     _refuse_coupling(train)  # before any solve: the cheap refusals first
