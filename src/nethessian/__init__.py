@@ -24,6 +24,7 @@ from .linalg._solve import SolveResult, inverse_hvp, solve
 from .linalg._trace import TraceEstimate, trace
 from ._newton import NewtonIteration, NewtonResult, newton
 from ._quadratic import NewtonStep, QuadraticComparison, QuadraticModel
+from ._influence import InfluenceResult, influence
 from ._app.report import ReportPaths, build_report
 from ._app.saving import SavedResult, load
 from ._objective import Objective
@@ -43,7 +44,7 @@ __all__ = [
     "eigenvalues", "EigenResult", "trace", "TraceEstimate", "diagonal", "DiagonalEstimate", "spectral_density", "SpectralDensity",
     # the quadratic model, Newton, solves
     "QuadraticModel", "QuadraticComparison", "NewtonStep", "newton", "NewtonResult", "NewtonIteration",
-    "solve", "inverse_hvp", "SolveResult",
+    "solve", "inverse_hvp", "SolveResult", "influence", "InfluenceResult",
     # report and saved results
     "build_report", "ReportPaths", "load", "SavedResult",
     # long runs, many processes
