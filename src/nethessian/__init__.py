@@ -28,7 +28,7 @@ from ._influence import InfluenceResult, influence
 from ._app.report import ReportPaths, build_report
 from ._app.saving import SavedResult, load
 from ._objective import Objective
-from .operators import CurvatureOperator, HessianOperator
+from .operators import CurvatureOperator, HessianOperator, JacobianSandwich
 from .operators._fisher import EmpiricalFisherOperator, FisherOperator
 from .operators._ggn import GGNOperator
 from ._params import ParamLayout
@@ -37,7 +37,7 @@ __all__ = [
     # the problem and its Hessian
     "examples", "Objective", "ParamLayout", "hessian", "BlockHessian",
     # operators
-    "CurvatureOperator", "HessianOperator", "GGNOperator", "FisherOperator", "EmpiricalFisherOperator",
+    "CurvatureOperator", "JacobianSandwich", "HessianOperator", "GGNOperator", "FisherOperator", "EmpiricalFisherOperator",
     # validation
     "check", "CheckReport",
     # estimators
