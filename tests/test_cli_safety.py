@@ -213,3 +213,10 @@ def test_the_fingerprint_is_one_for_all_ranks(monkeypatch):
         monkeypatch.setattr(distributed, "_gather_text", lambda text, what, device=None: [shards[0], shards[1]])
         got.append(p.fingerprint())
     assert got[0] == got[1] != local and len(got[0]) == 64
+
+
+def test_only_dtypes_that_work_are_offered(capsys):
+    for dtype in ("float16", "bfloat16"):
+        assert main(["trace", "--exact", "--dtype", dtype]) == 2
+        assert "invalid choice" in capsys.readouterr().err
+    assert main(["trace", "--exact", "--dtype", "float32"]) == 0

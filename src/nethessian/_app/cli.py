@@ -15,6 +15,7 @@ from typing import List, Optional
 from .. import distributed as dist
 from ..errors import InputError
 from . import commands
+from .problem import DTYPES
 
 __all__ = ["main", "build_parser"]
 
@@ -27,7 +28,8 @@ def _common_parser() -> argparse.ArgumentParser:
                              "files you trust")
     common.add_argument("--params", nargs="+", default=None, metavar="GLOB", help="parameter names or globs")
     common.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ...")
-    common.add_argument("--dtype", default=None, choices=["float32", "float64", "float16", "bfloat16"])
+    common.add_argument("--dtype", default=None, choices=list(DTYPES),
+                        help="cast the model (half precision is too coarse for second derivatives)")
     common.add_argument("--seed", type=int, default=0)
     common.add_argument("--batch-size", type=int, default=None)
     common.add_argument("--json", action="store_true", help="machine-readable result on stdout")

@@ -98,8 +98,8 @@ class Problem:
                 "loss": loss_name, "model_repr": repr(self.model)}
 
 
-DTYPES = {"float32": torch.float32, "float64": torch.float64, "float16": torch.float16,
-          "bfloat16": torch.bfloat16}
+#: the dtypes the command line offers: the library refuses half precision (rounding swamps second derivatives)
+DTYPES = {"float32": torch.float32, "float64": torch.float64}
 
 
 def parse_dtype(name: Optional[str]) -> Optional[torch.dtype]:
