@@ -110,3 +110,18 @@ def seed_none_run(rank: int, problem) -> dict:
         dist._fresh_seed = lambda: FIXED_SEED
     model, loss_fn, batches = problem()
     return seed_none_results(model, loss_fn, nh.shard(batches))
+
+
+def block_product(model, loss_fn, data) -> dict:
+    """A GGN block product ``G V`` with three columns (the batched-or-loop choice is timed)."""
+    op = nh.GGNOperator(model, loss_fn, data)
+    V = torch.randn(op.shape[0], 3, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
+    return {"GV": op @ V, "batched": torch.tensor(bool(op.batched))}
+
+
+def local_choices_run(rank: int, problem) -> dict:
+    """Rank 0's timing trial always finds batching faster, rank 1's never: one choice must win."""
+    from nethessian.operators import _engine
+    _engine.MEASURABLY_FASTER = 1e9 if rank == 0 else 0.0
+    model, loss_fn, batches = problem()
+    return block_product(model, loss_fn, nh.shard(batches))

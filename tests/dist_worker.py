@@ -93,6 +93,8 @@ def main():
         os._exit(0)  # ranks whose collectives fell out of step: skip gloo's teardown (it may abort)
     elif mode == "seed":
         torch.save(dist_scenarios.seed_none_run(rank, problem), f"{out}.{rank}")
+    elif mode == "choices":
+        torch.save(dist_scenarios.local_choices_run(rank, problem), f"{out}.{rank}")
     torch.distributed.destroy_process_group()
 
 

@@ -33,7 +33,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import torch
 
 from ._checks import as_seed
-from ._state_facts import layout_facts, plain, state_facts, tensor_fact
+from ._state_facts import plain, state_facts
 from .errors import DistributedError, InputError
 
 __all__ = ["DistributedError", "is_active", "rank", "world_size", "is_main", "reduce_sum",
@@ -299,23 +299,6 @@ def check_state(objective) -> None:
     """
     if is_active():
         _compare(state_facts(objective), "the model, its state or the loss", _SAME_MODEL, objective.device)
-
-
-def check_consistent(names: Sequence[str], shapes: Sequence[Sequence[int]], dtype: torch.dtype,
-                     device: torch.device) -> None:
-    """Refuse, on every rank, parameters whose names, shapes, dtype or device type differ across ranks.
-
-    Superseded by ``check_state``, which compares this and more.
-    """
-    if is_active():
-        _compare(layout_facts(names, shapes, dtype, device), "the model's parameters", _SAME_MODEL, device)
-
-
-def check_theta(theta: torch.Tensor) -> None:
-    """Refuse parameter values that differ across ranks (superseded by ``check_state``)."""
-    if is_active():
-        _compare({"values of the selected parameters": tensor_fact(theta)}, "the parameter values",
-                 "Seed the model identically or load the same weights on every rank", theta.device)
 
 
 class _Sharded:
