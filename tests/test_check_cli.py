@@ -73,3 +73,17 @@ def test_debug_flag_before_or_after_the_command():
     args = build_parser().parse_args(["trace", "--debug"])
     assert args.debug is True
     assert build_parser().parse_args(["trace"]).debug is False
+
+
+def test_demo_numbers_come_from_one_objective(monkeypatch):
+    from nethessian._app.demo import demo_result
+    from nethessian._objective import Objective
+
+    built = []
+    init = Objective.__init__
+    monkeypatch.setattr(Objective, "__init__", lambda self, *a, **k: (built.append(1), init(self, *a, **k))[1])
+    res = demo_result(seed=2)
+    assert len(built) == 1  # J, g, the dense Hessian and the finite differences share one objective
+    H = nh.hessian(*nh.examples.two_layer(seed=2))
+    torch.testing.assert_close(torch.tensor(res["eigenvalues"], dtype=torch.float64), H.eigvalsh(),
+                               rtol=1e-10, atol=1e-14)
