@@ -25,6 +25,8 @@ from .linalg._trace import TraceEstimate, trace
 from ._newton import NewtonIteration, NewtonResult, newton
 from ._quadratic import NewtonStep, QuadraticComparison, QuadraticModel
 from ._influence import InfluenceResult, influence
+from ._input_hessian import InputHessian, input_hessian
+from ._input_operator import InputHessianOperator, MixedHessian
 from ._app.report import ReportPaths, build_report
 from ._app.saving import SavedResult, load
 from ._objective import Objective
@@ -38,6 +40,8 @@ __all__ = [
     "examples", "Objective", "ParamLayout", "hessian", "BlockHessian",
     # operators
     "CurvatureOperator", "JacobianSandwich", "HessianOperator", "GGNOperator", "FisherOperator", "EmpiricalFisherOperator",
+    # curvature w.r.t. inputs / activations
+    "input_hessian", "InputHessian", "InputHessianOperator", "MixedHessian",
     # validation
     "check", "CheckReport",
     # estimators
