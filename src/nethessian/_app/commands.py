@@ -154,9 +154,8 @@ def trace(args) -> int:
     op = problem.operator(args.params)
     settings = _settings(args, problem, method=args.method, num_matvecs=args.num_matvecs, exact=args.exact,
                          by_block=args.by_block)
-    ck = _checkpoint(args, settings)
     res = trace_fn(op, method=args.method, num_matvecs=args.num_matvecs, seed=args.seed, exact=args.exact,
-                   by_block=args.by_block, progress=_progress(), **({"checkpoint": ck} if ck else {}))
+                   by_block=args.by_block, progress=_progress(), checkpoint=_checkpoint(args, settings))
     lines = [f"trace of the Hessian ({res.method}, {res.num_matvecs} products): {res.value:.6e} ± {res.stderr:.2e}"]
     for name, b in (res.blocks or {}).items():
         lines.append(f"  {name:<30} {b.value:+.6e} ± {b.stderr:.2e}")
