@@ -36,8 +36,23 @@ def _attempt(fn) -> str:
     return "ok" if out is None else f"ok {out}"
 
 
-def _objective_then_check(model, loss_fn, data):
-    dist.check_state(nh.Objective(model, loss_fn, data))
+def _objective_then_check(model, loss_fn, data, **options):
+    dist.check_state(nh.Objective(model, loss_fn, data, **options))
+
+
+def _perturbed(one: bool, name: str):
+    """The batch-norm problem, with parameter ``name`` changed by 1e-12 on rank 1."""
+    model, loss_fn, data = bn_problem()
+    if one:
+        with torch.no_grad():
+            dict(model.named_parameters())[name].view(-1)[0] += 1e-12
+    return model, loss_fn, data
+
+
+def _wider():
+    """Rank 1's model: 6 hidden units instead of 5 (other shapes, more parameters)."""
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(4, 6), nn.BatchNorm1d(6), nn.Tanh(), nn.Linear(6, 3)).double().eval()
 
 
 def disagreements(rank: int) -> dict:
@@ -50,6 +65,9 @@ def disagreements(rank: int) -> dict:
         "mode_check_state": lambda: _objective_then_check(*bn_problem(eval_mode=not one)),
         "loss_check_state": lambda: _objective_then_check(
             bn_problem()[0], nn.CrossEntropyLoss(label_smoothing=0.1 * one), data),
+        "fixed_check_state": lambda: _objective_then_check(*_perturbed(one, "3.weight"), params=["0.*"]),
+        "values_check_state": lambda: _objective_then_check(*_perturbed(one, "0.bias"), params=["0.*"]),
+        "shapes_operator": lambda: nh.HessianOperator(_wider() if one else bn_problem()[0], loss_fn, data),
         "buffers_operator": lambda: nh.HessianOperator(*bn_problem(shift=0.25 * one)),
         "mode_operator": lambda: nh.HessianOperator(*bn_problem(eval_mode=not one)),
         "check_same": lambda: dist.check_same("trace", method="hutchinson", num_matvecs=30 if one else 20),

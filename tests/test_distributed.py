@@ -186,6 +186,19 @@ def test_train_on_one_rank_and_eval_on_the_other_is_refused(disagree, via):
     _both_refuse(disagree, f"mode_{via}", "train/eval mode: rank 0 all eval, rank 1 all train")
 
 
+def test_parameter_values_that_differ_are_refused(disagree):
+    """Selected and fixed (unselected) parameters, one entry off by 1e-12 on rank 1."""
+    _both_refuse(disagree, "fixed_check_state", "fixed parameter 3.weight: rank 0 (3, 5) float64 cpu sha256:")
+    msgs = _both_refuse(disagree, "values_check_state", "values of the selected parameters: rank 0 (25,)")
+    assert all("fixed parameter" not in m for m in msgs)
+
+
+def test_many_differences_are_named_and_counted(disagree):
+    msgs = _both_refuse(disagree, "shapes_operator", "number of parameters: rank 0 53 in 6 tensors, rank 1 63 in 6",
+                        "parameter 0.weight: rank 0 shape (5, 4), rank 1 shape (6, 4)", "more. Every rank must")
+    assert len(msgs[0]) < 2000
+
+
 def test_loss_settings_that_differ_are_refused(disagree):
     _both_refuse(disagree, "loss_check_state", "loss.label_smoothing: rank 0 0.0, rank 1 0.1")
 
