@@ -59,6 +59,14 @@ def test_shard_splits_data_exactly():
     assert sorted(int(b[1][0]) for b in got) == [0, 2, 4, 6, 8]
     with pytest.raises(nh.InputError, match="every rank needs one"):
         nh.shard((X[:1], y[:1]), 0, 2)
+    with pytest.raises(nh.InputError, match="rank must be a whole number, got 0.5"):
+        nh.shard((X, y), 0.5, 2)  # was truncated to rank 0
+    with pytest.raises(nh.InputError, match="world must be a whole number"):
+        nh.shard((X, y), 0, "2")
+    with pytest.raises(nh.InputError, match="rank 2 is not in"):
+        nh.shard((X, y), 2, 2)
+    with pytest.raises(nh.InputError, match="timeout_s must be positive"):
+        nh.distributed.init_from_env(timeout_s=0)
 
 
 @pytest.mark.parametrize("mode", ["die", "hang"])

@@ -32,7 +32,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 
-from ._checks import as_seed
+from ._checks import as_float, as_int, as_seed
 from ._state_facts import plain, state_facts
 from .errors import DistributedError, InputError
 
@@ -324,8 +324,8 @@ def shard(data, rank_: Optional[int] = None, world: Optional[int] = None):
     Don't use ``DistributedSampler`` for curvature: it pads shards with repeated
     samples so that they have equal sizes, which changes the cost.
     """
-    r = rank() if rank_ is None else int(rank_)
-    w = world_size() if world is None else int(world)
+    w = world_size() if world is None else as_int("world", world, minimum=1)
+    r = rank() if rank_ is None else as_int("rank", rank_, minimum=0)
     if not 0 <= r < w:
         raise InputError(f"rank {r} is not in [0, {w})")
     if isinstance(data, (tuple, list)) and len(data) == 2 and isinstance(data[1], torch.Tensor):
@@ -353,6 +353,7 @@ def _slice(x, lo, hi):
 
 def init_from_env(timeout_s: float = 300.0, backend: Optional[str] = None) -> bool:
     """Initialise the default process group from torchrun's environment, if launched that way."""
+    timeout_s = as_float("timeout_s", timeout_s, positive=True)
     if is_active() or "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
         return is_active()
     backend = backend or ("nccl" if torch.cuda.is_available() else "gloo")
