@@ -9,8 +9,7 @@ from __future__ import annotations
 
 import json
 import os
-import sys
-from typing import Any, Dict
+from typing import Any, Dict, Optional
 
 import torch
 
@@ -33,8 +32,9 @@ def _say(text: str) -> None:
         print(text)
 
 
-def _progress() -> bool:
-    return sys.stderr.isatty() and dist.is_main()
+def _progress() -> Optional[bool]:
+    """Rank 0: auto (a bar on a terminal, log lines elsewhere, only for work past a few seconds)."""
+    return None if dist.is_main() else False
 
 
 def _no_checkpoint(args, command: str) -> None:
@@ -208,6 +208,6 @@ def report(args) -> int:
     options = {k: getattr(args, k) for k in ("dense_max_params", "num_eigs", "trace_matvecs", "density_probes",
                                               "lanczos_steps", "sections")}
     paths = report_problem(problem, args.output, params=args.params, seed=args.seed,
-                           progress=dist.is_main(), **options)
+                           progress=_progress(), **options)
     return _finish(args, problem, "report", {"html": paths.html, "json": paths.json}, _settings(args, problem),
                    f"wrote {paths.html}\nwrote {paths.json}")

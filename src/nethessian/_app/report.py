@@ -53,7 +53,7 @@ def build_report(model, loss_fn, data, out_dir, *, params: Optional[Sequence[str
                  title: str = "nethessian report", dense_max_params: int = 2000, num_eigs: int = 5,
                  trace_matvecs: int = 90, density_probes: int = 8, lanczos_steps: int = 80,
                  problem_name: Optional[str] = None, quadratic_radius: Optional[float] = None,
-                 sections: Optional[Sequence[str]] = None, progress: bool = False) -> ReportPaths:
+                 sections: Optional[Sequence[str]] = None, progress: Optional[bool] = False) -> ReportPaths:
     """The report of a problem given as Python objects; ``problem_name`` names it on the page.
 
     Every other argument is :func:`report_problem`'s.
@@ -69,7 +69,7 @@ def report_problem(problem: Problem, out_dir, *, params: Optional[Sequence[str]]
                    title: str = "nethessian report", dense_max_params: int = 2000, num_eigs: int = 5,
                    trace_matvecs: int = 90, density_probes: int = 8, lanczos_steps: int = 80,
                    quadratic_radius: Optional[float] = None, sections: Optional[Sequence[str]] = None,
-                   progress: bool = False) -> ReportPaths:
+                   progress: Optional[bool] = False) -> ReportPaths:
     """Compute the curvature summary of J at the current parameters; write ``report.html`` and ``report.json``.
 
     Args:
@@ -89,8 +89,9 @@ def report_problem(problem: Problem, out_dir, *, params: Optional[Sequence[str]]
             symmetric about α = 0, which is exactly 0.
         sections: the sections to compute and show (ids of :data:`SECTIONS`; default all). Summary,
             problem, gradient and reproduce are always shown; a costly section left out spends nothing.
-        progress: the estimated cost up front, then stage names, timings and progress bars on
-            stderr (rank 0).
+        progress: ``False`` quiet; ``True`` or ``None`` the estimated cost up front, then stage
+            names and timings on stderr (rank 0), with progress bars from the start (``True``) or
+            only for work past a few seconds (``None``, auto; log lines when stderr is not a terminal).
 
     Returns:
         ``ReportPaths(html, json)`` (the same on every rank; the files exist on rank 0).
@@ -104,12 +105,12 @@ def report_problem(problem: Problem, out_dir, *, params: Optional[Sequence[str]]
                        params=None if params is None else list(params), sections=sections))
     out = pathlib.Path(os.fspath(out_dir)).expanduser()
     why_not = _output_problem(out) if dist.is_main() else None
-    stages = _Stages(progress and dist.is_main())
+    stages = _Stages(progress is not False and dist.is_main())
     q = stages("objective and gradient", lambda: problem.quadratic(params))
     _raise_together(why_not, out, q.objective.device)
     if stages.verbose:
         print(f"nethessian report: {estimate_cost(q, S)}", file=sys.stderr, flush=True)
-    R, figs = compute(q, S, stages, progress and dist.is_main())
+    R, figs = compute(q, S, stages, progress if dist.is_main() else False)
     R["title"], R["problem"] = title, problem.describe()
     R["settings"] = {**S, **_run_settings(q, problem.model)}
     R["versions"] = versions()
