@@ -15,7 +15,8 @@ from ._checkpoint import Checkpoint
 from ._dense import BlockHessian, hessian
 from .distributed import DistributedError, shard
 from .errors import (CheckpointError, DenseTooLargeError, InputError, NetHessianError,
-                     NonFiniteError, NotConvergedError, NotSymmetricError, RandomModelError)
+                     NonFiniteError, NotConvergedError, NotConvergedWarning, NotSymmetricError,
+                     RandomModelError)
 from ._check import CheckReport, check
 from .linalg._density import SpectralDensity, spectral_density
 from .linalg._lanczos import EigenResult, eigenvalues
@@ -55,5 +56,5 @@ __all__ = [
     "Checkpoint", "distributed", "shard", "DistributedError",
     # errors
     "NetHessianError", "InputError", "NonFiniteError", "DenseTooLargeError",
-    "NotSymmetricError", "RandomModelError", "CheckpointError", "NotConvergedError",
+    "NotSymmetricError", "RandomModelError", "CheckpointError", "NotConvergedError", "NotConvergedWarning",
 ]

@@ -16,6 +16,7 @@ __all__ = [
     "RandomModelError",
     "NotConvergedError",
     "DistributedError",
+    "NotConvergedWarning",
 ]
 
 
@@ -57,3 +58,13 @@ class NotConvergedError(NetHessianError, RuntimeError):
 
 class DistributedError(NetHessianError, RuntimeError):
     """A collective failed: a rank died, hung past the timeout, or ranks disagree."""
+
+
+class NotConvergedWarning(UserWarning):
+    """An iterative method returned a result with ``converged=False`` (the result says how far it got).
+
+    The convention: a result that carries a ``converged`` flag (``EigenResult``,
+    ``SolveResult``, ``NewtonResult``) warns with this class; a function that returns a
+    bare tensor (``inverse_hvp``, ``QuadraticModel.newton_step``'s solve) raises
+    ``NotConvergedError`` with the result attached.
+    """

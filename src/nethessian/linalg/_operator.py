@@ -28,13 +28,9 @@ import torch
 
 from .. import distributed
 from .._checks import all_finite, as_seed, check_vector
-from ..errors import InputError, NonFiniteError, NotSymmetricError
+from ..errors import InputError, NonFiniteError, NotConvergedWarning, NotSymmetricError
 
 __all__ = ["NotConvergedWarning", "Operator", "as_operator", "check_symmetric", "make_generator"]
-
-
-class NotConvergedWarning(UserWarning):
-    """An iterative method returned a result with ``converged=False`` (the result says how far it got)."""
 
 
 def _tensor_hash(h, t: torch.Tensor) -> None:
