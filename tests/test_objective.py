@@ -77,7 +77,8 @@ def _variants():
     model, X, y = _problem()
     out = {
         "theta": lambda o: o.at(o.theta0 + 1e-12),
-        "loss weight": lambda o: _objective(loss_fn=nn.CrossEntropyLoss(weight=torch.tensor([1., 2., 1.], dtype=torch.float64))),
+        "loss weight": lambda o: _objective(
+            loss_fn=nn.CrossEntropyLoss(weight=torch.tensor([1., 2., 1.], dtype=torch.float64))),
         "label smoothing": lambda o: _objective(loss_fn=nn.CrossEntropyLoss(label_smoothing=0.1)),
         "ignore index": lambda o: _objective(loss_fn=nn.CrossEntropyLoss(ignore_index=2)),
         "reduction": lambda o: _objective(loss_fn=nn.CrossEntropyLoss(reduction="sum")),

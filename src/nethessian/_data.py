@@ -239,7 +239,7 @@ def term_count(loss_fn, reduction: Reduction, outputs: torch.Tensor, targets: to
             return float(w[targets[mask]].double().sum())
         return float(mask.sum())
     if isinstance(loss_fn, (nn.CrossEntropyLoss, nn.NLLLoss)):  # probability targets
-        return float(math.prod(outputs.shape) // outputs.shape[1 if outputs.ndim > 1 else 0]) if outputs.ndim > 1 else 1.0
+        return float(math.prod(outputs.shape) // outputs.shape[1]) if outputs.ndim > 1 else 1.0
     if isinstance(loss_fn, nn.Module) and hasattr(loss_fn, "reduction"):
         unreduced = copy.copy(loss_fn)
         unreduced.reduction = "none"

@@ -101,8 +101,10 @@ class NewtonResult:
         return model
 
     def table(self, *, rejected: bool = True) -> str:
-        """Per attempt: step, J, predicted and actual decrease, ρ, λ, ‖g‖, ‖d‖; then the final
-        iterate and the message. ``rejected=False`` leaves out the rejected attempts."""
+        """The history as text: per attempt step, J, predicted and actual decrease, ρ, λ, ‖g‖, ‖d‖.
+
+        Then the final iterate and the message. ``rejected=False`` leaves out the rejected attempts.
+        """
         head = f"{'step':>4}  {'J':>10}  {'predicted':>10}  {'actual':>10}  {'ρ':>6}  {'λ':>8}  {'‖g‖':>9}  {'‖d‖':>8}"
         rows = [head]
         for h in self.history:
@@ -178,9 +180,13 @@ def newton(model: nn.Module, loss_fn: Callable, data, params: Optional[Sequence[
     """Minimise J by damped Newton steps ``(H + λI) d = −g``, λ = μ‖g‖ (see the module docstring).
 
     Args:
-        model, loss_fn, data, params, reduction, allow_random: the problem (see ``Objective``).
-            ``model`` is not changed: one ``Objective`` (a snapshot) is built, and every
-            iterate is evaluated on it (``QuadraticModel.at``).
+        model: the network (see ``Objective``); not changed: one ``Objective`` (a snapshot) is
+            built, and every iterate is evaluated on it (``QuadraticModel.at``).
+        loss_fn: ``(outputs, targets) -> scalar``.
+        data: an ``(inputs, targets)`` pair or a re-iterable of them.
+        params: names or globs of the parameters to optimise (default: all trainable).
+        reduction: how batches combine (see ``Objective``).
+        allow_random: accept a random forward pass (see ``Objective``).
         max_steps: most accepted steps.
         gtol: stop when ``‖g‖ ≤ gtol`` (absolute; in float32 choose it above rounding, about
             1e-6 times the scale of g).

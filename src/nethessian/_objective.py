@@ -3,16 +3,22 @@
 The objective holds the user's model, loss and data, the chosen parameters
 (``params`` globs) and their layout, and a snapshot ``theta0`` of their values.
 It never changes the user's model: parameters and buffers are passed through
-``torch.func.functional_call``; buffers are cloned per call so batch-norm
-running statistics stay untouched in train mode.
+``torch.func.functional_call``; every forward gets its own clone of the
+buffers, so a forward that writes them (batch-norm running statistics in train
+mode, a counter in eval mode) cannot change the next one.
+
+``Objective.at(θ)`` is the same objective at other parameters (nothing
+re-validated); ``fingerprint()`` is a sha256 of everything the numbers depend on
+(checkpoints refuse another one). Construction-time checks live in
+``_validate.py``.
 
 ``sum_over_batches`` is the single place where per-batch quantities combine
-into whole-data-set ones (batch weights, and the data-parallel all-reduce).
+into whole-data-set ones (batch weights, and the data-parallel all-reduce);
+its ``local_sum`` checks every batch's loss for NaN/Inf.
 """
 from __future__ import annotations
 
 import copy
-import warnings
 from typing import Any, Callable, Dict, Optional, Sequence, Tuple
 
 import torch
@@ -24,7 +30,7 @@ from ._checks import all_finite, check_vector
 from ._data import Batch, Batches, resolve_reduction, term_count
 from ._fingerprint import Hasher, _name, loss_description
 from ._validate import check_model_state, validate
-from .errors import InputError, NonFiniteError, RandomModelError
+from .errors import InputError, NonFiniteError
 from ._params import ParamLayout, select_parameters
 
 __all__ = ["Objective", "math_attention"]

@@ -213,8 +213,11 @@ class QuadraticModel:
 
     # -- directions ---------------------------------------------------------------------
     def direction(self, name: str, *, seed: int = 0) -> torch.Tensor:
-        """A unit direction: ``"top-eigenvector"`` (largest eigenvalue of H, by Lanczos),
-        ``"gradient"`` (steepest descent ``−g/‖g‖``) or ``"random"`` (seeded normal)."""
+        """A unit direction by name.
+
+        ``"top-eigenvector"`` (largest eigenvalue of H, by Lanczos), ``"gradient"``
+        (steepest descent ``−g/‖g‖``) or ``"random"`` (seeded normal).
+        """
         if name == "gradient":
             gn = self.gradient_norm
             if gn == 0:

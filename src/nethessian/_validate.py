@@ -158,8 +158,10 @@ def _check_broadcast(loss_fn, out: torch.Tensor, batch) -> None:
 
 
 class _Provenance(torch.overrides.TorchFunctionMode):
-    """Tags tensors derived from the outputs ("o") and the targets ("t"); records the first
-    operation that takes both and returns more elements than any of its inputs."""
+    """Tags tensors derived from the outputs ("o") and the targets ("t").
+
+    Records the first operation that takes both and returns more elements than any of its inputs.
+    """
 
     def __init__(self, out: torch.Tensor, targets: torch.Tensor):
         super().__init__()

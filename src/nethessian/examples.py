@@ -31,6 +31,7 @@ class TwoLayerNet(nn.Module):
         self.W2 = nn.Parameter(torch.randn(3, 1, generator=generator, dtype=torch.float64).to(dtype))
 
     def forward(self, X: torch.Tensor) -> torch.Tensor:
+        """ŷ = σ(σ(X W1) W2)."""
         z2 = X @ self.W1
         a2 = torch.sigmoid(z2)
         z3 = a2 @ self.W2
@@ -43,6 +44,7 @@ class HalfSumSquaredError(nn.Module):
     reduction = "sum"
 
     def forward(self, yhat: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """½ Σ (y − ŷ)²."""
         return 0.5 * ((y - yhat) ** 2).sum()
 
 
@@ -105,9 +107,11 @@ def cnn(n: int = 256, *, seed: int = 0, dtype: torch.dtype = torch.float32):
 
 
 def _seeded(build, seed: int) -> nn.Module:
-    """``build()`` with PyTorch's default initialisation drawn from ``torch.manual_seed(seed)``,
-    inside ``torch.random.fork_rng``: the caller's global random state is restored afterwards
-    (the weights are those of ``torch.manual_seed(seed); build()``)."""
+    """``build()`` with PyTorch's default initialisation drawn from ``torch.manual_seed(seed)``.
+
+    It runs inside ``torch.random.fork_rng``: the caller's global random state is restored
+    afterwards (the weights are those of ``torch.manual_seed(seed); build()``).
+    """
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         return build()
