@@ -109,7 +109,8 @@ def choose_engine(candidates: Sequence[Engine]) -> Tuple[Engine, str, Optional[s
             if rejected:
                 raise InputError("no engine computes this operator correctly: " + "; ".join(failures)
                                  + ". Give the custom op a forward-mode rule (jvp) or a twice-"
-                                 "differentiable backward (no @once_differentiable)") from exc
+                                 "differentiable backward (no @once_differentiable), or use "
+                                 "for the Hessian, method='finite-difference' (products from gradients)") from exc
             if len(failures) > 1:
                 exc.add_note("nethessian tried: " + "; ".join(failures))
             raise

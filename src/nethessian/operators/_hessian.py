@@ -11,6 +11,11 @@ Two engines, chosen automatically:
   reverse ``jvp(grad(L_b))`` with ``torch.func`` (vmapped over columns), or double
   backward for models with an op that has no forward-mode rule (tried once, on the
   first batch, at construction: ``op.engine`` and ``op.fallback_reason`` say which).
+
+A third, approximate engine is chosen explicitly: ``method="finite-difference"``,
+central differences of the model's own gradients (``_finite_difference``) — for models
+with no second derivative (fused kernels, ``torch.compile``) and for models sharded
+with FSDP (DTensor parameters, ``_sharded``), where it is the only method.
 """
 from __future__ import annotations
 
@@ -21,12 +26,16 @@ from torch.func import grad as func_grad, jvp, vmap
 
 from ..errors import InputError
 from ._base import CurvatureOperator
+from ._crosscheck import verify_jv
 from ._engine import Engine, graph_bytes
+from ._finite_difference import FDErrors, FDProducts, PlainAccess, check_options, fd_options
+from ._sharded import NO_DOUBLE_BACKWARD, ShardedAccess, ShardedObjective, is_sharded
 
 __all__ = ["HessianOperator"]
 
-Method = Literal["auto", "forward-over-reverse", "double-backward"]
-_METHODS = ("auto", "forward-over-reverse", "double-backward")
+Method = Literal["auto", "forward-over-reverse", "double-backward", "finite-difference"]
+_METHODS = ("auto", "forward-over-reverse", "double-backward", "finite-difference")
+FD = "finite-difference"
 
 
 def _zeros_if_none(t, like):
@@ -40,7 +49,16 @@ class HessianOperator(CurvatureOperator):
         model, loss_fn, data, params: the problem (see ``Objective``).
         method: ``"auto"`` (kept graph when data is in memory, else
             forward-over-reverse with fallback), ``"forward-over-reverse"``,
-            or ``"double-backward"``.
+            ``"double-backward"``, or ``"finite-difference"`` (approximate: central
+            differences of the model's own gradients, see ``fd_*``; the only method for
+            a model sharded with FSDP).
+        fd_order: finite differences only: 2 (``(g(θ+hv) − g(θ−hv))/2h``, 2 gradients per
+            product) or 4 (4-point stencil ``(4D_h − D_2h)/3``, 4 gradients; for float32).
+        fd_step: the norm of the perturbation ``h v``; None: ``u^(1/(order+1)) ·
+            max(1, rms(θ))`` with ``u`` the dtype's unit roundoff.
+        fd_error: estimate each product's error from a second step 2h (free at order 4,
+            2 more gradients at order 2): ``op.fd_error`` (max so far, per unit ‖v‖) and
+            ``op.last_error`` (the last product's columns).
         cache: keep the gradient graph across products (``"auto"``: when the
             data is in memory). Costs the memory of one gradient graph. The kept
             graph is a double-backward engine: ``cache=True`` with
@@ -48,8 +66,10 @@ class HessianOperator(CurvatureOperator):
         reduction, allow_random, chunk_size: see ``CurvatureOperator``.
 
     Attributes:
-        engine: ``"kept-graph"``, ``"forward-over-reverse"`` or ``"double-backward"``.
+        engine: ``"kept-graph"``, ``"forward-over-reverse"``, ``"double-backward"`` or
+            ``"finite-difference"``.
         method: the AD method of the products (``"double-backward"`` for the kept graph).
+        fd_errors: ``FDErrors`` of a finite-difference operator (None otherwise).
 
     >>> import torch, nethessian as nh
     >>> X = torch.randn(20, 3, dtype=torch.float64); y = torch.randn(20, 1, dtype=torch.float64)
@@ -61,16 +81,25 @@ class HessianOperator(CurvatureOperator):
 
     def __init__(self, model, loss_fn, data, params=None, *, method: Method = "auto",
                  cache="auto", reduction=None, allow_random: bool = False,
-                 chunk_size: Optional[int] = None):
+                 chunk_size: Optional[int] = None, fd_order: int = 2, fd_step: Optional[float] = None,
+                 fd_error: bool = True):
         if method not in _METHODS:
             raise InputError(f"unknown method {method!r}; valid: {', '.join(_METHODS)}")
-        if cache != "auto" and bool(cache) and method == "forward-over-reverse":
-            raise InputError("cache=True keeps a double-backward graph, which method='forward-over-reverse' "
+        if cache != "auto" and bool(cache) and method in ("forward-over-reverse", FD):
+            raise InputError(f"cache=True keeps a double-backward graph, which method={method!r} "
                              "does not use; pass cache=False, or method='auto' / 'double-backward'")
+        check_options(fd_order, fd_step, fd_error)
+        objective = None
+        if isinstance(model, torch.nn.Module) and is_sharded(model):
+            if method != FD:
+                raise InputError(f"method={method!r} is not possible: " + NO_DOUBLE_BACKWARD)
+            objective = ShardedObjective(model, loss_fn, data, params, reduction=reduction,
+                                         allow_random=allow_random)
+        self._fd_options = (fd_order, None if fd_step is None else float(fd_step), fd_error)
         super().__init__(model, loss_fn, data, params, reduction=reduction,
-                         allow_random=allow_random, chunk_size=chunk_size)
+                         allow_random=allow_random, chunk_size=chunk_size, _objective=objective)
         if cache == "auto":
-            cache = self.objective.data.in_memory and method != "forward-over-reverse"
+            cache = self.objective.data.in_memory and method not in ("forward-over-reverse", FD)
         self._requested = (method, bool(cache))
         self._choose_engine()
 
@@ -78,28 +107,72 @@ class HessianOperator(CurvatureOperator):
     def method(self) -> str:
         return "double-backward" if self.engine == "kept-graph" else self.engine
 
+    @property
+    def fd_errors(self) -> Optional[FDErrors]:
+        return self._fd.errors if self.engine == FD else None
+
+    @property
+    def fd_error(self) -> Optional[float]:
+        """Largest estimated error of the finite-difference products so far, per unit ‖v‖."""
+        errs = self.fd_errors
+        return None if errs is None or not errs.products else errs.max
+
+    @property
+    def last_error(self) -> Optional[torch.Tensor]:
+        """The estimated errors of the last product's columns, per unit ‖v‖ (``(k,)``)."""
+        errs = self.fd_errors
+        return None if errs is None else errs.last
+
     def _fresh_state(self) -> None:
         self._graph = None
+        self._fd = None
+
+    def _matrix_options(self):
+        return fd_options(*self._fd_options[:2]) if self._requested[0] == FD else {}
+
+    def _fd_run(self, V: torch.Tensor) -> torch.Tensor:
+        if self._fd is None:
+            obj = self.objective
+            access = ShardedAccess(obj) if isinstance(obj, ShardedObjective) else PlainAccess(obj)
+            self._fd = FDProducts(obj, access, *self._fd_options)
+        return self._fd.run(V)
+
+    def _nonfinite_culprit(self) -> str:
+        if self.engine == FD:  # every batch's loss was finite (checked in the pass)
+            return ("a finite-difference product is NaN or Inf although every batch's loss is finite: "
+                    "the gradient overflows at θ ± h v; pass a smaller fd_step")
+        return super()._nonfinite_culprit()
 
     def _engines(self) -> List[Engine]:
         method, cache = self._requested
-        if cache:
-            return [Engine("kept-graph", self._kept_run, why="data in memory: the gradient graph is kept, "
-                           "one backward per product", keeps_graph=True, timed_batching=True)]
+        if method == FD:
+            order = self._fd_options[0]
+            return [Engine(FD, self._fd_run, why=f"method='finite-difference' requested: order-{order} "
+                           "central differences of the model's own gradients")]
         streaming = {
             "forward-over-reverse": Engine("forward-over-reverse", lambda V: self._streaming(V, True),
                                            trial=lambda: self._trial(True),
                                            why="streaming: jvp(grad) per batch"),
             "double-backward": Engine("double-backward", lambda V: self._streaming(V, False),
+                                      trial=self._verify_double_backward,
                                       why="streaming: double backward per batch"),
         }
+        if cache:  # double backward can be silently wrong (@once_differentiable): cross-checked first
+            kept = Engine("kept-graph", self._kept_run, trial=self._verify_double_backward, keeps_graph=True,
+                          why="data in memory: the gradient graph is kept, one backward per product",
+                          timed_batching=True)
+            return [kept, streaming["forward-over-reverse"]] if method == "auto" else [kept]
         if method == "auto":
             return [streaming["forward-over-reverse"], streaming["double-backward"]]
         chosen = streaming[method]
-        chosen.why, chosen.trial = f"method={method!r} requested", None  # its AD gap surfaces at use
+        chosen.why = f"method={method!r} requested"
+        if method == "forward-over-reverse":
+            chosen.trial = None  # exact where it runs; its AD gap surfaces at use
         return [chosen]
 
     def _bytes_per_column(self) -> Optional[float]:
+        if self.engine == FD:
+            return 0.0  # columns run one after the other: nothing held per column
         if self.cache:
             return self._kept()[3]
         obj = self.objective
@@ -186,6 +259,26 @@ class HessianOperator(CurvatureOperator):
     def _streaming(self, V, forward: bool):
         per_batch = self._batch_forward_over_reverse if forward else self._batch_double_backward
         return self.objective.sum_over_batches(lambda b: per_batch(b, V))
+
+    def _verify_double_backward(self) -> None:
+        """``EngineRejected`` when double backward disagrees with jvp(grad) or finite differences.
+
+        On the first batch (see ``_crosscheck.verify_jv``): an op whose backward is
+        ``@once_differentiable`` cuts the double-backward graph without an error.
+        """
+        obj, batch = self.objective, self.objective.data.first()
+
+        def grad_at(theta):
+            leaf, named = obj.leaf(theta)
+            with torch.enable_grad():
+                g, = torch.autograd.grad(obj.batch_loss(named, batch)[0], leaf, allow_unused=True)
+            return torch.zeros_like(leaf) if g is None else g.detach()
+
+        def at_v(per_batch):
+            return lambda v: per_batch(batch, v[:, None])[0][:, 0]
+
+        verify_jv(at_v(self._batch_double_backward), grad_at, obj.theta0,
+                  exact=at_v(self._batch_forward_over_reverse), what="double backward (H v)")
 
     def _trial(self, forward: bool) -> None:
         """One column on the first batch: raises where the engine has an AD gap on this model."""

@@ -1,0 +1,237 @@
+"""Finite-difference Hessian-vector products from the model's own gradients.
+
+    H v ≈ D_h = (g(θ + h v) − g(θ − h v)) / 2h                       (``fd_order=2``)
+    H v ≈ (4 D_h − D_2h) / 3                                          (``fd_order=4``)
+
+Each gradient g is computed exactly as in training: the model's own forward and
+``loss.backward()`` on every batch (so FSDP's hooks and communication, mixed-precision
+policies, ``torch.compile`` and fused kernels without a second derivative all run),
+with nethessian's batch weights (``J = Σ_b c_b L_b / Σ_b c_b`` for a mean). The model's
+parameters are written in place under ``torch.no_grad()`` and restored *bit for bit*
+from a saved copy afterwards (never ``θ + hv − hv`` arithmetic); ``.grad`` fields
+(``None`` included) and buffers (batch-norm running statistics) are restored too, and
+the train/eval mode is never touched.
+
+**Step.** With ``u`` the unit roundoff of the parameters' dtype (float64 1.1e-16,
+float32 6.0e-8) the step along ``v`` is
+
+    h = u^(1/(order+1)) · max(1, rms(θ)) / ‖v‖
+
+so the perturbation ``h v`` has norm ``u^(1/3) · max(1, rms(θ))`` (order 2) or
+``u^(1/5) · max(1, rms(θ))`` (order 4): the balance of the truncation error
+(∝ h² or h⁴) and the rounding error of the gradients (∝ u / h). ``fd_step`` overrides
+the norm of the perturbation (``h = fd_step / ‖v‖``).
+
+**Error estimate.** With ``fd_error=True`` (default) every product also has D at the
+step 2h (order 4 needs it anyway; order 2 pays two more gradients) and its error is
+estimated per column as ``2 ‖D_h − D_2h‖ / ‖v‖``, in the units of eigenvalues (an
+estimate of ‖(H̃ − H) v̂‖ for the unit direction v̂). Where truncation dominates,
+``D_h − D_2h ≈ −3ch²`` is 3× the truncation error of D_h (and far more than that of
+the order-4 result); where rounding dominates it is the difference of two roughly
+independent noises, hence the factor 2.
+"""
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass, field
+from typing import Dict, List, Optional
+
+import torch
+
+from ..errors import InputError, NonFiniteError
+
+__all__ = ["FDErrors", "FDProducts", "default_step", "preserved"]
+
+SAFETY = 2.0  # where rounding dominates, D_h − D_2h (two noises partly cancelling) can be below either
+
+
+def default_step(dtype: torch.dtype, theta: torch.Tensor, order: int) -> float:
+    """The norm of the perturbation ``h v``: ``u^(1/(order+1)) · max(1, rms(θ))``."""
+    u = torch.finfo(dtype).eps / 2
+    rms = float(theta.detach().double().pow(2).mean().sqrt()) if theta.numel() else 0.0
+    return u ** (1.0 / (order + 1)) * max(1.0, rms)
+
+
+@dataclass
+class FDErrors:
+    """Error estimates of an operator's finite-difference products (per unit ‖v‖).
+
+    Attributes:
+        products: columns computed so far (with an estimate).
+        max: the largest estimate so far, ``max_j ‖D_h v_j − D_2h v_j‖ / ‖v_j‖``: how far
+            any eigenvalue or Rayleigh quotient built from these products can be trusted.
+        last: the estimates of the last product's columns, ``(k,)``; None before any.
+    """
+
+    products: int = 0
+    max: float = 0.0
+    last: Optional[torch.Tensor] = field(default=None, repr=False)
+
+    def record(self, est: torch.Tensor) -> None:
+        self.products += int(est.numel())
+        self.last = est
+        if est.numel():
+            self.max = max(self.max, float(est.max()))
+
+
+@contextlib.contextmanager
+def preserved(model: torch.nn.Module):
+    """Restore every parameter's value and ``.grad`` and every buffer exactly on exit.
+
+    Values are saved as copies and copied back (bit for bit); ``.grad`` objects (or None)
+    are put back as they were, so a training loop's accumulated gradients survive.
+    """
+    params = list(model.parameters())
+    values = [p.detach().clone() for p in params]
+    grads = [p.grad for p in params]
+    buffers = [(b, b.detach().clone()) for b in model.buffers()]
+    try:
+        for p in params:
+            p.grad = None
+        yield
+    finally:
+        with torch.no_grad():
+            for p, v, g in zip(params, values, grads):
+                p.copy_(v)
+                p.grad = g
+            for b, v in buffers:
+                b.copy_(v)
+
+
+def model_output(model: torch.nn.Module, inputs):
+    """``model(*inputs)``, ``model(**inputs)`` or ``model(inputs)`` as the batch holds them."""
+    if isinstance(inputs, dict):
+        return model(**inputs)
+    if isinstance(inputs, (tuple, list)):
+        return model(*inputs)
+    return model(inputs)
+
+
+class FDProducts:
+    """Central-difference products ``V (P, k) -> H V`` for one objective.
+
+    Args:
+        objective: an ``Objective`` (or the sharded one): model, loss, data, layout, θ₀.
+        access: how to write a flat θ into the model and read its flat gradient
+            (``PlainAccess`` or ``sharded.ShardedAccess``).
+        order: 2 or 4; step: the norm of ``h v`` (None: ``default_step``); error: estimate it.
+    """
+
+    def __init__(self, objective, access, order: int, step: Optional[float], error: bool):
+        self.objective, self.access = objective, access
+        self.order, self.step, self.error = order, step, error
+        self.errors = FDErrors()
+
+    def run(self, V: torch.Tensor) -> torch.Tensor:
+        cols, ests = [], []
+        for j in range(V.shape[1]):
+            hv, est = self._column(V[:, j])
+            cols.append(hv)
+            ests.append(est)
+        if self.error:
+            self.errors.record(torch.tensor(ests, dtype=torch.float64))
+        return torch.stack(cols, dim=1)
+
+    def _column(self, v: torch.Tensor):
+        nv = float(torch.linalg.vector_norm(v.double()))
+        if nv == 0.0:
+            return torch.zeros_like(v), 0.0
+        theta0 = self.objective.theta0
+        norm = self.step if self.step is not None else default_step(theta0.dtype, theta0, self.order)
+        h = norm / nv
+        multiples = (1, 2) if (self.order == 4 or self.error) else (1,)
+        thetas = [theta0 + s * m * h * v for m in multiples for s in (1, -1)]
+        g = self.access.gradients(thetas)
+        D = [(g[2 * i] - g[2 * i + 1]) / (2 * m * h) for i, m in enumerate(multiples)]
+        hv = D[0] if self.order == 2 else (4 * D[0] - D[1]) / 3
+        est = SAFETY * float(torch.linalg.vector_norm((D[0] - D[1]).double())) / nv if len(D) == 2 else 0.0
+        return hv, est
+
+
+class PlainAccess:
+    """Gradients of a model whose parameters are plain tensors (one process, or data-parallel)."""
+
+    def __init__(self, objective):
+        self.objective = objective
+        named = dict(objective.model.named_parameters())
+        self.params = [named[n] for n in objective.layout.names]
+
+    def write(self, theta: torch.Tensor) -> None:
+        for p, part in zip(self.params, self.objective.layout.unflatten(theta).values()):
+            p.copy_(part)
+
+    def local_gradient(self) -> torch.Tensor:
+        return torch.cat([(torch.zeros_like(p) if p.grad is None else p.grad).reshape(-1) for p in self.params])
+
+    def finish(self, local: torch.Tensor, n: float) -> torch.Tensor:
+        return self.objective.finish(local, n)
+
+    def prepare(self) -> None:
+        """Nothing to do: plain parameters are always registered as they are."""
+
+    def steps(self) -> int:
+        return 0  # no padding: each rank runs only its own batches
+
+    def gradients(self, thetas: List[torch.Tensor]) -> List[torch.Tensor]:
+        return gradients(self, thetas)
+
+
+def gradients(access, thetas: List[torch.Tensor]) -> List[torch.Tensor]:
+    """∇J at each θ in ``thetas``, with the model's own backward; the model restored afterwards."""
+    obj = access.objective
+    out = []
+    access.prepare()
+    with preserved(obj.model):
+        for theta in thetas:
+            with torch.no_grad():
+                access.write(theta)
+            n = _backward_pass(obj, access.steps())
+            out.append(access.finish(access.local_gradient().detach().clone(), n))
+            for p in obj.model.parameters():
+                p.grad = None
+    return out
+
+
+def _backward_pass(obj, steps: int) -> float:
+    """``.backward()`` of ``c_b L_b`` (mean) or ``L_b`` (sum) per local batch; returns Σ c_b.
+
+    ``steps`` > the local batch count adds zero-weight passes (FSDP needs every rank to run
+    the same number of forward/backward passes: their collectives must pair up).
+    """
+    mean = obj.reduction not in (None, "sum")
+    n, done = 0.0, 0
+    with torch.enable_grad():
+        for batch in obj.data:
+            out = model_output(obj.model, batch.inputs)
+            c = obj.count(out.detach(), batch.targets)
+            done += 1
+            if mean and c == 0:  # every target ignored: no terms; a zero pass keeps collectives paired
+                (out.sum() * 0.0).backward()
+                continue
+            loss = obj.loss_fn(out, batch.targets)
+            if not torch.isfinite(loss.detach()).all():
+                raise NonFiniteError(f"batch {batch.index}: the loss is NaN or Inf at a finite-difference "
+                                     "step; pass a smaller fd_step, or check that batch's data")
+            (loss * c if mean else loss).backward()
+            n += c
+        for _ in range(steps - done):
+            (model_output(obj.model, obj.data.first().inputs).sum() * 0.0).backward()
+    return n
+
+
+def check_options(order, step, error) -> None:
+    """Refuse bad ``fd_order`` / ``fd_step`` / ``fd_error`` values with what to pass instead."""
+    if order not in (2, 4) or isinstance(order, bool):
+        raise InputError(f"fd_order must be 2 (central difference, 2 gradients) or 4 (4-point stencil, "
+                         f"4 gradients), got {order!r}")
+    if step is not None:
+        from .._checks import as_float
+        as_float("fd_step", step, positive=True)
+    if not isinstance(error, bool):
+        raise InputError(f"fd_error must be True or False, got {error!r}")
+
+
+def fd_options(order: int, step: Optional[float]) -> Dict[str, object]:
+    """The finite-difference options that change the numbers (for the fingerprint)."""
+    return {"method": "finite-difference", "fd_order": order, "fd_step": step}
+

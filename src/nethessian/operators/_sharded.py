@@ -1,0 +1,195 @@
+"""Models sharded with FSDP2 (``torch.distributed.fsdp.fully_shard``): their objective and gradients.
+
+A sharded model's parameters are DTensors: each rank holds a slice of every tensor.
+PyTorch's double backward does not run through FSDP (its hooks serve ``.backward()``
+only), so the Hessian of a sharded model is computed with finite differences of its
+gradients (``_finite_difference``). Stage 1 layout: the operator acts on the *full*
+flat vector ``(P,)``, replicated on every rank; each rank writes its local shards of
+``θ₀ + h v`` (the slice of the full vector its DTensor placement owns), runs the
+model's forward and ``.backward()`` on its own data, and the reduce-scattered gradient
+shards are all-gathered (``DTensor.full_tensor``) into the full gradient.
+
+FSDP averages gradients over the ranks (reduce-scatter divided by the world size);
+the gradient of ``J = Σ_b c_b L_b / Σ_b c_b`` over every rank's batches is therefore
+``world · ḡ / Σ c`` with the count all-reduced.
+"""
+from __future__ import annotations
+
+import copy
+from typing import List, Optional, Sequence
+
+import torch
+from torch import nn
+
+from .. import distributed as dist
+from .._data import Batches, resolve_reduction, term_count
+from .._fingerprint import Hasher, _name, loss_description
+from .._params import ParamLayout, select_parameters
+from ..errors import InputError, RandomModelError
+from ._finite_difference import gradients, model_output
+
+__all__ = ["ShardedAccess", "ShardedObjective", "is_sharded"]
+
+NO_DOUBLE_BACKWARD = (
+    "the model is sharded with FSDP (its parameters are DTensors), and FSDP does not support double "
+    "backward (torch.autograd.grad with create_graph=True on sharded parameters fails), nor torch.func "
+    "transforms: only method='finite-difference' computes its Hessian products, from the model's own "
+    "gradients. Pass method='finite-difference' (and fd_order=4 in float32)")
+
+
+def _dtensor_type():
+    try:
+        from torch.distributed.tensor import DTensor
+        return DTensor
+    except ImportError:  # pragma: no cover - torch without distributed tensors
+        return None
+
+
+def is_sharded(model: nn.Module) -> bool:
+    """True when any parameter of ``model`` is a DTensor (FSDP2 ``fully_shard``, tensor parallel)."""
+    DTensor = _dtensor_type()
+    return DTensor is not None and any(isinstance(p, DTensor) for p in model.parameters())
+
+
+def reshard(model: nn.Module) -> None:
+    """Put every FSDP module's parameters back in sharded form (a root keeps them unsharded after forward)."""
+    from torch.distributed.fsdp import FSDPModule
+    for m in model.modules():
+        if isinstance(m, FSDPModule):
+            m.reshard()
+
+
+def _local_index(p) -> tuple:
+    """The index of ``p``'s local shard inside its full (global) tensor."""
+    from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+    shape, offset = compute_local_shape_and_global_offset(p.shape, p.device_mesh, p.placements)
+    return tuple(slice(o, o + s) for o, s in zip(offset, shape))
+
+
+def _check_placements(named) -> None:
+    from torch.distributed.tensor import Replicate, Shard
+    for name, p in named.items():
+        bad = [pl for pl in p.placements if not isinstance(pl, (Shard, Replicate))]
+        if bad or p.device_mesh.ndim != 1 or p.device_mesh.size() != dist.world_size():
+            raise InputError(
+                f"parameter {name!r} is placed {tuple(p.placements)} on a mesh of shape "
+                f"{tuple(p.device_mesh.shape)}; nethessian supports fully_shard over all "
+                f"{dist.world_size()} ranks (a 1-D mesh of Shard/Replicate placements)")
+
+
+class ShardedObjective:
+    """The objective of a sharded model: layout of the *full* parameters, local data, full θ₀.
+
+    Duck-types what operators need of ``Objective``: ``model``, ``loss_fn``, ``layout``,
+    ``dtype``, ``device``, ``data``, ``reduction``, ``theta0``, ``count``, ``fingerprint``, ``at``.
+    """
+
+    def __init__(self, model: nn.Module, loss_fn, data, params: Optional[Sequence[str]] = None, *,
+                 reduction=None, allow_random: bool = False):
+        if not dist.is_active():
+            raise InputError("the model's parameters are DTensors but torch.distributed is not initialised; "
+                             "run under torchrun (or init_process_group) as the model was sharded")
+        if not callable(loss_fn):
+            raise InputError("loss_fn must be callable as loss_fn(outputs, targets) -> scalar")
+        self.model, self.loss_fn = model, loss_fn
+        chosen = select_parameters(model, params)
+        _check_placements(chosen)
+        first = next(iter(chosen.values()))
+        self.dtype, self.device = first.dtype, first.device
+        if self.dtype in (torch.float16, torch.bfloat16):
+            raise InputError("parameters are half floats: finite differences of their gradients drown in "
+                             "rounding; keep float32 parameters (FSDP's MixedPrecisionPolicy can still "
+                             "compute in bfloat16, at the cost of the error estimate op.fd_error)")
+        self.layout = ParamLayout.from_tensors(chosen)
+        self.theta0 = torch.cat([p.detach().full_tensor().reshape(-1) for p in chosen.values()]).clone()
+        self.data = Batches(data, self.device, self.dtype)
+        self.reduction = resolve_reduction(loss_fn=loss_fn, reduction=reduction, multi_batch=True)
+        self._fingerprint: Optional[str] = None
+        self.local_batches = sum(1 for _ in self.data)
+        dist.check_same("the sharded model", names=str(self.layout.names), shapes=str(self.layout.shapes),
+                        dtype=str(self.dtype), reduction=str(self.reduction))
+        if not allow_random:
+            self._check_deterministic()
+
+    def _check_deterministic(self) -> None:
+        """Two forwards of the first batch must agree (dropout in train mode would not)."""
+        batch = self.data.first()
+        with torch.no_grad():
+            a, b = (model_output(self.model, batch.inputs) for _ in range(2))
+        reshard(self.model)
+        if not torch.equal(a, b):
+            raise RandomModelError("the model's forward pass draws random numbers (dropout in train mode?): "
+                                   "every gradient would be of another cost. Call model.eval(), or pass "
+                                   "allow_random=True")
+
+    @property
+    def size(self) -> int:
+        return self.layout.size
+
+    def count(self, outputs: torch.Tensor, targets: torch.Tensor) -> float:
+        return term_count(self.loss_fn, self.reduction, outputs, targets)
+
+    def at(self, theta: torch.Tensor) -> "ShardedObjective":
+        new = copy.copy(self)
+        new.theta0 = theta.detach().to(device=self.device, dtype=self.dtype).clone()
+        new._fingerprint = None
+        return new
+
+    def fingerprint(self) -> str:
+        """sha256 of θ₀ (full), layout, buffers, modes, loss, reduction and this rank's data."""
+        if self._fingerprint is None:
+            h = Hasher().text("nethessian.ShardedObjective").tensor(self.theta0)
+            h.value(list(self.layout.names)).value([list(s) for s in self.layout.shapes])
+            h.text("buffers").named(sorted((n, b.detach()) for n, b in self.model.named_buffers()))
+            h.text("modes").named(tuple((n, m.training) for n, m in self.model.named_modules()))
+            loss_description(h.text("loss"), self.loss_fn)
+            red = self.reduction
+            h.text("reduction").value(red if red is None or isinstance(red, str) else _name(red))
+            data = Hasher()
+            for _ in self.data.iterate(data):
+                pass
+            self._fingerprint = h.text("data").text(data.hexdigest()).hexdigest()
+        return self._fingerprint
+
+
+class ShardedAccess:
+    """Write full flat θ into local shards; read the full gradient (all-gather of the shards)."""
+
+    def __init__(self, objective: ShardedObjective):
+        self.objective = objective
+        self.prepare()
+        self.index = [_local_index(p) for p in self.params]
+        self._steps = int(dist.common_value(objective.local_batches, "max"))
+
+    def prepare(self) -> None:
+        """Sharded parameters (DTensors) registered, and found by name."""
+        reshard(self.objective.model)
+        named = dict(self.objective.model.named_parameters())
+        self.params = [named[n] for n in self.objective.layout.names]
+
+    def write(self, theta: torch.Tensor) -> None:
+        for p, ix, part in zip(self.params, self.index, self.objective.layout.unflatten(theta).values()):
+            p.to_local().copy_(part[ix])
+
+    def local_gradient(self) -> torch.Tensor:
+        parts = []
+        for p in self.params:
+            g = p.grad
+            parts.append(torch.zeros(p.shape, dtype=p.dtype, device=self.objective.device).reshape(-1)
+                         if g is None else g.full_tensor().reshape(-1))
+        return torch.cat(parts)
+
+    def finish(self, full: torch.Tensor, n: float) -> torch.Tensor:
+        _, n = dist.reduce_sum(torch.zeros(0, dtype=torch.float64, device=full.device), n)
+        full = full * dist.world_size()  # undo FSDP's average over ranks: a sum over every rank's batches
+        if self.objective.reduction not in (None, "sum"):
+            if n <= 0:
+                raise InputError("every target is ignored on every rank: the mean cost is undefined")
+            full = full / n
+        return full
+
+    def steps(self) -> int:
+        return self._steps
+
+    def gradients(self, thetas: List[torch.Tensor]) -> List[torch.Tensor]:
+        return gradients(self, thetas)
