@@ -10,12 +10,19 @@ mean divides by — and the sum is divided by the total count:
 
 ``c_b`` is the number of elements of the unreduced loss; for cross-entropy and
 NLL with class indices it is the number of non-ignored targets, or with class
-``weight=`` the sum of the targets' weights (exactly what torch divides by).
+``weight=`` the sum of the targets' weights (exactly what torch divides by). A
+loss object with ``reduction = "mean"`` and a ``term_count(outputs, targets)``
+method (``nethessian.losses.causal_lm``: the predicted tokens) gives ``c_b`` itself.
+
+A batch is an ``(inputs, targets)`` pair, or a Hugging Face-style mapping of model
+inputs holding its targets under ``"labels"`` (``input_ids``, ``attention_mask``,
+``labels``): the model gets the other entries as keyword arguments.
 """
 from __future__ import annotations
 
 import copy
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator, List, Optional, Union
 
@@ -40,13 +47,30 @@ def _is_pair(obj) -> bool:
     return isinstance(obj, (tuple, list)) and len(obj) == 2 and isinstance(obj[1], torch.Tensor)
 
 
+def _is_single_batch(obj) -> bool:
+    """An ``(inputs, targets)`` pair, or one mapping batch (``{"input_ids": …, "labels": …}``)."""
+    return _is_pair(obj) or isinstance(obj, Mapping)
+
+
+def split_mapping(index: int, raw: Mapping):
+    """``(inputs without "labels", labels)`` of a Hugging Face-style mapping batch."""
+    if "labels" not in raw:
+        raise InputError(
+            f"batch {index} is a mapping with keys {sorted(map(str, raw))} but no 'labels', so it is "
+            "neither an (inputs, targets) pair nor a Hugging Face-style batch: put the targets under "
+            "'labels' (-100 where a token is not predicted), or pass (inputs, labels) pairs"
+        )
+    inputs = {k: v for k, v in raw.items() if k != "labels"}
+    return inputs, raw["labels"]
+
+
 def _tensors(x):
     if isinstance(x, torch.Tensor):
         yield x
     elif isinstance(x, (tuple, list)):
         for t in x:
             yield from _tensors(t)
-    elif isinstance(x, dict):
+    elif isinstance(x, Mapping):
         for t in x.values():
             yield from _tensors(t)
 
@@ -58,7 +82,7 @@ def _move(x, device, dtype):
         return x.to(device=device)
     if isinstance(x, (tuple, list)):
         return type(x)(_move(t, device, dtype) for t in x)
-    if isinstance(x, dict):
+    if isinstance(x, Mapping):  # a dict, or a Hugging Face BatchEncoding: a plain dict from here on
         return {k: _move(v, device, dtype) for k, v in x.items()}
     return x
 
@@ -66,14 +90,15 @@ def _move(x, device, dtype):
 class Batches:
     """Re-iterable view of the user's data as ``Batch`` objects on the model's device.
 
-    ``data`` is an ``(inputs, targets)`` pair or a re-iterable of such pairs (a
-    list, a ``DataLoader``). Floating-point tensors are cast to the parameters'
-    dtype; in-memory data (a pair or a list/tuple of pairs) is moved once and kept.
+    ``data`` is one batch or a re-iterable of batches (a list, a ``DataLoader``); a
+    batch is an ``(inputs, targets)`` pair or a mapping with ``"labels"`` (Hugging
+    Face style). Floating-point tensors are cast to the compute dtype; in-memory
+    data (one batch or a list/tuple of them) is moved once and kept.
     """
 
     def __init__(self, data, device: torch.device, dtype: torch.dtype):
         self.device, self.dtype = device, dtype
-        if _is_pair(data):
+        if _is_single_batch(data):
             self.in_memory = True
             self._cached: Optional[List[Batch]] = [self._make(0, data)]
             self._source = None
@@ -87,7 +112,7 @@ class Batches:
             raise InputError(
                 "data is a single tensor; pass an (inputs, targets) pair, e.g. data=(X, y)"
             )
-        elif isinstance(data, (str, bytes, dict)) or not hasattr(data, "__iter__"):
+        elif isinstance(data, (str, bytes)) or not hasattr(data, "__iter__"):
             raise InputError(
                 f"data of type {type(data).__name__} is neither an (inputs, targets) pair nor an "
                 "iterable of such batches; pass data=(X, y), a list of (X, y) batches or a DataLoader"
@@ -118,10 +143,12 @@ class Batches:
                 self.num_batches = None
 
     def _make(self, index: int, raw) -> Batch:
+        if isinstance(raw, Mapping):
+            raw = split_mapping(index, raw)
         if not (isinstance(raw, (tuple, list)) and len(raw) == 2):
             raise InputError(
                 f"batch {index} is a {type(raw).__name__}, not an (inputs, targets) pair; "
-                "each batch must be a pair such as (X, y)"
+                "each batch must be a pair such as (X, y), or a mapping with 'labels'"
             )
         inputs, targets = raw
         if not isinstance(targets, torch.Tensor):
@@ -155,7 +182,8 @@ class Batches:
         for i, raw in enumerate(self._source):
             n += 1
             if hasher is not None:
-                hasher.value(list(raw) if isinstance(raw, (tuple, list)) else raw)
+                hasher.value(list(raw) if isinstance(raw, (tuple, list)) else
+                             dict(raw) if isinstance(raw, Mapping) else raw)
             yield self._make(i, raw)
         self._check_count(n)
 
@@ -230,6 +258,9 @@ def term_count(loss_fn, reduction: Reduction, outputs: torch.Tensor, targets: to
         return 1.0
     if callable(reduction):
         return _count(reduction(outputs, targets))
+    counter = getattr(loss_fn, "term_count", None)
+    if reduction == "mean" and callable(counter):  # the loss knows what its mean divides by
+        return _count(counter(outputs, targets))
     if reduction == "batchmean":
         return float(outputs.shape[0])
     if isinstance(loss_fn, (nn.CrossEntropyLoss, nn.NLLLoss)) and not targets.is_floating_point():

@@ -32,6 +32,8 @@ from ._fingerprint import Hasher, _name, loss_description
 from ._validate import check_model_state, validate
 from .errors import InputError, NonFiniteError
 from ._params import ParamLayout, select_parameters
+from ._precision import choose_dtype, precision_note
+from .losses import ModelLoss, logits_of
 
 __all__ = ["Objective", "math_attention"]
 
@@ -51,6 +53,34 @@ _INFERENCE_MODE = ("nethessian cannot differentiate inside torch.inference_mode(
 _ALL_IGNORED = ("every target is ignored (zero loss terms): the mean cost is undefined; check "
                 "ignore_index and the targets (or use reduction='sum')")
 
+def _output_tensor(raw: Any) -> Any:
+    """The tensor a loss takes: the output itself, or its ``.logits`` (a Hugging Face model output)."""
+    if isinstance(raw, torch.Tensor):
+        return raw
+    try:
+        return logits_of(raw)
+    except InputError:
+        return raw
+
+
+def _widen(value):
+    """A half-precision batch value in float32, so that batches are weighed and summed in float32."""
+    if isinstance(value, torch.Tensor) and value.dtype in (torch.float16, torch.bfloat16):
+        return value.float()
+    return value
+
+
+def _with_labels(batch: Batch) -> Dict[str, Any]:
+    """The keyword inputs plus ``labels=`` targets, for a model that computes its own loss."""
+    if not isinstance(batch.inputs, dict):
+        raise InputError(
+            f"loss_fn is None, so the model must compute its loss from labels=, but batch {batch.index}'s "
+            f"inputs are a {type(batch.inputs).__name__}, not keyword arguments: pass Hugging Face-style "
+            "batches ({'input_ids': ..., 'labels': ...}) or a loss_fn"
+        )
+    return {**batch.inputs, "labels": batch.targets}
+
+
 _ELEMENTWISE = (nn.MSELoss, nn.L1Loss, nn.SmoothL1Loss, nn.HuberLoss, nn.BCELoss,
                 nn.BCEWithLogitsLoss, nn.SoftMarginLoss, nn.KLDivLoss, nn.PoissonNLLLoss)
 
@@ -60,26 +90,35 @@ class Objective:
 
     Args:
         model: any ``nn.Module``; its mode decides batch norm (train: batch
-            statistics, eval: running ones).
-        loss_fn: callable ``(outputs, targets) -> scalar``.
-        data: an ``(inputs, targets)`` pair or a re-iterable of such batches.
+            statistics, eval: running ones). A model output with ``.logits`` (Hugging
+            Face) stands for its logits tensor.
+        loss_fn: callable ``(outputs, targets) -> scalar``; ``None``: the model's own
+            ``output.loss``, computed from ``labels=`` (see ``losses.ModelLoss``).
+        data: a batch or a re-iterable of batches: ``(inputs, targets)`` pairs or
+            Hugging Face-style mappings with ``"labels"``.
         params: ``None`` (every parameter with ``requires_grad``) or names / glob patterns.
         reduction: how batches combine when ``loss_fn`` has no ``.reduction``.
         allow_random: accept a model whose forward pass draws random numbers.
+        dtype: the precision to compute in, on a copy of the parameters (None: the
+            model's, but float32 for a bf16/fp16 model when the copy fits; see ``_precision``).
     """
 
-    def __init__(self, model: nn.Module, loss_fn: Callable, data, params: Optional[Sequence[str]] = None,
-                 *, reduction=None, allow_random: bool = False):
+    def __init__(self, model: nn.Module, loss_fn: Optional[Callable], data,
+                 params: Optional[Sequence[str]] = None, *, reduction=None, allow_random: bool = False,
+                 dtype: Optional[torch.dtype] = None):
         if not isinstance(model, nn.Module):
             raise InputError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+        if loss_fn is None:
+            loss_fn = ModelLoss()
         if not callable(loss_fn):
-            raise InputError("loss_fn must be callable as loss_fn(outputs, targets) -> scalar")
+            raise InputError("loss_fn must be callable as loss_fn(outputs, targets) -> scalar, or None "
+                             "for a model that returns its own .loss")
         self.model, self.loss_fn = model, loss_fn
         with dist.agreeing():  # a local failure on one rank stops every rank, with its message
-            self._build(model, params, data, reduction, allow_random)
+            self._build(model, params, data, reduction, allow_random, dtype)
         dist.check_state(self)
 
-    def _build(self, model: nn.Module, params, data, reduction, allow_random: bool) -> None:
+    def _build(self, model: nn.Module, params, data, reduction, allow_random: bool, dtype) -> None:
         """Local set-up and validation (everything but the comparison across ranks)."""
         if torch.is_inference_mode_enabled():
             raise InputError(_INFERENCE_MODE)
@@ -89,18 +128,15 @@ class Objective:
         if len(devices) > 1:
             raise InputError(f"parameters are on several devices {sorted(map(str, devices))}; "
                              "move the model to one device with model.to(device) first")
-        self.dtype, self.device = next(iter(chosen.values())).dtype, devices.pop()
-        if self.dtype in (torch.float16, torch.bfloat16):
-            raise InputError(
-                f"parameters are {str(self.dtype).replace('torch.', '')}: second derivatives need more "
-                "precision than half floats carry (rounding swamps them). Use model.float() or "
-                "model.double(); mixed-precision training can still use the float32 Hessian"
-            )
+        self.model_dtype, self.device = next(iter(chosen.values())).dtype, devices.pop()
+        numel = sum(t.numel() for t in [*model.parameters(), *model.buffers()] if t.is_floating_point())
+        self.dtype = choose_dtype(self.model_dtype, dtype, numel, self.device)
+        self.precision_note = precision_note(self.dtype)
         self.layout = ParamLayout.from_tensors(chosen)
-        self.theta0 = torch.cat([p.detach().reshape(-1) for p in chosen.values()]).clone()
+        self.theta0 = torch.cat([p.detach().reshape(-1) for p in chosen.values()]).to(self.dtype).clone()
         # snapshots: later in-place changes to the user's model don't reach this objective
-        self._fixed = {n: p.detach().clone() for n, p in model.named_parameters() if n not in chosen}
-        self._buffers = {n: b.detach().clone() for n, b in model.named_buffers()}
+        self._fixed = {n: self._copy(p) for n, p in model.named_parameters() if n not in chosen}
+        self._buffers = {n: self._copy(b) for n, b in model.named_buffers()}
         self._modes = tuple((n, m.training) for n, m in model.named_modules())
         self._fingerprint: Optional[str] = None
         self._shared: Dict[str, Any] = {"data_hash": None}  # shared with every .at(θ) copy
@@ -108,6 +144,11 @@ class Objective:
         multi = self.data.num_batches != 1 or dist.world_size() > 1
         self.reduction = resolve_reduction(loss_fn=self.loss_fn, reduction=reduction, multi_batch=multi)
         validate(self, allow_random)
+
+    def _copy(self, t: torch.Tensor) -> torch.Tensor:
+        """A detached copy of a parameter or buffer, floating ones in the compute dtype."""
+        t = t.detach()
+        return t.to(self.dtype, copy=True) if t.is_floating_point() else t.clone()
 
     # -- the same objective at other parameters; its identity ------------------------------
     def at(self, theta: torch.Tensor) -> "Objective":
@@ -171,8 +212,8 @@ class Objective:
             leaf = (self.theta0 if theta is None else theta).detach().clone().requires_grad_(True)
             return leaf, self.params_dict(leaf)
 
-    def forward(self, named: Dict[str, torch.Tensor], inputs) -> torch.Tensor:
-        """The model's output with ``named`` parameters; buffers cloned (running stats untouched).
+    def call_model(self, named: Dict[str, torch.Tensor], inputs) -> Any:
+        """The model's raw output with ``named`` parameters; buffers cloned (running stats untouched).
 
         Attention runs on the "math" kernel: the fused flash / memory-efficient
         kernels have no second derivative (nor forward-mode rule) in PyTorch.
@@ -188,14 +229,35 @@ class Objective:
         with math_attention():
             return functional_call(self.model, state, args, kwargs)
 
+    def forward(self, named: Dict[str, torch.Tensor], inputs) -> torch.Tensor:
+        """The model's output tensor: what it returns, or its ``.logits`` (Hugging Face outputs)."""
+        return _output_tensor(self.call_model(named, inputs))
+
     def batch_loss(self, named: Dict[str, torch.Tensor], batch: Batch) -> Tuple[torch.Tensor, torch.Tensor]:
-        """``(loss as loss_fn returns it, outputs)`` for one batch; checks what can go wrong."""
-        out = self.forward(named, batch.inputs)
+        """``(loss as loss_fn returns it, outputs)`` for one batch; checks what can go wrong.
+
+        With ``loss_fn=None`` (``ModelLoss``) the model gets the targets as ``labels=`` and
+        its ``output.loss`` is the batch loss.
+        """
+        own = getattr(self.loss_fn, "uses_model_loss", False)
+        raw = self.call_model(named, _with_labels(batch) if own else batch.inputs)
+        out = _output_tensor(raw)
         if not isinstance(out, torch.Tensor):
             raise InputError(
-                f"the model returned a {type(out).__name__}, not a tensor; wrap it so forward returns "
-                "the tensor the loss takes"
+                f"the model returned a {type(out).__name__}, not a tensor nor an object with .logits; "
+                "wrap it so forward returns the tensor the loss takes"
             )
+        loss = ModelLoss.of(raw) if own else self._loss(out, batch)
+        if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
+            shape = tuple(loss.shape) if isinstance(loss, torch.Tensor) else type(loss).__name__
+            raise InputError(
+                f"loss_fn must return a scalar, got {shape}; use reduction='mean' or 'sum' "
+                "(or .mean()/.sum() in your function)"
+            )
+        return loss.reshape(()), out
+
+    def _loss(self, out: torch.Tensor, batch: Batch):
+        """``loss_fn(out, targets)``, with the shape checks and a clear error when it fails."""
         t = batch.targets
         if isinstance(self.loss_fn, _ELEMENTWISE) and tuple(out.shape) != tuple(t.shape):
             raise InputError(
@@ -204,19 +266,12 @@ class Objective:
                 f"targets to {tuple(out.shape)} (e.g. y.view({', '.join(map(str, out.shape))}))"
             )
         try:
-            loss = self.loss_fn(out, t)
+            return self.loss_fn(out, t)
         except (RuntimeError, ValueError, IndexError) as exc:
             raise InputError(
                 f"batch {batch.index}: loss_fn failed on outputs of shape {tuple(out.shape)} "
                 f"({out.dtype}) and targets of shape {tuple(t.shape)} ({t.dtype}): {exc}"
             ) from None
-        if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
-            shape = tuple(loss.shape) if isinstance(loss, torch.Tensor) else type(loss).__name__
-            raise InputError(
-                f"loss_fn must return a scalar, got {shape}; use reduction='mean' or 'sum' "
-                "(or .mean()/.sum() in your function)"
-            )
-        return loss.reshape(()), out
 
     def count(self, outputs: torch.Tensor, targets: torch.Tensor) -> float:
         return term_count(self.loss_fn, self.reduction, outputs, targets)
@@ -250,11 +305,13 @@ class Objective:
             else:
                 if what is not None or getattr(value, "ndim", None) == 0:  # a scalar is a batch's loss
                     self.check_finite(value, batch.index, what or "loss")
-                term = value * (c if mean else 1.0)
+                term = _widen(value) * (c if mean else 1.0)
             total = term if total is None else total + term
             n += c
         if hasher is not None:
             self._shared["data_hash"] = hasher.hexdigest()
+        if total is not None and total.dtype != value.dtype:  # half values: summed in float32
+            total = total.to(value.dtype)
         if mean and n <= 0 and dist.world_size() == 1:
             raise InputError(_ALL_IGNORED)
         return total, n
