@@ -89,10 +89,24 @@ def _raise_in_agreeing(one: bool):
             raise KeyError("a bug on rank 1")
 
 
+class _OneBatchLoader:
+    """A re-iterable of one batch (as a DataLoader would be): ``nh.shard`` leaves rank 1 without one."""
+
+    def __init__(self, batch):
+        self.batch = batch
+
+    def __iter__(self):
+        yield self.batch
+
+
 def empty_data(rank: int) -> dict:
-    """Rank 1 holds no batch."""
+    """Rank 1 holds no batch: an empty list, then an empty shard of a loader."""
     model, loss_fn, data = bn_problem()
-    return {"empty": _attempt(lambda: nh.HessianOperator(model, loss_fn, [] if rank == 1 else [data]))}
+    whole = nh.shard(data, 0, 1)  # the same 15 samples on both ranks
+    return {
+        "empty": _attempt(lambda: nh.HessianOperator(model, loss_fn, [] if rank == 1 else [data])),
+        "empty_shard": _attempt(lambda: nh.HessianOperator(model, loss_fn, nh.shard(_OneBatchLoader(whole)))),
+    }
 
 
 def other_options(rank: int) -> dict:
