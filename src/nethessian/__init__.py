@@ -17,7 +17,7 @@ from .distributed import DistributedError, shard
 from .errors import (CheckpointError, DenseTooLargeError, InputError, NetHessianError,
                      NonFiniteError, NotConvergedError, NotConvergedWarning, NotSymmetricError,
                      RandomModelError)
-from ._check import CheckReport, check
+from ._check import CheckReport, Comparison, check
 from .linalg._density import SpectralDensity, spectral_density
 from .linalg._lanczos import EigenResult, eigenvalues
 from .linalg._diagonal import DiagonalEstimate, diagonal
@@ -44,7 +44,7 @@ __all__ = [
     # curvature w.r.t. inputs / activations
     "input_hessian", "InputHessian", "InputHessianOperator", "MixedHessian",
     # validation
-    "check", "CheckReport",
+    "check", "CheckReport", "Comparison",
     # estimators
     "eigenvalues", "EigenResult", "trace", "TraceEstimate", "diagonal", "DiagonalEstimate", "spectral_density", "SpectralDensity",
     # the quadratic model, Newton, solves
