@@ -1,0 +1,128 @@
+"""W5: curvature of a GPT-2 language model on the CPU (issue 12).
+
+GPT-2 architecture, 12 layers, width 768, vocabulary 50,257 (≈124M parameters,
+random weights), one batch of 4 × 128 tokens, float32, loss
+``nh.losses.causal_lm()``. Every measurement runs in its own fresh process, so its
+peak memory is the process's high-water mark (``ru_maxrss``) minus the mark after
+the model and data were built (so it includes the operator's set-up: validation and
+the kept graph); the time is the measured call only:
+
+* one gradient;
+* one Hessian-vector product, for the kept-graph engine (``cache=True``) and the
+  streaming engine (``cache=False``: a fresh double-backward graph per product) —
+  reported as time and peak memory ÷ the gradient's (targets: ≤ 2 and ≤ 2);
+* top-1 and top-5 eigenvalues to ``tol=1e-2`` (products, time, peak memory);
+* a Hutch++ trace with 30 products.
+
+``--tiny`` runs the same script on a 2-layer, width-32, 97-token GPT-2 with a 2 × 16
+batch: a smoke test of the script, not a measurement.
+
+Usage::
+
+    python benchmarks/bench_llm.py [--tiny] [--out results/bench_llm.json]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing as mp
+import resource
+import sys
+import time
+
+import torch
+
+W5 = dict(vocab_size=50257, n_layer=12, n_embd=768, n_head=12, n_positions=1024, batch=4, tokens=128)
+TINY = dict(vocab_size=97, n_layer=2, n_embd=32, n_head=2, n_positions=32, batch=2, tokens=16)
+ENGINES = {"kept-graph": True, "streaming": False}
+
+
+def problem(cfg):
+    """(model, loss, data): random-weight GPT-2 in eval mode and one token batch (all predicted)."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from nethessian.losses import causal_lm
+    torch.manual_seed(0)
+    conf = GPT2Config(vocab_size=cfg["vocab_size"], n_layer=cfg["n_layer"], n_embd=cfg["n_embd"],
+                      n_head=cfg["n_head"], n_positions=cfg["n_positions"], bos_token_id=0, eos_token_id=0)
+    model = GPT2LMHeadModel(conf).float().eval()
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(0, cfg["vocab_size"], (cfg["batch"], cfg["tokens"]), generator=g)
+    return model, causal_lm(), {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids}
+
+
+def _maxrss() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def _task(name, model, loss, data):
+    """The callable measured for ``name``; it returns a dict of extra numbers (products, values)."""
+    import nethessian as nh
+    if name == "gradient":
+        from nethessian._objective import Objective
+        obj = Objective(model, loss, data)
+        return lambda: (obj.gradient(), {})[1]
+    engine, _, what = name.partition(":")
+    op = nh.HessianOperator(model, loss, data, cache=ENGINES[engine])
+    if what == "hvp":
+        v = torch.randn(op.shape[0], generator=torch.Generator().manual_seed(2))
+        return lambda: (op @ v, {})[1]
+    if what.startswith("top"):
+        k = int(what[3:])
+
+        def eig():
+            r = nh.eigenvalues(op, k=k, tol=1e-2)
+            return {"eigenvalues": [float(x) for x in r.eigenvalues], "products": r.num_matvecs}
+        return eig
+
+    def tr():
+        t = nh.trace(op, method="hutch++", num_matvecs=30)
+        return {"trace": t.value, "stderr": t.stderr, "products": t.num_matvecs}
+    return tr
+
+
+def _child(cfg, name, queue):
+    torch.set_num_threads(cfg.get("threads") or torch.get_num_threads())
+    model, loss, data = problem(cfg)
+    base = _maxrss()  # before the operator: its kept graph and validation pass count too
+    fn = _task(name, model, loss, data)
+    t0 = time.perf_counter()
+    extra = fn()
+    queue.put({"name": name, "time_s": time.perf_counter() - t0, "extra_peak_bytes": _maxrss() - base, **extra})
+
+
+def measure(cfg, name):
+    """Run ``name`` in a fresh process; its time and extra peak memory."""
+    ctx = mp.get_context("spawn")
+    q = ctx.Queue()
+    p = ctx.Process(target=_child, args=(cfg, name, q))
+    p.start()
+    res = q.get()
+    p.join()
+    return res
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--tiny", action="store_true", help="smoke run on a 2-layer, width-32 GPT-2")
+    ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--out", default=None, help="write the results as JSON here")
+    args = ap.parse_args(argv)
+    cfg = dict(TINY if args.tiny else W5, threads=args.threads)
+    names = ["gradient"] + [f"{e}:{w}" for e in ENGINES for w in ("hvp", "top1", "top5", "hutch++30")]
+    rows = {n: measure(cfg, n) for n in names}
+    grad = rows["gradient"]
+    print(f"{'run':22s} {'time':>9s} {'÷grad':>7s} {'peak MiB':>9s} {'÷grad':>7s}  extra")
+    for n, r in rows.items():
+        extras = {k: v for k, v in r.items() if k not in ("name", "time_s", "extra_peak_bytes")}
+        print(f"{n:22s} {r['time_s']:9.3f} {r['time_s'] / grad['time_s']:7.2f} "
+              f"{r['extra_peak_bytes'] / 2**20:9.1f} {r['extra_peak_bytes'] / max(grad['extra_peak_bytes'], 1):7.2f}"
+              f"  {extras}")
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump({"config": cfg, "tiny": args.tiny, "rows": rows}, f, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
