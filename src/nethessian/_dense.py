@@ -6,7 +6,9 @@ from typing import Dict, List, Optional, Sequence, Tuple, Union
 import torch
 
 from .errors import InputError
+from .operators._base import check_dense_size
 from .operators._hessian import HessianOperator
+from .structured import select as select_engine
 from ._params import ParamLayout
 
 __all__ = ["BlockHessian", "hessian"]
@@ -29,6 +31,8 @@ class BlockHessian:
             raise InputError(f"dense matrix has shape {tuple(dense.shape)}, layout needs ({P}, {P})")
         self.dense = dense
         self.layout = layout
+        self.engine: str = "autodiff"  # who computed it: "structured" or "autodiff" (set by hessian())
+        self.engine_reason: Optional[str] = None
 
     @property
     def names(self) -> Tuple[str, ...]:
@@ -97,7 +101,7 @@ class BlockHessian:
 
 def hessian(model, loss_fn, data, params: Optional[Sequence[str]] = None, *,
             max_bytes: Optional[int] = None, progress: bool = False, checkpoint=None,
-            **operator_options) -> BlockHessian:
+            engine: str = "auto", **operator_options) -> BlockHessian:
     """The exact dense Hessian of J(θ) over the whole data set, by named blocks.
 
     Computed column chunk by column chunk through ``HessianOperator`` (vectorised
@@ -108,6 +112,10 @@ def hessian(model, loss_fn, data, params: Optional[Sequence[str]] = None, *,
         max_bytes: refuse (with the bytes needed) a P × P matrix above this (default 4 GiB).
         progress: show a progress bar on stderr.
         checkpoint: a ``nethessian._checkpoint.Checkpoint`` to resume long runs.
+        engine: ``"auto"`` (second-order backpropagation, ``nethessian.structured``, when
+            every module and the loss are supported; else products), ``"structured"``
+            (refused, naming the first unsupported module, otherwise) or ``"autodiff"``.
+            ``H.engine`` and ``H.engine_reason`` say which ran and why.
         **operator_options: passed to ``HessianOperator`` (method, cache, reduction, ...).
 
     Returns:
@@ -120,5 +128,13 @@ def hessian(model, loss_fn, data, params: Optional[Sequence[str]] = None, *,
     (('W1', 'W2'), (6, 3), (2, 3, 3, 1))
     """
     op = HessianOperator(model, loss_fn, data, params, **operator_options)
-    dense = op.to_dense(max_bytes=max_bytes, progress=progress, checkpoint=checkpoint)
-    return BlockHessian(dense, op.layout)
+    structured, why = select_engine(op, engine, "dense")
+    if structured is not None:
+        work = structured.work_estimate("dense", structured.chunk("dense"))
+        check_dense_size(op.layout.size, op.dtype, max_bytes, work_bytes=work)
+        dense = structured.dense()
+    else:
+        dense = op.to_dense(max_bytes=max_bytes, progress=progress, checkpoint=checkpoint)
+    H = BlockHessian(dense, op.layout)
+    H.engine, H.engine_reason = ("structured" if structured is not None else "autodiff"), why
+    return H

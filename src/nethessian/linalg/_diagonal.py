@@ -33,6 +33,7 @@ from .._columns import identity_columns
 from .._params import ParamLayout
 from .._progress import Progress
 from ..errors import CheckpointError, InputError
+from ..structured import select as select_engine
 from ._operator import Operator, as_operator, make_generator, rademacher
 from ._util import chunk_for, loaded_count, loaded_generator, loaded_tensor, resume
 
@@ -50,6 +51,8 @@ class DiagonalEstimate:
         num_matvecs: products spent (including those of a resumed checkpoint).
         method: ``"exact"`` or ``"estimate"``.
         layout: the operator's ``ParamLayout``, or ``None`` for a plain matrix.
+        engine: ``"structured"`` (second-order backpropagation, no products) or ``"autodiff"``.
+        engine_reason: why that engine ran (for autodiff: the first unsupported module).
     """
 
     values: torch.Tensor
@@ -57,6 +60,8 @@ class DiagonalEstimate:
     num_matvecs: int
     method: str
     layout: Optional[ParamLayout] = None
+    engine: str = "autodiff"
+    engine_reason: Optional[str] = None
 
     @property
     def by_name(self) -> Dict[str, torch.Tensor]:
@@ -75,6 +80,8 @@ class DiagonalEstimate:
             "stderr": None if self.stderr is None else self.stderr.double().cpu().tolist(),
             "num_matvecs": self.num_matvecs,
             "method": self.method,
+            "engine": self.engine,
+            "engine_reason": self.engine_reason,
             "layout": None if lay is None else {"names": list(lay.names), "shapes": [list(s) for s in lay.shapes]},
         }
 
@@ -110,6 +117,7 @@ def diagonal(
     chunk_size: Optional[int] = None,
     progress: Optional[bool] = None,
     checkpoint: Optional[Checkpoint] = None,
+    engine: str = "auto",
 ) -> DiagonalEstimate:
     """Diagonal of a square operator, exactly or by the Bekas-Kokiopoulou-Saad estimator.
 
@@ -124,6 +132,10 @@ def diagonal(
         checkpoint: a ``Checkpoint``; state is saved as chunks finish and a run
             resumed from it gives the same result as an uninterrupted one. It is
             refused when made for another operator (its fingerprint), size or seed.
+        engine: exact diagonal only: ``"auto"`` (second-order backpropagation when every
+            module of a Hessian operator's model is supported, else autodiff),
+            ``"structured"`` (refused, naming the module, when not supported) or
+            ``"autodiff"`` (``P`` products). ``.engine``/``.engine_reason`` say which ran.
 
     Returns:
         A ``DiagonalEstimate``.
@@ -140,9 +152,15 @@ def diagonal(
         if num_matvecs is not None:
             raise InputError("num_matvecs applies to method='estimate' only; the exact diagonal takes P products")
         distributed.check_same("diagonal", method=method)
+        structured, why = select_engine(A.base, engine)
+        if structured is not None:
+            return DiagonalEstimate(structured.diagonal().to(A.dtype), None, 0, "exact", A.layout,
+                                    "structured", why)
         values = exact_diagonal(A, chunk_size=chunk_for(A.size, A.size, chunk_size), progress=progress,
                                 checkpoint=checkpoint)
-        return DiagonalEstimate(values, None, A.size, "exact", A.layout)
+        return DiagonalEstimate(values, None, A.size, "exact", A.layout, "autodiff", why)
+    if engine not in ("auto", "autodiff"):
+        raise InputError(f"engine={engine!r} applies to method='exact' only; the estimate takes products")
     m = 100 if num_matvecs is None else as_int("num_matvecs", num_matvecs)
     if m < 2:
         raise InputError(f"method='estimate' needs num_matvecs >= 2 for a standard error, got {m}")

@@ -48,7 +48,7 @@ Rademacher probes make Hutchinson exact on a diagonal matrix (zᵀDz = tr D):
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Dict, Literal, Optional
 
 import torch
@@ -58,6 +58,7 @@ from .._checks import as_int
 from .._params import ParamLayout
 from .._progress import Progress
 from ..errors import InputError
+from ..structured import select as select_engine
 from ._diagonal import exact_diagonal
 from ._operator import Operator, as_operator, make_generator, rademacher, randn
 from ._probes import Products
@@ -85,6 +86,8 @@ class TraceEstimate:
         method: ``"exact"``, ``"hutchinson"``, ``"hutch++"`` or ``"xtrace"``.
         blocks: with ``by_block=True``, ``{name: TraceEstimate}`` of each diagonal
             block (their values sum to ``value``); otherwise ``None``.
+        engine: exact trace only: ``"structured"`` (second-order backpropagation) or
+            ``"autodiff"`` (products); ``engine_reason`` says why.
     """
 
     value: float
@@ -92,6 +95,8 @@ class TraceEstimate:
     num_matvecs: int
     method: str
     blocks: Optional[Dict[str, "TraceEstimate"]] = None
+    engine: str = "autodiff"
+    engine_reason: Optional[str] = None
 
     def to_dict(self) -> Dict[str, Any]:
         out: Dict[str, Any] = {
@@ -99,6 +104,8 @@ class TraceEstimate:
             "stderr": self.stderr,
             "num_matvecs": self.num_matvecs,
             "method": self.method,
+            "engine": self.engine,
+            "engine_reason": self.engine_reason,
         }
         out["blocks"] = None if self.blocks is None else {k: b.to_dict() for k, b in self.blocks.items()}
         return out
@@ -126,6 +133,7 @@ def trace(
     chunk_size: Optional[int] = None,
     progress: Optional[bool] = None,
     checkpoint: Any = None,
+    engine: str = "auto",
 ) -> TraceEstimate:
     """Trace of a square operator, exact or estimated with a standard error.
 
@@ -137,6 +145,9 @@ def trace(
         seed: seed of the CPU generator the probes are drawn from.
         exact: sum the exact diagonal instead (``P`` products; ``method`` and
             ``num_matvecs`` are then ignored).
+        engine: with ``exact=True``: ``"auto"`` (second-order backpropagation when the
+            model is supported, no products), ``"structured"`` or ``"autodiff"``; see
+            ``nh.diagonal``.
         by_block: also return the trace of each named diagonal block ("per-layer
             sharpness"); needs an operator with a ``.layout``.
         chunk_size: columns per product ``A @ V`` (default ``_columns.column_chunk``).
@@ -157,9 +168,17 @@ def trace(
     layout = _block_layout(A) if by_block else None
     if exact:
         distributed.check_same("trace", exact=True)
+        structured, why = select_engine(A.base, engine)
+        if structured is not None:  # second-order backpropagation: no products
+            values = structured.diagonal().to(A.dtype)
+            return replace(_summarise(_reduce(values[:, None], layout), 0, "exact", layout),
+                           engine="structured", engine_reason=why)
         values = exact_diagonal(A, chunk_size=chunk_for(A.size, A.size, chunk_size), progress=progress,
                                 checkpoint=checkpoint)
-        return _summarise(_reduce(values[:, None], layout), A.size, "exact", layout)
+        return replace(_summarise(_reduce(values[:, None], layout), A.size, "exact", layout),
+                       engine_reason=why)
+    if engine not in ("auto", "autodiff"):
+        raise InputError(f"engine={engine!r} applies to exact=True only; estimates take products")
     m = _budget(method, num_matvecs)
     distributed.check_same("trace", method=method, num_matvecs=m, by_block=bool(by_block))
     gen = make_generator(seed)

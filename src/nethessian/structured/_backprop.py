@@ -1,0 +1,169 @@
+"""Second-order backpropagation over a graph: the joint Hessian of the live tensors.
+
+Walk the steps backwards. Before step ``y = f(x; θ)`` is undone, the *frontier* F
+holds every tensor that is computed and still to be consumed, with, per sample,
+the gradient ``g_F = ∂ℓ/∂F``, the Hessian ``H_FF`` and (dense mode) the mixed
+derivatives ``K_F = ∂²ℓ/∂F∂θ_done`` with the parameters of the steps already
+undone. Undoing the step replaces y by x (F = R ∪ {y} → F' = R ∪ {x}):
+
+    H_F'F' = [[H_RR,      H_Ry J],
+              [Jᵀ H_yR,   Jᵀ H_yy J + Σ_k g_{y,k} ∇²_x f_k]],      g_x = Jᵀ g_y,
+    K_F'   = [[K_R, H_Ry J_θ], [Jᵀ K_y, Jᵀ H_yy J_θ + ∂²(g_yᵀf)/∂x∂θ]],
+
+and yields the parameter rows of the Hessian (f is linear in θ, so ∇²_θ f = 0):
+
+    H_θθ += Σ_n J_θ,nᵀ H_yy,n J_θ,n,      H_θ,done += Σ_n J_θ,nᵀ K_y,n.
+
+An x that R already holds (a branch: the same tensor used twice, as in a residual
+block ``x + g(x)``) gets its two rows and columns added: the Hessian of the sum of
+both uses, cross terms between the branches included. That is why the frontier
+carries the *joint* Hessian and not one per tensor (which is all BackPACK's
+module-by-module recursion keeps, and why it stops at ``nn.Sequential``).
+
+For a chain (``nn.Sequential``) F is one tensor and this is Bishop's (1992)
+recursion; the δ terms of ``docs/two-layer-hessian.md`` are its entries.
+"""
+from __future__ import annotations
+
+from typing import Dict, List, Optional
+
+import torch
+
+from ._jacobians import Pull, mixed, param_jacobian, residual
+
+__all__ = ["Frontier", "undo_step"]
+
+
+class Frontier:
+    """Per-sample ``g`` (n, D), ``H`` (n, D, D) and ``K`` (n, D, P_done) over named live tensors."""
+
+    def __init__(self, name: str, g: torch.Tensor, H: torch.Tensor, dense: bool):
+        self.names: List[str] = [name]
+        self.sizes: List[int] = [g.shape[1]]
+        self.g, self.H = g, H
+        self.K = H.new_zeros(H.shape[0], H.shape[1], 0) if dense else None
+        self.done: List[str] = []
+
+    def index(self, name: str) -> Optional[torch.Tensor]:
+        if name not in self.names:
+            return None
+        k = self.names.index(name)
+        start = sum(self.sizes[:k])
+        return torch.arange(start, start + self.sizes[k], device=self.H.device)
+
+    def rest(self, name: str) -> torch.Tensor:
+        keep = torch.ones(self.H.shape[1], dtype=torch.bool, device=self.H.device)
+        keep[self.index(name)] = False
+        return keep.nonzero().flatten()
+
+
+def _merge(fr: Frontier, rest_names, rest_sizes, new_names, new_sizes, H, g, K) -> None:
+    """Frontier over R ∪ X, adding the rows/columns of a tensor that appears twice."""
+    names, sizes, where = list(rest_names), list(rest_sizes), []
+    for nm, sz in zip(list(rest_names) + list(new_names), list(rest_sizes) + list(new_sizes)):
+        if nm not in names:
+            names.append(nm)
+            sizes.append(sz)
+        k = names.index(nm)
+        start = sum(sizes[:k])
+        where.append(torch.arange(start, start + sz, device=H.device))
+    idx = torch.cat(where) if where else torch.zeros(0, dtype=torch.long, device=H.device)
+    D = sum(sizes)
+    n = H.shape[0]
+    Hn = H.new_zeros(n, D, H.shape[2]).index_add_(1, idx, H)
+    fr.H = H.new_zeros(n, D, D).index_add_(2, idx, Hn)
+    fr.g = g.new_zeros(n, D).index_add_(1, idx, g)
+    if K is not None:
+        fr.K = K.new_zeros(n, D, K.shape[2]).index_add_(1, idx, K)
+    fr.names, fr.sizes = names, sizes
+
+
+def _add_residual(XX: torch.Tensor, R, offset: int) -> None:
+    if R is None:
+        return
+    d = R.shape[1]
+    block = XX[:, offset:offset + d, offset:offset + d]
+    if R.ndim == 2:
+        block.diagonal(dim1=1, dim2=2).add_(R)
+    else:
+        block.add_(R)
+
+
+def undo_step(fr: Frontier, step, env: Dict[str, torch.Tensor], state, needs: Dict[str, bool],
+              out: "Accumulator") -> None:
+    """Replace ``step``'s output by its inputs on the frontier; hand its parameter rows to ``out``."""
+    ys = fr.index(step.name)
+    if ys is None:
+        return
+    rest = fr.rest(step.name)
+    Hyy, Hry, gy = fr.H[:, ys][:, :, ys], fr.H[:, rest][:, :, ys], fr.g[:, ys]
+    xs = [env[i] for i in step.inputs]
+    wrt = [i for i, nm in enumerate(step.inputs) if needs.get(nm) and xs[i].is_floating_point()]
+    pull = Pull(step, xs, state, wrt)
+    K = fr.K
+    newK = None
+    if step.params:
+        J = out.parameters(step, xs, state, Hyy, None if K is None else K[:, ys], env[step.name])
+        if K is not None:
+            HJ = Hyy @ J
+            top = torch.cat([K[:, rest], Hry @ J], dim=2)
+            bottom = torch.cat([pull.apply(K[:, ys].transpose(1, 2)).transpose(1, 2),
+                                pull.apply(HJ.transpose(1, 2)).transpose(1, 2)], dim=2)
+            if wrt:
+                bottom[:, :, K.shape[2]:] += mixed(step, xs, state, wrt, step.params, gy)
+            newK = torch.cat([top, bottom], dim=1)
+            fr.done = fr.done + list(step.params)
+    elif K is not None:
+        newK = torch.cat([K[:, rest], pull.apply(K[:, ys].transpose(1, 2)).transpose(1, 2)], dim=1)
+    XX = pull.apply(pull.apply(Hyy).transpose(1, 2))
+    if wrt and step.kind != "linear":
+        _add_residual(XX, residual(step, xs, state, gy), 0)
+    RX = pull.apply(Hry)
+    H = torch.cat([torch.cat([fr.H[:, rest][:, :, rest], RX], dim=2),
+                   torch.cat([RX.transpose(1, 2), XX], dim=2)], dim=1)
+    g = torch.cat([fr.g[:, rest], pull.apply(gy[:, None, :])[:, 0]], dim=1)
+    k = fr.names.index(step.name)
+    rest_names, rest_sizes = fr.names[:k] + fr.names[k + 1:], fr.sizes[:k] + fr.sizes[k + 1:]
+    _merge(fr, rest_names, rest_sizes, [step.inputs[i] for i in wrt], pull.sizes, H, g, newK)
+
+
+class Accumulator:
+    """Collects the parameter rows: ``mode`` is "diagonal", "blocks" or "dense"."""
+
+    def __init__(self, mode: str, layout, dtype, device):
+        self.mode, self.layout = mode, layout
+        P = layout.size
+        self.diag = torch.zeros(P, dtype=dtype, device=device)
+        self.blocks: Dict[tuple, torch.Tensor] = {}
+        self.dense = torch.zeros(P, P, dtype=dtype, device=device) if mode == "dense" else None
+        self.done_idx = torch.zeros(0, dtype=torch.long, device=device)
+
+    def start_chunk(self) -> None:
+        """A new chunk's frontier starts with no parameters undone (K has no columns)."""
+        self.done_idx = self.done_idx[:0]
+
+    def parameters(self, step, xs, state, Hyy, Ky, y) -> Optional[torch.Tensor]:
+        """Add the step's rows; return its per-sample ``J_θ`` (None in the Linear diagonal fast path)."""
+        from ._linear import linear_diagonal  # the closed form for nn.Linear
+        idx = self.layout.indices(list(step.params)).to(self.diag.device)
+        if self.mode == "diagonal":
+            fast = linear_diagonal(step, xs, Hyy, y)
+            if fast is not None:
+                self.diag[idx] += fast
+                return None
+        J = param_jacobian(step, xs, state, step.params)
+        HJ = Hyy @ J
+        if self.mode == "diagonal":
+            self.diag[idx] += (J * HJ).sum(dim=(0, 1))
+            return J
+        block = torch.einsum("nap,naq->pq", J, HJ)
+        if self.mode == "blocks":
+            key = tuple(step.params)
+            self.blocks[key] = self.blocks.get(key, 0) + block
+            return J
+        self.dense[idx[:, None], idx[None, :]] += block
+        cross = torch.einsum("nap,nad->pd", J, Ky)
+        self.dense[idx[:, None], self.done_idx[None, :]] += cross
+        self.dense[self.done_idx[:, None], idx[None, :]] += cross.T
+        self.done_idx = torch.cat([self.done_idx, idx])
+        return J

@@ -1,0 +1,148 @@
+"""The structured engine on an ``Objective``: exact diagonal, blocks and dense Hessian.
+
+Per batch: one forward pass records every node's output (``_graph.run_forward``), the
+loss gives ``g`` and the per-sample output Hessians (``_loss``), and the steps are
+undone backwards (``_backprop``) on chunks of samples sized so the per-sample
+matrices fit a memory budget. Batches combine through ``Objective.local_sum`` /
+``finish`` — the same batch weights, term counts and all-reduce as every other
+engine, so ragged batches, DataLoaders and torch.distributed need nothing here.
+
+Why dense per-sample matrices and not BackPACK's square-root factors
+(``H_y = Σ_k ± s_k s_kᵀ``): factors win only while their number stays below the
+layer width, and each non-linear layer adds one factor per unit (its residual
+``diag(g ⊙ σ'')``), so by the second hidden layer of an MLP there are more factors
+than units; the dense frontier also carries the branch cross terms and the mixed
+``K`` blocks the dense Hessian needs. ``nn.Linear`` diagonals skip the per-sample
+Jacobian altogether (``_linear``). Measured in ``benchmarks/bench_structured.py``.
+"""
+from __future__ import annotations
+
+from typing import Dict, Optional, Tuple
+
+import torch
+
+from ._backprop import Accumulator, Frontier, undo_step
+from ._graph import Plan, Unsupported, build_plan, run_forward
+from ._loss import loss_derivatives, loss_reason
+
+__all__ = ["StructuredEngine", "WORK_BYTES"]
+
+WORK_BYTES = 512 * 2 ** 20  # per-chunk working memory the sample chunks are sized to
+
+
+def _needs(plan: Plan) -> Dict[str, bool]:
+    """Node name → whether a chosen parameter lies on or above it (else it is not propagated into)."""
+    needs = {plan.input: False}
+    for step in plan.steps:
+        needs[step.name] = bool(step.params) or any(needs.get(i, False) for i in step.inputs)
+    return needs
+
+
+class StructuredEngine:
+    """Second-order backpropagation for one objective (raises ``Unsupported`` with the reason)."""
+
+    def __init__(self, objective, *, work_bytes: int = WORK_BYTES):
+        reason = loss_reason(objective.loss_fn)
+        if reason is not None:
+            raise Unsupported(reason)
+        self.objective = objective
+        self.plan = build_plan(objective.model, objective.layout.names)
+        self.needs = _needs(self.plan)
+        self.work_bytes = work_bytes
+        first = next(iter(objective.data.iterate(None)))
+        if not isinstance(first.inputs, torch.Tensor):
+            raise Unsupported(f"the inputs are a {type(first.inputs).__name__}; the structured engine takes "
+                              "one input tensor")
+        self._per_sample = self._sample_bytes(first.inputs[:1])
+
+    def _state(self) -> Dict[str, torch.Tensor]:
+        ob = self.objective
+        return {**ob._fixed, **{k: b.clone() for k, b in ob._buffers.items()}, **ob.params_dict(ob.theta0)}
+
+    def _sample_bytes(self, one: torch.Tensor) -> Dict[str, float]:
+        """Bytes per sample of the largest frontier matrices, per mode (from a one-sample forward)."""
+        env = run_forward(self.plan, self._state(), one)
+        size = {k: v[0].numel() for k, v in env.items()}
+        live, widest, jac = {self.plan.output}, size[self.plan.output], 0
+        for step in reversed(self.plan.steps):
+            if step.name not in live:
+                continue
+            live.discard(step.name)
+            live |= {i for i in step.inputs if self.needs.get(i)}
+            widest = max(widest, sum(size[n] for n in live) + size[step.name])
+            P_step = sum(self.objective.layout.numels[self.objective.layout.index(p)] for p in step.params)
+            jac = max(jac, size[step.name] * P_step)
+        item = torch.empty((), dtype=self.objective.dtype).element_size()
+        P = self.objective.size
+        base = 4 * widest ** 2 + 3 * jac
+        return {"diagonal": item * base, "blocks": item * base, "dense": item * (base + 4 * widest * P)}
+
+    def check_memory(self, mode: str) -> None:
+        """Raise ``Unsupported`` when even one sample's matrices exceed the working-memory budget.
+
+        The frontier is dense per sample (``D × D`` for a live tensor of ``D`` entries), so
+        wide feature maps (a convolution's output) can be out of reach where the
+        matrix-free autodiff path is not.
+        """
+        need = self._per_sample[mode]
+        if need > self.work_bytes:
+            raise Unsupported(f"one sample's per-layer Hessians ({mode}) need about {need / 2 ** 30:.2f} GiB, "
+                              f"above the structured engine's working budget of {self.work_bytes / 2 ** 30:.2f} "
+                              "GiB (wide activations such as convolution outputs)")
+
+    def work_estimate(self, mode: str, n: int) -> float:
+        """Bytes of working memory for ``n`` samples at once (the per-sample matrices)."""
+        return self._per_sample[mode] * n
+
+    def chunk(self, mode: str) -> int:
+        """Samples per chunk: as many as fit ``work_bytes`` (at least one)."""
+        return max(1, int(self.work_bytes // max(self._per_sample[mode], 1.0)))
+
+    def _batch(self, mode: str, batch, state) -> Tuple[Accumulator, float]:
+        ob = self.objective
+        env = run_forward(self.plan, state, batch.inputs)
+        out = env[self.plan.output]
+        g, H = loss_derivatives(ob.loss_fn, out, batch.targets)
+        acc = Accumulator(mode, ob.layout, ob.dtype, ob.device)
+        N, step = out.shape[0], self.chunk(mode)
+        for s in range(0, N, step):
+            acc.start_chunk()
+            envc = {k: v[s:s + step] for k, v in env.items()}
+            fr = Frontier(self.plan.output, g[s:s + step], H[s:s + step], dense=mode == "dense")
+            for st in reversed(self.plan.steps):
+                if self.needs[st.name]:
+                    undo_step(fr, st, envc, state, self.needs, acc)
+        return acc, ob.count(out, batch.targets)
+
+    def _run(self, mode: str, pack) -> torch.Tensor:
+        state = self._state()
+
+        def fn(batch):
+            acc, count = self._batch(mode, batch, state)
+            return pack(acc), count
+        total, n = self.objective.local_sum(fn, what=f"structured Hessian ({mode})")
+        return self.objective.finish(total, n)
+
+    def diagonal(self) -> torch.Tensor:
+        """The exact diagonal of the Hessian of J(θ), ``(P,)`` in layout order."""
+        return self._run("diagonal", lambda acc: acc.diag)
+
+    def dense(self) -> torch.Tensor:
+        """The exact dense Hessian ``(P, P)``, cross-layer blocks included."""
+        return self._run("dense", lambda acc: acc.dense)
+
+    def blocks(self) -> Dict[Tuple[str, ...], torch.Tensor]:
+        """Each step's dense block (its chosen parameters side by side, e.g. weight then bias)."""
+        keys = [s.params for s in self.plan.steps if s.params]
+        sizes = [sum(self.objective.layout.numels[self.objective.layout.index(p)] for p in k) for k in keys]
+
+        def pack(acc):
+            return torch.cat([acc.blocks.get(tuple(k), torch.zeros(m, m, dtype=acc.diag.dtype,
+                                                                    device=acc.diag.device)).reshape(-1)
+                              for k, m in zip(keys, sizes)])
+        flat = self._run("blocks", pack)
+        out, start = {}, 0
+        for k, m in zip(keys, sizes):
+            out[tuple(k)] = flat[start:start + m * m].reshape(m, m)
+            start += m * m
+        return out
