@@ -169,6 +169,7 @@ def test_batching_is_invariant_across_ragged_batches_pairs_and_a_dataloader():
         "list of dicts": ragged,
         "(inputs, labels) pairs": [({k: x for k, x in b.items() if k != "labels"}, b["labels"]) for b in ragged],
         "DataLoader": DataLoader(ragged, batch_size=None),
+        "tokenizer BatchEncodings": [transformers.BatchEncoding(b) for b in ragged],
     }
     results = {name: nh.HessianOperator(model, causal_lm(), data, params=GPT2_PARAMS) @ v
                for name, data in layouts.items()}
