@@ -271,8 +271,6 @@ def test_seed_none_draws_the_same_probes_on_every_rank(tmp_path):
                                        msg=f"rank {r}: {key}")
 
 
-@pytest.mark.xfail(reason="needs operators/_engine.choose_batched to decide with nh.distributed.common_value "
-                          "(operators owner); fails today: the ranks' all-reduces fall out of step", strict=False)
 def test_choices_from_local_timing_are_the_same_on_every_rank(tmp_path):
     """The GGN's batched-or-loop choice is timed on each rank; if ranks chose differently, one
     all-reduced k·P numbers while the other all-reduced P, and gloo aborted the process."""

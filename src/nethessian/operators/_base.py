@@ -19,6 +19,7 @@ import torch
 
 from .._checks import all_finite, as_int, check_vector
 from .._columns import column_chunk, identity_columns
+from .. import distributed as dist
 from .._objective import Objective
 from ..errors import DenseTooLargeError, InputError, NonFiniteError
 from ._engine import Engine, choose_batched, choose_engine, loop_columns
@@ -116,7 +117,8 @@ class CurvatureOperator:
     def bytes_per_column(self) -> float:
         """Estimated memory per vectorised column, measured once (0 when not batched)."""
         if self._bpc is None:
-            self._bpc = float(self._bytes_per_column() or 0.0)
+            # every rank must cut products into the same chunks (the all-reduce sizes)
+            self._bpc = float(dist.common_value(float(self._bytes_per_column() or 0.0), how="max"))
         return self._bpc
 
     @property

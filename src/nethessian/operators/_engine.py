@@ -25,6 +25,7 @@ from typing import Callable, List, Optional, Sequence, Tuple
 
 import torch
 
+from .. import distributed as dist
 from ..errors import InputError, NetHessianError
 
 __all__ = ["Engine", "EngineRejected", "choose_batched", "choose_engine", "describe", "graph_bytes",
@@ -85,7 +86,23 @@ class Engine:
 
 
 def choose_engine(candidates: Sequence[Engine]) -> Tuple[Engine, str, Optional[str]]:
-    """The first candidate whose trial passes: ``(engine, engine_reason, fallback_reason)``.
+    """The first candidate whose trial passes on every rank: ``(engine, engine_reason, fallback_reason)``.
+
+    Under torch.distributed each rank tries the candidates on its own first batch; a
+    failure anywhere stops every rank (``distributed.agreeing``), and all ranks run the
+    latest-preferred engine any rank chose, so their collectives stay in step.
+    """
+    with dist.agreeing():
+        i, reason, fallback = _choose_local(candidates)
+    j = dist.common_value(i, how="max")
+    if j != i:
+        fallback = f"another rank could not use {candidates[i].name}"
+        reason = f"{candidates[j].why} (fell back: {fallback})"
+    return candidates[j], reason, fallback
+
+
+def _choose_local(candidates: Sequence[Engine]) -> Tuple[int, str, Optional[str]]:
+    """The index of the first candidate whose trial passes here, with its reasons.
 
     A single candidate is what the user asked for: only its cross-check runs (an AD gap
     surfaces at the first product, as PyTorch raises it). When the last candidate fails
@@ -111,12 +128,12 @@ def choose_engine(candidates: Sequence[Engine]) -> Tuple[Engine, str, Optional[s
                                  + ". Give the custom op a forward-mode rule (jvp) or a twice-"
                                  "differentiable backward (no @once_differentiable), or use "
                                  "for the Hessian, method='finite-difference' (products from gradients)") from exc
-            if len(failures) > 1:
+            if len(failures) > 1 and hasattr(exc, "add_note"):  # Python >= 3.11
                 exc.add_note("nethessian tried: " + "; ".join(failures))
             raise
         fallback = "; ".join(failures) or None
         reason = engine.why if fallback is None else f"{engine.why} (fell back: {fallback})"
-        return engine, reason, fallback
+        return i, reason, fallback
     raise InputError("no engine to choose from")  # pragma: no cover - operators always offer one
 
 
@@ -153,7 +170,7 @@ def choose_batched(engine: Engine, V: torch.Tensor) -> Tuple[bool, str]:
 
     batched = best(lambda: engine.run(W))
     loop = best(lambda: loop_columns(engine.run, W))
-    faster = batched < MEASURABLY_FASTER * loop
+    faster = dist.common_value(bool(batched < MEASURABLY_FASTER * loop))  # rank 0 decides for all
     return faster, (f"{W.shape[1]} columns batched took {batched:.3g} s, looped {loop:.3g} s: "
                     + ("batched" if faster else "loop (batching not measurably faster)"))
 
