@@ -254,7 +254,10 @@ class HessianOperator(CurvatureOperator):
             else:
                 hv, = torch.autograd.grad(g, theta, V.T.contiguous(), is_grads_batched=True, allow_unused=True)
                 hv = _zeros_if_none(hv, V.T).T
-        return hv.detach(), obj.count(out, batch.targets)
+        count = obj.count(out, batch.targets)
+        if count != 0 or obj.reduction in (None, "sum"):  # an all-ignored mean batch is 0/0 and weighs 0
+            obj.check_finite(loss.detach(), batch.index)
+        return hv.detach(), count
 
     def _streaming(self, V, forward: bool):
         per_batch = self._batch_forward_over_reverse if forward else self._batch_double_backward
