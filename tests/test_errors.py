@@ -1,4 +1,6 @@
 """Bad input gets a clear error that names the problem and the fix."""
+import copy
+
 import pytest
 import torch
 from torch import nn
@@ -122,13 +124,27 @@ def test_nan_mid_run_names_the_product_and_the_batch():
         nh.eigenvalues(op, k=2, check_symmetry=False)
 
 
-def test_half_precision_and_inference_mode_are_refused_clearly():
+def test_half_precision_computes_in_float32_and_inference_mode_is_refused():
     model, loss_fn, data = _problem()
-    with pytest.raises(nh.InputError, match="float16.*model.float\\(\\)"):
-        nh.HessianOperator(model.half(), loss_fn, data)
+    ref = nh.HessianOperator(copy.deepcopy(model).half().float(), loss_fn, data).to_dense()
+    op = nh.HessianOperator(copy.deepcopy(model).half(), loss_fn, data)
+    assert op.dtype == torch.float32 and op.objective.precision_note is None  # float32 is not half
+    torch.testing.assert_close(op.to_dense(), ref, rtol=1e-5, atol=1e-6)
     model.double()
     with torch.inference_mode(), pytest.raises(nh.InputError, match="inference_mode"):
         nh.HessianOperator(model, loss_fn, data)
+
+
+def test_dtype_reaches_the_objective_from_every_operator():
+    model, loss_fn, data = _problem()
+    model.float()
+    H64 = nh.HessianOperator(copy.deepcopy(model).double(), loss_fn, data).to_dense()
+    for make in (nh.HessianOperator, nh.GGNOperator):
+        op = make(model, loss_fn, data, dtype=torch.float64)
+        assert op.dtype == torch.float64
+        if make is nh.HessianOperator:
+            torch.testing.assert_close(op.to_dense(), H64, rtol=1e-10, atol=1e-12)
+    assert next(model.parameters()).dtype == torch.float32  # the user's model is left as it was
 
 
 def test_empty_params_selection():
@@ -205,9 +221,16 @@ def test_reentrant_activation_checkpointing(reentrant):
     if reentrant:
         with pytest.raises(nh.InputError, match="use_reentrant=False"):
             nh.HessianOperator(model, loss_fn, data)
-    else:  # non-reentrant checkpointing is twice differentiable: the Hessian is the plain model's
-        H = nh.hessian(model, loss_fn, data).dense
-        torch.testing.assert_close(H, nh.hessian(model.inner, loss_fn, data).dense, rtol=1e-10, atol=1e-12)
+    else:
+        # non-reentrant checkpointing recomputes the forward during backward with the module's own
+        # weights, not nethessian's: gradients at any other point would be silently wrong
+        # (Newton steps, finite differences). The cross-check refuses it and names the cause ...
+        with pytest.raises(nh.InputError, match="checkpointing"):
+            nh.HessianOperator(model, loss_fn, data)
+        # ... and finite differences of the model's own gradients (weights really moved) are right
+        op = nh.HessianOperator(model, loss_fn, data, method="finite-difference")
+        torch.testing.assert_close(op.to_dense(), nh.hessian(model.inner, loss_fn, data).dense,
+                                   rtol=1e-5, atol=1e-7)
 
 
 def test_params_selected_but_unused():

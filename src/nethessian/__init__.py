@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from ._version import __version__
 
-from . import distributed, examples
+from . import distributed, examples, losses
 from ._checkpoint import Checkpoint
 from ._dense import BlockHessian, hessian
 from .distributed import DistributedError, shard
@@ -38,7 +38,7 @@ from ._params import ParamLayout
 
 __all__ = [
     # the problem and its Hessian
-    "examples", "Objective", "ParamLayout", "hessian", "BlockHessian",
+    "examples", "losses", "Objective", "ParamLayout", "hessian", "BlockHessian",
     # operators
     "CurvatureOperator", "JacobianSandwich", "HessianOperator", "GGNOperator", "FisherOperator", "EmpiricalFisherOperator",
     # curvature w.r.t. inputs / activations

@@ -70,9 +70,9 @@ class CurvatureOperator:
     """
 
     def __init__(self, model, loss_fn, data, params=None, *, reduction=None,
-                 allow_random: bool = False, chunk_size: Optional[int] = None, _objective=None):
+                 allow_random: bool = False, dtype=None, chunk_size: Optional[int] = None, _objective=None):
         self.objective = _objective if _objective is not None else Objective(
-            model, loss_fn, data, params, reduction=reduction, allow_random=allow_random)
+            model, loss_fn, data, params, reduction=reduction, allow_random=allow_random, dtype=dtype)
         self.layout = self.objective.layout
         P = self.layout.size
         self.shape = (P, P)

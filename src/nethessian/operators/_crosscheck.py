@@ -76,4 +76,6 @@ def verify_jv(jv: JV, f: Callable[[torch.Tensor], torch.Tensor], theta: torch.Te
     if gap > tol:
         raise EngineRejected(
             f"{what} disagrees with {route}: J v off by {gap / max(scale, 1e-300):.1%} of its norm "
-            "(an op whose backward is @once_differentiable cuts the double-backward graph silently)")
+            "(an op whose backward is @once_differentiable cuts the double-backward graph silently, "
+            "or the model recomputes activations during backward with its own weights, as activation "
+            "checkpointing does, so nethessian's parameter values never reach the recomputation)")

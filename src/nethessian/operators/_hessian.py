@@ -80,7 +80,7 @@ class HessianOperator(CurvatureOperator):
     """
 
     def __init__(self, model, loss_fn, data, params=None, *, method: Method = "auto",
-                 cache="auto", reduction=None, allow_random: bool = False,
+                 cache="auto", reduction=None, allow_random: bool = False, dtype=None,
                  chunk_size: Optional[int] = None, fd_order: int = 2, fd_step: Optional[float] = None,
                  fd_error: bool = True):
         if method not in _METHODS:
@@ -97,7 +97,7 @@ class HessianOperator(CurvatureOperator):
                                          allow_random=allow_random)
         self._fd_options = (fd_order, None if fd_step is None else float(fd_step), fd_error)
         super().__init__(model, loss_fn, data, params, reduction=reduction,
-                         allow_random=allow_random, chunk_size=chunk_size, _objective=objective)
+                         allow_random=allow_random, dtype=dtype, chunk_size=chunk_size, _objective=objective)
         if cache == "auto":
             cache = self.objective.data.in_memory and method not in ("forward-over-reverse", FD)
         self._requested = (method, bool(cache))
