@@ -35,6 +35,19 @@ class TwoBranch(nn.Module):
         return self.c(torch.sigmoid(self.a(x)) - torch.nn.functional.softplus(self.b(x)))
 
 
+class Tied(nn.Module):
+    """Two layers sharing one weight (weight tying): not supported, falls back."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Linear(3, 3), nn.Linear(3, 2)
+        self.c = nn.Linear(3, 3)
+        self.c.weight = self.a.weight
+
+    def forward(self, x):
+        return self.b(torch.tanh(self.c(torch.tanh(self.a(x)))))
+
+
 def _seed(build, seed=0):
     torch.manual_seed(seed)
     return build().to(D)
@@ -127,5 +140,6 @@ UNSUPPORTED = {
     "batchnorm-train": (lambda: (_seed(lambda: nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4), nn.Linear(4, 2))),
                                  nn.MSELoss(), (_x(5, 3), _x(5, 2, seed=3))), "module '1': BatchNorm1d in train"),
     "prelu": (lambda: _mlp(nn.PReLU().double()), "PReLU"),
+    "weight-tying": (lambda: (_seed(Tied), nn.MSELoss(), (_x(5, 3), _x(5, 2, seed=3))), "weight tying"),
     "l1-loss": (lambda: _mlp(nn.Tanh(), nn.L1Loss()), "L1Loss"),
 }

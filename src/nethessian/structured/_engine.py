@@ -20,6 +20,7 @@ from __future__ import annotations
 from typing import Dict, Optional, Tuple
 
 import torch
+from torch import nn
 
 from ._backprop import Accumulator, Frontier, undo_step
 from ._graph import Plan, Unsupported, build_plan, run_forward
@@ -63,7 +64,7 @@ class StructuredEngine:
         """Bytes per sample of the largest frontier matrices, per mode (from a one-sample forward)."""
         env = run_forward(self.plan, self._state(), one)
         size = {k: v[0].numel() for k, v in env.items()}
-        live, widest, jac = {self.plan.output}, size[self.plan.output], 0
+        live, widest, jac, jac_diag = {self.plan.output}, size[self.plan.output], 0, 0
         for step in reversed(self.plan.steps):
             if step.name not in live:
                 continue
@@ -72,10 +73,13 @@ class StructuredEngine:
             widest = max(widest, sum(size[n] for n in live) + size[step.name])
             P_step = sum(self.objective.layout.numels[self.objective.layout.index(p)] for p in step.params)
             jac = max(jac, size[step.name] * P_step)
+            if not isinstance(step.module, nn.Linear):  # Linear diagonals need no per-sample J_θ
+                jac_diag = max(jac_diag, size[step.name] * P_step)
         item = torch.empty((), dtype=self.objective.dtype).element_size()
         P = self.objective.size
         base = 4 * widest ** 2 + 3 * jac
-        return {"diagonal": item * base, "blocks": item * base, "dense": item * (base + 4 * widest * P)}
+        return {"diagonal": item * (4 * widest ** 2 + 3 * jac_diag), "blocks": item * base,
+                "dense": item * (base + 4 * widest * P)}
 
     def check_memory(self, mode: str) -> None:
         """Raise ``Unsupported`` when even one sample's matrices exceed the working-memory budget.

@@ -146,6 +146,10 @@ def build_plan(model: nn.Module, chosen: Sequence[str]) -> Plan:
     except Exception as exc:  # fx raises many types for untraceable Python
         raise Unsupported(f"torch.fx cannot trace the model's forward ({type(exc).__name__}: "
                           f"{str(exc).splitlines()[0] if str(exc) else ''})") from None
+    unique = {id(p): n for n, p in model.named_parameters()}
+    for name, p in model.named_parameters(remove_duplicate=False):
+        if unique[id(p)] != name:
+            raise Unsupported(f"parameter {unique[id(p)]!r} is shared as {name!r} (weight tying)")
     inputs = [n for n in graph.nodes if n.op == "placeholder"]
     if len(inputs) != 1:
         raise Unsupported(f"the forward takes {len(inputs)} inputs; the structured engine needs one tensor")

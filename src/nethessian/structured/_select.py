@@ -29,6 +29,8 @@ def _engine_for(base: Any, mode: str) -> Tuple[Optional[StructuredEngine], str]:
         return engine, reason
     except Unsupported as exc:
         return None, str(exc)
+    except (RuntimeError, TypeError, ValueError, KeyError) as exc:  # a case the rules did not foresee
+        return None, f"the structured engine could not set up ({type(exc).__name__}: {exc})"
 
 
 def _offered(base: Any) -> Tuple[Optional[StructuredEngine], str]:
@@ -49,7 +51,9 @@ def _offered(base: Any) -> Tuple[Optional[StructuredEngine], str]:
 def select(base: Any, engine: str, mode: str = "diagonal") -> Tuple[Optional[StructuredEngine], str]:
     """``(engine or None, why)``: the structured engine when allowed, supported and affordable.
 
-    ``mode`` (``"diagonal"``, ``"blocks"``, ``"dense"``) sets the memory it must fit.
+    ``mode`` (``"diagonal"``, ``"blocks"``, ``"dense"``) sets the memory it must fit. For
+    ``"dense"``, ``"auto"`` keeps autodiff: measured slower (the per-sample parameter
+    Jacobians and mixed terms of the K recursion), so it runs only when forced.
 
     Raises:
         InputError: an unknown ``engine``, or ``"structured"`` on an unsupported model
@@ -67,5 +71,9 @@ def select(base: Any, engine: str, mode: str = "diagonal") -> Tuple[Optional[Str
         chosen = found
         why = ("structured: every node of the model and the loss has a second-order backpropagation rule"
                if found is not None else f"autodiff: {reason}")
+        if found is not None and engine == "auto" and mode == "dense":
+            chosen, why = None, ("autodiff: the model is supported, but the structured dense Hessian is "
+                                 "slower than Hessian-vector products today (benchmarks/bench_structured.py); "
+                                 "engine='structured' forces it")
     distributed.check_same("engine", engine="structured" if chosen is not None else "autodiff")
     return chosen, why
