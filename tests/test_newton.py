@@ -223,3 +223,30 @@ def test_quadratic_model_at_matches_a_fresh_one():
 def test_options_that_are_not_numbers(kwargs, match):
     with pytest.raises(InputError, match=match):
         newton(*two_layer(seed=0), **kwargs)
+
+
+def test_newton_from_a_quadratic_model_or_an_operator_reuses_its_objective(monkeypatch):
+    import nethessian as nh
+    from nethessian import _objective as objective_module
+
+    model, loss_fn, data = two_layer(seed=0)
+    ref = newton(model, loss_fn, data)
+    op = nh.HessianOperator(model, loss_fn, data)
+    q = QuadraticModel.from_operator(op)
+    built, init = [], objective_module.Objective.__init__
+
+    def counting(self, *args, **kwargs):
+        built.append(1)
+        init(self, *args, **kwargs)
+
+    monkeypatch.setattr(objective_module.Objective, "__init__", counting)
+    for start in (q, op):
+        res = newton(start)
+        assert res.converged and res.num_steps == ref.num_steps
+        for name in ref.params:
+            torch.testing.assert_close(res.params[name], ref.params[name], rtol=1e-10, atol=1e-12)
+    assert built == []  # nothing rebuilt
+    with pytest.raises(InputError, match="leave out loss_fn"):
+        newton(op, loss_fn)
+    with pytest.raises(InputError, match="HessianOperator"):
+        QuadraticModel.from_operator(nh.GGNOperator(model, loss_fn, data))

@@ -32,7 +32,8 @@ import torch
 from torch import nn
 
 from ._checks import as_float, as_int
-from .errors import InputError
+from .errors import InputError, NotConvergedWarning
+from .operators import HessianOperator
 from ._params import ParamLayout
 from ._quadratic import QuadraticModel
 
@@ -173,7 +174,21 @@ def _attempt(q: QuadraticModel, k: int, lam: float, tol: float, maxiter):
     return rec, (step if ok else None), None
 
 
-def newton(model: nn.Module, loss_fn: Callable, data, params: Optional[Sequence[str]] = None, *,
+def _start(model, loss_fn, data, params, reduction, allow_random) -> QuadraticModel:
+    """The Taylor model Newton starts from: built here, or the one (or the operator) given."""
+    if isinstance(model, (QuadraticModel, HessianOperator)):
+        given = [n for n, v in (("loss_fn", loss_fn), ("data", data), ("params", params),
+                                ("reduction", reduction)) if v is not None] + (["allow_random"] if allow_random else [])
+        if given:
+            raise InputError(f"newton got a {type(model).__name__}, which already fixes the problem; "
+                             f"leave out {', '.join(given)}")
+        return model if isinstance(model, QuadraticModel) else QuadraticModel.from_operator(model)
+    if loss_fn is None or data is None:
+        raise InputError("newton needs (model, loss_fn, data), or a QuadraticModel / HessianOperator")
+    return QuadraticModel(model, loss_fn, data, params, reduction=reduction, allow_random=allow_random)
+
+
+def newton(model, loss_fn: Optional[Callable] = None, data=None, params: Optional[Sequence[str]] = None, *,
            max_steps: int = 50, gtol: float = 1e-10, damping: float = 1e-3, min_factor: float = 1e-8,
            max_retries: int = 30, maxiter: Optional[int] = None, reduction=None, allow_random: bool = False,
            callback: Optional[Callable[[NewtonIteration], Any]] = None) -> NewtonResult:
@@ -181,7 +196,10 @@ def newton(model: nn.Module, loss_fn: Callable, data, params: Optional[Sequence[
 
     Args:
         model: the network (see ``Objective``); not changed: one ``Objective`` (a snapshot) is
-            built, and every iterate is evaluated on it (``QuadraticModel.at``).
+            built, and every iterate is evaluated on it (``QuadraticModel.at``). Or a
+            ``QuadraticModel`` / ``HessianOperator`` already built for the problem: Newton
+            then starts from its θ on its objective (``loss_fn``, ``data``, ``params``,
+            ``reduction`` and ``allow_random`` must be left out).
         loss_fn: ``(outputs, targets) -> scalar``.
         data: an ``(inputs, targets)`` pair or a re-iterable of them.
         params: names or globs of the parameters to optimise (default: all trainable).
@@ -201,7 +219,7 @@ def newton(model: nn.Module, loss_fn: Callable, data, params: Optional[Sequence[
 
     Returns:
         :class:`NewtonResult`; ``.apply(model)`` writes the final θ into ``model``. A result
-        with ``converged=False`` also emits a ``UserWarning`` carrying its ``message``.
+        with ``converged=False`` also emits a ``NotConvergedWarning`` carrying its ``message``.
 
     >>> import torch
     >>> from nethessian import examples
@@ -217,7 +235,7 @@ def newton(model: nn.Module, loss_fn: Callable, data, params: Optional[Sequence[
     """
     max_steps, max_retries, gtol, damping, min_factor, maxiter = _check(
         max_steps, gtol, damping, min_factor, max_retries, maxiter)
-    q = QuadraticModel(model, loss_fn, data, params, reduction=reduction, allow_random=allow_random)
+    q = _start(model, loss_fn, data, params, reduction, allow_random)
     layout, history, steps = q.layout, [], 0
     mu = damping / max(q.gradient_norm, 1e-300)
     while True:
@@ -250,5 +268,5 @@ def newton(model: nn.Module, loss_fn: Callable, data, params: Optional[Sequence[
     result = NewtonResult(q.theta.clone(), q.value, q.gradient_norm, converged, steps, tuple(history), msg,
                           layout)
     if not converged:
-        warnings.warn(msg, UserWarning, stacklevel=2)
+        warnings.warn(msg, NotConvergedWarning, stacklevel=2)
     return result

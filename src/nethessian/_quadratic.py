@@ -143,6 +143,23 @@ class QuadraticModel:
         self._set_operator(HessianOperator(model, loss_fn, data, params, reduction=reduction,
                                            allow_random=allow_random))
 
+    @classmethod
+    def from_operator(cls, operator: HessianOperator) -> "QuadraticModel":
+        """The Taylor model at the operator's parameters, sharing its objective (nothing rebuilt).
+
+        Args:
+            operator: a :class:`~nethessian.HessianOperator`; its snapshot θ is the centre.
+
+        Raises:
+            InputError: for another kind of operator (the model needs the exact Hessian).
+        """
+        if not isinstance(operator, HessianOperator):
+            raise InputError(f"QuadraticModel.from_operator needs a HessianOperator, got "
+                             f"{type(operator).__name__}: the Taylor model uses the exact Hessian")
+        new = object.__new__(cls)
+        new._set_operator(operator)
+        return new
+
     def _set_operator(self, operator: HessianOperator) -> None:
         self.operator = operator
         self.objective = operator.objective
