@@ -131,7 +131,16 @@ class CurvatureOperator:
 
     @property
     def names(self):
+        """The parameter names, in the flat vector's order."""
         return self.layout.names
+
+    @property
+    def precision_note(self) -> Optional[str]:
+        """What half-precision arithmetic does to the products (``None`` in float32/float64).
+
+        Estimators copy it into their results, so a number computed in bf16/fp16 says so.
+        """
+        return getattr(self.objective, "precision_note", None)
 
     # -- products -----------------------------------------------------------------------------
     def __matmul__(self, v: torch.Tensor) -> torch.Tensor:
