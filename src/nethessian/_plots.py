@@ -77,6 +77,37 @@ def _symlog_ticks(linthresh: float, top: float) -> list:
     return [-d for d in decades[::-1]] + [0.0] + decades
 
 
+def _side_ticks(linthresh: float, top: float) -> list:
+    """Ticks for one side of a symmetric-log axis: up to 5 decades in [linthresh, top], the largest kept;
+    when no decade falls there, the side's extreme rounded down to one significant digit.
+
+    >>> _side_ticks(1e-5, 3e-3)
+    [1e-05, 0.0001, 0.001]
+    >>> _side_ticks(1e-3, 4e-3)
+    [0.004]
+    """
+    if top <= 0:
+        return []
+    lo, hi = math.ceil(math.log10(linthresh)), math.floor(math.log10(top))
+    decades = [10.0 ** k for k in range(lo, hi + 1)]
+    if len(decades) > 5:
+        decades = decades[::-1][::-(-len(decades) // 5)][::-1]
+    if decades:
+        return decades
+    k = math.floor(math.log10(top))
+    return [math.floor(top / 10.0 ** k) * 10.0 ** k]
+
+
+def _tick_label(v: float) -> str:
+    """``0``, ``10⁻³``-style decades as mathtext (with the sign), else ``4e-03``."""
+    if v == 0:
+        return "0"
+    k = math.log10(abs(v))
+    if abs(k - round(k)) < 1e-9:
+        return f"${'-' if v < 0 else ''}10^{{{int(round(k))}}}$"
+    return f"{v:.0e}"
+
+
 def _wide_range(values, ratio: float = 100.0) -> bool:
     a = torch.as_tensor(values, dtype=torch.float64).abs().flatten()
     nz = a[a > 0]
@@ -216,7 +247,9 @@ def eigenvalue_plot(eigenvalues, *, smallest=None, title: Optional[str] = None, 
     wide = _wide_range(allv)
     if wide:  # small eigenvalues stay visible next to the outliers
         ax.set_yscale("symlog", linthresh=lin)
-        ax.set_yticks(_symlog_ticks(lin, float(allv.abs().max())))
+        ticks = [-t for t in _side_ticks(lin, float(-allv.min()))[::-1]] + [0.0] + \
+            _side_ticks(lin, float(allv.max()))  # each side labelled on its own
+        ax.set_yticks(ticks, [_tick_label(t) for t in ticks])
         ax.yaxis.set_minor_locator(NullLocator())
         ax.set_ylim(-1.4 * max(float(-allv.min()), lin), 1.4 * max(float(allv.max()), lin))
     ax.set_ylabel("eigenvalue λ" + (" (symmetric log scale)" if wide else ""), fontsize=9)

@@ -29,7 +29,8 @@ def _common_parser() -> argparse.ArgumentParser:
     common.add_argument("--params", nargs="+", default=None, metavar="GLOB", help="parameter names or globs")
     common.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ...")
     common.add_argument("--dtype", default=None, choices=list(DTYPES),
-                        help="cast the model (half precision is too coarse for second derivatives)")
+                        help="cast the model; a bfloat16/float16 model is computed on a float32 copy of "
+                             "its (rounded) weights")
     common.add_argument("--seed", type=int, default=0)
     common.add_argument("--batch-size", type=int, default=None)
     common.add_argument("--json", action="store_true", help="machine-readable result on stdout")
@@ -92,6 +93,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, default=80)
     p.add_argument("-o", "--output", default=None, help="PNG to write")
     add("check", commands.check, "check the Hessian of your model against finite differences")
+    p = add("input-hessian", commands.input_hessian,
+            "Hessian w.r.t. the inputs (or --at a module's output): per-sample top eigenvalue and trace")
+    p.add_argument("--at", default=None, metavar="MODULE",
+                   help="a name from model.named_modules(): that module's output instead of the inputs "
+                        "(token models: the embedding module)")
+    p.add_argument("--sample-dim", type=int, default=0, help="the activation's sample axis (1: sequence-first)")
+    p.add_argument("--limit", type=int, default=20, help="samples listed (default 20)")
     return parser
 
 

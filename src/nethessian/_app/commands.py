@@ -18,7 +18,7 @@ from ..errors import InputError
 from .problem import Problem, load_problem
 from .saving import check_target, save_result, to_json
 
-__all__ = ["demo", "report", "hessian", "eig", "trace", "diag", "density", "check"]
+__all__ = ["demo", "report", "hessian", "eig", "trace", "diag", "density", "check", "input_hessian"]
 
 
 # -- the problem, settings and output -----------------------------------------------------------
@@ -66,6 +66,15 @@ def _settings(args, problem: Problem, **extra) -> Dict[str, Any]:
     if args.checkpoint or args.save:
         s["operator"] = problem.fingerprint(args.params)
     return s
+
+
+def _operator(args, problem: Problem):
+    """The Hessian operator; before a run that may take minutes, its estimated cost on stderr (rank 0)."""
+    from .cost import announce
+
+    op = problem.operator(args.params)
+    announce(args, op)
+    return op
 
 
 def _checkpoint(args, settings):
@@ -117,7 +126,7 @@ def _write_hessian(folder: str, H, settings: Dict[str, Any]) -> Dict[str, str]:
 def hessian(args) -> int:
     from .._dense import BlockHessian
     problem = _problem(args)
-    op = problem.operator(args.params)
+    op = _operator(args, problem)
     settings = _settings(args, problem, max_bytes=args.max_bytes)
     H = BlockHessian(op.to_dense(max_bytes=args.max_bytes, progress=_progress(),
                                  checkpoint=_checkpoint(args, settings)), op.layout)
@@ -136,7 +145,7 @@ def hessian(args) -> int:
 def eig(args) -> int:
     from ..linalg._lanczos import eigenvalues
     problem = _problem(args)
-    op = problem.operator(args.params)
+    op = _operator(args, problem)
     settings = _settings(args, problem, k=args.k, which=args.which, tol=args.tol)
     res = eigenvalues(op, k=args.k, which=args.which, tol=args.tol, seed=args.seed,
                       checkpoint=_checkpoint(args, settings), progress=_progress())
@@ -151,7 +160,7 @@ def eig(args) -> int:
 def trace(args) -> int:
     from ..linalg._trace import trace as trace_fn
     problem = _problem(args)
-    op = problem.operator(args.params)
+    op = _operator(args, problem)
     settings = _settings(args, problem, method=args.method, num_matvecs=args.num_matvecs, exact=args.exact,
                          by_block=args.by_block)
     res = trace_fn(op, method=args.method, num_matvecs=args.num_matvecs, seed=args.seed, exact=args.exact,
@@ -165,7 +174,7 @@ def trace(args) -> int:
 def diag(args) -> int:
     from ..linalg._diagonal import diagonal
     problem = _problem(args)
-    op = problem.operator(args.params)
+    op = _operator(args, problem)
     settings = _settings(args, problem, method=args.method, num_matvecs=args.num_matvecs,
                          chunk_size=args.chunk_size)
     res = diagonal(op, method=args.method, num_matvecs=args.num_matvecs, seed=args.seed,
@@ -179,7 +188,7 @@ def diag(args) -> int:
 def density(args) -> int:
     from ..linalg._density import spectral_density
     problem = _problem(args)
-    op = problem.operator(args.params)
+    op = _operator(args, problem)
     settings = _settings(args, problem, num_probes=args.probes, lanczos_steps=args.steps)
     res = spectral_density(op, num_probes=args.probes, lanczos_steps=args.steps, seed=args.seed,
                            checkpoint=_checkpoint(args, settings), progress=_progress())
@@ -199,6 +208,17 @@ def check(args) -> int:
     rep = check_fn(problem.model, problem.loss_fn, problem.data, args.params)
     _finish(args, problem, "check", rep.to_dict(), _settings(args, problem), str(rep))
     return 0 if rep.passed else 1
+
+
+def input_hessian(args) -> int:
+    from .._input_hessian import input_hessian as input_hessian_fn
+    _no_checkpoint(args, "input-hessian")
+    problem = _problem(args)
+    settings = _settings(args, problem, at=args.at, sample_dim=args.sample_dim)
+    R = input_hessian_fn(problem.model, problem.loss_fn, problem.data, at=args.at, params=args.params,
+                         sample_dim=args.sample_dim)
+    return _finish(args, problem, "input-hessian", R.to_dict(blocks=bool(args.save)), settings,
+                   R.summary(limit=args.limit))
 
 
 def report(args) -> int:

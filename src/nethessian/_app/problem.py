@@ -98,8 +98,11 @@ class Problem:
                 "loss": loss_name, "model_repr": repr(self.model)}
 
 
-#: the dtypes the command line offers: the library refuses half precision (rounding swamps second derivatives)
-DTYPES = {"float32": torch.float32, "float64": torch.float64}
+#: the dtypes the command line offers (``--dtype`` casts the model). A half-precision model is
+#: stored in bfloat16/float16 but the library computes on a float32 copy of its parameters
+#: (its rounding would swamp second derivatives): the numbers are those of the rounded weights.
+DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16,
+          "float16": torch.float16}
 
 
 def parse_dtype(name: Optional[str]) -> Optional[torch.dtype]:

@@ -32,7 +32,10 @@ from .._checks import as_int
 from ..errors import InputError
 from .problem import Problem
 from .report_html import SECTIONS, render_page
-from .report_sections import COSTLY, compute, is_dense
+from .cost import estimate_line, product_time
+from .report_more import input_dim, planned_extra
+from .report_notes import reduction_text
+from .report_sections import COSTLY, OFF_BY_DEFAULT, compute, is_dense
 from .saving import to_json, versions, write_atomic
 
 __all__ = ["ReportPaths", "SECTIONS", "build_report", "report_problem"]
@@ -87,7 +90,8 @@ def report_problem(problem: Problem, out_dir, *, params: Optional[Sequence[str]]
         quadratic_radius: largest |α| of the quadratic-model plot (default: where
             ½ λ_max α² reaches J, clipped to [1e-3, 10]); the grid is 41 points
             symmetric about α = 0, which is exactly 0.
-        sections: the sections to compute and show (ids of :data:`SECTIONS`; default all). Summary,
+        sections: the sections to compute and show (ids of :data:`SECTIONS`; default all but
+            ``input-hessian``, which costs D products per input entry and is asked for by name). Summary,
             problem, gradient and reproduce are always shown; a costly section left out spends nothing.
         progress: ``False`` quiet; ``True`` or ``None`` the estimated cost up front, then stage
             names and timings on stderr (rank 0), with progress bars from the start (``True``) or
@@ -108,9 +112,10 @@ def report_problem(problem: Problem, out_dir, *, params: Optional[Sequence[str]]
     stages = _Stages(progress is not False and dist.is_main())
     q = stages("objective and gradient", lambda: problem.quadratic(params))
     _raise_together(why_not, out, q.objective.device)
+    line = estimate_cost(q, S)  # on every rank: a product is a collective under torch.distributed
     if stages.verbose:
-        print(f"nethessian report: {estimate_cost(q, S)}", file=sys.stderr, flush=True)
-    R, figs = compute(q, S, stages, progress if dist.is_main() else False)
+        print(f"nethessian report: {line}", file=sys.stderr, flush=True)
+    R, figs = compute(q, S, stages, progress if dist.is_main() else False, problem)
     R["title"], R["problem"] = title, problem.describe()
     R["settings"] = {**S, **_run_settings(q, problem.model)}
     R["versions"] = versions()
@@ -125,7 +130,7 @@ def report_problem(problem: Problem, out_dir, *, params: Optional[Sequence[str]]
 
 def _settings(S: Dict[str, Any]) -> Dict[str, Any]:
     known = [sid for sid, _ in SECTIONS]
-    chosen = known if S["sections"] is None else list(S["sections"])
+    chosen = [k for k in known if k not in OFF_BY_DEFAULT] if S["sections"] is None else list(S["sections"])
     bad = [x for x in chosen if x not in known]
     if bad or isinstance(S["sections"], str):
         raise InputError(f"unknown report section(s) {bad or S['sections']!r}; choose from {', '.join(known)}")
@@ -139,32 +144,34 @@ def _settings(S: Dict[str, Any]) -> Dict[str, Any]:
 
 
 # ----------------------------------------------------------------------------- cost
-def planned_products(P: int, S: Dict[str, Any]) -> tuple:
-    """(fewest, most) Hessian-vector products the chosen sections take (Lanczos stops when converged)."""
+def planned_products(P: int, S: Dict[str, Any], numels: Sequence[int] = (), input_dim: Optional[int] = None) -> tuple:
+    """(fewest, most) Hessian (and GGN) products the chosen sections take (Lanczos stops when converged).
+
+    ``numels`` (entries per parameter) sizes the per-block section, ``input_dim`` (entries per
+    sample) the input-Hessian section; without them those sections are not counted.
+    """
     want = set(S["sections"])
+    dense = is_dense(P, S)
+    extra = planned_extra(P, numels, S, dense, input_dim)
     n_quadratic = 3 if "quadratic" in want else 0  # one product per direction inside compare()
-    if is_dense(P, S):
-        return (P + n_quadratic,) * 2 if want & set(COSTLY) else (0, 0)
+    if dense:
+        base = P + n_quadratic if want & set(COSTLY) - {"input-hessian"} else 0
+        return base + extra[0], base + extra[1]
     k = min(S["num_eigs"], P - 1)
     ncv = min(max(2 * k + 1, 20), P)
-    runs = ("eigenvalues" in want) + bool(want & {"eigenvalues", "quadratic"})
+    runs = ("eigenvalues" in want) + bool(want & {"eigenvalues", "quadratic", "eigenvectors", "ggn"})
     fixed = n_quadratic + (S["trace_matvecs"] if "trace" in want else 0) + \
         (S["density_probes"] * min(S["lanczos_steps"], P) + 2 if "density" in want else 0)  # + symmetry check
-    return fixed + runs * ncv, fixed + runs * 20 * ncv
+    return fixed + runs * ncv + extra[0], fixed + runs * 20 * ncv + extra[1]
 
 
 def estimate_cost(q, S: Dict[str, Any]) -> str:
     """One line: the planned products × the time of one product measured now (one extra product)."""
     P = q.layout.size
-    lo, hi = planned_products(P, S)
-    v = torch.randn(P, generator=torch.Generator().manual_seed(0), dtype=torch.float64).to(q.gradient)
-    t0 = time.perf_counter()
-    q.operator @ v
-    t = time.perf_counter() - t0
-    span = f"{lo}" if lo == hi else f"{lo}–{hi} (Lanczos stops when converged)"
-    when = f"{lo * t:.1f} s" if lo == hi else f"{lo * t:.1f}–{hi * t:.1f} s"
-    return (f"P = {P:,}, {'dense' if is_dense(P, S) else 'matrix-free'}; {span} Hessian-vector products × "
-            f"{t * 1e3:.3g} ms each ≈ {when}")
+    products = planned_products(P, S, q.layout.numels, input_dim(q.objective) if "input-hessian" in S["sections"]
+                                else None)
+    what = "Hessian-vector" + (" and GGN-vector" if "ggn" in S["sections"] else "")
+    return estimate_line(P, "dense" if is_dense(P, S) else "matrix-free", products, product_time(q.operator), what)
 
 
 # ----------------------------------------------------------------------------- output folder
@@ -218,7 +225,8 @@ def _run_settings(q, model) -> Dict[str, Any]:
     if dist.is_active():
         t, _ = dist.reduce_sum(torch.tensor([samples, batches], dtype=torch.float64, device=obj.device), 0.0)
         samples, batches = float(t[0]), float(t[1])
-    return {"num_samples": int(samples), "num_batches": int(batches), "reduction": str(obj.reduction),
+    return {"num_samples": int(samples), "num_batches": int(batches),
+            "reduction": reduction_text(obj.reduction, obj.loss_fn),
             "dtype": str(obj.dtype).replace("torch.", ""), "device": str(obj.device),
             "hvp_method": q.operator.method,
             "model_training_mode": bool(model.training), "world_size": dist.world_size(),

@@ -10,8 +10,10 @@ import torch
 __all__ = ["SECTIONS", "render_page"]
 
 SECTIONS = (("summary", "Summary"), ("problem", "Problem"), ("hessian", "Hessian"),
-            ("eigenvalues", "Eigenvalues and verdict"), ("trace", "Trace"),
+            ("eigenvalues", "Eigenvalues and verdict"), ("eigenvectors", "Where the top eigenvectors live"),
+            ("blocks", "Diagonal blocks"), ("trace", "Trace"), ("ggn", "GGN and Hessian"),
             ("density", "Spectral density"), ("quadratic", "Quadratic model"),
+            ("input-hessian", "Hessian with respect to the inputs"),
             ("gradient", "Gradient"), ("reproduce", "Reproduce"))
 
 
@@ -212,7 +214,7 @@ def _problem(R: Dict[str, Any], images) -> str:
     return (f'<section id="problem"><h2>Problem</h2><p><b>{_e(prob["name"])}</b></p>'
             + (f"<p>{_e(prob['description'])}</p>" if prob["description"] else "")
             + f'<p class="muted">model <span class="mono">{_e(prob["model"])}</span>, loss '
-            f'<span class="mono">{_e(prob["loss"])}</span> (reduction {_e(st["reduction"])}), '
+            f'<span class="mono">{_e(prob["loss"])}</span> (reduction: {_e(st["reduction"])}), '
             f'{st["num_samples"]:,} samples in {st["num_batches"]:,} batch(es); J is over the whole data set.</p>'
             + _table(["parameter", "shape", "entries"], rows)
             + f'<details><summary>model</summary><pre>{_e(prob["model_repr"])}</pre></details></section>')
@@ -293,13 +295,13 @@ def _density(R: Dict[str, Any], images) -> str:
 def _quadratic(R: Dict[str, Any], images) -> str:
     qd = R["quadratic"]
     qrows = [[f"<td>{_e(x['label'])}</td>", _num(x["g_dot_d"], 5, True), _num(x["curvature_dHd"], 5, True),
-              _num(x["slope"], 3)] for x in qd["directions"]]
+              _num(x["slope"], 3), f'<td>{_e(x["slope_reason"]["text"])}</td>'] for x in qd["directions"]]
     return ('<section id="quadratic"><h2>Quadratic model</h2><p>Along a unit direction d, the true cost '
             "J(θ + αd) against the second-order Taylor model q(αd) = J + α gᵀd + ½ α² dᵀHd, for |α| ≤ "
             f'<span class="mono">{_e(_f(qd["radius"], 3))}</span>. Where they part, third and higher '
             "derivatives matter; the slope of log|J − q| against log|α| is about 3 for a smooth cost.</p>"
             + _fig(images, "quadratic", "true cost against the quadratic model")
-            + _table(["direction d", "gᵀd", "dᵀHd", "slope of |J − q|"], qrows) + "</section>")
+            + _table(["direction d", "gᵀd", "dᵀHd", "slope of |J − q|", "why"], qrows) + "</section>")
 
 
 def _gradient(R: Dict[str, Any], images) -> str:
@@ -357,7 +359,10 @@ _RENDER = {"summary": _summary, "problem": _problem, "hessian": _hessian, "eigen
 
 def render_page(R: Dict[str, Any], images: Dict[str, str]) -> str:
     """The whole page: head, one ``<section>`` per computed entry of :data:`SECTIONS`, footer."""
-    out = [_head(R)] + [_RENDER[sid](R, images) for sid, _ in SECTIONS if sid in R["sections"]]
+    from .report_html_more import RENDER_MORE
+
+    render = {**_RENDER, **RENDER_MORE}
+    out = [_head(R)] + [render[sid](R, images) for sid, _ in SECTIONS if sid in R["sections"]]
     out.append(f'</main><footer><div class="wrap">Made by nethessian {_e(R["versions"]["nethessian"])} '
                f'on {_e(R["settings"]["date"])}.</div></footer></body></html>')
     return "\n".join(out)

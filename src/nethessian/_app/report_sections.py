@@ -14,13 +14,18 @@ from typing import Any, Callable, Dict, Tuple
 
 import torch
 
-__all__ = ["COSTLY", "compute", "alpha_grid", "is_dense"]
+__all__ = ["COSTLY", "OFF_BY_DEFAULT", "compute", "alpha_grid", "is_dense"]
 
 Figures = Dict[str, Callable[[], bytes]]
 
 
 #: the sections whose numbers cost products; the others are always on the page
-COSTLY = ("hessian", "eigenvalues", "trace", "density", "quadratic")
+COSTLY = ("hessian", "eigenvalues", "trace", "density", "quadratic", "blocks", "eigenvectors", "ggn",
+          "input-hessian")
+#: the sections computed only when asked for by name (``sections=[..., "input-hessian"]``)
+OFF_BY_DEFAULT = ("input-hessian",)
+#: the sections that need the dense Hessian in dense mode
+_NEED_H = set(COSTLY) - {"input-hessian"}
 
 
 def is_dense(P: int, S: Dict[str, Any]) -> bool:
@@ -28,17 +33,22 @@ def is_dense(P: int, S: Dict[str, Any]) -> bool:
     return P <= max(S["dense_max_params"], 2)
 
 
-def compute(q, S: Dict[str, Any], stages, progress: bool) -> Tuple[Dict[str, Any], Figures]:
+def compute(q, S: Dict[str, Any], stages, progress: bool, problem=None) -> Tuple[Dict[str, Any], Figures]:
     """Every chosen section's numbers (the JSON's content) and a function per figure (PNG bytes).
 
     ``S["sections"]`` names the sections to compute; a costly section left out spends no product.
+    ``problem`` (the :class:`~nethessian._app.problem.Problem`) is needed by the GGN and
+    input-Hessian sections and names the non-smooth modules behind a quadratic-model slope.
     """
     P, want = q.layout.size, set(S["sections"])
     dense = is_dense(P, S)
     R = _basics(q, dense)
     R["sections"] = list(S["sections"])
     part = _dense_part if dense else _matrix_free_part
-    lam, top, trace, density, cond_note, figs = part(q, S, stages, progress, R, want)
+    ctx: Dict[str, Any] = {}
+    lam, top, trace, density, cond_note, figs = part(q, S, stages, progress, R, want, ctx)
+    from .report_more import structure
+    structure(q, S, stages, ctx, problem, R, want)
     R["verdict"] = _verdict(lam, q.gradient_norm, cond_note, dense) if "eigenvalues" in want else None
     R["trace"] = trace.to_dict() if trace is not None else None
     R["density"] = None if density is None else {
@@ -49,7 +59,7 @@ def compute(q, S: Dict[str, Any], stages, progress: bool) -> Tuple[Dict[str, Any
     R["quadratic"] = None
     if "quadratic" in want:
         lam_max = float(lam.max()) if lam is not None else None
-        R["quadratic"], cmps, titles = stages("quadratic model", lambda: _quadratic(q, top, lam_max, S))
+        R["quadratic"], cmps, titles = stages("quadratic model", lambda: _quadratic(q, top, lam_max, S, problem))
         figs["quadratic"] = _figure("quadratic_plot", cmps, titles)
     figs.update(_common_figures(trace, density, lam if dense else None, S, P))
     return R, figs
@@ -96,17 +106,19 @@ class _Formed:
         return self.dense @ V
 
 
-def _dense_part(q, S, stages, progress, R, want):
+def _dense_part(q, S, stages, progress, R, want, ctx):
     from .._dense import BlockHessian
     from ..linalg._trace import trace as trace_fn
 
     op, lay, P = q.operator, q.layout, q.layout.size
     R["hessian"], R["eigenvalues"], figs = None, None, {}
-    if not want & set(COSTLY):
+    if not want & _NEED_H:
         return None, None, None, None, "", figs
     H = stages("dense Hessian", lambda: BlockHessian(op.to_dense(progress=progress), lay))
     lam, vecs = stages("eigenvalues (dense)", lambda: torch.linalg.eigh(H.symmetric().double()))
     lam = lam.cpu()
+    k = min(S["num_eigs"], P)
+    ctx.update(H=H.symmetric().double(), top_values=lam.flip(0)[:k], top_vectors=vecs.flip(1)[:, :k])
     labels, defs = _block_letters(lay.names)
     if "hessian" in want:
         small = P <= 200
@@ -126,7 +138,7 @@ def _dense_part(q, S, stages, progress, R, want):
     return lam, top, trace, density, "max|λ| / min|λ| over all eigenvalues", figs
 
 
-def _matrix_free_part(q, S, stages, progress, R, want):
+def _matrix_free_part(q, S, stages, progress, R, want, ctx):
     from .._verdict import classify_point
     from ..linalg._density import spectral_density
     from ..linalg._trace import trace as trace_fn
@@ -136,9 +148,10 @@ def _matrix_free_part(q, S, stages, progress, R, want):
     R["hessian"], R["eigenvalues"], figs = None, None, {}
     lam = top = trace = density = None
     cond_note = ""
-    if want & {"eigenvalues", "quadratic"}:
+    if want & {"eigenvalues", "quadratic", "eigenvectors", "ggn"}:
         hi = stages("largest eigenvalues (Lanczos)", lambda: _lanczos(op, k, "largest", S["seed"], progress))
         lam, top = hi.eigenvalues.cpu(), hi.eigenvectors[:, 0]
+        ctx.update(top_values=hi.eigenvalues.cpu(), top_vectors=hi.eigenvectors)
     if "eigenvalues" in want:
         lo = stages("smallest eigenvalues (Lanczos)", lambda: _lanczos(op, k, "smallest", S["seed"], progress))
         lam = torch.cat([lo.eigenvalues, hi.eigenvalues]).cpu()
@@ -215,12 +228,17 @@ def alpha_grid(radius: float, half: int = 20) -> torch.Tensor:
     return torch.arange(-half, half + 1, dtype=torch.float64) * (float(radius) / half)
 
 
-def _quadratic(q, top: torch.Tensor, lam_max: float, S):
+def _quadratic(q, top: torch.Tensor, lam_max: float, S, problem=None):
     """J(θ + αd) against q(αd) along the top eigenvector, −g/‖g‖ and a random direction.
 
     gᵀd and dᵀHd are read off the model values ``compare`` returns (q is exactly quadratic in α):
     gᵀd = (q(r) − q(−r)) / 2r and dᵀHd = (q(r) + q(−r) − 2J) / r² at the grid's ends ±r.
+    Each direction's slope comes with its reason (:func:`~nethessian._app.report_notes.slope_reason`).
     """
+    from .report_notes import nonsmooth_modules, slope_reason
+
+    kinks = nonsmooth_modules(problem.model, problem.loss_fn) if problem is not None else []
+    eps = torch.finfo(q.objective.dtype).eps
     radius = S["quadratic_radius"]
     if radius is None:
         radius = math.sqrt(2 * abs(q.value) / lam_max) if lam_max and lam_max > 0 and q.value != 0 else 1.0
@@ -238,4 +256,5 @@ def _quadratic(q, top: torch.Tensor, lam_max: float, S):
         out.append({"direction": name, "label": label, "g_dot_d": (hi - lo) / (2 * r),
                     "curvature_dHd": (hi + lo - 2 * q.value) / r ** 2, "slope": c.slope,
                     "alphas": c.alphas.tolist(), "true": c.true.tolist(), "model": c.model.tolist()})
+        out[-1]["slope_reason"] = slope_reason(out[-1], q.value, eps, kinks)
     return {"radius": radius, "cost": q.value, "directions": out}, cmps, [d[2] for d in dirs]

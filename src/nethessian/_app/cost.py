@@ -1,0 +1,94 @@
+"""What a run will cost, said before it starts: planned products × the time of one product measured now.
+
+One rule for the report and the command line: :func:`estimate_line` measures one product
+of the operator (one extra product) and multiplies it by the planned (fewest, most)
+products. :func:`command_products` plans the products of the CLI commands.
+"""
+from __future__ import annotations
+
+import sys
+import time
+from typing import Optional, Tuple
+
+import torch
+
+from .. import distributed as dist
+
+__all__ = ["ANNOUNCE_ABOVE_S", "announce", "command_products", "estimate_line", "product_time"]
+
+#: a CLI command whose planned work (at most) exceeds this many seconds prints its estimate on stderr
+ANNOUNCE_ABOVE_S = 30.0
+
+
+def product_time(op) -> float:
+    """Seconds of one product ``op @ v`` with a seeded random v (measured once, now)."""
+    P = op.shape[0]
+    v = torch.randn(P, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    v = v.to(device=op.device, dtype=op.dtype)
+    if op.device is not None and torch.device(op.device).type == "cuda":
+        torch.cuda.synchronize(op.device)
+    t0 = time.perf_counter()
+    op @ v
+    if op.device is not None and torch.device(op.device).type == "cuda":
+        torch.cuda.synchronize(op.device)
+    return time.perf_counter() - t0
+
+
+def estimate_line(P: int, mode: Optional[str], products: Tuple[int, int], t: float,
+                  what: str = "Hessian-vector") -> str:
+    """``P = …, mode; lo–hi <what> products × t ms each ≈ a–b s`` (one number when lo = hi)."""
+    lo, hi = products
+    span = f"{lo}" if lo == hi else f"{lo}–{hi} (Lanczos stops when converged)"
+    when = f"{lo * t:.1f} s" if lo == hi else f"{lo * t:.1f}–{hi * t:.1f} s"
+    return f"P = {P:,}{', ' + mode if mode else ''}; {span} {what} products × {t * 1e3:.3g} ms each ≈ {when}"
+
+
+def _lanczos_span(k: int, P: int) -> Tuple[int, int]:
+    ncv = min(max(2 * k + 1, 20), P)
+    return (P, P) if P < ncv + 1 else (ncv, 20 * ncv)
+
+
+def command_products(args, P: int) -> Optional[Tuple[int, int]]:
+    """(fewest, most) products of a CLI command (``None``: not a long command)."""
+    cmd = args.command
+    if cmd == "hessian":
+        return P, P
+    if cmd == "eig":
+        k = args.k if args.which != "both" else args.k - args.k // 2
+        lo, hi = _lanczos_span(min(k, P - 1), P)
+        return (2 * lo, 2 * hi) if args.which == "both" else (lo, hi)
+    if cmd in ("trace", "diag"):
+        exact = args.exact if cmd == "trace" else args.method == "exact"
+        if exact:
+            return P, P
+        m = args.num_matvecs if args.num_matvecs is not None else _default_matvecs(args)
+        return m, m
+    if cmd == "density":
+        n = args.probes * min(args.steps, P) + 2
+        return n, n
+    return None
+
+
+def _default_matvecs(args) -> int:
+    """The library's default budget: ``trace``'s own rule; ``diagonal(method="estimate")`` uses 100."""
+    from ..linalg._trace import _budget
+
+    return _budget(args.method, None) if args.command == "trace" else 100
+
+
+def announce(args, op) -> Optional[str]:
+    """On rank 0, print the estimate on stderr when the run may take more than ``ANNOUNCE_ABOVE_S``.
+
+    Returns the line (``None`` when nothing was printed). The measurement costs one product,
+    taken on every rank (under torch.distributed a product is a collective).
+    """
+    P = op.shape[0]
+    products = command_products(args, P)
+    if products is None:
+        return None
+    t = product_time(op)
+    if not dist.is_main() or products[1] * t < ANNOUNCE_ABOVE_S:
+        return None
+    line = f"nethessian {args.command}: {estimate_line(P, None, products, t)}"
+    print(line, file=sys.stderr, flush=True)
+    return line
