@@ -76,11 +76,35 @@ def shard_model(model):
     return model
 
 
+def make_op(model, loss_fn, data, vectors=None, **kw):
+    """``HessianOperator(..., method="finite-difference", vectors=...)`` with the sharded-vector protocol.
+
+    Until ``HessianOperator`` takes ``vectors=`` and has the protocol (the lead's change to
+    operators/_hessian.py), the option is passed to ``ShardedObjective`` during construction
+    and the protocol comes from the ``ShardedVectors`` mixin; afterwards the real class is used.
+    """
+    import functools
+    import inspect
+    from nethessian.operators import _hessian
+    from nethessian.operators._shard_vectors import ShardedVectors
+    cls = nh.HessianOperator
+    if "vectors" in inspect.signature(cls).parameters:
+        return cls(model, loss_fn, data, method="finite-difference", vectors=vectors, **kw)
+    if not hasattr(cls, "local_range"):
+        cls = type("HessianOperator", (ShardedVectors, cls), {})
+    original = _hessian.ShardedObjective
+    _hessian.ShardedObjective = functools.partial(original, vectors=vectors)
+    try:
+        return cls(model, loss_fn, data, method="finite-difference", **kw)
+    finally:
+        _hessian.ShardedObjective = original
+
+
 def compare(rank, world, out):
     model, loss_fn, batches = problem(world)
     model = shard_model(model)
     before = {n: p.to_local().clone() for n, p in model.named_parameters()}
-    op = nh.HessianOperator(model, loss_fn, nh.shard(batches), method="finite-difference")
+    op = make_op(model, loss_fn, nh.shard(batches), vectors="replicated")
     v = probe(op.shape[0])
     t0 = time.perf_counter()
     hv = op @ v
@@ -91,6 +115,55 @@ def compare(rank, world, out):
                 "seconds_per_product": per_product}, f"{out}.{rank}")
     print(f"rank {rank}: P={op.shape[0]} product {per_product:.3f} s, fd_error {op.fd_error:.2e}, "
           f"products {op.fd_errors.products}")
+
+
+def local_slice(model, names, full):
+    """This rank's local vector of a full name-order vector, by DTensor's own placement logic."""
+    from torch.distributed.tensor import distribute_tensor
+    named = dict(model.named_parameters())
+    parts, at = [], 0
+    for n in names:
+        p = named[n]
+        piece = full[at:at + p.numel()].reshape(p.shape)
+        at += p.numel()
+        parts.append(distribute_tensor(piece, p.device_mesh, p.placements).to_local().reshape(-1))
+    return torch.cat(parts)
+
+
+def local(rank, world, out):
+    """vectors='local': products, the global order, gathering, memory (and estimators when linalg has them)."""
+    from fsdp_local import run_local
+    model, loss_fn, batches = problem(world)
+    model = shard_model(model)
+    res = run_local(model, loss_fn, nh.shard(batches), make_op, local_slice, probe)
+    torch.save(res, f"{out}.{rank}")
+    print(f"rank {rank}: " + ", ".join(f"{k}={v}" for k, v in res.items() if isinstance(v, (int, float, str))))
+
+
+def killed(rank, world, at):
+    """Rank 1 dies after the first product, inside its ``at``-th forward (0: between products).
+
+    Rank 0 must stop with DistributedError (from FSDP's collectives or nethessian's all-reduces).
+    """
+    model, loss_fn, batches = problem(world)
+    model = shard_model(model)
+    op = make_op(model, loss_fn, nh.shard(batches))
+    v = torch.ones(op.shape[0], dtype=torch.float64)
+    op @ v
+    if rank == 1 and at == 0:
+        os._exit(3)
+    if rank == 1:
+        calls = []
+        model.blocks[1].register_forward_pre_hook(lambda *a: calls.append(1) or (len(calls) == at and os._exit(3)))
+    t0 = time.time()
+    try:
+        for _ in range(1000):
+            op @ v
+    except nh.NetHessianError as exc:
+        print(f"ELAPSED {time.time() - t0:.1f}", file=sys.stderr)
+        print(f"ERROR {type(exc).__name__}: {exc}", file=sys.stderr)
+        sys.stderr.flush()
+        os._exit(1)  # a dead peer leaves gloo work pending: skip its teardown
 
 
 def refuse():
@@ -108,10 +181,15 @@ def refuse():
 def main():
     rank, world, port, mode, out = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3], sys.argv[4], sys.argv[5]
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=port)
+    timeout = float(os.environ.get("NH_TIMEOUT", 60))
     torch.distributed.init_process_group("gloo", rank=rank, world_size=world,
-                                         timeout=datetime.timedelta(seconds=60))
+                                         timeout=datetime.timedelta(seconds=timeout))
     if mode == "compare":
         compare(rank, world, out)
+    elif mode == "local":
+        local(rank, world, out)
+    elif mode == "killed":
+        killed(rank, world, int(out))
     elif mode == "refuse":
         refuse()
     torch.distributed.destroy_process_group()

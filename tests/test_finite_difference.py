@@ -180,9 +180,9 @@ def _port():
         return str(s.getsockname()[1])
 
 
-def _launch(mode, out, world=2, timeout=240):
+def _launch(mode, out, world=2, timeout=240, env=None):
     port = _port()
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
     procs = [subprocess.Popen([sys.executable, WORKER, str(r), str(world), port, mode, out], env=env,
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for r in range(world)]
     outs = []
@@ -218,3 +218,62 @@ def test_fsdp_refuses_exact_methods(tmp_path):
     for p, (o, e) in zip(procs, outs):
         assert p.returncode == 0, e[-4000:]
         assert "REFUSED" in o and "FSDP does not support double backward" in o, o
+
+
+def _single_process_local_reference(world):
+    """Exact single-process numbers on every rank's batches, and the basis bytes of the same eigensolve."""
+    from fsdp_local import DENSITY, EIG, TRACE, LargestBlock
+    from fsdp_worker import problem
+    model, loss_fn, batches = problem(world)
+    op = nh.HessianOperator(model, loss_fn, batches)
+    with LargestBlock(op.shape[0]) as mem:
+        eig = nh.eigenvalues(op, **EIG).eigenvalues
+    return {"H": op.to_dense(), "eig": eig, "basis_bytes": mem.bytes, "trace": TRACE, "density": DENSITY}
+
+
+@pytest.mark.parametrize("world", [2, 4])
+def test_fsdp_local_vectors_match_single_process_exact(tmp_path, world):
+    """vectors='local': products are slices of the replicated ones, gathers round-trip, estimators exact."""
+    out = str(tmp_path / "res")
+    procs, outs = _launch("local", out, world=world)
+    for p, (_, e) in zip(procs, outs):
+        assert p.returncode == 0, e[-4000:]
+    ref = _single_process_local_reference(world)
+    got = [torch.load(f"{out}.{r}") for r in range(world)]
+    P = ref["H"].shape[0]
+    perm = got[0]["perm"]
+    assert sorted(perm.tolist()) == list(range(P))  # the rank-major global order is a permutation
+    Hg = ref["H"][perm][:, perm]  # the matrix in the global (rank-major) order
+    lo = 0
+    for r, g in enumerate(got):
+        assert "linalg_error" not in g, g["linalg_error"]
+        assert g["vectors"] == "local" and g["sharded"] and g["global_size"] == P
+        assert g["local_range"] == (lo, lo + g["n_local"]) and g["params_unchanged"], r
+        lo += g["n_local"]
+        assert g["gather_v"] and g["gather_V"], r  # gathered back bit for bit into named parameters
+        err = g["fd_error_after"]
+        assert err < 1e-4 * float(ref["eig"].abs().max())
+        # the local product is this rank's slice of the replicated product (same steps: rounding only)
+        torch.testing.assert_close(g["hv_local"], g["hv_slice"], rtol=0, atol=1e-12 * float(g["hv_slice"].abs().max()))
+        torch.testing.assert_close(g["HV_local"], g["HV_slice"], rtol=0, atol=1e-12 * float(g["HV_slice"].abs().max()))
+        torch.testing.assert_close(g["eig"], ref["eig"], rtol=0, atol=10 * err)
+        tr = nh.trace(Hg, **ref["trace"]).value
+        assert abs(float(g["trace"]) - tr) <= 10 * err * P, (float(g["trace"]), tr)
+        dens = nh.spectral_density(Hg, **ref["density"])
+        torch.testing.assert_close(g["grid"], dens.grid, rtol=0, atol=100 * err)
+        torch.testing.assert_close(g["density"], dens.density, rtol=1e-5, atol=1e-6 * float(dens.density.max()))
+        # Krylov basis per rank: n_r / P of the single-process one (same basis width)
+        assert g["basis_bytes"] == ref["basis_bytes"] * g["n_local"] // P, (g["basis_bytes"], ref["basis_bytes"])
+        torch.testing.assert_close(g["eig"], got[0]["eig"], rtol=0, atol=1e-12)
+    assert lo == P
+    torch.testing.assert_close(got[0]["hv_gathered"], got[0]["hv_rep"], rtol=0,
+                               atol=1e-12 * float(got[0]["hv_rep"].abs().max()))
+
+
+@pytest.mark.parametrize("at", [5, 0], ids=["inside-forward", "between-products"])
+def test_fsdp_killed_rank_stops_the_other_with_distributed_error(at):
+    procs, outs = _launch("killed", str(at), timeout=90, env={"NH_TIMEOUT": "5"})
+    err0 = outs[0][1]
+    assert procs[0].returncode == 1, err0[-3000:]
+    assert "ERROR DistributedError" in err0 and "another rank died, hung past the process group's timeout" in err0
+    assert float(err0.split("ELAPSED ")[1].split()[0]) < 30, err0

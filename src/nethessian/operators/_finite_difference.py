@@ -38,6 +38,7 @@ from typing import Dict, List, Optional
 
 import torch
 
+from .._checks import all_finite
 from ..errors import InputError, NonFiniteError
 
 __all__ = ["FDErrors", "FDProducts", "default_step", "preserved"]
@@ -45,10 +46,14 @@ __all__ = ["FDErrors", "FDProducts", "default_step", "preserved"]
 SAFETY = 2.0  # where rounding dominates, D_h − D_2h (two noises partly cancelling) can be below either
 
 
-def default_step(dtype: torch.dtype, theta: torch.Tensor, order: int) -> float:
-    """The norm of the perturbation ``h v``: ``u^(1/(order+1)) · max(1, rms(θ))``."""
+def default_step(dtype: torch.dtype, theta: torch.Tensor, order: int, rms: Optional[float] = None) -> float:
+    """The norm of the perturbation ``h v``: ``u^(1/(order+1)) · max(1, rms(θ))``.
+
+    ``rms`` given: the rms of the whole θ (for a sharded θ, from all-reduced sums).
+    """
     u = torch.finfo(dtype).eps / 2
-    rms = float(theta.detach().double().pow(2).mean().sqrt()) if theta.numel() else 0.0
+    if rms is None:
+        rms = float(theta.detach().double().pow(2).mean().sqrt()) if theta.numel() else 0.0
     return u ** (1.0 / (order + 1)) * max(1.0, rms)
 
 
@@ -121,6 +126,18 @@ class FDProducts:
         self.objective, self.access = objective, access
         self.order, self.step, self.error = order, step, error
         self.errors = FDErrors()
+        self._norm: Optional[float] = None
+
+    def _step_norm(self) -> float:
+        """``‖h v‖``: the user's ``fd_step`` or ``default_step`` with the rms of the whole θ₀."""
+        if self.step is not None:
+            return self.step
+        if self._norm is None:
+            theta0 = self.objective.theta0
+            sq, = self.access.reduce([float(theta0.double().pow(2).sum())])
+            size = getattr(self.objective, "global_size", theta0.numel())
+            self._norm = default_step(theta0.dtype, theta0, self.order, (sq / size) ** 0.5 if size else 0.0)
+        return self._norm
 
     def run(self, V: torch.Tensor) -> torch.Tensor:
         cols, ests = [], []
@@ -133,19 +150,25 @@ class FDProducts:
         return torch.stack(cols, dim=1)
 
     def _column(self, v: torch.Tensor):
-        nv = float(torch.linalg.vector_norm(v.double()))
+        """One column and its error estimate; norms over the whole vector (``access.reduce``)."""
+        sq, = self.access.reduce([float(v.double().pow(2).sum())])
+        nv = sq ** 0.5
         if nv == 0.0:
             return torch.zeros_like(v), 0.0
         theta0 = self.objective.theta0
-        norm = self.step if self.step is not None else default_step(theta0.dtype, theta0, self.order)
-        h = norm / nv
+        h = self._step_norm() / nv
         multiples = (1, 2) if (self.order == 4 or self.error) else (1,)
         thetas = [theta0 + s * m * h * v for m in multiples for s in (1, -1)]
         g = self.access.gradients(thetas)
         D = [(g[2 * i] - g[2 * i + 1]) / (2 * m * h) for i, m in enumerate(multiples)]
         hv = D[0] if self.order == 2 else (4 * D[0] - D[1]) / 3
-        est = SAFETY * float(torch.linalg.vector_norm((D[0] - D[1]).double())) / nv if len(D) == 2 else 0.0
-        return hv, est
+        diff = float((D[0] - D[1]).double().pow(2).sum()) if len(D) == 2 else 0.0
+        bad = 0.0 if all_finite(hv) else 1.0
+        diff, bad = self.access.reduce([diff, bad])
+        if bad and getattr(self.access, "collective", False):  # on every rank, not only where it is NaN
+            raise NonFiniteError(f"a finite-difference product is NaN or Inf on {int(bad)} rank(s): the "
+                                 "gradient overflows at θ ± h v; pass a smaller fd_step")
+        return hv, SAFETY * diff ** 0.5 / nv
 
 
 class PlainAccess:
@@ -168,6 +191,11 @@ class PlainAccess:
 
     def prepare(self) -> None:
         """Nothing to do: plain parameters are always registered as they are."""
+
+    @staticmethod
+    def reduce(values: List[float]) -> List[float]:
+        """The vectors are whole on this rank: its sums are the sums."""
+        return list(values)
 
     def steps(self) -> int:
         return 0  # no padding: each rank runs only its own batches

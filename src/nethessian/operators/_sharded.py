@@ -3,11 +3,15 @@
 A sharded model's parameters are DTensors: each rank holds a slice of every tensor.
 PyTorch's double backward does not run through FSDP (its hooks serve ``.backward()``
 only), so the Hessian of a sharded model is computed with finite differences of its
-gradients (``_finite_difference``). Stage 1 layout: the operator acts on the *full*
-flat vector ``(P,)``, replicated on every rank; each rank writes its local shards of
-``θ₀ + h v`` (the slice of the full vector its DTensor placement owns), runs the
-model's forward and ``.backward()`` on its own data, and the reduce-scattered gradient
-shards are all-gathered (``DTensor.full_tensor``) into the full gradient.
+gradients (``_finite_difference``). Two layouts of the vectors (``vectors=``):
+
+* ``"local"`` (default): the operator acts on this rank's local vector (its local
+  shards, concatenated in name order; see ``_shard_vectors`` for the global order);
+  each rank writes its shards of ``θ₀ + h v``, runs the model's forward and
+  ``.backward()`` on its own data, and reads its reduce-scattered gradient shards:
+  no vector is ever whole on one rank. Norms are all-reduced.
+* ``"replicated"``: the operator acts on the *full* flat vector ``(P,)``, the same on
+  every rank; the gradient shards are all-gathered (``DTensor.full_tensor``).
 
 FSDP averages gradients over the ranks (reduce-scatter divided by the world size);
 the gradient of ``J = Σ_b c_b L_b / Σ_b c_b`` over every rank's batches is therefore
@@ -25,8 +29,9 @@ from .. import distributed as dist
 from .._data import Batches, resolve_reduction, term_count
 from .._fingerprint import Hasher, _name, loss_description
 from .._params import ParamLayout, select_parameters
-from ..errors import InputError, RandomModelError
+from ..errors import InputError, NetHessianError, RandomModelError
 from ._finite_difference import gradients, model_output
+from ._shard_vectors import ShardTable, allreduce_, check_vectors
 
 __all__ = ["ShardedAccess", "ShardedObjective", "is_sharded"]
 
@@ -78,14 +83,18 @@ def _check_placements(named) -> None:
 
 
 class ShardedObjective:
-    """The objective of a sharded model: layout of the *full* parameters, local data, full θ₀.
+    """The objective of a sharded model: its layout, local data and θ₀ in the chosen vectors.
 
     Duck-types what operators need of ``Objective``: ``model``, ``loss_fn``, ``layout``,
     ``dtype``, ``device``, ``data``, ``reduction``, ``theta0``, ``count``, ``fingerprint``, ``at``.
+    With ``vectors="local"``, ``layout`` names the *local* shards (so a local vector
+    unflattens into each parameter's local shard) and ``theta0`` is the local vector;
+    ``full_layout`` is always the full parameters'. The linalg protocol: ``sharded``,
+    ``global_size``, ``local_range``, ``allreduce_``; ``shards`` is every rank's ``ShardTable``.
     """
 
     def __init__(self, model: nn.Module, loss_fn, data, params: Optional[Sequence[str]] = None, *,
-                 reduction=None, allow_random: bool = False):
+                 reduction=None, allow_random: bool = False, vectors: Optional[str] = None):
         if not dist.is_active():
             raise InputError("the model's parameters are DTensors but torch.distributed is not initialised; "
                              "run under torchrun (or init_process_group) as the model was sharded")
@@ -100,16 +109,40 @@ class ShardedObjective:
             raise InputError("parameters are half floats: finite differences of their gradients drown in "
                              "rounding; keep float32 parameters (FSDP's MixedPrecisionPolicy can still "
                              "compute in bfloat16, at the cost of the error estimate op.fd_error)")
-        self.layout = ParamLayout.from_tensors(chosen)
-        self.theta0 = torch.cat([p.detach().full_tensor().reshape(-1) for p in chosen.values()]).clone()
+        self.vectors = check_vectors(vectors, sharded=True)
+        self.full_layout = ParamLayout.from_tensors(chosen)
+        dist.check_same("the sharded model", names=str(self.full_layout.names),
+                        shapes=str(self.full_layout.shapes), dtype=str(self.dtype), vectors=self.vectors)
+        self._set_vectors(chosen)
         self.data = Batches(data, self.device, self.dtype)
         self.reduction = resolve_reduction(loss_fn=loss_fn, reduction=reduction, multi_batch=True)
         self._fingerprint: Optional[str] = None
         self.local_batches = sum(1 for _ in self.data)
-        dist.check_same("the sharded model", names=str(self.layout.names), shapes=str(self.layout.shapes),
-                        dtype=str(self.dtype), reduction=str(self.reduction))
+        dist.check_same("the sharded model", reduction=str(self.reduction))
         if not allow_random:
             self._check_deterministic()
+
+    def _set_vectors(self, chosen) -> None:
+        """``layout``, ``theta0`` (and for local vectors the shard table and ranges)."""
+        params = list(chosen.values())
+        if self.vectors == "replicated":
+            self.layout, self.shards = self.full_layout, None
+            self.theta0 = torch.cat([p.detach().full_tensor().reshape(-1) for p in params]).clone()
+            self.global_size, self.local_range = self.layout.size, (0, self.layout.size)
+            return
+        self.shards = ShardTable(self.full_layout.names, self.full_layout.shapes, params)
+        self.layout = ParamLayout.from_tensors({n: p.to_local() for n, p in chosen.items()})
+        self.theta0 = torch.cat([p.detach().to_local().reshape(-1) for p in params]).clone()
+        self.global_size, self.local_range = self.shards.global_size, self.shards.local_range(dist.rank())
+
+    @property
+    def sharded(self) -> bool:
+        """True when vectors are this rank's local shard (the linalg adapter all-reduces)."""
+        return self.vectors == "local"
+
+    def allreduce_(self, t: torch.Tensor) -> torch.Tensor:
+        """In-place sum of a small tensor over the ranks (local vectors), or ``t`` as is."""
+        return allreduce_(t) if self.sharded else t
 
     def _check_deterministic(self) -> None:
         """Two forwards of the first batch must agree (dropout in train mode would not)."""
@@ -136,10 +169,15 @@ class ShardedObjective:
         return new
 
     def fingerprint(self) -> str:
-        """sha256 of θ₀ (full), layout, buffers, modes, loss, reduction and this rank's data."""
+        """sha256 of θ₀ (this rank's vector), layouts, vectors, buffers, modes, loss, reduction and this rank's data.
+
+        With local vectors it differs from rank to rank (each rank's θ₀ shard and data).
+        """
         if self._fingerprint is None:
-            h = Hasher().text("nethessian.ShardedObjective").tensor(self.theta0)
-            h.value(list(self.layout.names)).value([list(s) for s in self.layout.shapes])
+            h = Hasher().text("nethessian.ShardedObjective").text(self.vectors).tensor(self.theta0)
+            h.value([dist.rank(), dist.world_size()] if self.sharded else [])
+            for lay in (self.full_layout, self.layout):
+                h.value(list(lay.names)).value([list(s) for s in lay.shapes])
             h.text("buffers").named(sorted((n, b.detach()) for n, b in self.model.named_buffers()))
             h.text("modes").named(tuple((n, m.training) for n, m in self.model.named_modules()))
             loss_description(h.text("loss"), self.loss_fn)
@@ -153,10 +191,17 @@ class ShardedObjective:
 
 
 class ShardedAccess:
-    """Write full flat θ into local shards; read the full gradient (all-gather of the shards)."""
+    """Write θ into the local shards and read the gradient, in the objective's vectors.
+
+    Local vectors: this rank's shards are written and its reduce-scattered gradient
+    shards read as they are. Replicated: the full θ's slices are written and the
+    gradient shards all-gathered. Norms of local vectors are all-reduced (``reduce``).
+    """
 
     def __init__(self, objective: ShardedObjective):
         self.objective = objective
+        self.local = objective.sharded
+        self.collective = True  # every rank runs every column: non-finite results are agreed on
         self.prepare()
         self.index = [_local_index(p) for p in self.params]
         self._steps = int(dist.common_value(objective.local_batches, "max"))
@@ -168,28 +213,63 @@ class ShardedAccess:
         self.params = [named[n] for n in self.objective.layout.names]
 
     def write(self, theta: torch.Tensor) -> None:
-        for p, ix, part in zip(self.params, self.index, self.objective.layout.unflatten(theta).values()):
-            p.to_local().copy_(part[ix])
+        parts = self.objective.layout.unflatten(theta).values()
+        for p, ix, part in zip(self.params, self.index, parts):
+            p.to_local().copy_(part if self.local else part[ix])
 
     def local_gradient(self) -> torch.Tensor:
         parts = []
         for p in self.params:
             g = p.grad
-            parts.append(torch.zeros(p.shape, dtype=p.dtype, device=self.objective.device).reshape(-1)
-                         if g is None else g.full_tensor().reshape(-1))
+            if g is None:
+                parts.append(torch.zeros((p.to_local() if self.local else p).numel(), dtype=p.dtype,
+                                         device=self.objective.device))
+            else:
+                parts.append((g.to_local() if self.local else g.full_tensor()).reshape(-1))
         return torch.cat(parts)
 
-    def finish(self, full: torch.Tensor, n: float) -> torch.Tensor:
-        _, n = dist.reduce_sum(torch.zeros(0, dtype=torch.float64, device=full.device), n)
-        full = full * dist.world_size()  # undo FSDP's average over ranks: a sum over every rank's batches
+    def finish(self, grad: torch.Tensor, n: float) -> torch.Tensor:
+        _, n = dist.reduce_sum(torch.zeros(0, dtype=torch.float64, device=grad.device), n)
+        grad = grad * dist.world_size()  # undo FSDP's average over ranks: a sum over every rank's batches
         if self.objective.reduction not in (None, "sum"):
             if n <= 0:
                 raise InputError("every target is ignored on every rank: the mean cost is undefined")
-            full = full / n
-        return full
+            grad = grad / n
+        return grad
+
+    def reduce(self, values: List[float]) -> List[float]:
+        """Sums over the ranks of per-rank numbers (local vectors), else the numbers as they are."""
+        if not self.local:
+            return list(values)
+        t = allreduce_(torch.tensor(values, dtype=torch.float64, device=self.objective.device))
+        return [float(x) for x in t.tolist()]
 
     def steps(self) -> int:
         return self._steps
 
     def gradients(self, thetas: List[torch.Tensor]) -> List[torch.Tensor]:
-        return gradients(self, thetas)
+        """The gradients; a failed FSDP collective (a rank died or hung) becomes ``DistributedError``."""
+        try:
+            return gradients(self, thetas)
+        except NetHessianError:
+            raise
+        except RuntimeError as exc:
+            if not _comm_failure(exc):
+                raise
+
+            def fail():
+                raise exc
+            dist._collective(fail, "a gradient of the sharded model (FSDP's all-gathers and reduce-scatters)")
+            raise  # pragma: no cover - _collective always raises here
+
+
+_COMM_WORDS = ("gloo", "nccl", "c10d", "connection closed", "connection reset", "timed out", "timeout")
+
+
+def _comm_failure(exc: BaseException) -> bool:
+    """True for the error of a failed collective (torch's DistError, or gloo/NCCL's RuntimeError)."""
+    dist_error = getattr(torch.distributed, "DistError", None)
+    if dist_error is not None and isinstance(exc, dist_error):
+        return True
+    text = str(exc).lower()
+    return any(word in text for word in _COMM_WORDS)
