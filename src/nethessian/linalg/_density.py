@@ -41,6 +41,7 @@ from .._checks import as_float, as_int
 from .._progress import Progress
 from ..errors import CheckpointError, InputError
 from ._krylov import lanczos_tridiag
+from ._memory import check_memory, size_of
 from ._operator import Operator, as_operator, check_symmetric, make_generator, randn
 from ._util import loaded_count, loaded_generator, loaded_tensor, resume
 
@@ -64,6 +65,8 @@ class SpectralDensity:
         num_matvecs: products spent, the symmetry check and the products of a
             resumed checkpoint included.
         sigma: the Gaussian broadening width.
+        memory_bytes: per-rank bound of the vectors held (see ``linalg._memory``).
+        precision_note: the operator's half-precision caveat, or ``None``.
     """
 
     grid: torch.Tensor
@@ -72,6 +75,8 @@ class SpectralDensity:
     weights: torch.Tensor
     num_matvecs: int
     sigma: float
+    memory_bytes: Optional[int] = None
+    precision_note: Optional[str] = None
 
     def plot(self, path: str | os.PathLike, *, log: bool = True, title: Optional[str] = None,
              eigenvalues=None) -> str:
@@ -87,7 +92,8 @@ class SpectralDensity:
         probes, steps = self.nodes.shape
         return (f"SpectralDensity({probes} probes x {steps} Lanczos steps, nodes in "
                 f"[{float(self.nodes.min()):.4g}, {float(self.nodes.max()):.4g}], sigma={self.sigma:.3g}, "
-                f"grid of {self.grid.numel()} points, num_matvecs={self.num_matvecs})")
+                f"grid of {self.grid.numel()} points, num_matvecs={self.num_matvecs}"
+                + (f", precision_note={self.precision_note!r}" if self.precision_note else "") + ")")
 
     def to_dict(self) -> Dict[str, Any]:
         return {
@@ -97,6 +103,8 @@ class SpectralDensity:
             "weights": self.weights.tolist(),
             "num_matvecs": self.num_matvecs,
             "sigma": self.sigma,
+            "memory_bytes": self.memory_bytes,
+            "precision_note": self.precision_note,
         }
 
 
@@ -112,6 +120,8 @@ def spectral_density(
     checkpoint: Optional[Checkpoint] = None,
     progress: bool = False,
     check_symmetry: bool = True,
+    reorthogonalize: bool = True,
+    max_memory: Optional[int] = None,
 ) -> SpectralDensity:
     """Eigenvalue density of a symmetric operator by stochastic Lanczos quadrature.
 
@@ -135,6 +145,11 @@ def spectral_density(
         progress: show a tqdm bar (one tick per probe) on stderr.
         check_symmetry: spend 2 products checking uᵀ(Av) = vᵀ(Au) first (not
             repeated when resuming); Lanczos needs a symmetric operator.
+        reorthogonalize: full reorthogonalisation of each probe's Lanczos vectors
+            (memory ``P x lanczos_steps``); ``False`` runs the three-term recurrence on
+            O(P) memory (the quadrature stays accurate; a few nodes may repeat).
+        max_memory: refuse, before any product, a run whose memory bound exceeds this
+            many bytes (``memory_bytes`` of the result).
 
     Returns:
         A ``SpectralDensity``; when the grid covers every node ± 5σ the density
@@ -149,8 +164,12 @@ def spectral_density(
     A = as_operator(op)
     num_probes, steps, sigma, grid_size = _validate(A, num_probes, lanczos_steps, sigma, grid_size, grid)
     distributed.check_same("spectral_density", num_probes=num_probes, lanczos_steps=steps,
-                           check_symmetry=bool(check_symmetry))
-    nodes, weights, spent = _quadrature(A, num_probes, steps, seed, checkpoint, progress, check_symmetry)
+                           check_symmetry=bool(check_symmetry), reorthogonalize=bool(reorthogonalize))
+    s = size_of(A.dtype)
+    memory = check_memory("spectral_density", A.size * ((steps if reorthogonalize else 0) + 4) * s,
+                          max_memory, "lower lanczos_steps or pass reorthogonalize=False (O(P) memory)")
+    nodes, weights, spent = _quadrature(A, num_probes, steps, seed, checkpoint, progress, check_symmetry,
+                                        bool(reorthogonalize))
     sigma = _default_sigma(nodes) if sigma is None else sigma
     if grid is None:
         lo, hi = float(nodes.min()) - _TAIL * sigma, float(nodes.max()) + _TAIL * sigma
@@ -161,7 +180,7 @@ def spectral_density(
     covers = grid[0] <= nodes.min() - _TAIL * sigma and grid[-1] >= nodes.max() + _TAIL * sigma
     if covers:
         density = density / torch.trapezoid(density, grid)
-    return SpectralDensity(grid, density, nodes, weights, spent, sigma)
+    return SpectralDensity(grid, density, nodes, weights, spent, sigma, memory, A.precision_note)
 
 
 def _validate(A: Operator, num_probes, lanczos_steps, sigma, grid_size, grid):
@@ -179,13 +198,18 @@ def _validate(A: Operator, num_probes, lanczos_steps, sigma, grid_size, grid):
         g = grid.detach().double()
         if g.ndim != 1 or g.numel() < 2 or not torch.isfinite(g).all() or not (g.diff() > 0).all():
             raise InputError("grid must be a finite, strictly increasing 1-D tensor of at least 2 points")
-    return num_probes, min(steps, A.size), sigma, grid_size
+    return num_probes, min(steps, A.global_size), sigma, grid_size
 
 
-def _quadrature(A: Operator, num_probes: int, steps: int, seed, checkpoint, progress, check_symmetry):
+def _quadrature(A: Operator, num_probes: int, steps: int, seed, checkpoint, progress, check_symmetry,
+                reorthogonalize: bool = True):
     """Gauss quadrature nodes and weights of each probe, ``(num_probes, steps)`` float64."""
     expect = {"kind": "spectral-density", "operator": A.fingerprint(), "size": A.size,
               "num_probes": num_probes, "lanczos_steps": steps, "seed": seed}
+    if not reorthogonalize:
+        expect["reorthogonalize"] = False
+    if A.sharded:
+        expect.update(global_size=A.global_size, local_range=list(A.local_range))
     gen = make_generator(seed)
     nodes = torch.zeros(num_probes, steps, dtype=torch.float64)
     weights = torch.zeros_like(nodes)
@@ -197,7 +221,7 @@ def _quadrature(A: Operator, num_probes: int, steps: int, seed, checkpoint, prog
         check_symmetric(A, make_generator(seed))
     with Progress(num_probes, "spectral density", unit="probe", enabled=progress, initial=done) as bar:
         for p in range(done, num_probes):
-            nodes[p], weights[p] = _gauss(A, randn(A, A.size, generator=gen), steps)
+            nodes[p], weights[p] = _gauss(A, randn(A, A.size, generator=gen), steps, reorthogonalize)
             bar.update(1)
             if checkpoint is not None and (p + 1 == num_probes or checkpoint.due()):
                 checkpoint.save({**expect, "done": p + 1, "nodes": nodes, "weights": weights,
@@ -220,9 +244,9 @@ def _loaded(state, num_probes: int, steps: int, gen, path: str):
     return done, before, nodes, weights
 
 
-def _gauss(A: Operator, v: torch.Tensor, steps: int):
+def _gauss(A: Operator, v: torch.Tensor, steps: int, reorthogonalize: bool = True):
     """Ritz values and squared first eigenvector components of one Lanczos run, padded to ``steps``."""
-    T = lanczos_tridiag(A, v, steps, keep_basis=False)
+    T = lanczos_tridiag(A, v, steps, keep_basis=False, reorthogonalize=reorthogonalize)
     theta, U = torch.linalg.eigh(T.matrix())
     tau = U[0].square()
     tau = tau / tau.sum()

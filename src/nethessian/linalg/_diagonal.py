@@ -34,6 +34,7 @@ from .._params import ParamLayout
 from .._progress import Progress
 from ..errors import CheckpointError, InputError
 from ..structured import select as select_engine
+from ._memory import check_memory, size_of
 from ._operator import Operator, as_operator, make_generator, rademacher
 from ._util import chunk_for, loaded_count, loaded_generator, loaded_tensor, resume
 
@@ -53,6 +54,8 @@ class DiagonalEstimate:
         layout: the operator's ``ParamLayout``, or ``None`` for a plain matrix.
         engine: ``"structured"`` (second-order backpropagation, no products) or ``"autodiff"``.
         engine_reason: why that engine ran (for autodiff: the first unsupported module).
+        memory_bytes: estimate: per-rank bound of the vectors held (``linalg._memory``).
+        precision_note: the operator's half-precision caveat, or ``None``.
     """
 
     values: torch.Tensor
@@ -62,6 +65,8 @@ class DiagonalEstimate:
     layout: Optional[ParamLayout] = None
     engine: str = "autodiff"
     engine_reason: Optional[str] = None
+    memory_bytes: Optional[int] = None
+    precision_note: Optional[str] = None
 
     @property
     def by_name(self) -> Dict[str, torch.Tensor]:
@@ -82,6 +87,8 @@ class DiagonalEstimate:
             "method": self.method,
             "engine": self.engine,
             "engine_reason": self.engine_reason,
+            "memory_bytes": self.memory_bytes,
+            "precision_note": self.precision_note,
             "layout": None if lay is None else {"names": list(lay.names), "shapes": [list(s) for s in lay.shapes]},
         }
 
@@ -96,7 +103,8 @@ class DiagonalEstimate:
     def __repr__(self) -> str:
         v = self.values.double()
         return (f"DiagonalEstimate({self.method}, P={v.numel()}, values in [{float(v.min()):.4g}, "
-                f"{float(v.max()):.4g}], sum={float(v.sum()):.6g}, num_matvecs={self.num_matvecs})")
+                f"{float(v.max()):.4g}], sum={float(v.sum()):.6g}, num_matvecs={self.num_matvecs}"
+                + (f", precision_note={self.precision_note!r}" if self.precision_note else "") + ")")
 
 
 def _row(name: str, values: torch.Tensor, stderr: Optional[torch.Tensor]) -> str:
@@ -118,6 +126,7 @@ def diagonal(
     progress: Optional[bool] = None,
     checkpoint: Optional[Checkpoint] = None,
     engine: str = "auto",
+    max_memory: Optional[int] = None,
 ) -> DiagonalEstimate:
     """Diagonal of a square operator, exactly or by the Bekas-Kokiopoulou-Saad estimator.
 
@@ -136,6 +145,8 @@ def diagonal(
             module of a Hessian operator's model is supported, else autodiff),
             ``"structured"`` (refused, naming the module, when not supported) or
             ``"autodiff"`` (``P`` products). ``.engine``/``.engine_reason`` say which ran.
+        max_memory: ``"estimate"``: refuse, before any product, a run whose memory bound
+            (``memory_bytes`` of the result, see ``linalg._memory``) exceeds this many bytes.
 
     Returns:
         A ``DiagonalEstimate``.
@@ -149,25 +160,34 @@ def diagonal(
     if method not in ("exact", "estimate"):
         raise InputError(f"unknown diagonal method {method!r}; choose 'exact' or 'estimate'")
     if method == "exact":
+        if A.sharded:
+            raise InputError("the exact diagonal multiplies identity columns and is not available on a "
+                             "sharded operator; use method='estimate'")
         if num_matvecs is not None:
             raise InputError("num_matvecs applies to method='estimate' only; the exact diagonal takes P products")
         distributed.check_same("diagonal", method=method)
         structured, why = select_engine(A.base, engine)
         if structured is not None:
             return DiagonalEstimate(structured.diagonal().to(A.dtype), None, 0, "exact", A.layout,
-                                    "structured", why)
+                                    "structured", why, precision_note=A.precision_note)
         values = exact_diagonal(A, chunk_size=chunk_for(A.size, A.size, chunk_size), progress=progress,
                                 checkpoint=checkpoint)
-        return DiagonalEstimate(values, None, A.size, "exact", A.layout, "autodiff", why)
+        return DiagonalEstimate(values, None, A.size, "exact", A.layout, "autodiff", why,
+                                precision_note=A.precision_note)
     if engine not in ("auto", "autodiff"):
         raise InputError(f"engine={engine!r} applies to method='exact' only; the estimate takes products")
     m = 100 if num_matvecs is None else as_int("num_matvecs", num_matvecs)
     if m < 2:
         raise InputError(f"method='estimate' needs num_matvecs >= 2 for a standard error, got {m}")
     distributed.check_same("diagonal", method=method, num_matvecs=m)
-    mean, var = _bks(A, m, seed, chunk_for(A.size, m, chunk_size), progress, checkpoint)
+    chunk = chunk_for(A.size, m, chunk_size)
+    memory = check_memory("diagonal(method='estimate')",
+                          A.size * (16 + min(chunk, m) * (2 * size_of(A.dtype) + 16)), max_memory,
+                          "lower chunk_size")
+    mean, var = _bks(A, m, seed, chunk, progress, checkpoint)
     stderr = (var / m).sqrt()
-    return DiagonalEstimate(mean.to(A.dtype), stderr.to(A.dtype), m, "estimate", A.layout)
+    return DiagonalEstimate(mean.to(A.dtype), stderr.to(A.dtype), m, "estimate", A.layout,
+                            memory_bytes=memory, precision_note=A.precision_note)
 
 
 def exact_diagonal(A: Operator, *, chunk_size: int, progress: Optional[bool] = None,
@@ -187,6 +207,8 @@ def _bks(A: Operator, m: int, seed, chunk: int, progress: bool, checkpoint) -> t
     P = A.size
     expect = {"kind": "diagonal-estimate", "operator": A.fingerprint(), "size": P, "num_matvecs": m,
               "seed": seed}
+    if A.sharded:
+        expect.update(global_size=A.global_size, local_range=list(A.local_range))
     gen = make_generator(seed)
     n = 0
     mean = torch.zeros(P, dtype=torch.float64, device=A.device)
@@ -198,7 +220,7 @@ def _bks(A: Operator, m: int, seed, chunk: int, progress: bool, checkpoint) -> t
     with Progress(m, "diagonal (estimate)", unit="probe", enabled=progress, initial=n) as bar:
         while n < m:
             c = min(chunk, m - n)
-            Z = rademacher(A, c, P, generator=gen).T  # drawn as (c, P): independent of the chunking
+            Z = rademacher(A, P, c, generator=gen)  # column by column: independent of the chunking
             X = (Z * (A @ Z)).double()
             cmean = X.mean(dim=1)
             cm2 = (X - cmean[:, None]).square().sum(dim=1)

@@ -27,6 +27,10 @@ class EigenResult:
         converged: whether every pair met ``tol``.
         layout: the operator's ``ParamLayout``, or ``None`` for a plain matrix.
         which: the end of the spectrum that was asked for.
+        memory_bytes: the per-rank memory bound the run kept (basis and work vectors,
+            beyond the products' own; see ``linalg._memory``), or ``None``.
+        precision_note: the operator's half-precision caveat (how far its products
+            can be trusted), or ``None`` when it computed in float32/float64.
     """
 
     eigenvalues: torch.Tensor
@@ -36,6 +40,8 @@ class EigenResult:
     converged: bool
     layout: Optional[ParamLayout] = None
     which: str = "largest"
+    memory_bytes: Optional[int] = None
+    precision_note: Optional[str] = None
 
     def eigenvectors_by_name(self) -> List[Dict[str, torch.Tensor]]:
         """One ``{parameter name: tensor in its natural shape}`` dict per eigenvector."""
@@ -52,6 +58,8 @@ class EigenResult:
             "residuals": [float(x) for x in self.residuals],
             "num_matvecs": int(self.num_matvecs),
             "converged": bool(self.converged),
+            "memory_bytes": self.memory_bytes,
+            "precision_note": self.precision_note,
         }
         if self.layout is not None:
             out["parameters"] = list(self.layout.names)
@@ -85,4 +93,5 @@ class EigenResult:
         which = self.split() if self.which == "both" else f"which={self.which!r}"
         return (f"EigenResult({which}, eigenvalues=[{shown}], max residual="
                 f"{float(self.residuals.max()) if len(vals) else 0.0:.2e}, "
-                f"num_matvecs={self.num_matvecs}, converged={self.converged})")
+                f"num_matvecs={self.num_matvecs}, converged={self.converged}"
+                + (f", precision_note={self.precision_note!r}" if self.precision_note else "") + ")")

@@ -14,6 +14,7 @@ from typing import Optional
 import torch
 
 from ._operator import Operator
+from ._ortho import project_out
 
 __all__ = ["Tridiagonal", "lanczos_tridiag"]
 
@@ -39,38 +40,44 @@ class Tridiagonal:
         return T
 
 
-def lanczos_tridiag(op: Operator, v0: torch.Tensor, steps: int, *, keep_basis: bool = True) -> Tridiagonal:
-    """Run ``steps`` Lanczos steps from ``v0`` with full reorthogonalisation.
+def lanczos_tridiag(op: Operator, v0: torch.Tensor, steps: int, *, keep_basis: bool = True,
+                    reorthogonalize: bool = True) -> Tridiagonal:
+    """Run ``steps`` Lanczos steps from ``v0``, with full reorthogonalisation unless told.
 
-    Stops early when the Krylov space becomes invariant (breakdown).
-    Full reorthogonalisation needs the basis even when ``keep_basis=False``;
-    that flag only controls whether it is returned.
+    Stops early when the Krylov space becomes invariant (breakdown). Full
+    reorthogonalisation needs the basis (``P x steps``) even when
+    ``keep_basis=False``; that flag only controls whether it is returned. With
+    ``reorthogonalize=False`` the plain three-term recurrence runs on three
+    vectors (O(P) memory; the Gauss quadrature of SLQ stays accurate although
+    orthogonality is lost, Knizhnerman 1996) and no basis is kept. Every inner
+    product and norm goes through the adapter (summed over the ranks when sharded).
     """
     n = op.size
-    steps = int(min(steps, n))
-    Q = torch.zeros(n, steps, dtype=op.dtype, device=op.device)
+    steps = int(min(steps, op.global_size))
+    full = reorthogonalize or keep_basis
+    Q = torch.zeros(n, steps if full else 0, dtype=op.dtype, device=op.device)
     alpha = torch.zeros(steps, dtype=torch.float64)
     beta = torch.zeros(steps, dtype=torch.float64)
     q = v0.to(device=op.device, dtype=op.dtype)
-    q = q / q.double().norm().to(q.dtype)
-    m = 0
-    beta_next = 0.0
+    q = q / op.norm(q)
+    prev = torch.zeros_like(q)
+    m, beta_next = 0, 0.0
     for j in range(steps):
-        Q[:, j] = q
+        if full:
+            Q[:, j] = q
         w = op @ q
-        a = torch.dot(q.double(), w.double())
-        alpha[j] = a
-        # two passes of classical Gram-Schmidt against the whole basis ("twice is enough")
-        w = w - Q[:, : j + 1] @ (Q[:, : j + 1].T @ w)
-        w = w - Q[:, : j + 1] @ (Q[:, : j + 1].T @ w)
-        b = float(w.double().norm())
-        m = j + 1
-        beta_next = b
+        alpha[j] = op.dot(q, w, dtype=torch.float64).cpu()
+        if full:  # two passes of classical Gram-Schmidt against the whole basis ("twice is enough")
+            w, _ = project_out(op, Q[:, : j + 1], w)
+        else:
+            w = w - float(alpha[j]) * q - (float(beta[j - 1]) if j else 0.0) * prev
+        b = op.norm(w)
+        m, beta_next = j + 1, b
         if j + 1 < steps:
             scale = float(torch.sqrt(alpha[: j + 1].square().sum() + beta[:j].square().sum()))
             if b <= 1e-12 * max(scale, 1e-300) * (1e4 if op.dtype != torch.float64 else 1.0):
                 beta_next = 0.0
                 break
             beta[j] = b
-            q = w / b
+            prev, q = q, w / b
     return Tridiagonal(alpha[:m].clone(), beta[: m - 1].clone(), Q[:, :m] if keep_basis else None, beta_next)

@@ -48,6 +48,7 @@ References:
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 from typing import Any, Dict, Literal, Optional
 
 import torch
@@ -60,6 +61,7 @@ from ..errors import InputError
 from ..operators._base import check_dense_size
 from ._eigen_result import EigenResult
 from ._lanczos_state import load_state, save_state
+from ._memory import check_memory, lanczos_bytes
 from ._operator import Operator, as_operator, check_symmetric, make_generator
 from ._restart import _final_order, _Krylov, _like, _rank, _Ritz
 from ._util import warn_not_converged
@@ -73,7 +75,9 @@ _WHICH = ("largest", "smallest", "both", "magnitude")
 def eigenvalues(op: Any, k: int = 5, *, which: Which = "largest", tol: float = 1e-3,
                 seed: Optional[int] = 0, max_matvecs: Optional[int] = None, block_size: int = 1,
                 ncv: Optional[int] = None, check_symmetry: bool = True, checkpoint: Any = None,
-                progress: Optional[bool] = None, max_bytes: Optional[int] = None) -> EigenResult:
+                progress: Optional[bool] = None, max_bytes: Optional[int] = None,
+                basis_dtype: Optional[torch.dtype] = None, basis_device: Any = None,
+                max_memory: Optional[int] = None) -> EigenResult:
     """``k`` extreme eigenpairs of a symmetric operator by thick-restart Lanczos.
 
     Stops when every wanted Ritz value ``θ`` has the error bound
@@ -99,7 +103,18 @@ def eigenvalues(op: Any, k: int = 5, *, which: Which = "largest", tol: float = 1
             has ``converged=False`` and a ``NotConvergedWarning`` is issued.
         block_size: vectors per product; ``b > 1`` suits operators that do many
             vectors in one pass and finds eigenvalues of multiplicity up to ``b``.
-        ncv: basis size (default ``max(2k + 1, 20, k + 6b)``), memory ``P x ncv``.
+        ncv: basis size, the most Krylov vectors ever held (default ``max(2k + 1, 20, k + 6b)``):
+            thick restart compresses the basis to the wanted Ritz vectors when it is full,
+            so the memory is ``P x ncv`` whatever the number of iterations.
+        basis_dtype: dtype the basis is stored in (default the operator's), e.g.
+            ``torch.float32`` for a float64 operator or ``torch.bfloat16`` to halve it;
+            products, the next block and all Krylov scalars keep the operator's dtype /
+            float64. A lower precision limits the attainable accuracy to about its
+            epsilon (the true residuals returned say so).
+        basis_device: device the basis is stored on (e.g. ``"cpu"`` for an operator on a
+            GPU); it is brought to the operator 16 columns at a time.
+        max_memory: refuse, before any product, a run whose memory bound (``memory_bytes``
+            of the result, see ``_memory``) exceeds this many bytes.
         check_symmetry: spend 2 products checking ``uᵀ(Av) = vᵀ(Au)`` (not when resuming).
         checkpoint: a ``nethessian.Checkpoint``; resumed from at the start (after
             checking it was made for this operator, ``"operator": fingerprint``),
@@ -123,28 +138,38 @@ def eigenvalues(op: Any, k: int = 5, *, which: Which = "largest", tol: float = 1
     ([40.0, 39.0, 38.0], True)
     """
     op = as_operator(op)
-    P = op.size
+    P = op.global_size
     k, tol, b = _validate(P, k, which, tol, block_size)
     ncv = _basis_size(P, k, b, ncv)
     max_matvecs = _budget(max_matvecs, ncv, k, b, check_symmetry)
     max_bytes = None if max_bytes is None else as_int("max_bytes", max_bytes, minimum=0)
+    bdtype, bdevice = _basis_home(op, basis_dtype, basis_device)
     distributed.check_same("eigenvalues", k=k, which=which, block_size=b, ncv=ncv, max_matvecs=max_matvecs,
                            check_symmetry=bool(check_symmetry), dense=P < ncv + b)
     gen = make_generator(seed)
     if P < ncv + b:
         return _dense(op, k, which, gen, check_symmetry, checkpoint, progress, max_bytes)
-    expect = {"kind": "lanczos", "operator": op.fingerprint(), "P": P, "k": k, "which": which,
+    memory = check_memory("eigenvalues", lanczos_bytes(op.size, ncv, b, k, op.dtype, bdtype, (
+        bdtype, bdevice) != (op.dtype, op.device)), max_memory,
+        "lower ncv (at least k + block_size), store the basis in a lower precision (basis_dtype=) "
+        "or on the CPU (basis_device='cpu')")
+    expect = {"kind": "lanczos", "operator": op.fingerprint(), "P": op.size, "k": k, "which": which,
               "block_size": b, "ncv": ncv, "dtype": str(op.dtype), "seed": seed}
-    kry, done = load_state(checkpoint, expect, op, gen, k, tol, max_matvecs)
+    if op.sharded:
+        expect.update(global_size=P, local_range=list(op.local_range))
+    if bdtype != op.dtype:
+        expect["basis_dtype"] = str(bdtype)
+    kry, done = load_state(checkpoint, expect, op, gen, k, tol, max_matvecs, (bdtype, bdevice))
     if done is not None:
-        return done
+        return replace(done, memory_bytes=memory)
     if kry is None:
         if check_symmetry:
             check_symmetric(op, gen)
-        kry = _Krylov.start(op, ncv, b, gen)
+        kry = _Krylov.start(op, ncv, b, gen, bdtype, bdevice)
     with Progress(max_matvecs, f"eigenvalues ({which})", enabled=progress, initial=op.num_matvecs) as bar:
         ritz = _iterate(kry, op, k, which, tol, ncv, max_matvecs, checkpoint, expect, bar)
         result, bound = _verified(ritz, op, k, tol, which)
+        result = replace(result, memory_bytes=memory)
         bar.update(k)
         bar.set_total(op.num_matvecs)
     save_state(checkpoint, kry, expect, op, result=(result, tol, max_matvecs))
@@ -195,11 +220,12 @@ def _verified(ritz: _Ritz, op: Operator, k: int, tol: float, which: str):
     theta = ritz.theta[idx]
     AX = op @ X
     dev = AX.device if AX.device.type != "mps" else torch.device("cpu")  # MPS has no float64
-    true = (AX.to(dev, torch.float64) - X.to(dev, torch.float64) * theta.to(dev)).norm(dim=0).cpu()
+    true = op.col_norms(AX.to(dev, torch.float64) - X.to(dev, torch.float64) * theta.to(dev))
     res = ritz.res.clone()
     res[idx] = true
     bound = ritz.worst_bound(k, tol, res)
-    return EigenResult(theta.clone(), X, true, op.num_matvecs, bound <= 1.0, op.layout, which), bound
+    return EigenResult(theta.clone(), X, true, op.num_matvecs, bound <= 1.0, op.layout, which,
+                       precision_note=op.precision_note), bound
 
 
 def _validate(P: int, k, which: str, tol, block_size):
@@ -216,6 +242,18 @@ def _validate(P: int, k, which: str, tol, block_size):
         raise InputError(f"tol={tol:g} must be below 1: it is the relative accuracy of the eigenvalues "
                          "(1e-3 = three digits); tol >= 1 accepts any number")
     return k, tol, as_int("block_size", block_size, minimum=1)
+
+
+def _basis_home(op: Operator, basis_dtype, basis_device):
+    """The basis's dtype and device, after refusing a non-floating dtype."""
+    dtype = op.dtype if basis_dtype is None else basis_dtype
+    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point or dtype.is_complex:
+        raise InputError(f"basis_dtype={basis_dtype!r} must be a real floating torch.dtype, e.g. torch.float32")
+    try:
+        device = op.device if basis_device is None else torch.device(basis_device)
+    except (RuntimeError, TypeError):
+        raise InputError(f"basis_device={basis_device!r} is not a torch device (e.g. 'cpu', 'cuda:0')") from None
+    return dtype, device
 
 
 def _basis_size(P: int, k: int, b: int, ncv) -> int:
@@ -242,6 +280,9 @@ def _dense(op: Operator, k: int, which: str, gen, check_symmetry: bool, checkpoi
            max_bytes) -> EigenResult:
     """Small P (or k ≥ P/2): form the matrix with P products and solve it exactly."""
     P = op.size
+    if op.sharded:
+        raise InputError(f"P = {op.global_size} is too small for Lanczos with ncv + block_size basis vectors "
+                         "and a sharded operator has no dense path: lower ncv or k, or run unsharded")
     check_dense_size(P, torch.float64, max_bytes)  # the float64 copy eigh works on
     if check_symmetry:
         check_symmetric(op, gen)
@@ -255,4 +296,5 @@ def _dense(op: Operator, k: int, which: str, gen, check_symmetry: bool, checkpoi
     idx = idx[_final_order(theta[idx], which)]
     vals, vecs = theta[idx], Y[:, idx]
     res = (A @ vecs - vecs * vals).norm(dim=0)
-    return EigenResult(vals, _like(vecs, op), res, spent, True, op.layout, which)
+    return EigenResult(vals, _like(vecs, op), res, spent, True, op.layout, which,
+                       memory_bytes=P * P * 8, precision_note=op.precision_note)

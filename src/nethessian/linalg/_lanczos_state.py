@@ -37,7 +37,7 @@ def save_state(checkpoint: Any, kry: _Krylov, expect: Dict[str, Any], op: Operat
 
 
 def load_state(checkpoint: Any, expect: Dict[str, Any], op: Operator, gen: torch.Generator,
-               k: int, tol: float, max_matvecs: int):
+               k: int, tol: float, max_matvecs: int, basis=None):
     """``(Krylov state or None, finished EigenResult or None)`` from ``checkpoint``."""
     state = resume(checkpoint, expect)
     if state is None:
@@ -50,7 +50,8 @@ def load_state(checkpoint: Any, expect: Dict[str, Any], op: Operator, gen: torch
     S = loaded_tensor(state, "S", (b, j), path)
     loaded_generator(state, gen, path)
     op.num_matvecs = loaded_count(state, "num_matvecs", 0, 2**62, path)
-    kry = _Krylov(_like(V, op), j, H.double(), _like(F, op), S.double(), gen)
+    bdtype, bdevice = basis if basis is not None else (op.dtype, op.device)
+    kry = _Krylov(V.to(bdtype).to(bdevice), j, H.double(), _like(F, op), S.double(), gen, op.dtype)
     return kry, _finished(state, expect, op, k, tol, max_matvecs, path)
 
 
@@ -64,4 +65,4 @@ def _finished(state, expect, op: Operator, k: int, tol: float, max_matvecs: int,
     res = loaded_tensor(done, "residuals", (k,), path)
     spent = loaded_count(done, "num_matvecs", 0, 2**62, path)
     return EigenResult(vals.double(), _like(vecs, op), res.double(), spent, bool(done.get("converged")),
-                       op.layout, expect["which"])
+                       op.layout, expect["which"], precision_note=op.precision_note)

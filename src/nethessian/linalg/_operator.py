@@ -12,7 +12,22 @@ small adapter that
 * carries the wrapped operator's ``layout`` (a ``ParamLayout``) when it has one,
   so results can be keyed by parameter name without linalg knowing networks;
 * has a ``fingerprint()`` of the matrix it stands for, which every checkpointed
-  algorithm stores under ``"operator"`` so a checkpoint of another matrix is refused.
+  algorithm stores under ``"operator"`` so a checkpoint of another matrix is refused;
+* carries the base's ``precision_note`` (a half-precision model's caveat) when it has one;
+* takes every inner product and norm of the algorithms (``dot``, ``norm``,
+  ``col_norms``, ``allreduce_``) and draws every random vector (``draw``).
+
+Sharded vectors (the protocol). A base may set ``sharded = True`` and give
+``global_size`` (P over all ranks), ``local_range = (lo, hi)`` (this rank's
+entries ``[lo, hi)`` of the full flat vector; its ``shape`` is then
+``(hi - lo, hi - lo)``: it maps the local slice of a global vector ``v`` to the
+local slice of ``A v``) and ``allreduce_(t)`` (in-place sum of a small tensor
+over the ranks, returning ``t``). The adapter then sums every inner product
+over the ranks, and ``draw`` gives each rank its slice of ONE global random
+vector, so every estimator returns the same numbers on every rank, equal to a
+single-process run on the whole matrix, while each rank stores only its slice
+of the Krylov vectors: (k x P) / world entries per rank. An unsharded base
+behaves as one rank holding everything (``local_range = (0, P)``).
 
 Non-convergence convention of ``nethessian.linalg``: a result that carries a
 ``converged`` flag (``EigenResult``, ``SolveResult``) is returned and a
@@ -85,6 +100,69 @@ class Operator:
         self._checks_itself = hasattr(base, "objective")
         self.num_matvecs = 0
         self._fingerprint: Optional[str] = None
+        self.precision_note: Optional[str] = None if isinstance(base, torch.Tensor) else \
+            getattr(base, "precision_note", None)
+        self._sharding(base)
+
+    def _sharding(self, base: Any) -> None:
+        """Read the sharded-vector protocol (see the module docstring) and check it."""
+        self.sharded = bool(getattr(base, "sharded", False)) and not isinstance(base, torch.Tensor)
+        if not self.sharded:
+            self.global_size, self.local_range = self.size, (0, self.size)
+            return
+        P, (lo, hi) = int(base.global_size), tuple(int(x) for x in base.local_range)
+        if not 0 <= lo <= hi <= P or hi - lo != self.size:
+            raise InputError(f"a sharded operator's local_range {(lo, hi)} must lie in [0, global_size={P}] "
+                             f"and span its local shape {self.shape}")
+        if not callable(getattr(base, "allreduce_", None)):
+            raise InputError("a sharded operator needs allreduce_(t): the in-place sum over the ranks")
+        self.global_size, self.local_range = P, (lo, hi)
+
+    # ---------------------------------------------------------------- reductions
+
+    def allreduce_(self, t: torch.Tensor) -> torch.Tensor:
+        """Sum ``t`` over the ranks in place (sharded base), else return it unchanged."""
+        return self.base.allreduce_(t) if self.sharded else t
+
+    def dot(self, X: torch.Tensor, Y: torch.Tensor, *, dtype: Optional[torch.dtype] = None,
+            reduce: bool = True) -> torch.Tensor:
+        """``Xᵀ Y`` over the whole (global) vectors: the local part summed over the ranks.
+
+        ``X``, ``Y`` are (n,) or (n, k) local slices; the product is taken in their
+        promoted dtype, or in ``dtype`` (e.g. float64 for a few columns). 1-D with
+        1-D gives a 0-dim tensor. ``reduce=False`` returns the local part only (to
+        sum several parts with one ``allreduce_``).
+        """
+        if dtype is not None:
+            X, Y = X.to(dtype), Y.to(dtype)
+        elif X.dtype != Y.dtype:
+            common = torch.promote_types(X.dtype, Y.dtype)
+            X, Y = X.to(common), Y.to(common)
+        out = torch.dot(X, Y) if X.ndim == 1 and Y.ndim == 1 else X.T @ Y if X.ndim == 2 else X @ Y
+        return self.allreduce_(out.contiguous()) if reduce else out
+
+    def col_norms(self, X: torch.Tensor) -> torch.Tensor:
+        """Euclidean norms of the (global) columns of ``X`` (n, k), float64 (k,) on the CPU."""
+        sq = X.to(torch.float64).square().sum(dim=0) if X.device.type != "mps" else \
+            X.cpu().double().square().sum(dim=0)
+        return self.allreduce_(sq).sqrt().cpu()
+
+    def norm(self, x: torch.Tensor) -> float:
+        """Euclidean norm of the (global) vector whose local slice is ``x``, in float64."""
+        return float(self.col_norms(x.reshape(-1, 1))[0])
+
+    # ---------------------------------------------------------------- random vectors
+
+    def draw(self, kind: str, k: Optional[int], generator: torch.Generator,
+             dtype: Optional[torch.dtype] = None) -> torch.Tensor:
+        """This rank's slice of ``k`` global random columns (``k=None``: one (n,) vector).
+
+        ``kind`` is ``"normal"`` or ``"rademacher"``. See ``draw_columns``: the
+        numbers do not depend on the number of ranks.
+        """
+        X = draw_columns(kind, self.global_size, self.local_range, 1 if k is None else k, generator)
+        X = X.to(device=self.device, dtype=dtype or self.dtype)
+        return X[:, 0] if k is None else X
 
     def fingerprint(self) -> str:
         """sha256 hex of the matrix (see ``fingerprint_of``), computed once."""
@@ -129,15 +207,60 @@ def make_generator(seed: Optional[int]) -> torch.Generator:
     return g
 
 
-def randn(op: Operator, *shape: int, generator: torch.Generator, dtype=None) -> torch.Tensor:
-    """Standard normal draws on the CPU in float64, moved to the operator's device/dtype."""
-    x = torch.randn(*shape, generator=generator, dtype=torch.float64)
-    return x.to(device=op.device, dtype=dtype or op.dtype)
+_PIECE = 1 << 18  # entries per independently seeded piece of a random column
+_MASK = (1 << 63) - 1
 
 
-def rademacher(op: Operator, *shape: int, generator: torch.Generator, dtype=None) -> torch.Tensor:
-    x = torch.randint(0, 2, shape, generator=generator, dtype=torch.int8).to(torch.float64) * 2 - 1
-    return x.to(device=op.device, dtype=dtype or op.dtype)
+def _piece_seed(base: int, piece: int) -> int:
+    """A 63-bit seed for one piece of a column (splitmix64 mixing of the two numbers)."""
+    z = (base + 0x9E3779B97F4A7C15 * (piece + 1)) & ((1 << 64) - 1)
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & ((1 << 64) - 1)
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & ((1 << 64) - 1)
+    return (z ^ (z >> 31)) & _MASK
+
+
+def draw_columns(kind: str, P: int, local_range, k: int, generator: torch.Generator) -> torch.Tensor:
+    """Rows ``[lo, hi)`` of a global (P, k) random block, float64 on the CPU.
+
+    For each column one number is drawn from ``generator`` (the common, seeded
+    one: every rank draws it alike), and the column is cut into pieces of ``2**18``
+    entries, piece ``i`` drawn from its own generator seeded by (that number, i);
+    so k columns drawn at once equal k columns drawn one by one. A rank
+    draws only the pieces that meet its range, so the work and the transient
+    memory are O(local size + 2**18) per column — not O(P) — and the numbers are
+    exactly those of a single-process draw whatever the number of ranks.
+    """
+    lo, hi = local_range
+    out = torch.empty(hi - lo, k, dtype=torch.float64)
+    g = torch.Generator(device="cpu")
+    for j in range(k):
+        base = int(torch.randint(0, 1 << 62, (), generator=generator))
+        for i in range(lo // _PIECE, -(-hi // _PIECE)):
+            a, b = i * _PIECE, min(P, (i + 1) * _PIECE)
+            g.manual_seed(_piece_seed(base, i))
+            if kind == "normal":
+                piece = torch.randn(b - a, generator=g, dtype=torch.float64)
+            elif kind == "rademacher":
+                piece = torch.randint(0, 2, (b - a,), generator=g, dtype=torch.int8).to(torch.float64) * 2 - 1
+            else:
+                raise ValueError(f"unknown random kind {kind!r}")
+            s, e = max(a, lo), min(b, hi)
+            out[s - lo:e - lo, j] = piece[s - a:e - a]
+    return out
+
+
+def randn(op: Operator, n: int, k: Optional[int] = None, *, generator: torch.Generator,
+          dtype=None) -> torch.Tensor:
+    """Standard normal columns (``op.draw``); ``n`` must be the operator's (local) size."""
+    assert n == op.size
+    return op.draw("normal", k, generator, dtype)
+
+
+def rademacher(op: Operator, n: int, k: Optional[int] = None, *, generator: torch.Generator,
+               dtype=None) -> torch.Tensor:
+    """Random signs ±1 (``op.draw``); ``n`` must be the operator's (local) size."""
+    assert n == op.size
+    return op.draw("rademacher", k, generator, dtype)
 
 
 def check_symmetric(op: Operator, generator: torch.Generator, *, rtol: Optional[float] = None) -> float:
@@ -150,10 +273,10 @@ def check_symmetric(op: Operator, generator: torch.Generator, *, rtol: Optional[
         rtol = 1e-8 if op.dtype == torch.float64 else 1e-3
     UV = randn(op, op.size, 2, generator=generator)
     A_UV = op @ UV
-    u, v = UV[:, 0].double(), UV[:, 1].double()
-    Au, Av = A_UV[:, 0].double(), A_UV[:, 1].double()
-    a, b = torch.dot(u, Av), torch.dot(v, Au)
-    scale = max(float(u.norm() * Av.norm()), float(v.norm() * Au.norm()), torch.finfo(torch.float64).tiny)
+    G = op.dot(UV, A_UV, dtype=torch.float64).cpu()  # G[i, j] = UV_iᵀ A UV_j
+    a, b = G[0, 1], G[1, 0]
+    n, An = op.col_norms(UV), op.col_norms(A_UV)
+    scale = max(float(n[0] * An[1]), float(n[1] * An[0]), torch.finfo(torch.float64).tiny)
     rel = float((a - b).abs()) / scale
     if rel > rtol:
         raise NotSymmetricError(

@@ -12,6 +12,7 @@ from typing import Any, Optional
 import torch
 
 from ._operator import Operator, randn
+from ._ortho import basis_matmul, orthonormal_columns, project_out
 
 __all__: list = []
 
@@ -42,67 +43,79 @@ def _orthonormalize(op: Operator, W: torch.Tensor, V: torch.Tensor, gen: torch.G
     direction) get zero rows in ``B`` and a fresh random direction in ``F``.
     "Vanish" means below the rounding of one product, ``eps · scale`` (``scale``
     estimates ‖A‖): zeroing anything larger would drop a true residual and make
-    the Krylov residuals claim more than the products support.
+    the Krylov residuals claim more than the products support. Inner products
+    go through the adapter (``_ortho``), so this is the same on every rank of a
+    sharded operator.
     """
-    F, B = torch.linalg.qr(W)
-    B = B.cpu().double()
     tiny = torch.finfo(op.dtype).eps * max(scale, torch.finfo(torch.float64).tiny)
-    bad = B.diagonal().abs() <= tiny
+    F, B = orthonormal_columns(op, W, tiny)
+    bad = B.diagonal() == 0
     if bool(bad.any()):
-        B[bad] = 0.0
-        F = F.clone()
-        F[:, bad.to(F.device)] = randn(op, op.size, int(bad.sum()), generator=gen)
+        F[:, bad.to(F.device)] = randn(op, op.size, int(bad.sum()), generator=gen).to(F.dtype)
     for _ in range(2):  # "twice is enough", also for the fresh random columns
-        F = F - V @ (V.T @ F)
-        F, R = torch.linalg.qr(F)
-        B = R.cpu().double() @ B
+        F, _c = project_out(op, V, F, passes=1)
+        F, R = orthonormal_columns(op, F)
+        B = R @ B
     return F, B
 
 
 class _Krylov:
-    """Basis ``V[:, :j]``, projected ``H`` (j x j) and next block ``F`` with ``A V = V H + F S``."""
+    """Basis ``V[:, :j]``, projected ``H`` (j x j) and next block ``F`` with ``A V = V H + F S``.
 
-    def __init__(self, V, j, H, F, S, gen):
+    ``V`` (P x ncv) may be held in another dtype or on another device than the
+    operator (``basis_dtype``/``basis_device``): ``F`` and the products stay in
+    the operator's dtype and device, the basis is read ``_ortho._COLS`` columns at a time.
+    """
+
+    def __init__(self, V, j, H, F, S, gen, dtype=None):
         self.V, self.j, self.H, self.F, self.S, self.gen = V, j, H, F, S, gen
         self.b = F.shape[1]
+        self.dtype = F.dtype if dtype is None else dtype  # the operator's: rounding of the products
 
     @classmethod
-    def start(cls, op: Operator, ncv: int, b: int, gen: torch.Generator) -> "_Krylov":
-        V = torch.zeros(op.size, ncv, dtype=op.dtype, device=op.device)
+    def start(cls, op: Operator, ncv: int, b: int, gen: torch.Generator, basis_dtype=None,
+              basis_device=None) -> "_Krylov":
+        V = torch.zeros(op.size, ncv, dtype=basis_dtype or op.dtype, device=basis_device or op.device)
         X = randn(op, op.size, b, generator=gen)
-        F, _ = _orthonormalize(op, X, V[:, :0], gen, float(X.norm()))
-        return cls(V, 0, torch.zeros(0, 0, dtype=torch.float64), F, torch.zeros(b, 0, dtype=torch.float64), gen)
+        F, _ = _orthonormalize(op, X, V[:, :0], gen, op.norm(X))
+        return cls(V, 0, torch.zeros(0, 0, dtype=torch.float64), F, torch.zeros(b, 0, dtype=torch.float64),
+                   gen, op.dtype)
 
     def expand(self, op: Operator) -> None:
         """Append ``F`` to the basis: one block product, two Gram-Schmidt passes."""
         j, b = self.j, self.b
-        self.V[:, j:j + b] = self.F
-        V = self.V[:, :j + b]
+        self.V[:, j:j + b] = self.F.to(self.V.device, self.V.dtype)
+        if self.V.dtype != self.F.dtype:  # multiply what the basis holds, so A V = V H + F S stays true
+            self.F = self.V[:, j:j + b].to(self.F.device, self.F.dtype)
         W = op @ self.F
         C = torch.zeros(j + b, b, dtype=torch.float64)
-        for sweep in range(2):
-            c = V.T @ W
-            c64 = c.cpu().double()
-            if sweep == 0 and W.dtype != torch.float64 and W.device.type != "mps":
-                c64[j:] = (self.F.double().T @ W.double()).cpu()  # the new diagonal block in float64
-                c = _like(c64, W)
-            W = W - V @ c
-            C += c64
+        exact = W.dtype != torch.float64 and W.device.type != "mps"  # MPS has no float64
+        for sweep in range(2):  # two passes of block Gram-Schmidt ("twice is enough")
+            W, c_old = project_out(op, self.V[:, :j], W, passes=1)  # the old basis, as stored
+            c = op.dot(self.F, W, dtype=torch.float64 if sweep == 0 and exact else None)
+            W = W - self.F @ c.to(W.dtype)  # the new block (in float64 the first time: H's diagonal block)
+            C[:j] += c_old
+            C[j:] += c.cpu().double()
         H = torch.zeros(j + b, j + b, dtype=torch.float64)
         H[:j, :j] = self.H
         H[:, j:] = C
         H[j:, :j] = C[:j].T
         H[j:, j:] = (C[j:] + C[j:].T) / 2
         scale = float(H.abs().sum(0).max())
-        self.F, B = _orthonormalize(op, W, V, self.gen, scale)
+        self.F, B = _orthonormalize(op, W, self.V[:, :j + b], self.gen, scale)
         self.S = torch.cat([torch.zeros(b, j, dtype=torch.float64), B], dim=1)
         self.H, self.j = H, j + b
 
     def restart(self, ritz: "_Ritz", keep: int) -> None:
-        """Thick restart: keep the ``keep`` most wanted Ritz vectors."""
+        """Thick restart: keep the ``keep`` most wanted Ritz vectors (``V ← V Y``, in row blocks)."""
         idx = ritz.order[:keep]
         Y = ritz.Y[:, idx]
-        self.V[:, :keep] = self.V[:, :self.j] @ _like(Y, self.V)
+        V, j = self.V, self.j
+        work = torch.float64 if V.dtype == torch.float64 else torch.float32
+        rows = max(1, (1 << 24) // max(1, j))  # row blocks: transient rows x j, not P x keep
+        for a in range(0, V.shape[0], rows):
+            blk = V[a:a + rows, :j].to(work) @ Y.to(V.device, work)
+            V[a:a + rows, :keep] = blk.to(V.dtype)
         self.H = torch.diag(ritz.theta[idx])
         self.S = self.S @ Y
         self.j = keep
@@ -141,7 +154,7 @@ class _Ritz:
         gap[edge[idx] | torch.isinf(gap)] = 0.0  # a lone Ritz value knows no gap
         r = res[idx]
         err = torch.where(gap > 0, torch.minimum(r, r * r / gap.clamp(min=1e-300)), r)
-        floor = math.sqrt(torch.finfo(self.kry.V.dtype).eps) * float(t.abs().max())
+        floor = math.sqrt(torch.finfo(self.kry.dtype).eps) * float(t.abs().max())
         target = tol * torch.clamp(t[idx].abs(), min=max(floor, torch.finfo(torch.float64).tiny))
         return float((err / target).max())
 
@@ -149,7 +162,7 @@ class _Ritz:
         """The ``k`` wanted pairs in the order returned: indices into ``theta`` and unit vectors ``X``."""
         idx = self.order[:k]
         idx = idx[_final_order(self.theta[idx], self.which)]
-        X = self.kry.V[:, :self.kry.j] @ _like(self.Y[:, idx], self.kry.V)
+        X = basis_matmul(self.kry.V[:, :self.kry.j], self.Y[:, idx], self.kry.F)
         return idx, X
 
 

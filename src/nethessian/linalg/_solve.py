@@ -53,6 +53,8 @@ class SolveResult:
     where a restart resumes from the larger true residual); ``final_residual`` is
     the *true* relative residual of ``x``, computed at the end. ``curvature_direction``
     is the unit ``p`` with ``pᵀ(A + λI)p ≤ 0`` when ``status == "negative_curvature"``.
+    ``memory_bytes`` bounds the vectors held per rank (CG 6, MINRES 10 of them);
+    ``precision_note`` is the operator's half-precision caveat, or ``None``.
     """
 
     x: torch.Tensor
@@ -67,6 +69,8 @@ class SolveResult:
     damping: float
     tol: float
     curvature_direction: Optional[torch.Tensor] = None
+    memory_bytes: Optional[int] = None
+    precision_note: Optional[str] = None
 
     def to_dict(self) -> Dict[str, Any]:
         """Plain Python types only, ready for ``json.dumps``."""
@@ -84,8 +88,9 @@ class SolveResult:
                 f"{str(self.x.dtype).replace('torch.', '')}>)")
 
 
-def _dot(u: torch.Tensor, v: torch.Tensor) -> float:
-    return float(torch.dot(u.double(), v.double()))
+def _dotter(op: Operator) -> Callable[[torch.Tensor, torch.Tensor], float]:
+    """``uᵀv`` in float64 through the adapter (summed over the ranks of a sharded operator)."""
+    return lambda u, v: float(op.dot(u, v, dtype=torch.float64))
 
 
 def _flat(op: Operator, v: Any, name: str) -> torch.Tensor:
@@ -115,7 +120,7 @@ def _flat(op: Operator, v: Any, name: str) -> torch.Tensor:
     return out
 
 
-def _cg(apply, x, r, eps):
+def _cg(apply, x, r, eps, _dot):
     """Hestenes–Stiefel CG. Yields ``(x, ‖r‖, None)`` per step, or ``(x, None, (p̂, curvature))`` and stops."""
     p, rho, scale = r, _dot(r, r), 0.0
     while rho > 0:
@@ -132,7 +137,7 @@ def _cg(apply, x, r, eps):
         p = r + (rho / rho_old) * p
 
 
-def _minres(apply, x, r, eps):
+def _minres(apply, x, r, eps, _dot):
     """Paige–Saunders MINRES. Yields ``(x, φ̄, None)`` per step; returns when the Krylov space is invariant."""
     beta = math.sqrt(_dot(r, r))
     y, r1, r2 = r, r, r
@@ -200,6 +205,7 @@ def _solve(op, b, *, damping, method, tol, maxiter, x0, callback) -> SolveResult
         raise InputError(f"callback must be callable as callback(iteration, x, residual), got {callback!r}")
     b = _flat(op, b, "b")
     x = torch.zeros_like(b) if x0 is None else _flat(op, x0, "x0")
+    _dot = _dotter(op)
 
     def apply(v):
         return op @ v + damping * v if damping else op @ v
@@ -207,7 +213,8 @@ def _solve(op, b, *, damping, method, tol, maxiter, x0, callback) -> SolveResult
     def result(x, rels, status, rel, it, detail=None, direction=None):
         msg = _message(status, method, rel, tol, it, maxiter, damping, op.dtype, detail)
         return SolveResult(x, status == "converged", torch.tensor(rels, dtype=torch.float64), rel,
-                           op.num_matvecs, it, status, msg, method, damping, tol, direction)
+                           op.num_matvecs, it, status, msg, method, damping, tol, direction,
+                           op.size * (6 if method == "cg" else 10) * x.element_size(), op.precision_note)
 
     bnorm = math.sqrt(_dot(b, b))
     if bnorm == 0:  # the solution of a non-singular system with b = 0 is 0
@@ -223,7 +230,7 @@ def _solve(op, b, *, damping, method, tol, maxiter, x0, callback) -> SolveResult
         if it >= maxiter:
             return result(x, rels, "maxiter", rel, it)
         event, exhausted = None, True
-        for x, est, event in kernel(apply, x, r, eps):
+        for x, est, event in kernel(apply, x, r, eps, _dot):
             if event is not None:
                 break
             it += 1

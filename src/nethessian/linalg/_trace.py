@@ -61,6 +61,8 @@ from ..errors import InputError
 from ..structured import select as select_engine
 from ._diagonal import exact_diagonal
 from ._operator import Operator, as_operator, make_generator, rademacher, randn
+from ._memory import check_memory, size_of
+from ._ortho import orthonormal_columns
 from ._probes import Products
 from ._util import chunk_for
 
@@ -88,6 +90,8 @@ class TraceEstimate:
             block (their values sum to ``value``); otherwise ``None``.
         engine: exact trace only: ``"structured"`` (second-order backpropagation) or
             ``"autodiff"`` (products); ``engine_reason`` says why.
+        memory_bytes: estimates: per-rank bound of the vectors held (``linalg._memory``).
+        precision_note: the operator's half-precision caveat, or ``None``.
     """
 
     value: float
@@ -97,9 +101,13 @@ class TraceEstimate:
     blocks: Optional[Dict[str, "TraceEstimate"]] = None
     engine: str = "autodiff"
     engine_reason: Optional[str] = None
+    memory_bytes: Optional[int] = None
+    precision_note: Optional[str] = None
 
     def to_dict(self) -> Dict[str, Any]:
         out: Dict[str, Any] = {
+            "memory_bytes": self.memory_bytes,
+            "precision_note": self.precision_note,
             "value": self.value,
             "stderr": self.stderr,
             "num_matvecs": self.num_matvecs,
@@ -118,8 +126,9 @@ class TraceEstimate:
 
     def __repr__(self) -> str:
         blocks = "" if self.blocks is None else f", {len(self.blocks)} blocks (see .table())"
+        note = f", precision_note={self.precision_note!r}" if self.precision_note else ""
         return (f"TraceEstimate({self.value:.6g} ± {self.stderr:.2g}, method={self.method!r}, "
-                f"num_matvecs={self.num_matvecs}{blocks})")
+                f"num_matvecs={self.num_matvecs}{blocks}{note})")
 
 
 def trace(
@@ -134,6 +143,7 @@ def trace(
     progress: Optional[bool] = None,
     checkpoint: Any = None,
     engine: str = "auto",
+    max_memory: Optional[int] = None,
 ) -> TraceEstimate:
     """Trace of a square operator, exact or estimated with a standard error.
 
@@ -155,6 +165,8 @@ def trace(
         checkpoint: a ``Checkpoint``; finished products (or their reduced sums) are
             saved as they come and a resumed run gives the same estimate without
             redoing them. Refused when made for another operator, method, budget or seed.
+        max_memory: refuse, before any product, an estimate whose memory bound
+            (``memory_bytes`` of the result, see ``linalg._memory``) exceeds this many bytes.
 
     Returns:
         A ``TraceEstimate``.
@@ -167,28 +179,52 @@ def trace(
     A = as_operator(op)
     layout = _block_layout(A) if by_block else None
     if exact:
+        _unsharded(A, "trace(exact=True)")
         distributed.check_same("trace", exact=True)
         structured, why = select_engine(A.base, engine)
         if structured is not None:  # second-order backpropagation: no products
             values = structured.diagonal().to(A.dtype)
-            return replace(_summarise(_reduce(values[:, None], layout), 0, "exact", layout),
-                           engine="structured", engine_reason=why)
+            return replace(_summarise(_reduce(A, values[:, None], layout), 0, "exact", layout),
+                           engine="structured", engine_reason=why, precision_note=A.precision_note)
         values = exact_diagonal(A, chunk_size=chunk_for(A.size, A.size, chunk_size), progress=progress,
                                 checkpoint=checkpoint)
-        return replace(_summarise(_reduce(values[:, None], layout), A.size, "exact", layout),
-                       engine_reason=why)
+        return replace(_summarise(_reduce(A, values[:, None], layout), A.size, "exact", layout),
+                       engine_reason=why, precision_note=A.precision_note)
     if engine not in ("auto", "autodiff"):
         raise InputError(f"engine={engine!r} applies to exact=True only; estimates take products")
     m = _budget(method, num_matvecs)
     distributed.check_same("trace", method=method, num_matvecs=m, by_block=bool(by_block))
+    chunk = chunk_for(A.size, m, chunk_size)
+    memory = check_memory(f"trace(method={method!r})", _trace_bytes(method, A.size, m, chunk, size_of(A.dtype)),
+                          max_memory, "lower num_matvecs or chunk_size")
     gen = make_generator(seed)
     expect = {"kind": f"trace-{method}", "operator": A.fingerprint(), "size": A.size, "num_matvecs": m,
               "seed": seed, "by_block": bool(by_block)}
+    if A.sharded:
+        expect.update(global_size=A.global_size, local_range=list(A.local_range))
     spend = 2 * (m // 2) if method == "xtrace" else m
     with Progress(spend, f"trace ({method})", enabled=progress) as bar:
-        prods = Products(A, chunk_for(A.size, m, chunk_size), checkpoint, expect, bar)
+        prods = Products(A, chunk, checkpoint, expect, bar)
         sums = _SAMPLES[method](A, m, gen, prods, layout)
-    return _summarise(sums, prods.num_matvecs, method, layout)
+    return replace(_summarise(sums, prods.num_matvecs, method, layout), memory_bytes=memory,
+                   precision_note=A.precision_note)
+
+
+def _trace_bytes(method: str, n: int, m: int, c: int, s: int) -> int:
+    """Per-rank memory bound of an estimate (``linalg._memory``'s docstring)."""
+    c = min(c, m)
+    if method == "hutchinson":
+        return n * c * (2 * s + 8)
+    if method == "hutch++":
+        k, g = m // 3, m - 2 * (m // 3)
+        return n * (k * (s + 24) + 24 * g + 2 * c * s)
+    return n * (s + 64) * (m // 2)
+
+
+def _unsharded(A: Operator, what: str) -> None:
+    if A.sharded:
+        raise InputError(f"{what} multiplies identity columns and is not available on a sharded operator; "
+                         "use an estimate (method='hutch++', 'hutchinson' or 'xtrace')")
 
 
 def _budget(method: str, num_matvecs: Optional[int]) -> int:
@@ -204,6 +240,9 @@ def _budget(method: str, num_matvecs: Optional[int]) -> int:
 
 
 def _block_layout(A: Operator) -> ParamLayout:
+    if A.sharded:
+        raise InputError("by_block=True is not available on a sharded operator (each rank holds a slice "
+                         "of the parameter blocks); ask for the total trace")
     layout = A.layout
     if layout is None:
         raise InputError(
@@ -218,11 +257,11 @@ def _block_layout(A: Operator) -> ParamLayout:
 # ---------------------------------------------------------------- row tables
 
 
-def _reduce(rows: torch.Tensor, layout: Optional[ParamLayout]) -> torch.Tensor:
-    """Column sums of a (P, s) row table, (1, s); or per block, (num_blocks, s); float64."""
+def _reduce(A: Operator, rows: torch.Tensor, layout: Optional[ParamLayout]) -> torch.Tensor:
+    """Column sums of a (P, s) row table, (1, s); or per block, (num_blocks, s); float64, over all ranks."""
     rows = rows.double()
     if layout is None:
-        return rows.sum(dim=0, keepdim=True)
+        return A.allreduce_(rows.sum(dim=0, keepdim=True))
     return torch.stack([rows[layout.slice(name)].sum(dim=0) for name in layout.names])
 
 
@@ -235,10 +274,10 @@ def _hutchinson_samples(A: Operator, m: int, gen, prods: Products, layout) -> to
     """Rows z ⊙ Az, drawn, applied and reduced one chunk of probes at a time."""
     rows = 1 if layout is None else len(layout.names)
 
-    def draw(start: int, stop: int) -> torch.Tensor:  # drawn as (c, P): independent of the chunking
-        return rademacher(A, stop - start, A.size, generator=gen).T
+    def draw(start: int, stop: int) -> torch.Tensor:  # column by column: independent of the chunking
+        return rademacher(A, A.size, stop - start, generator=gen)
 
-    return prods.run("hutchinson", m, rows, draw, lambda Z, AZ: _reduce(Z * AZ, layout))
+    return prods.run("hutchinson", m, rows, draw, lambda Z, AZ: _reduce(A, Z * AZ, layout))
 
 
 def _hutchpp_samples(A: Operator, m: int, gen, prods: Products, layout) -> torch.Tensor:
@@ -247,26 +286,26 @@ def _hutchpp_samples(A: Operator, m: int, gen, prods: Products, layout) -> torch
     g = m - 2 * k
     S = rademacher(A, A.size, k, generator=gen)
     G = rademacher(A, A.size, g, generator=gen).double()
-    Q = torch.linalg.qr(_products(prods, "sketch", S)).Q
+    Q, _ = orthonormal_columns(A, _products(prods, "sketch", S), rtol=_RANK_RTOL * k)  # a vanished column stays 0: QQᵀ a projector
     AQ = _products(prods, "basis", Q.to(A.dtype))
     exact_rows = (Q * AQ).sum(dim=1)  # diag(A QQᵀ); sums to tr(QᵀAQ)
-    Gt = G - Q @ (Q.T @ G)
+    Gt = G - Q @ A.dot(Q, G)
     AGt = _products(prods, "deflated", Gt.to(A.dtype))
-    return _reduce(exact_rows[:, None] + Gt * AGt, layout)
+    return _reduce(A, exact_rows[:, None] + Gt * AGt, layout)
 
 
 def _xtrace_samples(A: Operator, m: int, gen, prods: Products, layout) -> torch.Tensor:
     """Rows of XTrace, (P, n) with n = ⌊m/2⌋: column i sums to the i-th exchangeable term."""
-    P, n = A.size, m // 2
-    Om = randn(A, P, n, generator=gen, dtype=torch.float64)
-    Om = (Om * (math.sqrt(P) / Om.norm(dim=0))).to(A.dtype)  # uniform on the sphere of radius √P
+    P, n = A.global_size, m // 2
+    Om = randn(A, A.size, n, generator=gen, dtype=torch.float64)
+    Om = (Om * (math.sqrt(P) / A.col_norms(Om).to(Om.device))).to(A.dtype)  # uniform on the sphere of radius √P
     Y = _products(prods, "sketch", Om)
     Om = Om.double()
-    Q, R = torch.linalg.qr(Y)
+    Q, R = orthonormal_columns(A, Y, rtol=_RANK_RTOL * n)
     Z = _products(prods, "basis", Q.to(A.dtype))
     if _sketch_is_complete(R, n, P):  # range(A) ⊂ range(Q): tr(A) = tr(QᵀAQ) exactly
-        return _reduce((Q * Z).sum(dim=1, keepdim=True), layout)
-    return _reduce(_xtrace_table(Om, Y, Q, R, Z), layout)
+        return _reduce(A, (Q * Z).sum(dim=1, keepdim=True), layout)
+    return _reduce(A, _xtrace_table(A, Om, Y, Q, R.to(Q.device), Z), layout)
 
 
 def _sketch_is_complete(R: torch.Tensor, n: int, P: int) -> bool:
@@ -277,24 +316,26 @@ def _sketch_is_complete(R: torch.Tensor, n: int, P: int) -> bool:
     return bool(d.min() <= 10 * n * torch.finfo(torch.float64).eps * d.max())
 
 
-def _xtrace_table(Om, Y, Q, R, Z) -> torch.Tensor:
+def _xtrace_table(A: Operator, Om, Y, Q, R, Z) -> torch.Tensor:
     """XTrace rows with Π_i = Q(I - s_i s_iᵀ)Qᵀ, r_i = (I - Π_i)ω_i (all float64).
 
     Row j, column i: the exact part diag(A Π_i)_j = Z_j·Q_j - (Z_j·s_i)(Q_j·s_i)
     (Z = AQ), which sums to tr(QᵀAQ) - s_iᵀ(QᵀAQ)s_i over j, plus the scaled
     residual c_i (r_i)_j (A r_i)_j with A r_i = Y_i - Z (I - s_i s_iᵀ) Qᵀω_i.
     """
-    P, n = Om.shape
+    P, n = A.global_size, Om.shape[1]
     S = torch.linalg.solve_triangular(R, torch.eye(n, dtype=R.dtype, device=R.device), upper=True).T
     S = S / S.norm(dim=0)  # column i: s_i ⟂ R_j (j ≠ i)
-    W = Q.T @ Om
+    W = A.dot(Q, Om)
     sw = (S * W).sum(dim=0)  # s_iᵀ w_i
     exact = (Q * Z).sum(dim=1, keepdim=True) - (Q @ S) * (Z @ S)
     V = W - S * sw  # (I - s_i s_iᵀ) w_i
     r = Om - Q @ V
     Ar = Y - Z @ V
-    return exact + (P - n + 1) / r.square().sum(dim=0) * r * Ar
+    return exact + (P - n + 1) / A.col_norms(r).square().to(r.device) * r * Ar
 
+
+_RANK_RTOL = 10 * torch.finfo(torch.float64).eps  # x columns: a sketch column inside the span of the others
 
 _SAMPLES = {"hutchinson": _hutchinson_samples, "hutch++": _hutchpp_samples, "xtrace": _xtrace_samples}
 

@@ -1,0 +1,88 @@
+"""Orthogonalisation through the adapter's inner products (sharded-safe), with a bounded basis.
+
+Every inner product goes through ``Operator.dot`` so that on a sharded operator
+(each rank holding a slice of the vectors) the coefficients are summed over the
+ranks and identical everywhere. The basis ``V`` may live in another dtype or on
+another device than the working vectors (``basis_dtype`` / ``basis_device`` of
+``nh.eigenvalues``): it is then brought over ``_COLS`` columns at a time, so the
+transient memory stays ``P x _COLS`` in the working dtype.
+
+* ``project_out``: classical Gram-Schmidt against ``V``, ``W ← W − V (Vᵀ W)``,
+  one all-reduce per pass.
+* ``orthonormal_columns``: column-by-column classical Gram-Schmidt with two passes
+  ("twice is enough", Giraud, Langou, Rozložník 2005) — a Gram-based QR that
+  needs only all-reduced inner products, as stable as Householder QR once
+  the second pass is done. A column whose norm after projection is at most
+  ``tiny`` is set to 0 (its row of ``R`` is 0): the caller decides what to put there.
+"""
+from __future__ import annotations
+
+from typing import Tuple
+
+import torch
+
+from ._operator import Operator
+
+__all__ = ["basis_matmul", "orthonormal_columns", "project_out"]
+
+_COLS = 16  # basis columns brought to the working dtype/device at a time
+
+
+def _same_home(V: torch.Tensor, W: torch.Tensor) -> bool:
+    return V.dtype == W.dtype and V.device == W.device
+
+
+def _vt_w(op: Operator, V: torch.Tensor, W: torch.Tensor) -> torch.Tensor:
+    """``Vᵀ W`` summed over the ranks, in ``W``'s dtype and on its device."""
+    if _same_home(V, W):
+        return op.dot(V, W)
+    parts = [op.dot(V[:, a:a + _COLS].to(W.device, W.dtype), W, reduce=False)
+             for a in range(0, V.shape[1], _COLS)]
+    return op.allreduce_(torch.cat(parts, dim=0).contiguous())
+
+
+def basis_matmul(V: torch.Tensor, Y: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """``V @ Y`` in ``like``'s dtype and on its device (local rows; no reduction)."""
+    Y = Y.to(like.device, like.dtype)
+    if _same_home(V, like):
+        return V @ Y
+    out = torch.zeros(V.shape[0], *Y.shape[1:], dtype=like.dtype, device=like.device)
+    for a in range(0, V.shape[1], _COLS):
+        out += V[:, a:a + _COLS].to(like.device, like.dtype) @ Y[a:a + _COLS]
+    return out
+
+
+def project_out(op: Operator, V: torch.Tensor, W: torch.Tensor, passes: int = 2
+                ) -> Tuple[torch.Tensor, torch.Tensor]:
+    """``W − V (VᵀW)`` repeated ``passes`` times; returns it and the summed coefficients (float64, CPU)."""
+    C = torch.zeros(V.shape[1], *W.shape[1:], dtype=torch.float64)
+    if V.shape[1] == 0:
+        return W, C
+    for _ in range(passes):
+        c = _vt_w(op, V, W)
+        W = W - basis_matmul(V, c, W)
+        C += c.cpu().double()
+    return W, C
+
+
+def orthonormal_columns(op: Operator, W: torch.Tensor, tiny: float = 0.0, rtol: float = 0.0
+                        ) -> Tuple[torch.Tensor, torch.Tensor]:
+    """``W = Q R`` by column-wise two-pass Gram-Schmidt; ``R`` float64 (k x k) upper triangular on the CPU.
+
+    ``R`` has a non-negative diagonal; a column whose norm after projection is
+    ``<= tiny`` or ``<= rtol ·`` its norm before (it lay in the span of the
+    previous ones, e.g. more columns than dimensions) gets ``Q[:, i] = 0`` and
+    ``R[i, i] = 0`` (``QQᵀ`` stays a projector).
+    """
+    k = W.shape[1]
+    Q = torch.zeros_like(W)
+    R = torch.zeros(k, k, dtype=torch.float64)
+    before = op.col_norms(W) if rtol > 0 else torch.zeros(k, dtype=torch.float64)
+    for i in range(k):
+        w, c = project_out(op, Q[:, :i], W[:, i])
+        R[:i, i] = c
+        r = op.norm(w)
+        if r > tiny and r > rtol * float(before[i]) and r > 0:
+            Q[:, i] = w / r
+            R[i, i] = r
+    return Q, R
