@@ -199,7 +199,7 @@ def _solve(op, b, *, damping, method, tol, maxiter, x0, callback) -> SolveResult
     damping, tol = as_float("damping", damping), as_float("tol", tol)
     if tol < 0:
         raise InputError(f"tol must be a finite number ≥ 0 (relative to ‖b‖), got {tol}")
-    maxiter = min(10 * op.size, _MAXITER_CAP) if maxiter is None else as_int("maxiter", maxiter, minimum=0)
+    maxiter = min(10 * op.global_size, _MAXITER_CAP) if maxiter is None else as_int("maxiter", maxiter, minimum=0)
     distributed.check_same("solve", method=method, maxiter=maxiter, damping=damping, tol=tol)
     if callback is not None and not callable(callback):
         raise InputError(f"callback must be callable as callback(iteration, x, residual), got {callback!r}")
