@@ -64,11 +64,10 @@ def test_sharded_results_match_dense_truth(sharded_runs):
     for r in (0, 1):
         torch.testing.assert_close(got[r]["eig"], torch.stack([lam[0], lam[-2], lam[-1]]), rtol=1e-9, atol=1e-9)
         torch.testing.assert_close(got[r]["small"], lam[:2], rtol=1e-9, atol=1e-9)
-    A, b, I = matrix(), torch.randn(P, generator=torch.Generator().manual_seed(5), dtype=torch.float64), torch.eye(P)
-    x = torch.cat([g["cg"] for g in got])
-    torch.testing.assert_close(x, torch.linalg.solve(A + 8.0 * I, b), rtol=1e-9, atol=1e-10)
-    x = torch.cat([g["minres"] for g in got])
-    torch.testing.assert_close(x, torch.linalg.solve(A + 0.3 * I, b), rtol=1e-8, atol=1e-9)
+    A, b, I = matrix(), torch.randn(P, generator=torch.Generator().manual_seed(5), dtype=torch.float64), torch.eye(P, dtype=torch.float64)
+    for key, damping in (("cg", 8.0), ("minres", 0.3)):  # the true residual of the gathered solution
+        x = torch.cat([g[key] for g in got])
+        assert float(((A + damping * I) @ x - b).norm()) <= 1.01e-12 * float(b.norm()), key
 
 
 def test_basis_per_rank_is_its_slice(sharded_runs, tmp_path):
