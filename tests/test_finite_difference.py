@@ -231,7 +231,12 @@ def _single_process_local_reference(world):
     return {"H": op.to_dense(), "eig": eig, "basis_bytes": mem.bytes, "trace": TRACE, "density": DENSITY}
 
 
-@pytest.mark.parametrize("world", [2, 4])
+FOUR_RANKS = pytest.param(4, marks=pytest.mark.skipif(
+    not os.environ.get("NH_FSDP_4"), reason="4 gloo ranks take ~3 min on 2 shared cores (passed when run); "
+    "set NH_FSDP_4=1 to run"))
+
+
+@pytest.mark.parametrize("world", [2, FOUR_RANKS])
 def test_fsdp_local_vectors_match_single_process_exact(tmp_path, world):
     """vectors='local': products are slices of the replicated ones, gathers round-trip, estimators exact."""
     out = str(tmp_path / "res")
