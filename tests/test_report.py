@@ -56,7 +56,12 @@ def _cards(page: str):
 def test_every_section_and_self_contained(which, request):
     paths, page, _ = request.getfixturevalue(which)
     assert paths.html.name == "report.html" and paths.json.name == "report.json"
+    from nethessian._app.report_sections import OFF_BY_DEFAULT
+
     for sid, heading in SECTIONS:
+        if sid in OFF_BY_DEFAULT:  # computed only when named
+            assert f'id="{sid}"' not in page and f'href="#{sid}"' not in page
+            continue
         assert re.search(rf'<section id="{sid}"><h2>{re.escape(heading)}</h2>', page), sid
         assert f'href="#{sid}"' in page
     assert "<link" not in page and "<script" not in page and "url(" not in page
@@ -256,6 +261,10 @@ def test_report_command_builds_one_objective(tmp_path, monkeypatch, capsys):
     init = Objective.__init__
     monkeypatch.setattr(Objective, "__init__", lambda self, *a, **k: (built.append(1), init(self, *a, **k))[1])
     assert main(["report", "-o", str(tmp_path), "--save", str(tmp_path / "r.json")]) == 0
+    assert len(built) == 2  # the GGN section's GGNOperator builds its own (it takes no shared objective)
+    built.clear()
+    hessian_only = [sid for sid, _ in SECTIONS if sid not in ("ggn", "input-hessian")]
+    assert main(["report", "-o", str(tmp_path), "--save", str(tmp_path / "r.json"), "--sections", *hessian_only]) == 0
     assert len(built) == 1  # the report, its quadratic model and the saved fingerprint share one objective
     R = json.loads((tmp_path / "report.json").read_text())
     assert R["problem"]["builtin"] == "two-layer" and "BUILTINS[&#x27;two-layer&#x27;](seed=0)" in \
