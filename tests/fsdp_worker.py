@@ -69,10 +69,9 @@ def reference(model, loss_fn, batches):
 
 
 def shard_model(model):
-    from torch.distributed.fsdp import fully_shard
-    for block in model.blocks:
-        fully_shard(block)
-    fully_shard(model)
+    """fully_shard per block then the root (the CLI's --fsdp helper)."""
+    from nethessian.operators._sharded import fully_shard_blocks
+    assert fully_shard_blocks(model) == len(model.blocks)
     return model
 
 

@@ -33,7 +33,7 @@ from ..errors import InputError, NetHessianError, RandomModelError
 from ._finite_difference import gradients, model_output
 from ._shard_vectors import ShardTable, allreduce_, check_vectors
 
-__all__ = ["ShardedAccess", "ShardedObjective", "is_sharded"]
+__all__ = ["ShardedAccess", "ShardedObjective", "fully_shard_blocks", "is_sharded"]
 
 NO_DOUBLE_BACKWARD = (
     "the model is sharded with FSDP (its parameters are DTensors), and FSDP does not support double "
@@ -54,6 +54,23 @@ def is_sharded(model: nn.Module) -> bool:
     """True when any parameter of ``model`` is a DTensor (FSDP2 ``fully_shard``, tensor parallel)."""
     DTensor = _dtensor_type()
     return DTensor is not None and any(isinstance(p, DTensor) for p in model.parameters())
+
+
+def fully_shard_blocks(model: nn.Module, **fsdp_kwargs) -> int:
+    """Shard ``model`` as FSDP users do: ``fully_shard`` on every block, then on the root.
+
+    The blocks are the children of every ``nn.ModuleList`` (transformer layers); a model
+    without one is sharded as one unit. Needs torch.distributed initialised and the model
+    on this rank's device. Returns the number of blocks sharded separately.
+    """
+    from torch.distributed.fsdp import fully_shard
+    if not dist.is_active():
+        raise InputError("fully_shard needs torch.distributed: run under torchrun (init_from_env first)")
+    blocks = [child for m in model.modules() if isinstance(m, nn.ModuleList) for child in m.children()]
+    for block in blocks:
+        fully_shard(block, **fsdp_kwargs)
+    fully_shard(model, **fsdp_kwargs)
+    return len(blocks)
 
 
 def reshard(model: nn.Module) -> None:
