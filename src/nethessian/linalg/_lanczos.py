@@ -191,7 +191,8 @@ def _iterate(kry: _Krylov, op: Operator, k: int, which: str, tol: float, ncv: in
     while True:
         ritz = _Ritz(kry, which)
         bound = ritz.worst_bound(k, tol)
-        if bound <= 1.0 or op.num_matvecs + b + k > max_matvecs:
+        full = kry.filled or kry.j + b > ncv  # a basis never filled may have missed the wanted end
+        if (bound <= 1.0 and full) or op.num_matvecs + b + k > max_matvecs:
             return ritz
         if kry.j + b > ncv:
             kry.restart(ritz, keep)

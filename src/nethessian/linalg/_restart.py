@@ -16,6 +16,11 @@ from ._ortho import basis_matmul, orthonormal_columns, project_out
 
 __all__: list = []
 
+# Daniel-Gragg-Kaufman-Stewart (1976): a Gram-Schmidt pass that keeps more than
+# 1/√2 of a vector's norm leaves it orthogonal to rounding; only a larger
+# cancellation calls for a second pass ("twice is enough").
+_ETA = 2 ** -0.5
+
 
 def _rank(theta: torch.Tensor, which: str) -> torch.Tensor:
     """Indices of the Ritz values, most wanted first (``"both"`` alternates top, bottom)."""
@@ -36,7 +41,7 @@ def _final_order(values: torch.Tensor, which: str) -> torch.Tensor:
 
 
 def _orthonormalize(op: Operator, W: torch.Tensor, V: torch.Tensor, gen: torch.Generator,
-                    scale: float):
+                    scale: float, checked: bool = False):
     """``W = F B`` with ``F`` orthonormal and ⟂ ``V`` (W already ⟂ V), B float64 upper triangular.
 
     Columns that vanish (rank deficiency: an invariant subspace or a repeated
@@ -45,11 +50,14 @@ def _orthonormalize(op: Operator, W: torch.Tensor, V: torch.Tensor, gen: torch.G
     estimates ‖A‖): zeroing anything larger would drop a true residual and make
     the Krylov residuals claim more than the products support. Inner products
     go through the adapter (``_ortho``), so this is the same on every rank of a
-    sharded operator.
+    sharded operator. ``checked``: ``W`` was projected against ``V`` until the
+    DGKS test passed, so unless a column vanished no further pass is needed.
     """
     tiny = torch.finfo(op.dtype).eps * max(scale, torch.finfo(torch.float64).tiny)
     F, B = orthonormal_columns(op, W, tiny)
     bad = B.diagonal() == 0
+    if checked and not bool(bad.any()):
+        return F, B
     if bool(bad.any()):
         F[:, bad.to(F.device)] = randn(op, op.size, int(bad.sum()), generator=gen).to(F.dtype)
     for _ in range(2):  # "twice is enough", also for the fresh random columns
@@ -70,6 +78,8 @@ class _Krylov:
     def __init__(self, V, j, H, F, S, gen, dtype=None):
         self.V, self.j, self.H, self.F, self.S, self.gen = V, j, H, F, S, gen
         self.b = F.shape[1]
+        # the basis has been full once (a restart happened; a saved state with j > 0 is one)
+        self.filled = j > 0
         self.dtype = F.dtype if dtype is None else dtype  # the operator's: rounding of the products
 
     @classmethod
@@ -82,7 +92,7 @@ class _Krylov:
                    gen, op.dtype)
 
     def expand(self, op: Operator) -> None:
-        """Append ``F`` to the basis: one block product, two Gram-Schmidt passes."""
+        """Append ``F`` to the basis: one block product, one Gram-Schmidt pass (two under cancellation)."""
         j, b = self.j, self.b
         self.V[:, j:j + b] = self.F.to(self.V.device, self.V.dtype)
         if self.V.dtype != self.F.dtype:  # multiply what the basis holds, so A V = V H + F S stays true
@@ -90,19 +100,24 @@ class _Krylov:
         W = op @ self.F
         C = torch.zeros(j + b, b, dtype=torch.float64)
         exact = W.dtype != torch.float64 and W.device.type != "mps"  # MPS has no float64
-        for sweep in range(2):  # two passes of block Gram-Schmidt ("twice is enough")
+        before = op.col_norms(W)
+        for sweep in range(2):  # block Gram-Schmidt, a second pass only when needed (DGKS)
             W, c_old = project_out(op, self.V[:, :j], W, passes=1)  # the old basis, as stored
             c = op.dot(self.F, W, dtype=torch.float64 if sweep == 0 and exact else None)
             W = W - self.F @ c.to(W.dtype)  # the new block (in float64 the first time: H's diagonal block)
             C[:j] += c_old
             C[j:] += c.cpu().double()
+            after = op.col_norms(W)
+            if bool((after > _ETA * before).all()):  # no cancellation: W ⟂ V to rounding already
+                break
+            before = after
         H = torch.zeros(j + b, j + b, dtype=torch.float64)
         H[:j, :j] = self.H
         H[:, j:] = C
         H[j:, :j] = C[:j].T
         H[j:, j:] = (C[j:] + C[j:].T) / 2
         scale = float(H.abs().sum(0).max())
-        self.F, B = _orthonormalize(op, W, self.V[:, :j + b], self.gen, scale)
+        self.F, B = _orthonormalize(op, W, self.V[:, :j + b], self.gen, scale, checked=True)
         self.S = torch.cat([torch.zeros(b, j, dtype=torch.float64), B], dim=1)
         self.H, self.j = H, j + b
 
@@ -118,7 +133,7 @@ class _Krylov:
             V[a:a + rows, :keep] = blk.to(V.dtype)
         self.H = torch.diag(ritz.theta[idx])
         self.S = self.S @ Y
-        self.j = keep
+        self.j, self.filled = keep, True
 
 
 class _Ritz:

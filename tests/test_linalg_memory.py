@@ -1,0 +1,142 @@
+"""Memory bounded by design: Lanczos keeps at most ncv vectors (in a chosen dtype/device), every
+estimator states its bound (``memory_bytes``) and ``max_memory`` refuses a run above it; SLQ runs on
+O(P) memory without reorthogonalisation; results carry the operator's ``precision_note``."""
+import pytest
+import torch
+
+from helpers import sym
+from nethessian._checkpoint import Checkpoint
+from nethessian.errors import InputError
+from nethessian.linalg._density import spectral_density
+from nethessian.linalg._diagonal import diagonal
+from nethessian.linalg._krylov import lanczos_tridiag
+from nethessian.linalg._lanczos import eigenvalues
+from nethessian.linalg._memory import lanczos_bytes
+from nethessian.linalg._operator import as_operator
+from nethessian.linalg._solve import solve
+from nethessian.linalg._trace import trace
+
+P = 300
+
+
+def spectrum():
+    return torch.cat([torch.linspace(-1.0, 1.0, P - 4, dtype=torch.float64),
+                      torch.tensor([3.0, 4.0, 5.0, 6.0], dtype=torch.float64)])
+
+
+def test_eigenvalues_state_and_keep_their_bound(tmp_path):
+    A = sym(spectrum(), seed=1)
+    need = lanczos_bytes(P, 12, 1, 3, torch.float64, torch.float64, False)
+    with pytest.raises(InputError, match=f"raise max_memory to {need}"):
+        eigenvalues(A, k=3, ncv=12, max_memory=need - 1)
+    ck = Checkpoint(tmp_path / "ck.pt", {"t": 1}, every=0.0)
+    res = eigenvalues(A, k=3, ncv=12, tol=1e-10, max_memory=need, checkpoint=ck)
+    assert res.memory_bytes == need and res.converged
+    torch.testing.assert_close(res.eigenvalues, torch.tensor([6.0, 5.0, 4.0], dtype=torch.float64), rtol=1e-9, atol=0)
+    state = torch.load(tmp_path / "ck.pt", weights_only=False)["state"]
+    assert tuple(state["V"].shape) == (P, 12)  # measured: the basis held never grew past ncv
+    assert res.num_matvecs > 12  # ... although the run took more products than that (thick restarts)
+
+
+@pytest.mark.parametrize("basis_dtype,rtol", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)])
+def test_lower_precision_basis(basis_dtype, rtol):
+    """A float64 operator with its basis stored in float32 / bfloat16: eigenvalues to that precision,
+    the true residuals reported honestly, and the memory bound smaller."""
+    A = sym(spectrum(), seed=2)
+    full = eigenvalues(A, k=2, ncv=14, tol=1e-6)
+    with pytest.warns(UserWarning) if basis_dtype == torch.bfloat16 else _nothing():
+        low = eigenvalues(A, k=2, ncv=14, tol=1e-6, basis_dtype=basis_dtype, basis_device="cpu",
+                          max_matvecs=400)
+    torch.testing.assert_close(low.eigenvalues, torch.tensor([6.0, 5.0], dtype=torch.float64), rtol=rtol, atol=0)
+    X = low.eigenvectors.double()
+    true = (A @ X - X * low.eigenvalues).norm(dim=0)
+    torch.testing.assert_close(low.residuals, true, rtol=1e-6, atol=1e-12)
+    assert low.eigenvectors.dtype == torch.float64
+    assert low.memory_bytes == lanczos_bytes(P, 14, 1, 2, torch.float64, basis_dtype, True)
+    assert full.memory_bytes == lanczos_bytes(P, 14, 1, 2, torch.float64, torch.float64, False)
+
+
+class _nothing:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *a):
+        return False
+
+
+def test_bad_basis_options_are_refused():
+    A = sym(spectrum(), seed=2)
+    with pytest.raises(InputError, match="basis_dtype"):
+        eigenvalues(A, k=2, basis_dtype=torch.int32)
+    with pytest.raises(InputError, match="basis_device"):
+        eigenvalues(A, k=2, basis_device="not-a-device")
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_no_convergence_claim_before_the_basis_filled(seed):
+    """Variation of the float32 ill-conditioned case: a few steps can look converged while the
+    wanted end is unexplored; the run must fill its basis once before it claims convergence."""
+    lam = torch.cat([torch.logspace(-7, 3, 10, dtype=torch.float64), torch.full((490,), 1e-7, dtype=torch.float64)])
+    A = torch.diag(lam)
+    res = eigenvalues(A, k=2, which="smallest", tol=1e-3, seed=seed, max_matvecs=2000)
+    floor = 1e-8 ** 0.5 * 1e3
+    if res.converged:
+        assert bool((res.eigenvalues.abs() <= 1e-3 * floor + 1e-7).all()), res.eigenvalues
+    assert res.num_matvecs >= 20
+
+
+def test_slq_without_reorthogonalisation_is_O_P_and_keeps_the_moments():
+    """The plain recurrence keeps Gauss quadrature exact for low degrees: Σ τ θʲ = vᵀAʲv/vᵀv."""
+    A = sym(spectrum(), seed=3)
+    v = torch.randn(P, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    T = lanczos_tridiag(as_operator(A), v, 30, keep_basis=False, reorthogonalize=False)
+    theta, U = torch.linalg.eigh(T.matrix())
+    tau = U[0].square()
+    u = v / v.norm()
+    for j in range(1, 6):
+        torch.testing.assert_close((tau * theta ** j).sum(), u @ torch.linalg.matrix_power(A, j) @ u,
+                                   rtol=1e-10, atol=1e-12)
+    sd = spectral_density(A, num_probes=2, lanczos_steps=30, reorthogonalize=False)
+    assert sd.memory_bytes == P * 4 * 8
+    assert spectral_density(A, num_probes=2, lanczos_steps=30).memory_bytes == P * 34 * 8
+    with pytest.raises(InputError, match="reorthogonalize=False"):
+        spectral_density(A, num_probes=2, lanczos_steps=30, max_memory=P * 10 * 8)
+
+
+def test_every_estimator_states_and_enforces_its_bound():
+    A = sym(spectrum(), seed=4)
+    for method in ("hutchinson", "hutch++", "xtrace"):
+        est = trace(A, method=method, num_matvecs=12, chunk_size=4)
+        assert est.memory_bytes > 0
+        with pytest.raises(InputError, match="max_memory"):
+            trace(A, method=method, num_matvecs=12, chunk_size=4, max_memory=est.memory_bytes - 1)
+        assert trace(A, method=method, num_matvecs=12, chunk_size=4, max_memory=est.memory_bytes).value == est.value
+    d = diagonal(A, method="estimate", num_matvecs=6, chunk_size=3)
+    assert d.memory_bytes == P * (16 + 3 * 32)
+    with pytest.raises(InputError, match="max_memory"):
+        diagonal(A, method="estimate", num_matvecs=6, chunk_size=3, max_memory=100)
+    assert solve(A + 2 * torch.eye(P, dtype=torch.float64), torch.ones(P, dtype=torch.float64),
+                 method="minres").memory_bytes == P * 10 * 8
+
+
+class _Noted:
+    """A plain symmetric matrix that says its products were computed in bfloat16."""
+
+    precision_note = "products in bfloat16: about 4e-3 relative error"
+
+    def __init__(self, A):
+        self.A, self.shape, self.dtype, self.device = A, A.shape, A.dtype, A.device
+
+    def __matmul__(self, v):
+        return self.A @ v
+
+
+def test_precision_note_is_carried_and_shown():
+    op = _Noted(sym(spectrum(), seed=5))
+    results = [eigenvalues(op, k=2), trace(op, num_matvecs=12), diagonal(op, method="estimate", num_matvecs=4),
+               diagonal(op), spectral_density(op, num_probes=1, lanczos_steps=10)]
+    for r in results:
+        assert r.precision_note == _Noted.precision_note
+        assert "bfloat16" in repr(r), type(r).__name__
+    plain = eigenvalues(sym(spectrum(), seed=5), k=2)
+    assert plain.precision_note is None and "precision_note" not in repr(plain)
