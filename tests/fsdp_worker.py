@@ -76,27 +76,8 @@ def shard_model(model):
 
 
 def make_op(model, loss_fn, data, vectors=None, **kw):
-    """``HessianOperator(..., method="finite-difference", vectors=...)`` with the sharded-vector protocol.
-
-    Until ``HessianOperator`` takes ``vectors=`` and has the protocol (the lead's change to
-    operators/_hessian.py), the option is passed to ``ShardedObjective`` during construction
-    and the protocol comes from the ``ShardedVectors`` mixin; afterwards the real class is used.
-    """
-    import functools
-    import inspect
-    from nethessian.operators import _hessian
-    from nethessian.operators._shard_vectors import ShardedVectors
-    cls = nh.HessianOperator
-    if "vectors" in inspect.signature(cls).parameters:
-        return cls(model, loss_fn, data, method="finite-difference", vectors=vectors, **kw)
-    if not hasattr(cls, "local_range"):
-        cls = type("HessianOperator", (ShardedVectors, cls), {})
-    original = _hessian.ShardedObjective
-    _hessian.ShardedObjective = functools.partial(original, vectors=vectors)
-    try:
-        return cls(model, loss_fn, data, method="finite-difference", **kw)
-    finally:
-        _hessian.ShardedObjective = original
+    """``HessianOperator(..., method="finite-difference", vectors=...)`` on a sharded model."""
+    return nh.HessianOperator(model, loss_fn, data, method="finite-difference", vectors=vectors, **kw)
 
 
 def compare(rank, world, out):

@@ -36,7 +36,7 @@ from ._checks import as_float, as_int, as_seed
 from ._state_facts import plain, state_facts
 from .errors import DistributedError, InputError
 
-__all__ = ["DistributedError", "is_active", "rank", "world_size", "is_main", "reduce_sum",
+__all__ = ["gather_vector", "DistributedError", "is_active", "rank", "world_size", "is_main", "reduce_sum",
            "common_seed", "common_value", "check_same", "check_state", "agree", "agreeing", "shard", "init_from_env"]
 
 _ABSENT = "(absent)"
@@ -359,3 +359,15 @@ def init_from_env(timeout_s: float = 300.0, backend: Optional[str] = None) -> bo
     backend = backend or ("nccl" if torch.cuda.is_available() else "gloo")
     torch.distributed.init_process_group(backend, timeout=datetime.timedelta(seconds=timeout_s))
     return True
+
+
+def gather_vector(op, x, dst: int = 0, *, max_bytes=None):
+    """Full tensors keyed by parameter name of a sharded vector, on rank ``dst`` (``None`` elsewhere).
+
+    ``x`` is this rank's local ``(n_r,)`` or ``(n_r, k)`` part of a vector of a sharded
+    operator (``HessianOperator(..., vectors="local")`` on an FSDP model), e.g. an
+    eigenvector from ``nh.eigenvalues``. For an operator that is not sharded the vector
+    is split by name. See docs/sharded.md.
+    """
+    from .operators._shard_vectors import gather_vector as _gather
+    return _gather(op, x, dst, max_bytes=max_bytes)

@@ -33,10 +33,9 @@ from .._columns import identity_columns
 from .._params import ParamLayout
 from .._progress import Progress
 from ..errors import CheckpointError, InputError
-from ..structured import select as select_engine
 from ._memory import check_memory, size_of
 from ._operator import Operator, as_operator, make_generator, rademacher
-from ._util import chunk_for, loaded_count, loaded_generator, loaded_tensor, resume
+from ._util import chunk_for, exact_engine, loaded_count, loaded_generator, loaded_tensor, resume
 
 __all__ = ["DiagonalEstimate", "diagonal"]
 
@@ -166,7 +165,7 @@ def diagonal(
         if num_matvecs is not None:
             raise InputError("num_matvecs applies to method='estimate' only; the exact diagonal takes P products")
         distributed.check_same("diagonal", method=method)
-        structured, why = select_engine(A.base, engine)
+        structured, why = exact_engine(A.base, engine, checkpoint, "the exact diagonal")
         if structured is not None:
             return DiagonalEstimate(structured.diagonal().to(A.dtype), None, 0, "exact", A.layout,
                                     "structured", why, precision_note=A.precision_note)

@@ -58,13 +58,12 @@ from .._checks import as_int
 from .._params import ParamLayout
 from .._progress import Progress
 from ..errors import InputError
-from ..structured import select as select_engine
 from ._diagonal import exact_diagonal
 from ._operator import Operator, as_operator, make_generator, rademacher, randn
 from ._memory import check_memory, size_of
 from ._ortho import orthonormal_columns
 from ._probes import Products
-from ._util import chunk_for
+from ._util import chunk_for, exact_engine
 
 __all__ = ["TraceEstimate", "trace"]
 
@@ -181,7 +180,7 @@ def trace(
     if exact:
         _unsharded(A, "trace(exact=True)")
         distributed.check_same("trace", exact=True)
-        structured, why = select_engine(A.base, engine)
+        structured, why = exact_engine(A.base, engine, checkpoint, "the exact trace")
         if structured is not None:  # second-order backpropagation: no products
             values = structured.diagonal().to(A.dtype)
             return replace(_summarise(_reduce(A, values[:, None], layout), 0, "exact", layout),

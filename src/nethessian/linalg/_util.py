@@ -8,10 +8,11 @@ import torch
 
 from .._checks import all_finite, as_int
 from .._columns import column_chunk
-from ..errors import CheckpointError
+from ..errors import CheckpointError, InputError
+from ..structured import select as select_engine
 from ._operator import NotConvergedWarning
 
-__all__ = ["chunk_for", "loaded_count", "loaded_generator", "loaded_tensor", "resume", "warn_not_converged"]
+__all__ = ["chunk_for", "exact_engine", "loaded_count", "loaded_generator", "loaded_tensor", "resume", "warn_not_converged"]
 
 
 def chunk_for(P: int, k: int, chunk_size: Any) -> int:
@@ -19,6 +20,23 @@ def chunk_for(P: int, k: int, chunk_size: Any) -> int:
     if chunk_size is None:
         return column_chunk(P, k)
     return as_int("chunk_size", chunk_size, minimum=1)
+
+
+def exact_engine(base: Any, engine: str, checkpoint: Any, what: str):
+    """``(structured engine or None, why)`` for an exact diagonal or trace.
+
+    A checkpoint belongs to the column-by-column loop (the structured engine runs in
+    one pass and has nothing to resume): with one, ``"auto"`` takes the column loop and
+    says so, and ``"structured"`` is refused rather than the checkpoint ignored.
+    """
+    if checkpoint is not None and engine == "structured":
+        raise InputError(f"{what}: engine='structured' computes it in one pass and takes no checkpoint; "
+                         "drop the checkpoint, or use engine='autodiff' (column by column, resumable)")
+    if checkpoint is not None and engine == "auto":
+        select_engine(base, "autodiff")  # validates the name the same way
+        return None, ("autodiff: a checkpoint was given, and only the column-by-column engine "
+                      "resumes from one (the structured engine runs in one pass)")
+    return select_engine(base, engine)
 
 
 def warn_not_converged(message: str, stacklevel: int = 3) -> None:

@@ -29,6 +29,7 @@ from ._base import CurvatureOperator
 from ._crosscheck import verify_jv
 from ._engine import Engine, graph_bytes
 from ._finite_difference import FDErrors, FDProducts, PlainAccess, check_options, fd_options
+from ._shard_vectors import ShardedVectors, check_vectors
 from ._sharded import NO_DOUBLE_BACKWARD, ShardedAccess, ShardedObjective, is_sharded
 
 __all__ = ["HessianOperator"]
@@ -42,7 +43,7 @@ def _zeros_if_none(t, like):
     return torch.zeros_like(like) if t is None else t
 
 
-class HessianOperator(CurvatureOperator):
+class HessianOperator(ShardedVectors, CurvatureOperator):
     """v ↦ H v with H = ∇²J(θ) over the whole data set.
 
     Args:
@@ -63,7 +64,10 @@ class HessianOperator(CurvatureOperator):
             data is in memory). Costs the memory of one gradient graph. The kept
             graph is a double-backward engine: ``cache=True`` with
             ``method="forward-over-reverse"`` is refused.
-        reduction, allow_random, chunk_size: see ``CurvatureOperator``.
+        vectors: sharded (FSDP) models only: ``"local"`` (default; each rank holds its local
+            shards of every vector, so Krylov memory per rank is k·P/world — see
+            docs/sharded.md) or ``"replicated"`` (full ``(P,)`` vectors on every rank).
+        reduction, allow_random, dtype, chunk_size: see ``CurvatureOperator``.
 
     Attributes:
         engine: ``"kept-graph"``, ``"forward-over-reverse"``, ``"double-backward"`` or
@@ -82,7 +86,7 @@ class HessianOperator(CurvatureOperator):
     def __init__(self, model, loss_fn, data, params=None, *, method: Method = "auto",
                  cache="auto", reduction=None, allow_random: bool = False, dtype=None,
                  chunk_size: Optional[int] = None, fd_order: int = 2, fd_step: Optional[float] = None,
-                 fd_error: bool = True):
+                 fd_error: bool = True, vectors: Optional[str] = None):
         if method not in _METHODS:
             raise InputError(f"unknown method {method!r}; valid: {', '.join(_METHODS)}")
         if cache != "auto" and bool(cache) and method in ("forward-over-reverse", FD):
@@ -94,7 +98,9 @@ class HessianOperator(CurvatureOperator):
             if method != FD:
                 raise InputError(f"method={method!r} is not possible: " + NO_DOUBLE_BACKWARD)
             objective = ShardedObjective(model, loss_fn, data, params, reduction=reduction,
-                                         allow_random=allow_random)
+                                         allow_random=allow_random, vectors=vectors)
+        else:
+            check_vectors(vectors, sharded=False)
         self._fd_options = (fd_order, None if fd_step is None else float(fd_step), fd_error)
         super().__init__(model, loss_fn, data, params, reduction=reduction,
                          allow_random=allow_random, dtype=dtype, chunk_size=chunk_size, _objective=objective)
