@@ -241,3 +241,20 @@ def test_dense_size_check_counts_one_chunk_of_products():
     P = op.shape[0]
     with pytest.raises(DenseTooLargeError, match="chunk"):
         op.to_dense(max_bytes=P * P * 8 + 8)
+
+
+
+def test_from_objective_shares_the_objective_for_every_operator_kind():
+    import nethessian as nh
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Tanh(), torch.nn.Linear(4, 3)).double()
+    data = (torch.randn(10, 3, dtype=torch.float64), torch.randint(0, 3, (10,)))
+    loss_fn = torch.nn.CrossEntropyLoss()
+    H = nh.HessianOperator(model, loss_fn, data)
+    for cls in (nh.HessianOperator, nh.GGNOperator, nh.FisherOperator, nh.EmpiricalFisherOperator):
+        shared = cls.from_objective(H.objective)
+        fresh = cls(model, loss_fn, data)
+        assert shared.objective is H.objective
+        torch.testing.assert_close(shared.to_dense(), fresh.to_dense(), rtol=1e-12, atol=1e-14)
+    with pytest.raises(nh.InputError, match="Objective"):
+        nh.GGNOperator.from_objective(H)

@@ -261,7 +261,7 @@ def test_report_command_builds_one_objective(tmp_path, monkeypatch, capsys):
     init = Objective.__init__
     monkeypatch.setattr(Objective, "__init__", lambda self, *a, **k: (built.append(1), init(self, *a, **k))[1])
     assert main(["report", "-o", str(tmp_path), "--save", str(tmp_path / "r.json")]) == 0
-    assert len(built) == 2  # the GGN section's GGNOperator builds its own (it takes no shared objective)
+    assert len(built) == 1  # one Objective per problem: the GGN section shares it (from_objective)
     built.clear()
     hessian_only = [sid for sid, _ in SECTIONS if sid not in ("ggn", "input-hessian")]
     assert main(["report", "-o", str(tmp_path), "--save", str(tmp_path / "r.json"), "--sections", *hessian_only]) == 0

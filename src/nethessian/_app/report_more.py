@@ -136,7 +136,7 @@ def ggn_vs_hessian(problem, q, S: Dict[str, Any], top_H: torch.Tensor, top_vec: 
     from ..operators._ggn import GGNOperator
 
     try:
-        G = GGNOperator(problem.model, problem.loss_fn, problem.data, list(q.layout.names))
+        G = GGNOperator.from_objective(q.objective)  # the Hessian's objective: one per problem
     except InputError as exc:
         return {"error": " ".join(str(exc).split())}
     P, k = q.layout.size, int(top_H.numel())

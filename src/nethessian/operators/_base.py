@@ -129,6 +129,22 @@ class CurvatureOperator:
         bpc = self.bytes_per_column if self.batched is not False else None
         return column_chunk(self.shape[0], bytes_per_column=bpc)
 
+    @classmethod
+    def from_objective(cls, objective: Objective, **options) -> "CurvatureOperator":
+        """This kind of operator on an existing ``Objective`` (no new snapshot, no re-validation).
+
+        One problem, one objective: e.g. the GGN next to the Hessian of the same model,
+        data and parameters. ``options`` are the class's own (``method=``, ``cache=``, ...).
+
+        >>> import nethessian as nh
+        >>> H = nh.HessianOperator(*nh.examples.two_layer())
+        >>> nh.GGNOperator.from_objective(H.objective).objective is H.objective
+        True
+        """
+        if not isinstance(objective, Objective):
+            raise InputError(f"from_objective needs a nethessian Objective, got {type(objective).__name__}")
+        return cls(objective.model, objective.loss_fn, None, _objective=objective, **options)
+
     @property
     def names(self):
         """The parameter names, in the flat vector's order."""

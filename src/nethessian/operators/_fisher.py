@@ -114,7 +114,8 @@ class FisherOperator(JacobianSandwich):
 
     def __init__(self, model, loss_fn, data, params=None, *, mc_samples: Optional[int] = None,
                  seed: int = 0, method: Method = "auto", cache="auto", reduction=None,
-                 allow_random: bool = False, dtype=None, chunk_size: Optional[int] = None):
+                 allow_random: bool = False, dtype=None, chunk_size: Optional[int] = None,
+                 _objective=None):
         self.kind = likelihood_of(loss_fn)
         if self.kind is None:
             raise InputError(
@@ -127,7 +128,8 @@ class FisherOperator(JacobianSandwich):
             raise InputError(f"mc_samples must be None (exact) or a positive integer, got {mc_samples!r}")
         self.mc_samples, self.seed = mc_samples, as_int("seed", seed)
         super().__init__(model, loss_fn, data, params, method=method, cache=cache, reduction=reduction,
-                         allow_random=allow_random, dtype=dtype, chunk_size=chunk_size)
+                         allow_random=allow_random, dtype=dtype, chunk_size=chunk_size,
+                         _objective=_objective)
 
     def _matrix_options(self):
         return {"mc_samples": self.mc_samples, "seed": self.seed}
@@ -177,9 +179,11 @@ class EmpiricalFisherOperator(JacobianSandwich):
     """
 
     def __init__(self, model, loss_fn, data, params=None, *, method: Method = "auto", cache="auto",
-                 reduction=None, allow_random: bool = False, dtype=None, chunk_size: Optional[int] = None):
+                 reduction=None, allow_random: bool = False, dtype=None, chunk_size: Optional[int] = None,
+                 _objective=None):
         super().__init__(model, loss_fn, data, params, method=method, cache=cache, reduction=reduction,
-                         allow_random=allow_random, dtype=dtype, chunk_size=chunk_size)
+                         allow_random=allow_random, dtype=dtype, chunk_size=chunk_size,
+                         _objective=_objective)
         if getattr(loss_fn, "reduction", None) is None and self.objective.reduction is None:
             raise InputError(
                 "the empirical Fisher needs to know how the loss reduces over samples, and loss_fn has no "

@@ -165,14 +165,15 @@ class JacobianSandwich(CurvatureOperator):
     """
 
     def __init__(self, model, loss_fn, data, params=None, *, method: Method = "auto", cache="auto",
-                 reduction=None, allow_random: bool = False, dtype=None, chunk_size: Optional[int] = None):
+                 reduction=None, allow_random: bool = False, dtype=None, chunk_size: Optional[int] = None,
+                 _objective=None):
         if method not in ("auto", "forward", "reverse"):
             raise InputError(f"unknown method {method!r}; valid: auto, forward, reverse")
         if cache != "auto" and bool(cache) and method == "forward":
             raise InputError("cache=True keeps a reverse-mode graph, which method='forward' does not use; "
                              "pass cache=False, or method='auto' / 'reverse'")
         super().__init__(model, loss_fn, data, params, reduction=reduction,
-                         allow_random=allow_random, dtype=dtype, chunk_size=chunk_size)
+                         allow_random=allow_random, dtype=dtype, chunk_size=chunk_size, _objective=_objective)
         if cache == "auto":
             cache = self.objective.data.in_memory and method != "forward"
         self._requested = (method, bool(cache))
@@ -351,12 +352,12 @@ class GGNOperator(JacobianSandwich):
     def __init__(self, model, loss_fn, data, params=None, *,
                  loss_hessian: Literal["auto", "autograd"] = "auto", method: Method = "auto",
                  cache="auto", reduction=None, allow_random: bool = False, dtype=None,
-                 chunk_size: Optional[int] = None):
+                 chunk_size: Optional[int] = None, _objective=None):
         if loss_hessian not in ("auto", "autograd"):
             raise InputError(f"unknown loss_hessian {loss_hessian!r}; valid: auto, autograd")
         self.loss_hessian = loss_hessian
         super().__init__(model, loss_fn, data, params, method=method, cache=cache, reduction=reduction,
-                         allow_random=allow_random, dtype=dtype, chunk_size=chunk_size)
+                         allow_random=allow_random, dtype=dtype, chunk_size=chunk_size, _objective=_objective)
 
     def _matrix_options(self):
         return {"loss_hessian": self.loss_hessian}

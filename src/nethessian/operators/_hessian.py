@@ -86,20 +86,20 @@ class HessianOperator(ShardedVectors, CurvatureOperator):
     def __init__(self, model, loss_fn, data, params=None, *, method: Method = "auto",
                  cache="auto", reduction=None, allow_random: bool = False, dtype=None,
                  chunk_size: Optional[int] = None, fd_order: int = 2, fd_step: Optional[float] = None,
-                 fd_error: bool = True, vectors: Optional[str] = None):
+                 fd_error: bool = True, vectors: Optional[str] = None, _objective=None):
         if method not in _METHODS:
             raise InputError(f"unknown method {method!r}; valid: {', '.join(_METHODS)}")
         if cache != "auto" and bool(cache) and method in ("forward-over-reverse", FD):
             raise InputError(f"cache=True keeps a double-backward graph, which method={method!r} "
                              "does not use; pass cache=False, or method='auto' / 'double-backward'")
         check_options(fd_order, fd_step, fd_error)
-        objective = None
-        if isinstance(model, torch.nn.Module) and is_sharded(model):
+        objective = _objective  # from_objective: an existing Objective, shared
+        if objective is None and isinstance(model, torch.nn.Module) and is_sharded(model):
             if method != FD:
                 raise InputError(f"method={method!r} is not possible: " + NO_DOUBLE_BACKWARD)
             objective = ShardedObjective(model, loss_fn, data, params, reduction=reduction,
                                          allow_random=allow_random, vectors=vectors)
-        else:
+        elif objective is None:
             check_vectors(vectors, sharded=False)
         self._fd_options = (fd_order, None if fd_step is None else float(fd_step), fd_error)
         super().__init__(model, loss_fn, data, params, reduction=reduction,
