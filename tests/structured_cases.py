@@ -98,6 +98,15 @@ def _ragged():
     return model, loss, [(X[:5], y[:5]), (X[5:], y[5:])]
 
 
+def _bn_deep():
+    model = _seed(lambda: nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.BatchNorm1d(4), nn.Linear(4, 4), nn.Tanh(),
+                                        nn.Linear(4, 2))).eval()
+    with torch.no_grad():
+        model[2].running_mean.uniform_(-0.5, 0.5)
+        model[2].running_var.uniform_(0.5, 2.0)
+    return model, nn.MSELoss(), (_x(5, 3), _x(5, 2, seed=3))
+
+
 ACTIVATIONS = {"tanh": nn.Tanh, "sigmoid": nn.Sigmoid, "softplus": nn.Softplus, "relu": nn.ReLU,
                "leaky_relu": lambda: nn.LeakyReLU(0.1), "elu": nn.ELU, "selu": nn.SELU, "gelu": nn.GELU,
                "silu": nn.SiLU, "logsigmoid": nn.LogSigmoid}
@@ -133,6 +142,20 @@ CASES = {
     "embedding": _embedding,
     "convtranspose1d": lambda: _conv([nn.ConvTranspose1d(2, 2, 3, stride=2), nn.Tanh(), nn.Flatten(),
                                       nn.Linear(14, 2)], (3, 2, 3)),
+    # deeper chains: the diagonal frontier below a Linear, factors through conv/pool, diagonals absorbed
+    "mlp-deep-mixed-activations": lambda: (_seed(lambda: nn.Sequential(
+        nn.Linear(3, 5), nn.Tanh(), nn.Linear(5, 4), nn.Sigmoid(), nn.Linear(4, 4), nn.Softplus(), nn.Linear(4, 3))),
+        nn.CrossEntropyLoss(), (_x(7, 3), _labels(7, 3))),
+    "cnn-relu-maxpool-overlapping": lambda: _conv([nn.Conv2d(1, 2, 3), nn.ReLU(), nn.MaxPool2d(2), nn.Conv2d(2, 3, 2),
+                                                   nn.ReLU(), nn.MaxPool2d(2, stride=1), nn.Flatten(),
+                                                   nn.Linear(12, 3)], (3, 1, 10, 10)),
+    "cnn-tanh-avgpool-padding": lambda: _conv([nn.Conv2d(1, 2, 2), nn.Tanh(), nn.AvgPool2d(2),
+                                               nn.Conv2d(2, 2, 2, padding=1), nn.Tanh(), nn.Flatten(),
+                                               nn.Linear(18, 2)], (3, 1, 5, 5)),
+    "linear-leading-dims-deep": lambda: (_seed(lambda: nn.Sequential(
+        nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 4), nn.SiLU(), nn.Linear(4, 2))),
+        nn.MSELoss(), (_x(4, 5, 3), _x(4, 5, 2, seed=3))),
+    "batchnorm-eval-deep": _bn_deep,
     "conv3d": lambda: _conv([nn.Conv3d(1, 2, 2), nn.Tanh(), nn.Flatten(), nn.Linear(16, 2)], (2, 1, 3, 3, 3)),
 }
 

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-from torch import nn
 
 import nethessian as nh
 from nethessian.errors import InputError
@@ -135,12 +134,31 @@ def test_memory_is_estimated_before_allocation():
     model, loss, data = nh.examples.cnn(n=2, dtype=torch.float64)
     op = nh.HessianOperator(model, loss, data)
     engine = StructuredEngine(op.objective)
-    assert engine.work_estimate("diagonal", 1) > engine.work_bytes
+    assert engine.work_estimate("blocks", 1) > engine.work_bytes
     with pytest.raises(InputError, match="GiB"):
-        nh.diagonal(op, engine="structured")
+        nh.hessian(model, loss, data, engine="structured")
     small, sl, sd = CASES["ce-mean"]()
     with pytest.raises(nh.errors.DenseTooLargeError):
         nh.hessian(small, sl, sd, engine="structured", max_bytes=100)
+
+
+def test_cnn_diagonal_uses_factors_that_stay_few_with_relu():
+    """The small CNN's diagonal runs on K = 10 factors (ReLU adds none): MiB per sample, not GiB.
+
+    Before the factor path the dense frontier needed ~3.5 GiB per sample; a ReLU whose
+    exactly-zero residual was kept as a diagonal would add one factor per unit (GiB again).
+    """
+    model, loss, data = nh.examples.cnn(n=2, dtype=torch.float64)
+    engine = StructuredEngine(nh.HessianOperator(model, loss, data).objective)
+    assert engine.chain and engine.work_estimate("diagonal", 1) < 4 * 2 ** 20
+    assert select(nh.HessianOperator(model, loss, data), "auto")[0] is not None
+
+
+@pytest.mark.parametrize("name", ["residual-fx", "layernorm", "two-branch-fx"])
+def test_branching_and_smooth_graphs_keep_the_dense_frontier(name):
+    """Non-chain graphs and dense residuals take the joint-frontier path (still exact)."""
+    model, loss, data = CASES[name]()
+    assert not StructuredEngine(nh.HessianOperator(model, loss, data).objective).chain
 
 
 def test_auto_dense_keeps_autodiff_and_says_why():

@@ -7,22 +7,24 @@ matrices fit a memory budget. Batches combine through ``Objective.local_sum`` /
 ``finish`` — the same batch weights, term counts and all-reduce as every other
 engine, so ragged batches, DataLoaders and torch.distributed need nothing here.
 
-Why dense per-sample matrices and not BackPACK's square-root factors
-(``H_y = Σ_k ± s_k s_kᵀ``): factors win only while their number stays below the
-layer width, and each non-linear layer adds one factor per unit (its residual
-``diag(g ⊙ σ'')``), so by the second hidden layer of an MLP there are more factors
-than units; the dense frontier also carries the branch cross terms and the mixed
-``K`` blocks the dense Hessian needs. ``nn.Linear`` diagonals skip the per-sample
-Jacobian altogether (``_linear``). Measured in ``benchmarks/bench_structured.py``.
+The diagonal of a chain (``nn.Sequential`` and its fx equivalent, no dense residuals)
+runs on weighted outer-product factors (``_factors``: BackPACK's square-root factors
+with signs as weights, plus a diagonal that becomes factors only where a
+non-diagonal Jacobian needs it, and only the diagonal below the last layer that
+needs more): K = number of outputs per sample with ReLU, MiB per sample for the small
+CNN. Branching graphs, LayerNorm/softmax, blocks and the dense Hessian keep the dense
+joint frontier (cross terms between branches, mixed ``K`` blocks). Measured in
+``benchmarks/bench_structured.py``.
 """
 from __future__ import annotations
 
-from typing import Dict, Optional, Tuple
+from typing import Dict, Tuple
 
 import torch
 from torch import nn
 
 from ._backprop import Accumulator, Frontier, undo_step
+from ._factors import chain_reason, factor_bytes, factor_diagonal
 from ._graph import Plan, Unsupported, build_plan, run_forward
 from ._loss import loss_derivatives, loss_reason
 
@@ -49,6 +51,7 @@ class StructuredEngine:
         self.objective = objective
         self.plan = build_plan(objective.model, objective.layout.names)
         self.needs = _needs(self.plan)
+        self.chain = chain_reason(self.plan) is None  # diagonal by factors (``_factors``)
         self.work_bytes = work_bytes
         first = next(iter(objective.data.iterate(None)))
         if not isinstance(first.inputs, torch.Tensor):
@@ -78,7 +81,9 @@ class StructuredEngine:
         item = torch.empty((), dtype=self.objective.dtype).element_size()
         P = self.objective.size
         base = 4 * widest ** 2 + 3 * jac
-        return {"diagonal": item * (4 * widest ** 2 + 3 * jac_diag), "blocks": item * base,
+        diagonal = (factor_bytes(self.plan, env, self.objective.layout, item) if self.chain
+                    else item * (4 * widest ** 2 + 3 * jac_diag))
+        return {"diagonal": diagonal, "blocks": item * base,
                 "dense": item * (base + 4 * widest * P)}
 
     def check_memory(self, mode: str) -> None:
@@ -112,6 +117,9 @@ class StructuredEngine:
         for s in range(0, N, step):
             acc.start_chunk()
             envc = {k: v[s:s + step] for k, v in env.items()}
+            if mode == "diagonal" and self.chain:
+                factor_diagonal(self.plan, envc, g[s:s + step], H[s:s + step], state, ob.layout, acc.diag)
+                continue
             fr = Frontier(self.plan.output, g[s:s + step], H[s:s + step], dense=mode == "dense")
             for st in reversed(self.plan.steps):
                 if self.needs[st.name]:

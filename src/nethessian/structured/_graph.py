@@ -50,6 +50,7 @@ class Step:
     params: Tuple[str, ...]
     fn: Callable
     module: Optional[nn.Module] = None
+    prefix: str = ""  # the module's path plus "." (its parameters' and buffers' names in the state)
 
 
 @dataclass
@@ -135,8 +136,9 @@ def _step(node: fx.Node, model: nn.Module, chosen: Sequence[str]) -> Step:
     if kind != "linear" and len(acts) != 1:
         raise Unsupported(f"{_label(node)}: a non-linear map of several inputs has no rule")
     module = model.get_submodule(node.target) if node.op == "call_module" else None
+    prefix = f"{node.target}." if node.op == "call_module" and node.target else ""
     return Step(node.name, _label(node), kind, tuple(a.name for a in acts),
-                tuple(p for p in owned if p in chosen), _function_of(node, model, order), module)
+                tuple(p for p in owned if p in chosen), _function_of(node, model, order), module, prefix)
 
 
 def build_plan(model: nn.Module, chosen: Sequence[str]) -> Plan:

@@ -34,5 +34,5 @@ def linear_diagonal(step, xs, Hyy: torch.Tensor, y: torch.Tensor) -> Optional[to
         wdiag = Hj.T @ xt[:, 0, :].square()
     else:
         wdiag = torch.einsum("ntsj,nti,nsi->ji", Hd, xt, xt)
-    parts = {f"weight": wdiag.reshape(-1), "bias": Hd.sum(dim=(0, 1, 2))}
+    parts = {"weight": wdiag.reshape(-1), "bias": Hd.sum(dim=(0, 1, 2))}
     return torch.cat([parts[p.rsplit(".", 1)[-1]] for p in step.params])

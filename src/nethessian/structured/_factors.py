@@ -1,0 +1,319 @@
+"""The exact diagonal of a chain of layers from weighted outer-product factors.
+
+For a model that is a chain ``z_0 → f_1 → z_1 → … → f_L → z_L`` (``nn.Sequential``
+and its fx equivalent), the per-sample Hessian of ℓ with respect to a node is kept as
+
+    H_z = Σ_k λ_k v_k v_kᵀ + diag(d)        (per sample; V: (n, K, D), λ: (n, K), d: (n, D)),
+
+starting from the loss's eigen-decomposition ``H_out = Σ_k λ_k v_k v_kᵀ`` (K = number
+of outputs, exact for every loss setting; BackPACK writes the same as square-root
+factors ``± s sᵀ``, the weights λ avoid the square roots of negative entries). Undoing
+a step ``z = f(x)`` with ``J = ∂z/∂x`` and ``g = ∂ℓ/∂z``:
+
+* factors: ``v ↦ Jᵀ v`` (one vector-Jacobian product per factor);
+* diagonal part: for a diagonal J (element-wise maps, BatchNorm in eval)
+  ``Jᵀ diag(d) J = diag(J² d)``, plus the residual ``diag(g ⊙ σ'')`` of a curved
+  element-wise map; for a selection J (Flatten, Identity, Dropout in eval, MaxPool:
+  every output copies one input) ``Jᵀ diag(d) J = diag(Jᵀ d)``; for any other J the
+  diagonal becomes D new factors ``e_j`` with weights ``d_j`` (exact, and the only
+  place the factor count grows — with ReLU it never does).
+
+Only as much is kept as the layers below need (the *level* of each node): a
+``Linear`` on 2-D inputs needs only ``diag(H_z)`` for its weights, so below the last
+layer whose input needs more, only the diagonal travels:
+
+    diag(Jᵀ H J) = Σ_k λ_k (Jᵀ v_k)² + (J ⊙ J)ᵀ d,
+
+with ``(J ⊙ J)ᵀ d`` the VJP of the layer with squared weights (Linear, Conv,
+ConvTranspose: every Jacobian entry is one weight). Parameter diagonals:
+``Linear`` (2-D input) ``diag(H_W) = diag(H_z)ᵀ (x ⊙ x)``; any other layer
+``Σ_k λ_k (J_θᵀ v_k)² + (J_θ ⊙ J_θ)ᵀ d`` with per-sample, per-factor VJPs in θ and
+the last term as the θ-VJP at squared inputs (Linear, Conv: entries of J_θ are inputs).
+"""
+from __future__ import annotations
+
+from typing import Dict, List, Optional
+
+import torch
+from torch import nn
+from torch.func import functional_call, vjp, vmap
+
+from ._unfold import conv_factor_grads, transpose_many
+
+__all__ = ["Factors", "chain_reason", "factor_diagonal", "factor_bytes"]
+
+WEIGHTED = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d,
+            nn.ConvTranspose3d)
+SELECTION = (nn.Flatten, nn.Unflatten, nn.Identity, nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d,
+             nn.AlphaDropout, nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d)
+DIAGONAL_J = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
+FLAT = (nn.ReLU, nn.LeakyReLU)  # piecewise linear: no residual term
+_RANK = {None: 0, "diag": 1, "full": 2}
+
+
+def jacobian_class(step) -> str:
+    """``"diagonal"``, ``"selection"``, ``"weighted"`` or ``"other"`` (how diag(d) pulls back)."""
+    if step.kind == "elementwise" or isinstance(step.module, DIAGONAL_J):
+        return "diagonal"
+    if isinstance(step.module, SELECTION) or (step.module is None and step.label.split(" ")[0] == "flatten"):
+        return "selection"
+    if isinstance(step.module, WEIGHTED):
+        return "weighted"
+    return "other"
+
+
+def chain_reason(plan) -> Optional[str]:
+    """None when the plan is a chain of linear/element-wise steps (factor path), else why not."""
+    previous = plan.input
+    for step in plan.steps:
+        if step.kind == "smooth":
+            return f"{step.label} has a dense residual"
+        if step.inputs != (previous,):
+            return f"{step.label} branches (not a chain)"
+        previous = step.name
+    return None if previous == plan.output else "the output is not the last step"
+
+
+def _param_level(step, x: torch.Tensor) -> Optional[str]:
+    if not step.params:
+        return None
+    return "diag" if isinstance(step.module, nn.Linear) and x.ndim == 2 else "full"
+
+
+def levels(steps, env: Dict[str, torch.Tensor]) -> List[Optional[str]]:
+    """Per step, what of its output's Hessian the steps below need: None, "diag" or "full"."""
+    out, below = [], None
+    for step in steps:
+        pull = None if below is None else (below if jacobian_class(step) in ("diagonal", "selection")
+                                           else "full")
+        own = _param_level(step, env[step.inputs[0]])
+        below = max(pull, own, key=_RANK.__getitem__)
+        out.append(below)
+    return out
+
+
+class Factors:
+    """``H = Σ_k λ_k v_k v_kᵀ + diag(d)`` per sample (V None: K = 0; d None: zero)."""
+
+    def __init__(self, V: Optional[torch.Tensor], lam: Optional[torch.Tensor], d: Optional[torch.Tensor]):
+        self.V, self.lam, self.d = V, lam, d
+
+    @classmethod
+    def of_matrices(cls, H: torch.Tensor) -> "Factors":
+        """From dense per-sample Hessians ``(n, D, D)`` by ``eigh`` (exact, signs kept in λ)."""
+        lam, Q = torch.linalg.eigh(H)
+        return cls(Q.transpose(1, 2), lam, None)
+
+    def diagonal(self, n: int, D: int, like: torch.Tensor) -> torch.Tensor:
+        out = like.new_zeros(n, D) if self.d is None else self.d.clone()
+        if self.V is not None:
+            out += torch.einsum("nk,nkd->nd", self.lam, self.V.square())
+        return out
+
+    def absorb_diagonal(self) -> "Factors":
+        """The diagonal as D unit-vector factors with weights d (exact; n·D² memory)."""
+        if self.d is None:
+            return self
+        n, D = self.d.shape
+        eye = torch.eye(D, dtype=self.d.dtype, device=self.d.device).expand(n, D, D)
+        V = eye if self.V is None else torch.cat([self.V, eye], dim=1)
+        lam = self.d if self.lam is None else torch.cat([self.lam, self.d], dim=1)
+        return Factors(V, lam, None)
+
+
+def _local(step, state) -> Dict[str, torch.Tensor]:
+    return {k: state[step.prefix + k] for k, _ in step.module.named_parameters()}
+
+
+def _squared_input_pull(step, x: torch.Tensor, state, d: torch.Tensor) -> torch.Tensor:
+    """``(J ⊙ J)ᵀ d`` for Linear/Conv/ConvTranspose: the input VJP with squared weights, no bias."""
+    local = {k: (v.square() if k == "weight" else torch.zeros_like(v)) for k, v in _local(step, state).items()}
+    y, pull = vjp(lambda x_: functional_call(step.module, local, (x_,)), x)
+    return pull(d.reshape(y.shape))[0].reshape(x.shape[0], -1)
+
+
+def _theta_vjp(step, x: torch.Tensor, state, cot: torch.Tensor) -> torch.Tensor:
+    """``Σ_n J_θ,nᵀ cot_n`` of the step at inputs ``x``, the chosen parameters side by side."""
+    names = step.params
+
+    def f(*ths):
+        st = dict(state)
+        st.update(zip(names, ths))
+        return step.fn([x], st)
+    y, pull = vjp(f, *[state[p] for p in names])
+    return torch.cat([t.reshape(-1) for t in pull(cot.reshape(y.shape))])
+
+
+def _squared_theta(step, x: torch.Tensor, state, d: torch.Tensor) -> Optional[torch.Tensor]:
+    """``Σ_n (J_θ,n ⊙ J_θ,n)ᵀ d_n`` where every entry of J_θ is one input (or 0/1); else None."""
+    if isinstance(step.module, WEIGHTED):
+        return _theta_vjp(step, x * x, state, d)
+    if isinstance(step.module, nn.Embedding):
+        return _theta_vjp(step, x, state, d)
+    return None
+
+
+def _per_factor_theta(step, x: torch.Tensor, state, V: torch.Tensor) -> torch.Tensor:
+    """``J_θ,nᵀ v_{n,k}`` for every sample and factor: ``(n, K, P_step)``."""
+    names = step.params
+
+    def one(x_n, V_n):
+        def f(*ths):
+            st = dict(state)
+            st.update(zip(names, ths))
+            return step.fn([x_n.unsqueeze(0)], st)[0]
+        y, pull = vjp(f, *[state[p] for p in names])
+        grads = vmap(pull)(V_n.reshape(V_n.shape[0], *y.shape))
+        return torch.cat([t.reshape(V_n.shape[0], -1) for t in grads], dim=1)
+    return vmap(one)(x, V)
+
+
+class _Transpose:
+    """``C ↦ Jₓᵀ C`` for one step on a chunk, ``(n, K, D_y) -> (n, K, D_x)``, and its curvature.
+
+    Closed forms where the Jacobian is known: a diagonal J (element-wise maps and
+    BatchNorm in eval) multiplies by ``σ'(x)`` — with ``σ''(x)`` for the residual from the
+    same double-backward pass; ``nn.Linear`` multiplies by W. Any other step runs its
+    own VJP on each sample's input repeated K times (one batched call, per-sample steps).
+    """
+
+    def __init__(self, step, x: torch.Tensor, state, cls: str):
+        self.step, self.x, self.state, self.cls = step, x, state, cls
+        self.n, self.width = x.shape[0], x[0].numel()
+        self.s1 = self.s2 = self.W = None
+        if cls == "diagonal":
+            self.s1, self.s2 = _diagonal_derivatives(step, x, state, _curved(step))
+        elif isinstance(step.module, nn.Linear):
+            self.W = state[step.prefix + "weight"]
+
+    def __call__(self, C: torch.Tensor) -> torch.Tensor:
+        n, K = C.shape[0], C.shape[1]
+        if K == 0:
+            return C.new_zeros(n, 0, self.width)
+        if self.s1 is not None:
+            return C * self.s1[:, None, :]
+        if self.W is not None:
+            return (C.reshape(n, K, -1, self.W.shape[0]) @ self.W).reshape(n, K, -1)
+        fast = transpose_many(self.step, self.x, self.state, C)
+        if fast is not None:
+            return fast
+        xr = self.x.repeat_interleave(K, dim=0)
+        y, back = vjp(lambda x_: self.step.fn([x_], self.state), xr)
+        return back(C.reshape(y.shape))[0].reshape(n, K, -1)
+
+
+def _diagonal_derivatives(step, x: torch.Tensor, state, curved: bool):
+    """``σ'(x)`` and (curved maps) ``σ''(x)``, flattened per sample, for a diagonal Jacobian.
+
+    ``σ'`` is the VJP of ones (J diagonal); the derivative of ``Σ_i σ'_i`` is ``σ''``
+    because ``∂σ'_i/∂x_j = 0`` for i ≠ j.
+    """
+    n = x.shape[0]
+    with torch.enable_grad():
+        xg = x.detach().requires_grad_(True)
+        y = step.fn([xg], state)
+        s1, = torch.autograd.grad(y, xg, torch.ones_like(y), create_graph=curved)
+        s2 = None
+        if curved and s1.requires_grad:
+            s2, = torch.autograd.grad(s1.sum(), xg, allow_unused=True)
+    return s1.detach().reshape(n, -1), (None if s2 is None else s2.reshape(n, -1))
+
+
+def param_diagonal(step, x: torch.Tensor, state, fac: Factors, D_y: int) -> torch.Tensor:
+    """The diagonal of the step's chosen parameters (layout order within the step)."""
+    n = x.shape[0]
+    if isinstance(step.module, nn.Linear) and x.ndim == 2:
+        dg = fac.diagonal(n, D_y, x)
+        parts = {"weight": (dg.T @ x.square()).reshape(-1), "bias": dg.sum(0)}
+        return torch.cat([parts[p.rsplit(".", 1)[-1]] for p in step.params])
+    extra = None
+    if fac.d is not None:
+        extra = _squared_theta(step, x, state, fac.d)
+        if extra is None:
+            fac = fac.absorb_diagonal()
+    out = 0 if extra is None else extra
+    if fac.V is not None:
+        G = conv_factor_grads(step, x, fac.V)
+        if G is None:
+            G = _per_factor_theta(step, x, state, fac.V)
+        out = out + torch.einsum("nk,nkp->p", fac.lam, G.square())
+    return out
+
+
+def pull_factors(fac: Factors, step, x: torch.Tensor, state, g_y: torch.Tensor, target: str):
+    """``(factors of the input Hessian, g_x)`` (``target="diag"``: the diagonal only)."""
+    cls, n = jacobian_class(step), x.shape[0]
+    squared = target == "diag" and cls == "weighted"
+    if fac.d is not None and cls in ("weighted", "other") and not squared:
+        fac = fac.absorb_diagonal()
+    T = _Transpose(step, x, state, cls)
+    V = None if fac.V is None else T(fac.V)
+    g_x = T(g_y[:, None, :])[:, 0]
+    d = fac.d
+    if d is not None:
+        if cls == "diagonal":
+            d = d * T.s1.square()
+        elif cls == "selection":
+            d = T(d[:, None, :])[:, 0]
+        else:
+            d = _squared_input_pull(step, x, state, d)
+    if T.s2 is not None:
+        r = g_y * T.s2  # the residual diag(g ⊙ σ''); exactly zero for ReLU adds nothing
+        if bool(r.any()):
+            d = r if d is None else d + r
+    out = Factors(V, fac.lam if V is not None else None, d)
+    if target == "diag" and V is not None:
+        out = Factors(None, None, out.diagonal(n, T.width, x))
+    return out, g_x
+
+
+def factor_diagonal(plan, env: Dict[str, torch.Tensor], g: torch.Tensor, H: torch.Tensor, state,
+                    layout, diag: torch.Tensor) -> None:
+    """Add the chunk's exact parameter diagonal (a chain plan) into ``diag`` (layout order)."""
+    steps = plan.steps
+    lv = levels(steps, env)
+    fac = Factors.of_matrices(H)
+    for i in reversed(range(len(steps))):
+        step = steps[i]
+        if lv[i] is None:
+            break
+        x = env[step.inputs[0]]
+        if step.params:
+            idx = layout.indices(list(step.params)).to(diag.device)
+            diag[idx] += param_diagonal(step, x, state, fac, g.shape[1])
+        below = lv[i - 1] if i > 0 else None
+        if below is None:
+            break
+        fac, g = pull_factors(fac, step, x, state, g, below)
+
+
+def _curved(step) -> bool:
+    return step.kind == "elementwise" and not isinstance(step.module, FLAT) and \
+        step.label.split(" ")[0] not in ("relu", "leaky_relu")
+
+
+def factor_bytes(plan, env: Dict[str, torch.Tensor], layout, item: int) -> float:
+    """Bytes per sample of the factor path (upper bound: every curved map adds a diagonal)."""
+    size = {k: v[0].numel() for k, v in env.items()}
+    steps, lv = plan.steps, levels(plan.steps, env)
+    K, has_d, worst = size[plan.output], False, 0
+    for i in reversed(range(len(steps))):
+        step = steps[i]
+        if lv[i] is None:
+            break
+        D_y, D_x = size[step.name], size[step.inputs[0]]
+        P = sum(layout.numels[layout.index(p)] for p in step.params)
+        if step.params and _param_level(step, env[step.inputs[0]]) == "full":
+            k_p = K + (D_y if has_d and not isinstance(step.module, WEIGHTED + (nn.Embedding,)) else 0)
+            worst = max(worst, 2 * k_p * (P + D_y))
+        below = lv[i - 1] if i > 0 else None
+        if below is None:
+            break
+        cls = jacobian_class(step)
+        if has_d and cls in ("weighted", "other") and not (below == "diag" and cls == "weighted"):
+            K, has_d = K + D_y, False
+        worst = max(worst, 3 * K * (D_y + D_x) + 4 * (D_y + D_x))
+        has_d = has_d or _curved(step)
+        if below == "diag":
+            K = 0
+    return float(item * worst)

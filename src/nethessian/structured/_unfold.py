@@ -1,0 +1,130 @@
+"""Per-sample, per-factor parameter gradients of convolutions by unfolding (no vmap).
+
+A convolution is linear in its weight: with the input unfolded into patches
+``X_n[c, κ, p]`` (channel c, kernel offset κ, output position p),
+
+    y_n[o, p] = Σ_{c,κ} W[o, c, κ] X_n[g(o)·C/g + c, κ, p] + b[o],
+
+so for a cotangent ``v`` (one factor of one sample) the weight gradient is
+``G[o, c, κ] = Σ_p v[o, p] X[g(o)·C/g + c, κ, p]`` and the bias gradient
+``Σ_p v[o, p]`` — one ``einsum`` for all samples and factors at once. A transposed
+convolution is the adjoint of a convolution with the same kernel settings, so its
+weight gradient ``G[c, o, κ] = Σ_q x[c, q] V[o, κ, q]`` unfolds the cotangent instead
+(``output_padding`` only appends output positions no input reaches).
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+__all__ = ["conv_factor_grads", "transpose_many"]
+
+_CONV = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+_TRANSPOSED = (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
+
+
+def unfold(x: torch.Tensor, kernel, stride, padding, dilation) -> torch.Tensor:
+    """``(B, C, *S) -> (B, C, *k, *out)``: every patch of an N-d convolution (zero padding)."""
+    m = len(kernel)
+    pad = []
+    for p in reversed(padding):
+        pad += [p, p]
+    x = F.pad(x, pad)
+    for i in range(m):
+        span = (kernel[i] - 1) * dilation[i] + 1
+        x = x.unfold(2 + i, span, stride[i])[..., ::dilation[i]]  # window appended last
+    # now (B, C, *out, *k)
+    order = [0, 1] + [2 + m + i for i in range(m)] + [2 + i for i in range(m)]
+    return x.permute(order)
+
+
+def _supported(module: nn.Module) -> bool:
+    return (isinstance(module, _CONV + _TRANSPOSED) and module.padding_mode == "zeros"
+            and not isinstance(module.padding, str))
+
+
+def conv_factor_grads(step, x: torch.Tensor, V: torch.Tensor) -> Optional[torch.Tensor]:
+    """``J_θ,nᵀ v_{n,k}`` for a (transposed) convolution: ``(n, K, P_step)``; None if not one."""
+    module = step.module
+    if not _supported(module):
+        return None
+    n, K, g = x.shape[0], V.shape[1], module.groups
+    y_shape = (module.out_channels, *_shape(module, x))
+    if _prod(y_shape) != V.shape[2]:
+        return None
+    Vr = V.reshape(n, K, *y_shape)
+    args = (module.kernel_size, module.stride, module.padding, module.dilation)
+    if isinstance(module, _CONV):
+        Xu = unfold(x, *args).reshape(n, g, module.in_channels // g, _prod(module.kernel_size), -1)
+        Vg = Vr.reshape(n, K, g, module.out_channels // g, -1)
+        weight = torch.einsum("nkgop,ngcqp->nkgocq", Vg, Xu)      # (n, K, g, O/g, C/g, κ)
+    else:
+        Vu = unfold(Vr.reshape(n * K, *y_shape), *args)           # (nK, O, *k, *in)
+        Vu = Vu.reshape(n, K, g, module.out_channels // g, _prod(module.kernel_size), -1)
+        Xg = x.reshape(n, g, module.in_channels // g, -1)
+        weight = torch.einsum("ngcp,nkgoqp->nkgcoq", Xg, Vu)      # (n, K, g, C/g, O/g, κ)
+    parts = {"weight": weight.reshape(n, K, -1)}
+    if module.bias is not None:
+        parts["bias"] = Vr.reshape(n, K, module.out_channels, -1).sum(-1)
+    return torch.cat([parts[p.rsplit(".", 1)[-1]] for p in step.params], dim=2)
+
+
+_POOL = (nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d)
+
+
+def transpose_many(step, x: torch.Tensor, state, C: torch.Tensor) -> Optional[torch.Tensor]:
+    """``Jₓᵀ c`` for many cotangents ``(n, K, D_y) -> (n, K, D_x)`` of a convolution or max-pool.
+
+    Convolution: the input gradient (``torch.nn.grad.conv*_input``) with the n·K
+    cotangents as the batch; transposed convolution: the convolution with the same
+    kernel; max-pool: a scatter of each cotangent to the positions of the maxima
+    (indices from one pooling of x). None for other steps (the caller uses VJPs).
+    """
+    module, n, K = step.module, C.shape[0], C.shape[1]
+    if isinstance(module, _POOL):
+        m = x.ndim - 2
+        pool = getattr(F, f"max_pool{m}d")
+        _, idx = pool(x, module.kernel_size, module.stride, module.padding, module.dilation,
+                      ceil_mode=module.ceil_mode, return_indices=True)
+        idx = idx.reshape(n, 1, idx.shape[1], -1).expand(n, K, -1, -1)
+        out = C.new_zeros(n, K, x.shape[1], x[0, 0].numel())
+        return out.scatter_add_(3, idx, C.reshape(idx.shape)).reshape(n, K, -1)
+    if not _supported(module) or x.ndim != len(module.kernel_size) + 2:
+        return None
+    y_shape = (module.out_channels, *_shape(module, x))
+    if _prod(y_shape) != C.shape[2]:
+        return None
+    W = state[step.prefix + "weight"]
+    m = len(module.kernel_size)
+    Cb = C.reshape(n * K, *y_shape)
+    args = (module.stride, module.padding, module.dilation, module.groups)
+    if isinstance(module, _CONV):
+        grad_input = getattr(torch.nn.grad, f"conv{m}d_input")
+        out = grad_input((n * K, *x.shape[1:]), W, Cb, *args)
+    else:
+        out = getattr(F, f"conv{m}d")(Cb, W, None, *args)
+    return out.reshape(n, K, -1)
+
+
+def _prod(t) -> int:
+    out = 1
+    for v in t:
+        out *= v
+    return out
+
+
+def _shape(module, x: torch.Tensor):
+    """The output's spatial size (default ``output_size`` for transposed convolutions)."""
+    m = len(module.kernel_size)
+    S = x.shape[2:2 + m]
+    out = []
+    for i in range(m):
+        k, s, p, d = module.kernel_size[i], module.stride[i], module.padding[i], module.dilation[i]
+        if isinstance(module, _CONV):
+            out.append((S[i] + 2 * p - d * (k - 1) - 1) // s + 1)
+        else:
+            out.append((S[i] - 1) * s - 2 * p + d * (k - 1) + module.output_padding[i] + 1)
+    return out
