@@ -87,3 +87,15 @@ def test_demo_numbers_come_from_one_objective(monkeypatch):
     H = nh.hessian(*nh.examples.two_layer(seed=2))
     torch.testing.assert_close(torch.tensor(res["eigenvalues"], dtype=torch.float64), H.eigvalsh(),
                                rtol=1e-10, atol=1e-14)
+
+
+def test_whole_demo_with_newton_builds_one_objective(monkeypatch, capsys):
+    from nethessian._app.cli import main
+    from nethessian._objective import Objective
+
+    built = []
+    init = Objective.__init__
+    monkeypatch.setattr(Objective, "__init__", lambda self, *a, **k: (built.append(1), init(self, *a, **k))[1])
+    assert main(["demo"]) == 0
+    assert "damped Newton" in capsys.readouterr().out
+    assert len(built) == 1  # the demo's numbers and its Newton run share the problem's one Objective

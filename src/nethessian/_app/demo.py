@@ -82,7 +82,7 @@ def newton_text(problem) -> str:
     from .._newton import newton
     from .._verdict import classify_point
 
-    res = newton(problem.model, problem.loss_fn, problem.data)
+    res = newton(problem.operator())  # on the problem's one Objective
     eig = _hessian_at(problem, res.theta)
     verdict = classify_point(eig, res.gradient_norms[-1], rtol=1e-6, gtol=1e-8)
     exact_fit = verdict.kind == "degenerate" and res.value < 1e-20
