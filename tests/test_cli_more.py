@@ -107,3 +107,14 @@ def test_input_hessian_token_model_needs_at(tmp_path, capsys):
     res = _json(capsys, ["input-hessian", str(f), "--at", "0"])
     assert res["result"]["at"] == "0" and res["result"]["dim"] == 12
     assert main(["input-hessian", "--checkpoint", str(tmp_path / "c")]) == 2
+
+
+@pytest.mark.parametrize("command", [["eig", "-k", "2"], ["trace", "--num-matvecs", "6"],
+                                     ["diag", "--method", "estimate", "--num-matvecs", "4"],
+                                     ["density", "--probes", "2", "--steps", "5"]])
+def test_max_memory_refuses_before_any_product_and_allows_enough(command, capsys):
+    assert main([*command, "mlp", "--max-memory", "1000"]) == 2
+    err = capsys.readouterr().err
+    assert "max_memory = 1,000 bytes" in err and len(err.strip().splitlines()) == 1
+    out = _json(capsys, [*command, "two-layer", "--max-memory", str(10**8)])
+    assert out["result"]["memory_bytes"] <= 10**8

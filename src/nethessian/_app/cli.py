@@ -53,6 +53,12 @@ def _shared_flags(p: argparse.ArgumentParser, defaults: bool = False) -> None:
                    **({"default": 300.0} if defaults else keep))
 
 
+def _memory_flag(p) -> None:
+    p.add_argument("--max-memory", type=int, default=None, metavar="BYTES",
+                   help="refuse a run whose per-rank vector memory (Krylov basis, probes, work vectors; "
+                        "not the products' own) would exceed this many bytes")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="nethessian", description=__doc__.splitlines()[0])
     _shared_flags(parser, defaults=True)
@@ -79,19 +85,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-k", type=int, default=5)
     p.add_argument("--which", default="largest", choices=["largest", "smallest", "both", "magnitude"])
     p.add_argument("--tol", type=float, default=1e-3)
+    _memory_flag(p)
     p = add("trace", commands.trace, "trace estimate with its standard error")
     p.add_argument("--method", default="hutch++", choices=["hutchinson", "hutch++", "xtrace"])
     p.add_argument("--num-matvecs", type=int, default=None)
     p.add_argument("--exact", action="store_true")
     p.add_argument("--by-block", action="store_true")
+    _memory_flag(p)
     p = add("diag", commands.diag, "diagonal of the Hessian")
     p.add_argument("--method", default="exact", choices=["exact", "estimate"])
     p.add_argument("--num-matvecs", type=int, default=None)
     p.add_argument("--chunk-size", type=int, default=None)
+    _memory_flag(p)
     p = add("density", commands.density, "spectral density (stochastic Lanczos quadrature)")
     p.add_argument("--probes", type=int, default=8)
     p.add_argument("--steps", type=int, default=80)
     p.add_argument("-o", "--output", default=None, help="PNG to write")
+    _memory_flag(p)
     add("check", commands.check, "check the Hessian of your model against finite differences")
     p = add("input-hessian", commands.input_hessian,
             "Hessian w.r.t. the inputs (or --at a module's output): per-sample top eigenvalue and trace")

@@ -54,6 +54,11 @@ def _problem(args) -> Problem:
     return problem
 
 
+def _memory(args) -> Dict[str, Any]:
+    """``max_memory=`` for the estimators when ``--max-memory`` was given."""
+    return {} if args.max_memory is None else {"max_memory": args.max_memory}
+
+
 def _protected(args, problem: Problem):
     return [problem.source, getattr(args, "checkpoint", None)]
 
@@ -148,7 +153,7 @@ def eig(args) -> int:
     op = _operator(args, problem)
     settings = _settings(args, problem, k=args.k, which=args.which, tol=args.tol)
     res = eigenvalues(op, k=args.k, which=args.which, tol=args.tol, seed=args.seed,
-                      checkpoint=_checkpoint(args, settings), progress=_progress())
+                      checkpoint=_checkpoint(args, settings), progress=_progress(), max_memory=args.max_memory)
     result = res.to_dict(eigenvectors=bool(args.save))  # --save keeps whole eigenpairs
     lines = [f"{args.k} {args.which} eigenvalues of the Hessian (P = {op.shape[0]}, {res.num_matvecs} products, "
              f"{'converged' if res.converged else 'NOT converged'})"]
@@ -164,7 +169,8 @@ def trace(args) -> int:
     settings = _settings(args, problem, method=args.method, num_matvecs=args.num_matvecs, exact=args.exact,
                          by_block=args.by_block)
     res = trace_fn(op, method=args.method, num_matvecs=args.num_matvecs, seed=args.seed, exact=args.exact,
-                   by_block=args.by_block, progress=_progress(), checkpoint=_checkpoint(args, settings))
+                   by_block=args.by_block, progress=_progress(), checkpoint=_checkpoint(args, settings),
+                   **_memory(args))
     lines = [f"trace of the Hessian ({res.method}, {res.num_matvecs} products): {res.value:.6e} ± {res.stderr:.2e}"]
     for name, b in (res.blocks or {}).items():
         lines.append(f"  {name:<30} {b.value:+.6e} ± {b.stderr:.2e}")
@@ -178,7 +184,8 @@ def diag(args) -> int:
     settings = _settings(args, problem, method=args.method, num_matvecs=args.num_matvecs,
                          chunk_size=args.chunk_size)
     res = diagonal(op, method=args.method, num_matvecs=args.num_matvecs, seed=args.seed,
-                   chunk_size=args.chunk_size, progress=_progress(), checkpoint=_checkpoint(args, settings))
+                   chunk_size=args.chunk_size, progress=_progress(), checkpoint=_checkpoint(args, settings),
+                   **_memory(args))
     lines = [f"diagonal of the Hessian ({res.method}, {res.num_matvecs} products)"]
     for name, t in res.by_name.items():
         lines.append(f"  {name:<30} sum {float(t.sum()):+.6e}  min {float(t.min()):+.3e}  max {float(t.max()):+.3e}")
@@ -191,7 +198,7 @@ def density(args) -> int:
     op = _operator(args, problem)
     settings = _settings(args, problem, num_probes=args.probes, lanczos_steps=args.steps)
     res = spectral_density(op, num_probes=args.probes, lanczos_steps=args.steps, seed=args.seed,
-                           checkpoint=_checkpoint(args, settings), progress=_progress())
+                           checkpoint=_checkpoint(args, settings), progress=_progress(), **_memory(args))
     text = (f"spectral density (SLQ: {args.probes} probes × {args.steps} Lanczos steps, {res.num_matvecs} products)"
             f"\n  support ≈ [{float(res.nodes.min()):.4e}, {float(res.nodes.max()):.4e}]")
     if args.output and dist.is_main():
