@@ -84,6 +84,8 @@ def _side_ticks(linthresh: float, top: float) -> list:
     >>> _side_ticks(1e-5, 3e-3)
     [1e-05, 0.0001, 0.001]
     >>> _side_ticks(1e-3, 4e-3)
+    [0.001]
+    >>> _side_ticks(2e-3, 4e-3)
     [0.004]
     """
     if top <= 0:
