@@ -137,3 +137,35 @@ def test_fingerprint_of_streaming_data():
     assert a.fingerprint() == make(4).fingerprint()
     assert a.fingerprint() != make(8).fingerprint()
     assert a.at(a.theta0.clone()).fingerprint() == a.fingerprint()
+
+
+TEMPERATURE = 1.0
+
+
+def _tempered(o, y):
+    return torch.nn.functional.cross_entropy(o / TEMPERATURE, y)
+
+
+def test_fingerprint_follows_globals_and_objects_the_loss_reads(monkeypatch):
+    """A checkpoint must not resume after a module-level setting or a wrapped loss object changed."""
+    import nethessian as nh
+    torch.manual_seed(0)
+    model = torch.nn.Linear(3, 4).double()
+    data = (torch.randn(6, 3, dtype=torch.float64), torch.randint(0, 4, (6,)))
+    fp = lambda loss: nh.HessianOperator(model, loss, data).fingerprint()  # noqa: E731
+    a = fp(_tempered)
+    assert fp(_tempered) == a  # the same problem, the same fingerprint
+    monkeypatch.setattr(__import__(__name__), "TEMPERATURE", 0.1)
+    assert fp(_tempered) != a
+    ce = torch.nn.CrossEntropyLoss()
+    wrapped = lambda o, y: ce(o, y)  # noqa: E731
+    b = fp(wrapped)
+    ce.label_smoothing = 0.3
+    assert fp(wrapped) != b
+    closure_target = {"scale": 1.0}
+
+    def scaled(o, y):
+        return closure_target["scale"] * torch.nn.functional.cross_entropy(o, y)
+    c = fp(scaled)
+    closure_target["scale"] = 2.0
+    assert fp(scaled) != c

@@ -14,6 +14,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import numbers
+import types
 from typing import Any, Iterable
 
 import torch
@@ -81,29 +82,66 @@ def _name(obj) -> str:
     return f"{getattr(obj, '__module__', kind.__module__)}.{qual}"
 
 
-def loss_description(h: Hasher, loss_fn) -> Hasher:
+def loss_description(h: Hasher, loss_fn, _depth: int = 0, _seen=None) -> Hasher:
     """Hash what decides the loss's numbers: its type and its plain / tensor settings.
 
     For an ``nn.Module`` loss: its public attributes (``reduction``, ``ignore_index``,
     ``label_smoothing``, ...), buffers (``weight``, ``pos_weight``) and parameters.
     For ``functools.partial``: the function and the bound arguments. For a plain
-    function: its qualified name, code, defaults and the plain values it closes over.
+    function: its qualified name, code, defaults, the values it closes over **and the
+    globals its code reads** (a temperature ``T`` set at module level, a loss object
+    whose ``reduction`` was changed) — followed into the objects and functions they
+    name, three levels deep. Modules (``torch``, ``F``) count by name only.
     """
+    seen = set() if _seen is None else _seen
+    if id(loss_fn) in seen or _depth > 3:
+        return h.text(_name(loss_fn))
+    seen.add(id(loss_fn))
     h.text(_name(loss_fn))
     if isinstance(loss_fn, functools.partial):
-        loss_description(h, loss_fn.func)
-        return h.value(list(loss_fn.args)).value(dict(loss_fn.keywords))
+        loss_description(h, loss_fn.func, _depth + 1, seen)
+        return _values(h, list(loss_fn.args) + sorted(loss_fn.keywords.items()), _depth, seen)
     if isinstance(loss_fn, nn.Module):
         public = {k: v for k, v in vars(loss_fn).items() if not k.startswith("_")}
-        h.value(public)
+        _values(h, sorted(public.items()), _depth, seen)
         h.named(loss_fn.named_buffers()).named(loss_fn.named_parameters())
         return h.named((n, float(m.training)) for n, m in loss_fn.named_modules())
     code = getattr(loss_fn, "__code__", None)
-    if code is not None:
-        h.value(code.co_code).value([c for c in code.co_consts if _plain(c)])
-        h.value([d for d in (getattr(loss_fn, "__defaults__", None) or ()) if _plain(d)])
-        cells = getattr(loss_fn, "__closure__", None) or ()
-        h.value([_cell(c) for c in cells])
+    if code is None:  # a callable object: its public state
+        state = {k: v for k, v in vars(loss_fn).items() if not k.startswith("_")} if hasattr(loss_fn, "__dict__") else {}
+        return _values(h, sorted(state.items()), _depth, seen)
+    h.value(code.co_code).value([c for c in code.co_consts if _plain(c)])
+    _values(h, list(getattr(loss_fn, "__defaults__", None) or ()), _depth, seen)
+    _values(h, [_cell(c) for c in (getattr(loss_fn, "__closure__", None) or ())], _depth, seen)
+    glob = getattr(loss_fn, "__globals__", {})
+    return _values(h, [(n, glob[n]) for n in sorted(_global_names(code)) if n in glob], _depth, seen)
+
+
+def _global_names(code) -> set:
+    """The global names a code object (and the functions defined inside it) reads."""
+    names = set(code.co_names)
+    for c in code.co_consts:
+        if hasattr(c, "co_names"):
+            names |= _global_names(c)
+    return names
+
+
+def _values(h: Hasher, items, depth: int, seen) -> Hasher:
+    """Hash plain values as they are, and follow callables and objects (``loss_description``)."""
+    for item in items:
+        key, v = item if isinstance(item, tuple) and len(item) == 2 and isinstance(item[0], str) else (None, item)
+        if key is not None:
+            h.text(key)
+        if _plain(v) or (isinstance(v, (list, tuple)) and all(_plain(x) for x in v)):
+            h.value(v)
+        elif isinstance(v, dict):
+            _values(h, sorted(((str(k), x) for k, x in v.items()), key=lambda kv: kv[0]), depth + 1, seen)
+        elif isinstance(v, (list, tuple)):
+            _values(h, list(v), depth + 1, seen)
+        elif isinstance(v, types.ModuleType) or isinstance(v, type):
+            h.text(_name(v) if isinstance(v, type) else v.__name__)
+        else:
+            loss_description(h, v, depth + 1, seen)
     return h
 
 
@@ -113,7 +151,6 @@ def _plain(x) -> bool:
 
 def _cell(cell):
     try:
-        v = cell.cell_contents
+        return cell.cell_contents
     except ValueError:  # an empty cell
         return None
-    return v if _plain(v) else _name(v)
