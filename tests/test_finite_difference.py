@@ -282,3 +282,22 @@ def test_fsdp_killed_rank_stops_the_other_with_distributed_error(at):
     assert procs[0].returncode == 1, err0[-3000:]
     assert "ERROR DistributedError" in err0 and "another rank died, hung past the process group's timeout" in err0
     assert float(err0.split("ELAPSED ")[1].split()[0]) < 30, err0
+
+
+@pytest.mark.parametrize("step", [1e-12, 1e-9, 1e-7, 0.3])
+def test_a_user_step_that_rounding_or_truncation_ruins_is_refused(step):
+    """A float32 step too small (θ ± h v rounds away, or gradients' noise dominates) or too large
+    (truncation) must not give a zero or wrong 'Hessian' that Lanczos then calls converged."""
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 3))
+    X, Y = torch.randn(20, 4), torch.randint(0, 3, (20,))
+    with pytest.raises(nh.InputError, match="fd_step"):
+        op = nh.HessianOperator(m, nn.CrossEntropyLoss(), (X, Y), method="finite-difference", fd_step=step)
+        nh.eigenvalues(op, k=2)
+
+
+def test_finite_difference_refuses_a_dtype_it_cannot_honour():
+    m = nn.Linear(3, 2)
+    with pytest.raises(nh.InputError, match="own dtype"):
+        nh.HessianOperator(m, nn.MSELoss(), (torch.randn(4, 3), torch.randn(4, 2)), method="finite-difference",
+                           dtype=torch.float64)

@@ -159,6 +159,7 @@ class FDProducts:
         h = self._step_norm() / nv
         multiples = (1, 2) if (self.order == 4 or self.error) else (1,)
         thetas = [theta0 + s * m * h * v for m in multiples for s in (1, -1)]
+        self._check_displacement(thetas[0] - thetas[1], 2 * h * v)
         g = self.access.gradients(thetas)
         D = [(g[2 * i] - g[2 * i + 1]) / (2 * m * h) for i, m in enumerate(multiples)]
         hv = D[0] if self.order == 2 else (4 * D[0] - D[1]) / 3
@@ -168,7 +169,32 @@ class FDProducts:
         if bad and getattr(self.access, "collective", False):  # on every rank, not only where it is NaN
             raise NonFiniteError(f"a finite-difference product is NaN or Inf on {int(bad)} rank(s): the "
                                  "gradient overflows at θ ± h v; pass a smaller fd_step")
-        return hv, SAFETY * diff ** 0.5 / nv
+        est = SAFETY * diff ** 0.5 / nv
+        if self.step is not None and len(D) == 2:
+            self._check_user_step(est, hv, nv)
+        return hv, est
+
+    def _check_displacement(self, made: torch.Tensor, meant: torch.Tensor) -> None:
+        """Refuse a step that rounding swallows: θ ± h v must really move θ by about 2 h v."""
+        off, size = self.access.reduce([float((made - meant).double().pow(2).sum()),
+                                        float(meant.double().pow(2).sum())])
+        if size == 0.0 or off > 1e-2 ** 2 * size:
+            raise InputError(
+                f"fd_step={self._step_norm():.3g} is too small for {str(self.objective.theta0.dtype)[6:]}: "
+                f"θ ± h v rounds to a displacement {(off / max(size, 1e-300)) ** 0.5:.0%} off the one meant, "
+                "so the difference of gradients would be noise (or zero). Leave fd_step=None (the step "
+                "is chosen from the dtype and θ), or use a larger one")
+
+    def _check_user_step(self, est: float, hv: torch.Tensor, nv: float) -> None:
+        """A user's ``fd_step`` whose two step sizes disagree by more than 10 % of the product is refused."""
+        norm, = self.access.reduce([float(hv.double().pow(2).sum())])
+        scale = norm ** 0.5 / nv
+        if est > 0.1 * scale and est > 0.0:
+            raise InputError(
+                f"fd_step={self.step:.3g} gives products whose estimated error ({est:.2g} per unit ‖v‖) is "
+                f"{est / max(scale, 1e-300):.0%} of the product itself (truncation or rounding): the numbers "
+                "would not be a Hessian's. Leave fd_step=None (chosen from the dtype and θ) or pick a step "
+                "between the two regimes")
 
 
 class PlainAccess:

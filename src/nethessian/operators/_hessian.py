@@ -95,6 +95,11 @@ class HessianOperator(ShardedVectors, CurvatureOperator):
             raise InputError(f"cache=True keeps a double-backward graph, which method={method!r} "
                              "does not use; pass cache=False, or method='auto' / 'double-backward'")
         check_options(fd_order, fd_step, fd_error)
+        if method == FD and dtype is not None and isinstance(model, torch.nn.Module) and any(
+                p.dtype != dtype for p in model.parameters()):
+            raise InputError(f"method='finite-difference' runs the model's own forward and backward in its own "
+                             f"dtype, so dtype={dtype} cannot be honoured; convert the model (e.g. "
+                             "model.double()) and leave dtype=None")
         objective = _objective  # from_objective: an existing Objective, shared
         if objective is None and isinstance(model, torch.nn.Module) and is_sharded(model):
             if method != FD:
