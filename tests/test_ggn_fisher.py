@@ -342,3 +342,49 @@ def test_bad_options_and_unknown_reduction():
     # the GGN needs no reduction with one batch: the loss Hessian comes from autograd
     torch.testing.assert_close(GGNOperator(model, plain, data).to_dense(),
                                GGNOperator(model, loss_fn, data).to_dense())
+
+
+def _once_differentiable_square():
+    from torch.autograd.function import once_differentiable
+
+    class SqOD(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, x):
+            ctx.save_for_backward(x)
+            return x * x
+
+        @staticmethod
+        @once_differentiable
+        def backward(ctx, g):
+            x, = ctx.saved_tensors
+            return 2 * g * x
+    return SqOD
+
+
+class _DetachedSquare(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x):
+        ctx.save_for_backward(x)
+        return x * x
+
+    @staticmethod
+    def backward(ctx, g):
+        x, = ctx.saved_tensors
+        return 2 * g * x.detach()
+
+
+@pytest.mark.parametrize("square", ["once_differentiable", "detached"])
+@pytest.mark.parametrize("cache", ["auto", False])
+def test_ggn_refuses_a_loss_without_a_second_derivative(square, cache):
+    """The loss Hessian by double backward would silently be zero: refused, not a zero GGN."""
+    from nethessian.errors import InputError as NhInputError
+    torch.manual_seed(0)
+    fn = _once_differentiable_square() if square == "once_differentiable" else _DetachedSquare
+    model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Tanh(), torch.nn.Linear(4, 2)).double()
+    data = (torch.randn(8, 3, dtype=torch.float64), torch.randn(8, 2, dtype=torch.float64))
+    loss = lambda o, y: fn.apply(o - y).mean()  # noqa: E731
+    with pytest.raises(NhInputError, match="second derivative"):
+        GGNOperator(model, loss, data, reduction="mean", cache=cache) @ torch.ones(26, dtype=torch.float64)
+    # the same loss written with torch ops is accepted and equals the MSE GGN
+    plain = GGNOperator(model, lambda o, y: ((o - y) ** 2).mean(), data, reduction="mean").to_dense()
+    torch.testing.assert_close(plain, GGNOperator(model, torch.nn.MSELoss(), data).to_dense(), rtol=1e-10, atol=1e-12)

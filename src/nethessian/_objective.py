@@ -268,6 +268,8 @@ class Objective:
         try:
             return self.loss_fn(out, t)
         except (RuntimeError, ValueError, IndexError) as exc:
+            if isinstance(exc, RuntimeError) and torch._C._functorch.is_functorch_wrapped_tensor(out):
+                raise  # inside a torch.func transform: an AD gap another engine may avoid, not bad input
             raise InputError(
                 f"batch {batch.index}: loss_fn failed on outputs of shape {tuple(out.shape)} "
                 f"({out.dtype}) and targets of shape {tuple(t.shape)} ({t.dtype}): {exc}"

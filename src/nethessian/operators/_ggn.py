@@ -36,7 +36,7 @@ from torch.func import jvp, vjp, vmap
 from .._data import term_count
 from ..errors import InputError
 from ._base import CurvatureOperator
-from ._crosscheck import verify_jv
+from ._crosscheck import central_difference, verify_jv
 from ._engine import Engine, graph_bytes
 
 __all__ = ["GGNOperator", "JacobianSandwich", "likelihood_of", "loss_scale", "exact_output_fisher"]
@@ -149,6 +149,37 @@ def autograd_loss_hessian(loss_fn, out: torch.Tensor, targets: torch.Tensor) -> 
         with torch.enable_grad():
             return _batched_grad(g, o, U, o).detach()
     return apply
+
+
+def verify_loss_hessian(loss_fn, out: torch.Tensor, targets: torch.Tensor, M: OutputOp) -> None:
+    """Refuse a loss whose autograd second derivative disagrees with differences of its gradient.
+
+    A loss built from an ``autograd.Function`` whose backward is ``@once_differentiable``
+    (or detaches its input) has a gradient without a graph: double backward then says
+    "the loss is linear" and the GGN would silently be zero. One output-space product
+    ``∇²_f L u`` is compared with Richardson central differences of ``∇_f L`` along ``u``.
+    """
+    f0 = out.detach()
+    u = torch.randn(f0.shape, generator=torch.Generator().manual_seed(0), dtype=torch.float64).to(f0)
+    u = u / u.abs().max()
+    got = M(u[None])[0].detach()
+
+    def grad_f(f):
+        f = f.detach().requires_grad_(True)
+        with torch.enable_grad():
+            gr, = torch.autograd.grad(loss_fn(f, targets), f, allow_unused=True)
+        return torch.zeros_like(f) if gr is None else gr.detach()
+
+    ref, err = central_difference(grad_f, f0, u)
+    scale = max(float(ref.norm()), float(got.norm()))
+    tol = 10 * err + torch.finfo(f0.dtype).eps ** 0.5 * scale + torch.finfo(f0.dtype).tiny
+    gap = float((got - ref).norm())
+    if gap > tol:
+        raise InputError(
+            f"the loss's second derivative from autograd disagrees with differences of its gradient "
+            f"(off by {gap / max(scale, 1e-300):.0%}): its backward is probably @once_differentiable or "
+            "detaches its input, so the GGN would be wrong. Give the loss a twice-differentiable backward, "
+            "or use nh.HessianOperator(..., method='finite-difference')")
 
 
 # -- the sandwich --------------------------------------------------------------------------
@@ -356,6 +387,7 @@ class GGNOperator(JacobianSandwich):
         if loss_hessian not in ("auto", "autograd"):
             raise InputError(f"unknown loss_hessian {loss_hessian!r}; valid: auto, autograd")
         self.loss_hessian = loss_hessian
+        self._loss_hessian_checked = False
         super().__init__(model, loss_fn, data, params, method=method, cache=cache, reduction=reduction,
                          allow_random=allow_random, dtype=dtype, chunk_size=chunk_size, _objective=_objective)
 
@@ -370,4 +402,8 @@ class GGNOperator(JacobianSandwich):
         kind = likelihood_of(obj.loss_fn) if self.loss_hessian == "auto" else None
         if kind is not None and not (kind == "categorical" and t.is_floating_point()):
             return exact_output_fisher(kind, obj.loss_fn, out, t, s)
-        return autograd_loss_hessian(obj.loss_fn, out, t)
+        M = autograd_loss_hessian(obj.loss_fn, out, t)
+        if not self._loss_hessian_checked:  # once, on the first batch (inside the engine trial)
+            self._loss_hessian_checked = True
+            verify_loss_hessian(obj.loss_fn, out, t, M)
+        return M
