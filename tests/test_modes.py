@@ -75,3 +75,44 @@ def test_custom_randomness_is_detected():
 
     with pytest.raises(nh.RandomModelError, match="draws random numbers"):
         nh.HessianOperator(Noisy().to(DT).eval(), nn.MSELoss(), _data())
+
+
+class _EMA(torch.nn.Module):
+    """Updates an exponential average in place inside forward and reads it back."""
+
+    def __init__(self, d):
+        super().__init__()
+        self.register_buffer("mu", torch.zeros(d, dtype=torch.float64))
+
+    def forward(self, x):
+        with torch.no_grad():
+            self.mu.mul_(0.5).add_(0.5 * x.mean(0))
+        return x - self.mu
+
+
+@pytest.mark.parametrize("train", [False, True])
+def test_a_forward_that_writes_and_reads_a_buffer_is_refused(train):
+    """No cost has this model's gradient (the buffer path is hidden from backward): every engine
+    would return a non-symmetric matrix. Refused, naming the buffer, and the model left as it was."""
+    import nethessian as nh
+    torch.manual_seed(0)
+    m = torch.nn.Sequential(torch.nn.Linear(4, 5), _EMA(5), torch.nn.Tanh(), torch.nn.Linear(5, 3)).double()
+    m.train(train)
+    data = (torch.randn(10, 4, dtype=torch.float64), torch.randint(0, 3, (10,)))
+    before = m[1].mu.clone()
+    for make in (nh.HessianOperator, nh.GGNOperator):
+        with pytest.raises(nh.InputError, match="writes buffer.*1.mu"):
+            make(m, torch.nn.CrossEntropyLoss(), data)
+    with pytest.raises(nh.InputError, match="writes buffer"):
+        nh.HessianOperator(m, torch.nn.CrossEntropyLoss(), data, method="finite-difference")
+    assert torch.equal(m[1].mu, before)
+
+
+def test_train_mode_batch_norm_running_stats_are_not_refused():
+    import nethessian as nh
+    torch.manual_seed(0)
+    m = torch.nn.Sequential(torch.nn.Linear(4, 5), torch.nn.BatchNorm1d(5), torch.nn.Tanh(),
+                            torch.nn.Linear(5, 3)).double().train()
+    op = nh.HessianOperator(m, torch.nn.CrossEntropyLoss(), (torch.randn(10, 4, dtype=torch.float64),
+                                                              torch.randint(0, 3, (10,))))
+    torch.testing.assert_close(op.to_dense(), op.to_dense().T, rtol=1e-10, atol=1e-12)

@@ -212,15 +212,17 @@ class Objective:
             leaf = (self.theta0 if theta is None else theta).detach().clone().requires_grad_(True)
             return leaf, self.params_dict(leaf)
 
-    def call_model(self, named: Dict[str, torch.Tensor], inputs) -> Any:
+    def call_model(self, named: Dict[str, torch.Tensor], inputs, buffers: Optional[Dict[str, torch.Tensor]] = None) -> Any:
         """The model's raw output with ``named`` parameters; buffers cloned (running stats untouched).
 
         Attention runs on the "math" kernel: the fused flash / memory-efficient
         kernels have no second derivative (nor forward-mode rule) in PyTorch.
+        ``buffers``: the copies to run with (default: fresh clones of the snapshot).
         """
         # every forward gets its own buffers: a forward that writes them (train-mode batch norm's
         # running statistics, a counter updated in eval mode) must not change the next one
-        buffers = {k: b.clone() for k, b in self._buffers.items()}
+        if buffers is None:
+            buffers = {k: b.clone() for k, b in self._buffers.items()}
         state = {**self._fixed, **buffers, **named}
         if isinstance(inputs, dict):
             args, kwargs = (), inputs

@@ -99,6 +99,28 @@ class _Pass:
         return float(total) / n if n > 0 else 0.0
 
 
+_RUNNING_STATS = ("running_mean", "running_var", "num_batches_tracked")
+
+
+def buffer_writes(obj, batch) -> list:
+    """Buffers the forward writes in place, other than batch norm's running statistics in train mode.
+
+    Such a write (an exponential average updated, then read, inside ``forward``) makes the
+    output depend on θ through a path backward does not see (``no_grad``; forward-mode
+    tangents do flow through it): the model's gradient is then not the gradient of any
+    function, and every engine would return a non-symmetric matrix, silently.
+    """
+    if not obj._buffers:
+        return []
+    copies = {k: b.clone() for k, b in obj._buffers.items()}
+    with torch.no_grad():
+        obj.call_model(obj.params_dict(obj.theta0), batch.inputs, buffers=copies)
+    norm_train = {f"{n}.{s}" if n else s for n, m in obj.model.named_modules()
+                  if isinstance(m, nn.modules.batchnorm._NormBase) and m.training for s in _RUNNING_STATS}
+    return sorted(k for k, b in copies.items()
+                  if k not in norm_train and not torch.equal(b, obj._buffers[k]))
+
+
 def _first_batch(obj, batch, allow_random: bool) -> Tuple[torch.Tensor, torch.Tensor]:
     """Forward one batch with graph: refuse randomness, a detached or integer loss, broadcasting."""
     leaf, named = obj.leaf()
@@ -125,6 +147,14 @@ def _first_batch(obj, batch, allow_random: bool) -> Tuple[torch.Tensor, torch.Te
                                "and its Hessian would be random. " + _FIX_RANDOM)
     _check_broadcast(obj.loss_fn, out, batch)
     _check_loss_graph(loss, out, batch)
+    writes = buffer_writes(obj, batch)
+    if writes:
+        raise InputError(
+            f"the model's forward writes buffer(s) {', '.join(writes[:4])} in place (e.g. an average "
+            "updated under no_grad, then read): its output then depends on the parameters through a "
+            "path that backward does not see, so the model's own gradient is not the gradient of any "
+            "cost and no Hessian exists to compute. Move the update out of forward, or freeze it "
+            "(eval mode, or a flag) while computing curvature")
     if not all_finite(loss.detach()) and obj.count(out, batch.targets) != 0:
         raise NonFiniteError(f"the loss of batch {batch.index} is {float(loss.detach())} at the current parameters; "
                              "check the data scale and the initialisation")

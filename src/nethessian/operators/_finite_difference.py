@@ -254,8 +254,14 @@ def _backward_pass(obj, steps: int) -> float:
     """
     mean = obj.reduction not in (None, "sum")
     n, done = 0.0, 0
+    snapshot = getattr(obj, "_buffers", None) or {}
+    live = dict(obj.model.named_buffers()) if snapshot else {}
     with torch.enable_grad():
         for batch in obj.data:
+            with torch.no_grad():  # every forward from the snapshot's buffers, as the objective's are
+                for name, value in snapshot.items():
+                    if name in live:
+                        live[name].copy_(value)
             out = model_output(obj.model, batch.inputs)
             c = obj.count(out.detach(), batch.targets)
             done += 1

@@ -273,9 +273,10 @@ class ShardedAccess:
         except RuntimeError as exc:
             if not _comm_failure(exc):
                 raise
+            err = exc
 
             def fail():
-                raise exc
+                raise err
             dist._collective(fail, "a gradient of the sharded model (FSDP's all-gathers and reduce-scatters)")
             raise  # pragma: no cover - _collective always raises here
 
