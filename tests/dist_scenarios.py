@@ -115,6 +115,14 @@ def other_options(rank: int) -> dict:
     return {
         "num_matvecs": _attempt(lambda: nh.trace(op, method="hutchinson", num_matvecs=30 if rank else 20)),
         "k": _attempt(lambda: nh.eigenvalues(op, k=4 if rank else 3)),
+        "chunk": _attempt(lambda: nh.trace(op, method="hutchinson", num_matvecs=12, chunk_size=7 if rank else 4)),
+        "diag_chunk": _attempt(lambda: nh.diagonal(op, method="exact", engine="autodiff",
+                                                   chunk_size=5 if rank else 3)),
+        "tol": _attempt(lambda: nh.eigenvalues(op, k=2, tol=1e-2 if rank else 1e-4)),
+        "b": _attempt(lambda: nh.solve(op, torch.full((op.shape[0],), 2.0 if rank else 1.0, dtype=op.dtype),
+                                       damping=1.0)),
+        "sigma": _attempt(lambda: nh.spectral_density(op, num_probes=2, lanczos_steps=5,
+                                                      sigma=0.2 if rank else 0.1)),
     }
 
 

@@ -251,6 +251,13 @@ def test_other_num_matvecs_or_k_on_one_rank_stops_every_rank(tmp_path_factory):
     found = _run_scenarios("options", tmp_path_factory)
     _both_refuse(found, "num_matvecs", "num_matvecs: rank 0 20, rank 1 30")
     _both_refuse(found, "k", "k: rank 0 3, rank 1 4")
+    # per-call options that set the collectives' sizes or the result: a clear error on every rank,
+    # not a gloo abort, a half-finished run or a silent mixture
+    _both_refuse(found, "chunk", "chunk: rank 0 4, rank 1 7")
+    _both_refuse(found, "diag_chunk", "chunk: rank 0 3, rank 1 5")
+    _both_refuse(found, "tol", "tol")
+    _both_refuse(found, "b", "b:")
+    _both_refuse(found, "sigma", "sigma")
 
 
 def test_seed_none_draws_the_same_probes_on_every_rank(tmp_path):

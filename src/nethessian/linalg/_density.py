@@ -164,7 +164,9 @@ def spectral_density(
     A = as_operator(op)
     num_probes, steps, sigma, grid_size = _validate(A, num_probes, lanczos_steps, sigma, grid_size, grid)
     distributed.check_same("spectral_density", num_probes=num_probes, lanczos_steps=steps,
-                           check_symmetry=bool(check_symmetry), reorthogonalize=bool(reorthogonalize))
+                           check_symmetry=bool(check_symmetry), reorthogonalize=bool(reorthogonalize),
+                           sigma=None if sigma is None else float(sigma), grid_size=grid_size,
+                           grid=None if grid is None else _grid_digest(grid))
     s = size_of(A.dtype)
     memory = check_memory("spectral_density", A.size * ((steps if reorthogonalize else 0) + 4) * s,
                           max_memory, "lower lanczos_steps or pass reorthogonalize=False (O(P) memory)")
@@ -272,3 +274,10 @@ def _broaden(nodes: torch.Tensor, weights: torch.Tensor, sigma: float, grid: tor
         z = (grid[:, None] - theta[None, :]) / sigma
         density += norm * (torch.exp(-0.5 * z.square()) @ tau)
     return density / nodes.shape[0]
+
+
+def _grid_digest(grid) -> str:
+    """A short hash of a user grid, so ranks can compare it without sending it."""
+    import hashlib
+    g = torch.as_tensor(grid, dtype=torch.float64).detach().cpu().contiguous()
+    return hashlib.sha256(g.numpy().tobytes()).hexdigest()[:16]

@@ -164,7 +164,7 @@ def diagonal(
                              "sharded operator; use method='estimate'")
         if num_matvecs is not None:
             raise InputError("num_matvecs applies to method='estimate' only; the exact diagonal takes P products")
-        distributed.check_same("diagonal", method=method)
+        distributed.check_same("diagonal", method=method, chunk=chunk_for(A.size, A.size, chunk_size))
         structured, why = exact_engine(A.base, engine, checkpoint, "the exact diagonal")
         if structured is not None:
             return DiagonalEstimate(structured.diagonal().to(A.dtype), None, 0, "exact", A.layout,
@@ -178,8 +178,8 @@ def diagonal(
     m = 100 if num_matvecs is None else as_int("num_matvecs", num_matvecs)
     if m < 2:
         raise InputError(f"method='estimate' needs num_matvecs >= 2 for a standard error, got {m}")
-    distributed.check_same("diagonal", method=method, num_matvecs=m)
     chunk = chunk_for(A.size, m, chunk_size)
+    distributed.check_same("diagonal", method=method, num_matvecs=m, chunk=chunk)
     memory = check_memory("diagonal(method='estimate')",
                           A.size * (16 + min(chunk, m) * (2 * size_of(A.dtype) + 16)), max_memory,
                           "lower chunk_size")

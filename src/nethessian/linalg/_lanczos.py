@@ -144,7 +144,7 @@ def eigenvalues(op: Any, k: int = 5, *, which: Which = "largest", tol: float = 1
     max_matvecs = _budget(max_matvecs, ncv, k, b, check_symmetry)
     max_bytes = None if max_bytes is None else as_int("max_bytes", max_bytes, minimum=0)
     bdtype, bdevice = _basis_home(op, basis_dtype, basis_device)
-    distributed.check_same("eigenvalues", k=k, which=which, block_size=b, ncv=ncv, max_matvecs=max_matvecs,
+    distributed.check_same("eigenvalues", k=k, which=which, tol=float(tol), block_size=b, ncv=ncv, max_matvecs=max_matvecs,
                            check_symmetry=bool(check_symmetry), dense=P < ncv + b)
     gen = make_generator(seed)
     if P < ncv + b:

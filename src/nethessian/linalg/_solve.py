@@ -205,6 +205,8 @@ def _solve(op, b, *, damping, method, tol, maxiter, x0, callback) -> SolveResult
         raise InputError(f"callback must be callable as callback(iteration, x, residual), got {callback!r}")
     b = _flat(op, b, "b")
     x = torch.zeros_like(b) if x0 is None else _flat(op, x0, "x0")
+    if not op.sharded:  # the same system on every rank (a sharded b differs by design)
+        distributed.check_same("solve", b=_digest(b), x0=None if x0 is None else _digest(x))
     _dot = _dotter(op)
 
     def apply(v):
@@ -320,3 +322,10 @@ def inverse_hvp(op: Any, v: Vector, *, damping: float = 0.0, method: Literal["cg
             f"inverse_hvp failed ({res.status}): {res.message}. Remedies: increase damping "
             "(conditioning), increase maxiter, or use method='minres' for an indefinite H", res)
     return res.x
+
+
+def _digest(t: torch.Tensor) -> str:
+    """A short hash of a vector's bytes, so ranks can compare it without sending it."""
+    import hashlib
+    c = t.detach().cpu().contiguous()
+    return hashlib.sha256(c.view(torch.uint8).numpy().tobytes()).hexdigest()[:16]

@@ -179,7 +179,7 @@ def trace(
     layout = _block_layout(A) if by_block else None
     if exact:
         _unsharded(A, "trace(exact=True)")
-        distributed.check_same("trace", exact=True)
+        distributed.check_same("trace", exact=True, chunk=chunk_for(A.size, A.size, chunk_size))
         structured, why = exact_engine(A.base, engine, checkpoint, "the exact trace")
         if structured is not None:  # second-order backpropagation: no products
             values = structured.diagonal().to(A.dtype)
@@ -192,8 +192,8 @@ def trace(
     if engine not in ("auto", "autodiff"):
         raise InputError(f"engine={engine!r} applies to exact=True only; estimates take products")
     m = _budget(method, num_matvecs)
-    distributed.check_same("trace", method=method, num_matvecs=m, by_block=bool(by_block))
     chunk = chunk_for(A.size, m, chunk_size)
+    distributed.check_same("trace", method=method, num_matvecs=m, by_block=bool(by_block), chunk=chunk)
     memory = check_memory(f"trace(method={method!r})", _trace_bytes(method, A.size, m, chunk, size_of(A.dtype)),
                           max_memory, "lower num_matvecs or chunk_size")
     gen = make_generator(seed)
