@@ -112,14 +112,15 @@ def test_data_that_is_a_tensor():
 def test_nan_mid_run_names_the_product_and_the_batch():
     """A loss that is finite at θ0's first evaluation but NaN later (here: from the 3rd pass on)."""
     model, _, (X, y) = _problem()
-    calls = {"n": 0}
+    calls = {"n": 0, "from": float("inf")}
 
     def flaky(out, t):
         calls["n"] += 1
         loss = ((out - t) ** 2).mean()
-        return loss * float("nan") if calls["n"] >= 4 and t.shape[0] == 2 else loss
+        return loss * float("nan") if calls["n"] >= calls["from"] and t.shape[0] == 2 else loss
 
     op = nh.HessianOperator(model, flaky, [(X[:4], y[:4]), (X[4:], y[4:])], cache=False, reduction="mean")
+    calls["from"] = calls["n"] + 3  # finite through construction, NaN from the second product on
     with pytest.raises(nh.NonFiniteError, match=r"at matrix-vector product \d+: .*batch 1 has a non-finite loss"):
         nh.eigenvalues(op, k=2, check_symmetry=False)
 
@@ -298,3 +299,20 @@ def test_infinite_buffer_is_allowed():
 
     _, loss_fn, data = _problem()
     assert nh.HessianOperator(Masked(), loss_fn, data).shape == (8, 8)
+
+
+def test_inputs_the_model_cannot_take_get_a_clear_error():
+    model, loss_fn, (X, y) = _problem()
+    with pytest.raises(nh.InputError, match=r"batch 0: the model's forward failed on these inputs \(tensor \(6, 3\) int64\)"):
+        nh.HessianOperator(model, loss_fn, (X.long(), y))
+
+
+@pytest.mark.parametrize("seed", [2**70, -(2**64)])
+def test_seeds_that_do_not_fit_a_generator_are_refused(seed):
+    with pytest.raises(nh.InputError, match="64 bits"):
+        nh.eigenvalues(torch.eye(30, dtype=DT), k=2, seed=seed)
+
+
+def test_trace_exact_must_be_a_bool():
+    with pytest.raises(nh.InputError, match="exact must be True or False"):
+        nh.trace(torch.eye(5, dtype=DT), exact="no")

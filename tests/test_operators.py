@@ -258,3 +258,53 @@ def test_from_objective_shares_the_objective_for_every_operator_kind():
         torch.testing.assert_close(shared.to_dense(), fresh.to_dense(), rtol=1e-12, atol=1e-14)
     with pytest.raises(nh.InputError, match="Objective"):
         nh.GGNOperator.from_objective(H)
+
+
+class _TanhWrongWhenLarge(torch.autograd.Function):
+    """tanh whose double backward drops a term only where |x| > 2 (hit by some batches only)."""
+
+    @staticmethod
+    def forward(ctx, x):
+        ctx.save_for_backward(x)
+        return torch.tanh(x)
+
+    @staticmethod
+    def backward(ctx, g):
+        x, = ctx.saved_tensors
+        xs = torch.where(x.abs() > 2, x.detach(), x)
+        return g * (1 - torch.tanh(xs) ** 2)
+
+
+class _WrongTanhNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Linear(3, 4), nn.Linear(4, 2)
+
+    def forward(self, x):
+        return self.b(_TanhWrongWhenLarge.apply(self.a(x)))
+
+
+@pytest.mark.parametrize("cache", ["auto", False])
+def test_a_wrong_double_backward_hit_by_a_later_batch_only_is_refused(cache):
+    torch.manual_seed(0)
+    model = _WrongTanhNet().double()
+    small = (0.01 * torch.randn(6, 3, dtype=torch.float64), torch.randn(6, 2, dtype=torch.float64))
+    large = (5.0 + torch.randn(6, 3, dtype=torch.float64), torch.randn(6, 2, dtype=torch.float64))
+    with pytest.raises(InputError, match="no engine computes this operator correctly"):
+        HessianOperator(model, nn.MSELoss(), [small, large], cache=cache)
+
+
+@pytest.mark.parametrize("make", [HessianOperator, GGNOperator, EmpiricalFisherOperator])
+@pytest.mark.parametrize("bad", [1, 3])
+def test_an_infinite_loss_in_any_in_memory_batch_is_refused_at_construction(make, bad):
+    from nethessian.errors import NonFiniteError
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2)).double()
+    batches = [(torch.randn(4, 3, dtype=torch.float64), torch.randn(4, 2, dtype=torch.float64)) for _ in range(4)]
+    batches[bad][1][0, 0] = 123.0
+
+    def loss(o, y):
+        return ((o - y) ** 2).mean() + torch.where(y == 123.0, torch.inf, 0.0).sum()
+    options = {"cache": False} if make is HessianOperator else {}
+    with pytest.raises(NonFiniteError, match=f"batch {bad}"):
+        make(model, loss, batches, reduction="mean", **options)

@@ -1,3 +1,4 @@
+"""``python -m nethessian``: the command line."""
 import sys
 
 from ._app.cli import main

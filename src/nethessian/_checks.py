@@ -98,4 +98,7 @@ def as_seed(seed) -> Optional[int]:
     """``None`` or a whole number (the seed of a ``torch.Generator``)."""
     if seed is None:
         return None
-    return as_int("seed", seed)
+    seed = as_int("seed", seed)
+    if not -(2**63) <= seed < 2**64:
+        raise InputError(f"seed must fit in 64 bits (a torch.Generator seed), got {seed}")
+    return seed

@@ -87,7 +87,7 @@ class BlockHessian:
 
     @property
     def asymmetry(self) -> float:
-        """max |H - Hᵀ| / max |H|: rounding-level for an exact Hessian."""
+        """Max |H - Hᵀ| / max |H|: rounding-level for an exact Hessian."""
         scale = float(self.dense.abs().max()) or 1.0
         return float((self.dense - self.dense.T).abs().max()) / scale
 

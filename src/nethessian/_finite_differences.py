@@ -46,7 +46,8 @@ def fd_steps(theta: torch.Tensor) -> torch.Tensor:
 
 def _ladder(grad: Gradient, theta: torch.Tensor, delta: torch.Tensor):
     """Richardson estimate of H·a from steps δ, 2δ, 4δ; a (≈ δ, the displacement that θ ± kδ really
-    made after rounding); the truncation and rounding error estimates."""
+    made after rounding); the truncation and rounding error estimates.
+    """
     D, A, gmax = [], [], torch.zeros_like(theta)
     for k in (1, 2, 4):
         xp, xm = theta + k * delta, theta - k * delta

@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from ._checks import all_finite
-from .errors import InputError, NonFiniteError, RandomModelError
+from .errors import InputError, NetHessianError, NonFiniteError, RandomModelError
 
 __all__ = ["check_model_state", "validate"]
 
@@ -59,6 +59,7 @@ def validate(obj, allow_random: bool) -> None:
     """All data-dependent checks; for streaming data also the single-pass and determinism checks."""
     if obj.data.in_memory:
         _first_batch(obj, obj.data.first(), allow_random)
+        _every_loss_finite(obj)
         return
     first = _Pass(obj, allow_random)
     J1 = first.run(hash_data=True)
@@ -99,6 +100,33 @@ class _Pass:
         return float(total) / n if n > 0 else 0.0
 
 
+def _describe_inputs(x) -> str:
+    """``tensor (4, 3) int64``-style summary of a batch's inputs, for error messages."""
+    if isinstance(x, torch.Tensor):
+        return f"tensor {tuple(x.shape)} {str(x.dtype)[6:]}" + (" sparse" if x.is_sparse else "")
+    if isinstance(x, dict):
+        return "{" + ", ".join(f"{k}: {_describe_inputs(v)}" for k, v in x.items()) + "}"
+    if isinstance(x, (tuple, list)):
+        return "(" + ", ".join(_describe_inputs(v) for v in x) + ")"
+    return type(x).__name__
+
+
+def _every_loss_finite(obj) -> None:
+    """Each in-memory batch's loss, without graph: a NaN/Inf anywhere is refused, naming the batch.
+
+    (Streaming data gets the same check in its two validation passes.) Local only: no
+    collective runs inside the construction's agreement block.
+    """
+    named = obj.params_dict(obj.theta0)
+
+    def fn(batch):
+        loss, out = obj.batch_loss(named, batch)
+        return loss.double(), obj.count(out, batch.targets)
+
+    with torch.no_grad():
+        obj.local_sum(fn, what="loss")
+
+
 _RUNNING_STATS = ("running_mean", "running_var", "num_batches_tracked")
 
 
@@ -132,6 +160,11 @@ def _first_batch(obj, batch, allow_random: bool) -> Tuple[torch.Tensor, torch.Te
         warnings.filterwarnings("error", message=".*target size.*", category=UserWarning)
         try:
             loss, out = obj.batch_loss(named, batch)
+        except (RuntimeError, TypeError, NotImplementedError) as exc:
+            if isinstance(exc, NetHessianError):
+                raise
+            raise InputError(f"batch {batch.index}: the model's forward failed on these inputs "
+                             f"({_describe_inputs(batch.inputs)}): {type(exc).__name__}: {exc}") from exc
         except UserWarning as w:
             raise InputError(f"batch {batch.index}: {w} — the loss would broadcast them into a wrong "
                              "cost; reshape the targets to the outputs' shape") from None

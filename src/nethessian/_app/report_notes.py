@@ -16,7 +16,7 @@ When it is not, :func:`slope_reason` names the cause found *in the data*:
 from __future__ import annotations
 
 import math
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List
 
 import torch
 from torch import nn

@@ -177,6 +177,8 @@ def trace(
     """
     A = as_operator(op)
     layout = _block_layout(A) if by_block else None
+    if not isinstance(exact, bool):
+        raise InputError(f"exact must be True or False, got {exact!r}")
     if exact:
         _unsharded(A, "trace(exact=True)")
         distributed.check_same("trace", exact=True, chunk=chunk_for(A.size, A.size, chunk_size))

@@ -279,14 +279,23 @@ class HessianOperator(ShardedVectors, CurvatureOperator):
     def _verify_double_backward(self) -> None:
         """``EngineRejected`` when double backward disagrees with jvp(grad) or finite differences.
 
-        On the first batch (see ``_crosscheck.verify_jv``): an op whose backward is
-        ``@once_differentiable`` cuts the double-backward graph without an error.
+        Over the whole data set when it is in memory, else on the first batch (see
+        ``_crosscheck.verify_jv``): an op whose backward is ``@once_differentiable`` cuts the
+        double-backward graph without an error.
         ``nh.check`` switches it off (``_cross_check = False`` on a private subclass): it
         measures the raw engine against finite differences itself, and says by how much.
         """
         if not self._cross_check:
             return
-        obj, batch = self.objective, self.objective.data.first()
+        obj = self.objective
+        if obj.data.in_memory:  # every batch (a bad op may be hit by some batches only): ≈ 4 gradients once
+            def whole(forward):
+                return lambda v: self._streaming(v[:, None], forward)[:, 0]
+
+            verify_jv(whole(False), lambda th: obj.gradient(th).detach(), obj.theta0, exact=whole(True),
+                      what="double backward (H v)")
+            return
+        batch = obj.data.first()
 
         def grad_at(theta):
             leaf, named = obj.leaf(theta)
