@@ -90,7 +90,7 @@ def run_batch(pb: Problem, reps, sample_s, log):
     """32 HVPs at once (``op @ V``) against a loop, vmap(jvp(grad)) and a batched kept graph."""
     op = pb.nh_operator()
     op @ pb.V  # builds the graph and decides batched-vs-loop (timed inside the operator)
-    chosen = {True: "batched (is_grads_batched)", False: "loop", None: "undecided"}[op._batched]
+    chosen = {True: "batched (is_grads_batched)", False: "loop", None: "undecided"}[op.batched]
     ref = pb.reference_hvp(pb.V)
     ps, g = pb.raw_kept_graph()
     cols = [pb.V[:, j].contiguous() for j in range(K_BATCH)]

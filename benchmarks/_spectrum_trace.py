@@ -192,5 +192,5 @@ def run_trace(name, mods, budgets, seeds, curv_seeds, log):
     ref = backpack_reference(model, loss_fn, X, y, mods, log, name)
     est = _Estimators(model, loss_fn, X, y, mods, budgets)
     runs = _trace_rounds(est, name, budgets, seeds, curv_seeds, ref["value"], log)
-    return {"reference": ref, "nethessian_batched_products": est.op._batched, "runs": runs,
+    return {"reference": ref, "nethessian_batched_products": est.op.batched, "runs": runs,
             "summary": _summaries(runs, budgets), "honesty": _honesty(runs)}

@@ -5,8 +5,8 @@ Peels nethessian's ``op @ v`` (and ``op @ V``, V of shape (P, 32)) layer by laye
 on the same kept gradient graph, and times each in gradients (interleaved, medians):
 
     op @ v                       the public call (input checks, chunking, cat)
-    op._matvec / op._matmat      minus CurvatureOperator.__matmul__
-    op._kept_product             minus the engine's bookkeeping/timing
+    op._product                  minus CurvatureOperator.__matmul__ (input checks)
+    op._kept_run                 minus the engine's chunking and finiteness check
     flat autograd.grad           one autograd.grad(g, θ_flat, ...) on nethessian's own graph
     flat, contiguous grads       the same with a contiguous (k, P) grad_outputs
     per-parameter autograd.grad  a plain-torch kept graph on per-parameter leaves
@@ -38,7 +38,7 @@ def _kept(pb, x):
     """A fresh operator after one product with ``x`` (kept graph built), and that graph."""
     op = pb.nh_operator()
     op @ x
-    theta, g, n = op._kept()
+    theta, g, n, _ = op._kept()
     return op, theta, g, n
 
 
@@ -46,12 +46,12 @@ def split_single(pb, reps, sample_s):
     v = pb.v
     op, theta, g, n = _kept(pb, v)
     ps, gl = pb.raw_kept_graph()
-    out = op._kept_product(v, False)
+    out = op._kept_run(v[:, None])[:, 0]
     fns = {
         "gradient": pb.gradient,
         "op @ v": lambda: op @ v,
-        "op._matvec(v)": lambda: op._matvec(v),
-        "op._kept_product(v)": lambda: op._kept_product(v, False),
+        "op._product(v)": lambda: op._product(v[:, None]),
+        "op._kept_run(v)": lambda: op._kept_run(v[:, None]),
         "flat autograd.grad": lambda: torch.autograd.grad(g, theta, v, retain_graph=True),
         "per-parameter autograd.grad": lambda: torch.autograd.grad(gl, ps, pb.v_list, retain_graph=True),
         "isfinite(v).all()": lambda: bool(torch.isfinite(v).all()),
@@ -67,13 +67,13 @@ def split_batch(pb, reps, sample_s):
     ps, gl = pb.raw_kept_graph()
     VT = V.T.contiguous()
     Vl = [pb.V_dict[nm] for nm in pb.names]
-    out = op._kept_product(V, True)
-    print(f"\n({pb.name}: this operator chose {'is_grads_batched' if op._batched else 'a loop'} for (P, 32))")
+    out = op._kept_run(V)
+    print(f"\n({pb.name}: this operator chose {'is_grads_batched' if op.batched else 'a loop'} for (P, 32))")
     fns = {
         "gradient": pb.gradient,
         "op @ V": lambda: op @ V,
-        "op._matmat(V)": lambda: op._matmat(V),
-        "op._kept_product(V, batched)": lambda: op._kept_product(V, True),
+        "op._product(V)": lambda: op._product(V),
+        "op._kept_run(V) (batched)": lambda: op._kept_run(V),
         "flat grad, V.T (non-contiguous)": lambda: torch.autograd.grad(
             g, theta, V.T, retain_graph=True, is_grads_batched=True),
         "flat grad, contiguous (k, P)": lambda: torch.autograd.grad(
