@@ -171,7 +171,8 @@ class HessianOperator(ShardedVectors, CurvatureOperator):
                                       why="streaming: double backward per batch"),
         }
         if cache:  # double backward can be silently wrong (@once_differentiable): cross-checked first
-            kept = Engine("kept-graph", self._kept_run, trial=self._verify_double_backward, keeps_graph=True,
+            kept = Engine("kept-graph", self._kept_run, trial=lambda: self._verify_double_backward(self._kept_run),
+                          keeps_graph=True,
                           why="data in memory: the gradient graph is kept, one backward per product",
                           timed_batching=True)
             return [kept, streaming["forward-over-reverse"]] if method == "auto" else [kept]
@@ -276,7 +277,7 @@ class HessianOperator(ShardedVectors, CurvatureOperator):
         per_batch = self._batch_forward_over_reverse if forward else self._batch_double_backward
         return self.objective.sum_over_batches(lambda b: per_batch(b, V))
 
-    def _verify_double_backward(self) -> None:
+    def _verify_double_backward(self, run=None) -> None:
         """``EngineRejected`` when double backward disagrees with jvp(grad) or finite differences.
 
         Over the whole data set when it is in memory, else on the first batch (see
@@ -288,12 +289,10 @@ class HessianOperator(ShardedVectors, CurvatureOperator):
         if not self._cross_check:
             return
         obj = self.objective
-        if obj.data.in_memory:  # every batch (a bad op may be hit by some batches only): ≈ 4 gradients once
-            def whole(forward):
-                return lambda v: self._streaming(v[:, None], forward)[:, 0]
-
-            verify_jv(whole(False), lambda th: obj.gradient(th).detach(), obj.theta0, exact=whole(True),
-                      what="double backward (H v)")
+        if obj.data.in_memory:  # every batch (a bad op may be hit by some batches only), once
+            run = run or (lambda V: self._streaming(V, False))  # the engine's own product (kept graph)
+            verify_jv(lambda v: run(v[:, None])[:, 0], lambda th: obj.gradient(th).detach(), obj.theta0,
+                      exact=lambda v: self._streaming(v[:, None], True)[:, 0], what="double backward (H v)")
             return
         batch = obj.data.first()
 
