@@ -1,4 +1,5 @@
 """bench_core's parts 1 and 2: one HVP, and 32 HVPs at once, against one gradient."""
+
 from __future__ import annotations
 
 import gc
@@ -10,7 +11,7 @@ import torch
 from _timing import bench_interleaved, gradient_ratios, time_calls
 from _workloads import K_BATCH, Problem, rel_err
 
-TOL_HVP = 1e-3   # float32 products vs a float64 double-backward reference (relative, norm-wise)
+TOL_HVP = 1e-3  # float32 products vs a float64 double-backward reference (relative, norm-wise)
 
 __all__ = ["TOL_HVP", "run_hvp", "run_batch"]
 
@@ -36,8 +37,10 @@ def _first_calls(pb: Problem, first_reps):
         del fresh
         grad_first.append(time_calls(pb.gradient, 3))
     return {
-        "first_call_s": first, "first_call_median_s": statistics.median(first),
-        "construct_s": construct, "construct_median_s": statistics.median(construct),
+        "first_call_s": first,
+        "first_call_median_s": statistics.median(first),
+        "construct_s": construct,
+        "construct_median_s": statistics.median(construct),
         "gradient_during_first_s": grad_first,
     }
 

@@ -6,6 +6,7 @@ RSS high-water mark (``/proc/self/clear_refs``), runs the method once and report
 ``VmHWM − VmRSS-at-reset``. The worker is ``bench_core.py --dense-worker METHOD``,
 so that bench_core's environment set-up (threads, OpenMP wait policy) runs first.
 """
+
 from __future__ import annotations
 
 import gc
@@ -78,7 +79,7 @@ def _raw_chunked(f_flat, theta, chunk=256):
     P = theta.numel()
     t = theta.detach().clone().requires_grad_(True)
     with torch.enable_grad():
-        g, = torch.autograd.grad(f_flat(t), t, create_graph=True)
+        (g,) = torch.autograd.grad(f_flat(t), t, create_graph=True)
     H = torch.empty(P, P, dtype=theta.dtype)
     for s in range(0, P, chunk):
         e = min(P, s + chunk)
@@ -122,9 +123,15 @@ def _measure(fn):
     hwm1, maxrss1 = _status_kb("VmHWM"), _maxrss()
     # baseline: the RSS when the high-water mark was reset (else the high-water mark before)
     extra = hwm1 - (rss0 if hwm_reset else hwm0)
-    return H, {"time_s": dt, "extra_peak_bytes": extra, "hwm_reset": hwm_reset,
-               "rss_baseline_bytes": rss0, "hwm_before_bytes": hwm0, "hwm_after_bytes": hwm1,
-               "ru_maxrss_delta_bytes": maxrss1 - maxrss0}
+    return H, {
+        "time_s": dt,
+        "extra_peak_bytes": extra,
+        "hwm_reset": hwm_reset,
+        "rss_baseline_bytes": rss0,
+        "hwm_before_bytes": hwm0,
+        "hwm_after_bytes": hwm1,
+        "ru_maxrss_delta_bytes": maxrss1 - maxrss0,
+    }
 
 
 def dense_worker(method, out_path, save_path, threads):
@@ -136,9 +143,14 @@ def dense_worker(method, out_path, save_path, threads):
     _warm_up(model, loss_fn, X, y)
     H, mem = _measure(fn)
     U = torch.randn(P, 4, generator=torch.Generator().manual_seed(99), dtype=H.dtype)
-    res = {"method": method, **mem, "shape": list(H.shape), "dtype": str(H.dtype),
-           "probe": (H.double() @ U.double()).tolist(),  # fingerprint of this run's result
-           "asymmetry": float((H - H.T).abs().max() / H.abs().max())}
+    res = {
+        "method": method,
+        **mem,
+        "shape": list(H.shape),
+        "dtype": str(H.dtype),
+        "probe": (H.double() @ U.double()).tolist(),  # fingerprint of this run's result
+        "asymmetry": float((H - H.T).abs().max() / H.abs().max()),
+    }
     if save_path:
         torch.save(H, save_path)
     Path(out_path).write_text(json.dumps(res))
@@ -149,8 +161,18 @@ def dense_worker(method, out_path, save_path, threads):
 # ----------------------------------------------------------------------------------------
 def _run_worker(method, out_path, save, threads):
     omp = "passive" if os.environ.get("OMP_WAIT_POLICY") == "PASSIVE" else "default"
-    cmd = [sys.executable, str(SCRIPT), "--dense-worker", method, "--worker-out", out_path,
-           "--threads", str(threads), "--omp-wait", omp]
+    cmd = [
+        sys.executable,
+        str(SCRIPT),
+        "--dense-worker",
+        method,
+        "--worker-out",
+        out_path,
+        "--threads",
+        str(threads),
+        "--omp-wait",
+        omp,
+    ]
     if save:
         cmd += ["--worker-save", save]
     proc = subprocess.run(cmd, capture_output=True, text=True)
@@ -170,13 +192,16 @@ def _check(results, saved, log):
     }
     del H_nh, H_fn, diff
     ref_probe = torch.tensor(results["nethessian"][0]["probe"], dtype=torch.float64)
-    probe_errs = {m: [rel_err(torch.tensor(r["probe"], dtype=torch.float64), ref_probe) for r in rs]
-                  for m, rs in results.items()}
+    probe_errs = {
+        m: [rel_err(torch.tensor(r["probe"], dtype=torch.float64), ref_probe) for r in rs] for m, rs in results.items()
+    }
     check["probe_rel_vs_nethessian"] = probe_errs
     worst_probe = max(e for es in probe_errs.values() for e in es)
     correct = check["frobenius_rel"] <= TOL_DENSE and check["maxabs_rel"] <= TOL_DENSE and worst_probe <= TOL_DENSE
-    log(f"  [W2] dense check: nethessian vs torch.func Frobenius rel {check['frobenius_rel']:.1e}, "
-        f"max-abs rel {check['maxabs_rel']:.1e}; worst probe rel {worst_probe:.1e}")
+    log(
+        f"  [W2] dense check: nethessian vs torch.func Frobenius rel {check['frobenius_rel']:.1e}, "
+        f"max-abs rel {check['maxabs_rel']:.1e}; worst probe rel {worst_probe:.1e}"
+    )
     return check, correct
 
 
@@ -192,8 +217,10 @@ def _rounds(rounds, threads, tmp, log):
                 save = saved[m] = os.path.join(tmp, f"{stem}.pt")
             res = _run_worker(m, os.path.join(tmp, f"{stem}_{r}.json"), save, threads)
             results[m].append(res)
-            log(f"  [W2] dense round {r}: {m:<28} {res['time_s']:7.2f} s  "
-                f"+{res['extra_peak_bytes'] / 2**20:7.0f} MiB (hwm reset: {res['hwm_reset']})")
+            log(
+                f"  [W2] dense round {r}: {m:<28} {res['time_s']:7.2f} s  "
+                f"+{res['extra_peak_bytes'] / 2**20:7.0f} MiB (hwm reset: {res['hwm_reset']})"
+            )
     return results, saved
 
 
@@ -206,8 +233,10 @@ def run_dense(rounds, threads, log):
         for r in rs:
             r.pop("probe")
     summary = {
-        m: {"time_median_s": statistics.median(r["time_s"] for r in rs),
-            "extra_peak_median_bytes": statistics.median(r["extra_peak_bytes"] for r in rs)}
+        m: {
+            "time_median_s": statistics.median(r["time_s"] for r in rs),
+            "extra_peak_median_bytes": statistics.median(r["extra_peak_bytes"] for r in rs),
+        }
         for m, rs in results.items()
     }
     return {"runs": results, "summary": summary, "check": check, "correct": correct}

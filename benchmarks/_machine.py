@@ -1,4 +1,5 @@
 """Machine-load helpers shared by the benchmarks (no torch import: used before torch loads)."""
+
 from __future__ import annotations
 
 import os
@@ -42,8 +43,10 @@ def wait_quiet(max_wait_s, threshold, log):
         if quiet >= 2:
             return load
         if time.perf_counter() - t0 > max_wait_s:
-            log(f"  machine not quiet for 2 s in a row within {max_wait_s:.0f} s (others: {load:.1f} "
-                "cores in the last second): measuring anyway")
+            log(
+                f"  machine not quiet for 2 s in a row within {max_wait_s:.0f} s (others: {load:.1f} "
+                "cores in the last second): measuring anyway"
+            )
             return load
 
 

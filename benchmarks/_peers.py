@@ -4,6 +4,7 @@ top-5 eigenvalue runs of nethessian and of each peer, with their products counte
 Every method runs end to end (operator built inside) and returns a dict with at least
 ``eigenvalues``, ``matvecs``, ``setup_s``, ``solve_s`` and ``time_s``.
 """
+
 from __future__ import annotations
 
 import copy
@@ -21,9 +22,9 @@ import nethessian as nh
 
 from _workloads import make_workload
 
-K = 5                 # eigenvalues wanted
-TARGET_ACC = 1e-3     # relative accuracy of the top-5 asked for
-REF_AGREE = 1e-5      # float64 eigsh reference vs nethessian tol=1e-8 (float32 products)
+K = 5  # eigenvalues wanted
+TARGET_ACC = 1e-3  # relative accuracy of the top-5 asked for
+REF_AGREE = 1e-5  # float64 eigsh reference vs nethessian tol=1e-8 (float32 products)
 
 PEERS = {  # import name -> distribution name
     "curvlinops": "curvlinops-for-pytorch",
@@ -32,8 +33,17 @@ PEERS = {  # import name -> distribution name
     "backpack": "backpack-for-pytorch",
 }
 
-__all__ = ["K", "TARGET_ACC", "REF_AGREE", "PEERS", "import_peers", "Count", "count_curvlinops",
-           "rel_errors", "EigProblem"]
+__all__ = [
+    "K",
+    "TARGET_ACC",
+    "REF_AGREE",
+    "PEERS",
+    "import_peers",
+    "Count",
+    "count_curvlinops",
+    "rel_errors",
+    "EigProblem",
+]
 
 
 def _import_peer(mod, mods):
@@ -74,9 +84,11 @@ class Count:
 
 def counting(fn, c, columns=lambda *a, **kw: 1):
     """``fn`` wrapped to add ``columns(*args)`` to ``c.n`` at every call."""
+
     def counted(*a, **kw):
         c.n += columns(*a, **kw)
         return fn(*a, **kw)
+
     return counted
 
 
@@ -135,9 +147,16 @@ class EigProblem:
             warnings.simplefilter("always")
             r = nh.eigenvalues(op, k=K, which="largest", tol=tol, seed=seed, block_size=block_size)
         t2 = time.perf_counter()
-        return {"eigenvalues": r.eigenvalues.tolist(), "matvecs": int(r.num_matvecs), "setup_s": t1 - t0,
-                "solve_s": t2 - t1, "time_s": t2 - t0, "converged": bool(r.converged),
-                "residuals": r.residuals.tolist(), "warnings": [str(w.message) for w in caught]}
+        return {
+            "eigenvalues": r.eigenvalues.tolist(),
+            "matvecs": int(r.num_matvecs),
+            "setup_s": t1 - t0,
+            "solve_s": t2 - t1,
+            "time_s": t2 - t0,
+            "converged": bool(r.converged),
+            "residuals": r.residuals.tolist(),
+            "warnings": [str(w.message) for w in caught],
+        }
 
     # --- scipy eigsh -----------------------------------------------------------------------
     def _eigsh(self, L, c, seed, tol, t0, t1):
@@ -151,9 +170,13 @@ class EigProblem:
         cl = self.mods["curvlinops"]
         model = model or self.model
         # check_deterministic=False: the default check spends extra products at construction
-        return cl.HessianLinearOperator(model, self.loss_fn, [p for p in model.parameters()],
-                                        [(self.X if model is self.model else self.X.double(), self.y)],
-                                        check_deterministic=False)
+        return cl.HessianLinearOperator(
+            model,
+            self.loss_fn,
+            [p for p in model.parameters()],
+            [(self.X if model is self.model else self.X.double(), self.y)],
+            check_deterministic=False,
+        )
 
     def eigsh_curvlinops(self, seed, *, tol, model=None):
         t0 = time.perf_counter()
@@ -228,7 +251,15 @@ class EigProblem:
         names = list(out)
         ref = out[names[0]]["eigenvalues"]
         agree = max(rel_errors(out[names[-1]]["eigenvalues"], ref)) if len(names) > 1 else None
-        log(f"  [{self.name}] reference ({names[0]}): " + ", ".join(f"{x:.8g}" for x in ref)
-            + (f"; nethessian tol=1e-8 agrees to {agree:.1e}" if agree is not None else ""))
-        return {"eigenvalues": ref, "source": names[0], "runs": out, "cross_check_rel": agree,
-                "cross_check_ok": agree is None or agree <= REF_AGREE}
+        log(
+            f"  [{self.name}] reference ({names[0]}): "
+            + ", ".join(f"{x:.8g}" for x in ref)
+            + (f"; nethessian tol=1e-8 agrees to {agree:.1e}" if agree is not None else "")
+        )
+        return {
+            "eigenvalues": ref,
+            "source": names[0],
+            "runs": out,
+            "cross_check_rel": agree,
+            "cross_check_ok": agree is None or agree <= REF_AGREE,
+        }

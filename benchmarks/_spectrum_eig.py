@@ -1,4 +1,5 @@
 """bench_spectrum's part (a): top-5 eigenvalues to 1e-3, nethessian against its peers."""
+
 from __future__ import annotations
 
 import copy
@@ -21,27 +22,39 @@ def eig_methods(pb: EigProblem, blocks, pyhessian_tight):
     """name -> (callable(seed), description). Peers that failed to import are left out."""
     m = {}
     for b in blocks:
-        m[f"nethessian b={b}"] = (lambda s, b=b: pb.nh(s, block_size=b),
-                                  f"nh.eigenvalues(k=5, tol=1e-3, block_size={b}), fresh HessianOperator")
+        m[f"nethessian b={b}"] = (
+            lambda s, b=b: pb.nh(s, block_size=b),
+            f"nh.eigenvalues(k=5, tol=1e-3, block_size={b}), fresh HessianOperator",
+        )
     if "curvlinops" in pb.mods:
-        m["eigsh tol=1e-3 on curvlinops"] = (lambda s: pb.eigsh_curvlinops(s, tol=1e-3),
-                                             "scipy eigsh(k=5, which='LA', tol=1e-3) on "
-                                             "HessianLinearOperator.to_scipy()")
-        m["eigsh tol=1e-2 on curvlinops"] = (lambda s: pb.eigsh_curvlinops(s, tol=1e-2),
-                                             "same, tol=1e-2 (looser; still reached 1e-3 in tests)")
-    m["eigsh tol=1e-3 on nethessian"] = (lambda s: pb.eigsh_nethessian(s, tol=1e-3),
-                                         "diagnostic: scipy eigsh tol=1e-3 on nethessian's op.to_scipy()")
+        m["eigsh tol=1e-3 on curvlinops"] = (
+            lambda s: pb.eigsh_curvlinops(s, tol=1e-3),
+            "scipy eigsh(k=5, which='LA', tol=1e-3) on HessianLinearOperator.to_scipy()",
+        )
+        m["eigsh tol=1e-2 on curvlinops"] = (
+            lambda s: pb.eigsh_curvlinops(s, tol=1e-2),
+            "same, tol=1e-2 (looser; still reached 1e-3 in tests)",
+        )
+    m["eigsh tol=1e-3 on nethessian"] = (
+        lambda s: pb.eigsh_nethessian(s, tol=1e-3),
+        "diagnostic: scipy eigsh tol=1e-3 on nethessian's op.to_scipy()",
+    )
     if "pyhessian" in pb.mods:
-        m["PyHessian defaults"] = (lambda s: pb.pyhessian(s),
-                                   "hessian(model, criterion, data, cuda=False).eigenvalues(top_n=5): "
-                                   "power iteration, tol=1e-3, maxIter=100")
+        m["PyHessian defaults"] = (
+            lambda s: pb.pyhessian(s),
+            "hessian(model, criterion, data, cuda=False).eigenvalues(top_n=5): power iteration, tol=1e-3, maxIter=100",
+        )
         if pyhessian_tight:
             tol, it = pyhessian_tight
-            m[f"PyHessian tol={tol:g}"] = (lambda s: pb.pyhessian(s, tol=tol, max_iter=it),
-                                           f"same, tol={tol:g}, maxIter={it} (tightened to try to reach 1e-3)")
+            m[f"PyHessian tol={tol:g}"] = (
+                lambda s: pb.pyhessian(s, tol=tol, max_iter=it),
+                f"same, tol={tol:g}, maxIter={it} (tightened to try to reach 1e-3)",
+            )
     if "hessian_eigenthings" in pb.mods:
-        m["hessian-eigenthings defaults"] = (lambda s: pb.eigenthings(s),
-                                             "lanczos(HessianOperator, k=5): defaults which='LM', max_iter=2k=10")
+        m["hessian-eigenthings defaults"] = (
+            lambda s: pb.eigenthings(s),
+            "lanczos(HessianOperator, k=5): defaults which='LM', max_iter=2k=10",
+        )
     return m
 
 
@@ -58,8 +71,10 @@ def warm_up_eig(pb: EigProblem):
 
 
 ENGINE = {  # which product engine each method's products go through (for the product-time share)
-    "nethessian": "nethessian kept graph", "eigsh tol=1e-3 on nethessian": "nethessian kept graph",
-    "eigsh": "curvlinops jvp(jacrev)", "PyHessian": "PyHessian kept graph",
+    "nethessian": "nethessian kept graph",
+    "eigsh tol=1e-3 on nethessian": "nethessian kept graph",
+    "eigsh": "curvlinops jvp(jacrev)",
+    "PyHessian": "PyHessian kept graph",
     "hessian-eigenthings": "hessian-eigenthings graph rebuilt",
 }
 
@@ -132,8 +147,10 @@ def _eig_rounds(pb: EigProblem, methods, rounds, ref, log):
             out["rel_errors"] = rel_errors(out["eigenvalues"], ref["eigenvalues"])
             out["max_rel_error"] = max(out["rel_errors"])
             runs[n].append(out)
-            log(f"  [{pb.name}] round {r} {n:<32} {out['time_s']:7.3f} s {out['matvecs']:5d} Av  "
-                f"max rel err {out['max_rel_error']:.1e}")
+            log(
+                f"  [{pb.name}] round {r} {n:<32} {out['time_s']:7.3f} s {out['matvecs']:5d} Av  "
+                f"max rel err {out['max_rel_error']:.1e}"
+            )
     return runs, failures
 
 

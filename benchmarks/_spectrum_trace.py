@@ -2,6 +2,7 @@
 Hutch++ and XTrace (and curvlinops' at the same budgets for time), against BackPACK's
 exact Hessian diagonal summed.
 """
+
 from __future__ import annotations
 
 import copy
@@ -21,7 +22,7 @@ from _workloads import make_workload
 
 TRACE_METHODS = ("hutchinson", "hutch++", "xtrace")
 CURV_TRACE = {"hutchinson": "hutchinson_trace", "hutch++": "hutchpp_trace", "xtrace": "xtrace"}
-DIAG_CHECK = 1e-4     # BackPACK diagonal entries vs e_i^T H e_i, relative to max |diag|
+DIAG_CHECK = 1e-4  # BackPACK diagonal entries vs e_i^T H e_i, relative to max |diag|
 
 __all__ = ["TRACE_METHODS", "backpack_reference", "run_trace"]
 
@@ -53,8 +54,10 @@ def backpack_reference(model, loss_fn, X, y, mods, log, name):
     dt = time.perf_counter() - t0
     check = _entry_check(model, loss_fn, X, y, diag)
     value = float(diag.double().sum())
-    log(f"  [{name}] BackPACK DiagHessian trace {value:.8g} ({dt:.2f} s); 32 entries vs e_i^T H e_i: "
-        f"max diff {check:.1e} of max |diag|")
+    log(
+        f"  [{name}] BackPACK DiagHessian trace {value:.8g} ({dt:.2f} s); 32 entries vs e_i^T H e_i: "
+        f"max diff {check:.1e} of max |diag|"
+    )
     return {"value": value, "time_s": dt, "entry_check_rel": check, "entry_check_ok": check <= DIAG_CHECK}
 
 
@@ -66,8 +69,9 @@ class _Estimators:
         self.op = nh.HessianOperator(model, loss_fn, (X, y))
         self.H = self.hc = None
         if "curvlinops" in mods:
-            self.H = mods["curvlinops"].HessianLinearOperator(model, loss_fn, list(model.parameters()), [(X, y)],
-                                                              check_deterministic=False)
+            self.H = mods["curvlinops"].HessianLinearOperator(
+                model, loss_fn, list(model.parameters()), [(X, y)], check_deterministic=False
+            )
             self.hc = count_curvlinops(self.H)
         # warm-up: builds nethessian's kept graph and its batched/loop decision; vmap set-up of curvlinops
         # nethessian decides batched-vs-loop products on its first (P, k) call: make that a realistic one
@@ -81,8 +85,14 @@ class _Estimators:
         t0 = time.perf_counter()
         est = nh.trace(self.op, method=meth, num_matvecs=budget, seed=seed)
         dt = time.perf_counter() - t0
-        return {"seed": seed, "budget": budget, "value": est.value, "stderr": est.stderr,
-                "matvecs": int(est.num_matvecs), "time_s": dt}
+        return {
+            "seed": seed,
+            "budget": budget,
+            "value": est.value,
+            "stderr": est.stderr,
+            "matvecs": int(est.num_matvecs),
+            "time_s": dt,
+        }
 
     def curvlinops(self, meth, budget, seed):
         fn = getattr(self.mods["curvlinops"], CURV_TRACE[meth])
@@ -120,9 +130,15 @@ def _trace_rounds(est, name, budgets, seeds, curv_seeds, tr, log):
                     who_order.reverse()  # alternate who goes first
                 for who in who_order:
                     runs[f"{who} {meth}"].append(_score(getattr(est, who)(meth, m_budget, seed), tr))
-            log(f"  [{name}] seed {seed} budget {m_budget}: " + ", ".join(
-                f"{meth} {runs[f'nethessian {meth}'][-1]['value']:.4g}±{runs[f'nethessian {meth}'][-1]['stderr']:.2g}"
-                for meth in TRACE_METHODS) + f" (ref {tr:.6g})")
+            log(
+                f"  [{name}] seed {seed} budget {m_budget}: "
+                + ", ".join(
+                    f"{meth} {runs[f'nethessian {meth}'][-1]['value']:.4g}"
+                    f"±{runs[f'nethessian {meth}'][-1]['stderr']:.2g}"
+                    for meth in TRACE_METHODS
+                )
+                + f" (ref {tr:.6g})"
+            )
     return runs
 
 
@@ -140,10 +156,13 @@ def _vs_curvlinops(d, rs, peer):
 
 
 def _budget_summary(key, rs, runs, b):
-    d = {"n": len(rs), "matvecs": statistics.median(r["matvecs"] for r in rs),
-         "mean_abs_error": statistics.fmean(r["abs_error"] for r in rs),
-         "rmse": _rms([r["abs_error"] for r in rs]),
-         "time_median_s": statistics.median(r["time_s"] for r in rs)}
+    d = {
+        "n": len(rs),
+        "matvecs": statistics.median(r["matvecs"] for r in rs),
+        "mean_abs_error": statistics.fmean(r["abs_error"] for r in rs),
+        "rmse": _rms([r["abs_error"] for r in rs]),
+        "time_median_s": statistics.median(r["time_s"] for r in rs),
+    }
     if key.startswith("nethessian"):
         zs = [r["z"] for r in rs if "z" in r]
         d["mean_stderr"] = statistics.fmean(r["stderr"] for r in rs)
@@ -176,7 +195,8 @@ def _honesty(runs):
         zs = [r["z"] for r in runs[f"nethessian {meth}"] if "z" in r]
         n = len(zs)
         honesty[meth] = {
-            "n": n, "rms_z": _rms(zs) if zs else None,
+            "n": n,
+            "rms_z": _rms(zs) if zs else None,
             "mean_z": statistics.fmean(zs) if zs else None,
             "within_2_stderr": sum(abs(z) <= 2 for z in zs) / n if n else None,
             "within_3_stderr": sum(abs(z) <= 3 for z in zs) / n if n else None,
@@ -192,5 +212,10 @@ def run_trace(name, mods, budgets, seeds, curv_seeds, log):
     ref = backpack_reference(model, loss_fn, X, y, mods, log, name)
     est = _Estimators(model, loss_fn, X, y, mods, budgets)
     runs = _trace_rounds(est, name, budgets, seeds, curv_seeds, ref["value"], log)
-    return {"reference": ref, "nethessian_batched_products": est.op.batched, "runs": runs,
-            "summary": _summaries(runs, budgets), "honesty": _honesty(runs)}
+    return {
+        "reference": ref,
+        "nethessian_batched_products": est.op.batched,
+        "runs": runs,
+        "summary": _summaries(runs, budgets),
+        "honesty": _honesty(runs),
+    }

@@ -3,6 +3,7 @@
 Times are taken round-robin ("interleaved") so that drift on a shared machine
 hits every method alike; costs are reported as ratios to one gradient.
 """
+
 from __future__ import annotations
 
 import datetime as _dt
@@ -22,8 +23,23 @@ import nethessian as nh
 THREADS = len(os.sched_getaffinity(0))
 CONTENDED = 0.3  # cores used by other processes above which a measurement is flagged
 
-__all__ = ["THREADS", "time_calls", "rotated", "bench_interleaved", "gradient_ratios", "make_log",
-           "base_meta", "finish_meta", "write_json", "exit_status", "fmt_t", "fmt_b", "yesno", "flag", "table_head"]
+__all__ = [
+    "THREADS",
+    "time_calls",
+    "rotated",
+    "bench_interleaved",
+    "gradient_ratios",
+    "make_log",
+    "base_meta",
+    "finish_meta",
+    "write_json",
+    "exit_status",
+    "fmt_t",
+    "fmt_b",
+    "yesno",
+    "flag",
+    "table_head",
+]
 
 
 def time_calls(fn, n):
@@ -69,10 +85,13 @@ def bench_interleaved(fns, reps, sample_s, log=None):
         for name in rotated(fns, r):
             samples[name].append(time_calls(fns[name], inner[name]))
     med = {name: statistics.median(s) for name, s in samples.items()}
-    paired = {name: statistics.median(x / g for x, g in zip(s, samples["gradient"]))
-              for name, s in samples.items()} if "gradient" in samples else None
+    paired = (
+        {name: statistics.median(x / g for x, g in zip(s, samples["gradient"])) for name, s in samples.items()}
+        if "gradient" in samples
+        else None
+    )
     if log:
-        log(" ".join(f"{n}={med[n]*1e3:.3f}ms" for n in fns))
+        log(" ".join(f"{n}={med[n] * 1e3:.3f}ms" for n in fns))
     return med, samples, inner, paired
 
 
@@ -88,8 +107,10 @@ def gradient_ratios(med, samples, paired):
 
 def make_log(t_start):
     """A logger that prints ``[elapsed] message`` on stderr."""
+
     def log(msg):
         print(f"[{time.perf_counter() - t_start:7.1f}s] {msg}", file=sys.stderr, flush=True)
+
     return log
 
 
@@ -102,8 +123,12 @@ def base_meta(**extra):
     """The run's environment (versions, threads, load, BLAS/OpenMP settings) plus ``extra``."""
     meta = {
         "date": _dt.datetime.now().astimezone().isoformat(timespec="seconds"),
-        "torch": torch.__version__, "nethessian": nh.__version__, "python": platform.python_version(),
-        "platform": platform.platform(), "torch_threads": torch.get_num_threads(), "cpu_affinity": THREADS,
+        "torch": torch.__version__,
+        "nethessian": nh.__version__,
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "torch_threads": torch.get_num_threads(),
+        "cpu_affinity": THREADS,
         "loadavg_start": _loadavg(),
         "OPENBLAS_NUM_THREADS": os.environ.get("OPENBLAS_NUM_THREADS"),
         "OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY"),

@@ -3,6 +3,7 @@
 W2/W3/W4 are bench_core's (FACTS.md), MLP/CNN bench_spectrum's (MLP = W3 with
 ``nh.examples.mlp``'s defaults, CNN = W4).
 """
+
 from __future__ import annotations
 
 import copy
@@ -16,10 +17,16 @@ K_BATCH = 32  # columns of the "many HVPs at once" block
 
 # name -> (description, builder returning (model, loss_fn, (X, y)), number of parameters)
 WORKLOADS = {
-    "W2": ("MLP 64-48-32-10 tanh, CE, N=512 (P=5,018)",
-           lambda: nh.examples.mlp((64, 48, 32, 10), n=512, activation="tanh", seed=0), 5018),
-    "W3": ("MLP 784-128-64-10 tanh, CE, N=1024 (P=109,386)",
-           lambda: nh.examples.mlp((784, 128, 64, 10), n=1024, activation="tanh", seed=0), 109386),
+    "W2": (
+        "MLP 64-48-32-10 tanh, CE, N=512 (P=5,018)",
+        lambda: nh.examples.mlp((64, 48, 32, 10), n=512, activation="tanh", seed=0),
+        5018,
+    ),
+    "W3": (
+        "MLP 784-128-64-10 tanh, CE, N=1024 (P=109,386)",
+        lambda: nh.examples.mlp((784, 128, 64, 10), n=1024, activation="tanh", seed=0),
+        109386,
+    ),
     "W4": ("CNN conv 1->8->16, N=256 (P=5,258)", lambda: nh.examples.cnn(seed=0), 5258),
     "MLP": ("MLP 784-128-64-10 tanh, CE, N=1024 (P=109,386) = nh.examples.mlp()", nh.examples.mlp, 109386),
     "CNN": ("CNN conv 1->8->16, max-pool, linear, N=256 (P=5,258) = nh.examples.cnn()", nh.examples.cnn, 5258),
@@ -72,8 +79,7 @@ class Problem:
     def split(self, flat):
         """Per-parameter views of a flat (P, ...) tensor, as ``{name: tensor}``."""
         tail = tuple(flat.shape[1:])
-        return {n: p.reshape(s + tail)
-                for n, p, s in zip(self.names, torch.split(flat, self.numels), self.shapes)}
+        return {n: p.reshape(s + tail) for n, p, s in zip(self.names, torch.split(flat, self.numels), self.shapes)}
 
     def flat(self, tensors):
         return torch.cat([t.reshape(-1) for t in tensors])

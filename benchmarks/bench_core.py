@@ -10,6 +10,7 @@ machines are shared and noisy. See benchmarks/README.md.
     .venv/bin/python benchmarks/bench_core.py --quick    # smoke test
     .venv/bin/python benchmarks/bench_core.py --only hvp --only batch
 """
+
 from __future__ import annotations
 
 import os
@@ -31,6 +32,7 @@ os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 # It must be decided before torch is imported.
 def _resolve_omp_wait(argv):
     import argparse as _ap
+
     pre = _ap.ArgumentParser(add_help=False)
     pre.add_argument("--omp-wait", choices=["auto", "default", "passive"], default="auto")
     pre.add_argument("--dense-worker")
@@ -60,8 +62,19 @@ import torch  # noqa: E402
 
 from _core_runs import run_batch, run_hvp  # noqa: E402
 from _dense_worker import dense_worker, run_dense  # noqa: E402
-from _timing import (THREADS, base_meta, exit_status, finish_meta, flag, fmt_b, fmt_t, make_log,  # noqa: E402
-                     table_head, write_json, yesno)
+from _timing import (
+    THREADS,
+    base_meta,
+    exit_status,
+    finish_meta,
+    flag,
+    fmt_b,
+    fmt_t,
+    make_log,  # noqa: E402
+    table_head,
+    write_json,
+    yesno,
+)
 from _workloads import CORE_WORKLOADS, K_BATCH, Problem, describe  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
@@ -83,25 +96,44 @@ def _hvp_rows(wl, r):
     x = g["nethessian"]
     y = r["first_call_in_gradients"]
     return [
-        (wl, "1 HVP, steady state (kept graph)", f"{fmt_t(r['median_s']['nethessian'])} = {x:.2f} grads",
-         f"jvp(grad) {g['torch.func jvp(grad)']:.2f}; db rebuilt {g['double backward rebuilt']:.2f}; "
-         f"raw kept graph {g['raw kept graph (plain torch)']:.2f} (grad = {fmt_t(r['median_s']['gradient'])})",
-         f"{x:.2f} grads", "≤ 2 grads" if wl in TARGETED else "info", _met(r, x <= 2, wl)),
-        (wl, "1 HVP, first call (builds graph)", f"{fmt_t(r['first_call_median_s'])} = {y:.2f} grads",
-         f"db rebuilt {g['double backward rebuilt']:.2f}; construction {r['construct_in_gradients']:.2f} "
-         "grads (untimed above)",
-         f"{y / g['double backward rebuilt']:.2f}× db rebuilt", "info", flag(r, "—")),
+        (
+            wl,
+            "1 HVP, steady state (kept graph)",
+            f"{fmt_t(r['median_s']['nethessian'])} = {x:.2f} grads",
+            f"jvp(grad) {g['torch.func jvp(grad)']:.2f}; db rebuilt {g['double backward rebuilt']:.2f}; "
+            f"raw kept graph {g['raw kept graph (plain torch)']:.2f} (grad = {fmt_t(r['median_s']['gradient'])})",
+            f"{x:.2f} grads",
+            "≤ 2 grads" if wl in TARGETED else "info",
+            _met(r, x <= 2, wl),
+        ),
+        (
+            wl,
+            "1 HVP, first call (builds graph)",
+            f"{fmt_t(r['first_call_median_s'])} = {y:.2f} grads",
+            f"db rebuilt {g['double backward rebuilt']:.2f}; construction {r['construct_in_gradients']:.2f} "
+            "grads (untimed above)",
+            f"{y / g['double backward rebuilt']:.2f}× db rebuilt",
+            "info",
+            flag(r, "—"),
+        ),
     ]
 
 
 def _batch_rows(wl, r):
     g = r["in_gradients"]
     x = g["nethessian op @ V"]
-    return [(wl, f"{K_BATCH} HVPs, op @ V ({r['nethessian_mode']})",
-             f"{fmt_t(r['median_s']['nethessian op @ V'])} = {x:.1f} grads",
-             f"loop of 32 {g['nethessian loop of 32']:.1f}; vmap(jvp(grad)) {g['vmap(jvp(grad))']:.1f}; "
-             f"raw batched kept {g['raw kept graph batched (plain torch)']:.1f}",
-             f"{x:.1f} grads", "≤ 35 grads" if wl in TARGETED else "info", _met(r, x <= 35, wl))]
+    return [
+        (
+            wl,
+            f"{K_BATCH} HVPs, op @ V ({r['nethessian_mode']})",
+            f"{fmt_t(r['median_s']['nethessian op @ V'])} = {x:.1f} grads",
+            f"loop of 32 {g['nethessian loop of 32']:.1f}; vmap(jvp(grad)) {g['vmap(jvp(grad))']:.1f}; "
+            f"raw batched kept {g['raw kept graph batched (plain torch)']:.1f}",
+            f"{x:.1f} grads",
+            "≤ 35 grads" if wl in TARGETED else "info",
+            _met(r, x <= 35, wl),
+        )
+    ]
 
 
 def _dense_row(d):
@@ -109,12 +141,20 @@ def _dense_row(d):
     a, b = s["nethessian"], s["torch.func.hessian"]
     speed = b["time_median_s"] / a["time_median_s"]
     mem = a["extra_peak_median_bytes"] / b["extra_peak_median_bytes"]
-    peers = "; ".join(f"{m} {fmt_t(v['time_median_s'])} +{fmt_b(v['extra_peak_median_bytes'])}"
-                      for m, v in s.items() if m != "nethessian")
-    return ("W2", "dense Hessian: time, extra peak RSS",
-            f"{fmt_t(a['time_median_s'])}, +{fmt_b(a['extra_peak_median_bytes'])}", peers,
-            f"{speed:.2f}× faster, {mem:.2f}× memory (vs torch.func)", "≥ 2× faster, ≤ 0.25× memory",
-            flag(d, yesno(speed >= 2 and mem <= 0.25, d["correct"])))
+    peers = "; ".join(
+        f"{m} {fmt_t(v['time_median_s'])} +{fmt_b(v['extra_peak_median_bytes'])}"
+        for m, v in s.items()
+        if m != "nethessian"
+    )
+    return (
+        "W2",
+        "dense Hessian: time, extra peak RSS",
+        f"{fmt_t(a['time_median_s'])}, +{fmt_b(a['extra_peak_median_bytes'])}",
+        peers,
+        f"{speed:.2f}× faster, {mem:.2f}× memory (vs torch.func)",
+        "≥ 2× faster, ≤ 0.25× memory",
+        flag(d, yesno(speed >= 2 and mem <= 0.25, d["correct"])),
+    )
 
 
 def build_table(res):
@@ -135,20 +175,35 @@ def build_table(res):
 def parse_args(argv):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="few repetitions (smoke test)")
-    ap.add_argument("--only", action="append", choices=["hvp", "batch", "dense"],
-                    help="run only this part (repeatable)")
+    ap.add_argument(
+        "--only", action="append", choices=["hvp", "batch", "dense"], help="run only this part (repeatable)"
+    )
     ap.add_argument("--workloads", default="W2,W3,W4", help="HVP/batch workloads (default W2,W3,W4)")
-    ap.add_argument("--out", default=None, help="JSON output (default benchmarks/results/core.json, "
-                                                "core_quick.json with --quick)")
-    ap.add_argument("--threads", type=int, default=THREADS,
-                    help=f"torch threads (default: the cores this process may use, {THREADS})")
-    ap.add_argument("--wait-quiet", type=float, default=20.0, metavar="S",
-                    help="before each section wait up to S seconds for other processes to use "
-                         "under 0.3 cores (default 20; 0: don't wait)")
-    ap.add_argument("--omp-wait", choices=["auto", "default", "passive"], default="auto",
-                    help="OpenMP wait policy: passive (threads sleep at barriers: robust on a busy "
-                         "machine), default (torch's), auto (passive if others are busy at start); "
-                         "an OMP_WAIT_POLICY in the environment wins")
+    ap.add_argument(
+        "--out", default=None, help="JSON output (default benchmarks/results/core.json, core_quick.json with --quick)"
+    )
+    ap.add_argument(
+        "--threads",
+        type=int,
+        default=THREADS,
+        help=f"torch threads (default: the cores this process may use, {THREADS})",
+    )
+    ap.add_argument(
+        "--wait-quiet",
+        type=float,
+        default=20.0,
+        metavar="S",
+        help="before each section wait up to S seconds for other processes to use "
+        "under 0.3 cores (default 20; 0: don't wait)",
+    )
+    ap.add_argument(
+        "--omp-wait",
+        choices=["auto", "default", "passive"],
+        default="auto",
+        help="OpenMP wait policy: passive (threads sleep at barriers: robust on a busy "
+        "machine), default (torch's), auto (passive if others are busy at start); "
+        "an OMP_WAIT_POLICY in the environment wins",
+    )
     ap.add_argument("--dense-worker", help=argparse.SUPPRESS)
     ap.add_argument("--worker-out", help=argparse.SUPPRESS)
     ap.add_argument("--worker-save", help=argparse.SUPPRESS)
@@ -160,16 +215,28 @@ def _settings(quick):
         reps, sample_s, first_reps, breps, bsample_s, rounds = 3, 0.02, 2, 2, 0.05, 1
     else:
         reps, sample_s, first_reps, breps, bsample_s, rounds = 15, 0.1, 7, 9, 0.2, 3
-    return {"reps": reps, "sample_s": sample_s, "first_reps": first_reps,
-            "batch_reps": breps, "batch_sample_s": bsample_s, "dense_rounds": rounds}
+    return {
+        "reps": reps,
+        "sample_s": sample_s,
+        "first_reps": first_reps,
+        "batch_reps": breps,
+        "batch_sample_s": bsample_s,
+        "dense_rounds": rounds,
+    }
 
 
 def _meta(args, parts, workloads, st):
     return base_meta(
-        machine=platform.machine(), cpu_count=os.cpu_count(),
-        omp_wait_choice=OMP_WAIT, others_cpu_cores_at_start=OMP_PROBE,
-        quick=args.quick, parts=parts, workloads=workloads, settings=st,
-        workload_descriptions=describe(CORE_WORKLOADS))
+        machine=platform.machine(),
+        cpu_count=os.cpu_count(),
+        omp_wait_choice=OMP_WAIT,
+        others_cpu_cores_at_start=OMP_PROBE,
+        quick=args.quick,
+        parts=parts,
+        workloads=workloads,
+        settings=st,
+        workload_descriptions=describe(CORE_WORKLOADS),
+    )
 
 
 def _run_parts(args, parts, workloads, st, section, log):
@@ -178,14 +245,16 @@ def _run_parts(args, parts, workloads, st, section, log):
         res["hvp"] = {}
         for wl in workloads:
             pb = problems.setdefault(wl, Problem(wl))
-            res["hvp"][wl] = section(f"hvp/{wl}", lambda pb=pb: run_hvp(pb, st["reps"], st["sample_s"],
-                                                                  st["first_reps"], log))
+            res["hvp"][wl] = section(
+                f"hvp/{wl}", lambda pb=pb: run_hvp(pb, st["reps"], st["sample_s"], st["first_reps"], log)
+            )
     if "batch" in parts:
         res["batch"] = {}
         for wl in workloads:
             pb = problems.setdefault(wl, Problem(wl))
-            res["batch"][wl] = section(f"batch/{wl}", lambda pb=pb: run_batch(pb, st["batch_reps"],
-                                                                        st["batch_sample_s"], log))
+            res["batch"][wl] = section(
+                f"batch/{wl}", lambda pb=pb: run_batch(pb, st["batch_reps"], st["batch_sample_s"], log)
+            )
     problems.clear()
     gc.collect()
     if "dense" in parts:
@@ -206,12 +275,15 @@ def main(argv=None):
     t_start = time.perf_counter()
     log = make_log(t_start)
     meta = _meta(args, parts, workloads, st)
-    log(f"torch {torch.__version__}, {torch.get_num_threads()} threads, OpenMP wait policy "
+    log(
+        f"torch {torch.__version__}, {torch.get_num_threads()} threads, OpenMP wait policy "
         f"{os.environ.get('OMP_WAIT_POLICY', 'default')} ({OMP_WAIT}; others used "
-        f"{'?' if OMP_PROBE is None else f'{OMP_PROBE:.1f}'} cores at start), parts {parts}")
+        f"{'?' if OMP_PROBE is None else f'{OMP_PROBE:.1f}'} cores at start), parts {parts}"
+    )
     contention = meta["others_cpu_cores"] = {}
-    res = _run_parts(args, parts, workloads, st,
-                     lambda key, fn: measured_section(key, fn, contention, args.wait_quiet, log), log)
+    res = _run_parts(
+        args, parts, workloads, st, lambda key, fn: measured_section(key, fn, contention, args.wait_quiet, log), log
+    )
     finish_meta(meta, t_start)
     table = build_table(res)
     print(table)

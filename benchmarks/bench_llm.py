@@ -21,6 +21,7 @@ Usage::
 
     python benchmarks/bench_llm.py [--tiny] [--out results/bench_llm.json]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -42,9 +43,17 @@ def problem(cfg):
     from transformers import GPT2Config, GPT2LMHeadModel
 
     from nethessian.losses import causal_lm
+
     torch.manual_seed(0)
-    conf = GPT2Config(vocab_size=cfg["vocab_size"], n_layer=cfg["n_layer"], n_embd=cfg["n_embd"],
-                      n_head=cfg["n_head"], n_positions=cfg["n_positions"], bos_token_id=0, eos_token_id=0)
+    conf = GPT2Config(
+        vocab_size=cfg["vocab_size"],
+        n_layer=cfg["n_layer"],
+        n_embd=cfg["n_embd"],
+        n_head=cfg["n_head"],
+        n_positions=cfg["n_positions"],
+        bos_token_id=0,
+        eos_token_id=0,
+    )
     model = GPT2LMHeadModel(conf).float().eval()
     g = torch.Generator().manual_seed(1)
     ids = torch.randint(0, cfg["vocab_size"], (cfg["batch"], cfg["tokens"]), generator=g)
@@ -58,8 +67,10 @@ def _maxrss() -> int:
 def _task(name, model, loss, data):
     """The callable measured for ``name``; it returns a dict of extra numbers (products, values)."""
     import nethessian as nh
+
     if name == "gradient":
         from nethessian._objective import Objective
+
         obj = Objective(model, loss, data)
         return lambda: (obj.gradient(), {})[1]
     engine, _, what = name.partition(":")
@@ -73,11 +84,13 @@ def _task(name, model, loss, data):
         def eig():
             r = nh.eigenvalues(op, k=k, tol=1e-2)
             return {"eigenvalues": [float(x) for x in r.eigenvalues], "products": r.num_matvecs}
+
         return eig
 
     def tr():
         t = nh.trace(op, method="hutch++", num_matvecs=30)
         return {"trace": t.value, "stderr": t.stderr, "products": t.num_matvecs}
+
     return tr
 
 
@@ -115,9 +128,11 @@ def main(argv=None):
     print(f"{'run':22s} {'time':>9s} {'÷grad':>7s} {'peak MiB':>9s} {'÷grad':>7s}  extra")
     for n, r in rows.items():
         extras = {k: v for k, v in r.items() if k not in ("name", "time_s", "extra_peak_bytes")}
-        print(f"{n:22s} {r['time_s']:9.3f} {r['time_s'] / grad['time_s']:7.2f} "
-              f"{r['extra_peak_bytes'] / 2**20:9.1f} {r['extra_peak_bytes'] / max(grad['extra_peak_bytes'], 1):7.2f}"
-              f"  {extras}")
+        print(
+            f"{n:22s} {r['time_s']:9.3f} {r['time_s'] / grad['time_s']:7.2f} "
+            f"{r['extra_peak_bytes'] / 2**20:9.1f} {r['extra_peak_bytes'] / max(grad['extra_peak_bytes'], 1):7.2f}"
+            f"  {extras}"
+        )
     if args.out:
         with open(args.out, "w") as f:
             json.dump({"config": cfg, "tiny": args.tiny, "rows": rows}, f, indent=1)

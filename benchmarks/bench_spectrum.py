@@ -21,6 +21,7 @@ curvlinops, BackPACK). See benchmarks/README.md.
     BackPACK's exact Hessian diagonal (``DiagHessian``) summed; curvlinops'
     ``hutchinson_trace`` / ``hutchpp_trace`` / ``xtrace`` at the same products for time.
 """
+
 from __future__ import annotations
 
 import os
@@ -59,22 +60,40 @@ def parse_args(argv):
     ap.add_argument("--quick", action="store_true", help="one round, few seeds (smoke test)")
     ap.add_argument("--only", action="append", choices=["eig", "trace"], help="run only this part (repeatable)")
     ap.add_argument("--workloads", default="MLP,CNN", help="comma-separated: MLP, CNN (default both)")
-    ap.add_argument("--rounds", type=int, default=None,
-                    help="eigenvalue rounds (seeds) per method (default 4; quick 1)")
+    ap.add_argument(
+        "--rounds", type=int, default=None, help="eigenvalue rounds (seeds) per method (default 4; quick 1)"
+    )
     ap.add_argument("--blocks", default="1,4,8", help="nethessian block sizes (default 1,4,8; 1 is always run)")
-    ap.add_argument("--pyhessian-tight", default="1e-5,1000", metavar="TOL,MAXITER",
-                    help="extra PyHessian row with a tighter tol, to show what reaching 1e-3 costs it "
-                         "(default 1e-5,1000; 'none' to skip)")
+    ap.add_argument(
+        "--pyhessian-tight",
+        default="1e-5,1000",
+        metavar="TOL,MAXITER",
+        help="extra PyHessian row with a tighter tol, to show what reaching 1e-3 costs it "
+        "(default 1e-5,1000; 'none' to skip)",
+    )
     ap.add_argument("--budgets", default=None, help="trace budgets in products (default 30,60,90,150; quick 30,90)")
     ap.add_argument("--seeds", type=int, default=None, help="trace seeds per method and budget (default 6; quick 2)")
-    ap.add_argument("--curv-seeds", type=int, default=None,
-                    help="of those, seeds also run through curvlinops (default 1)")
-    ap.add_argument("--out", default=None, help="JSON output (default benchmarks/results/spectrum.json, "
-                                                "spectrum_quick.json with --quick)")
-    ap.add_argument("--threads", type=int, default=THREADS,
-                    help=f"torch threads (default: the cores this process may use, {THREADS})")
-    ap.add_argument("--wait-quiet", type=float, default=20.0, metavar="S",
-                    help="before each section wait up to S seconds for other processes to use under 0.3 cores")
+    ap.add_argument(
+        "--curv-seeds", type=int, default=None, help="of those, seeds also run through curvlinops (default 1)"
+    )
+    ap.add_argument(
+        "--out",
+        default=None,
+        help="JSON output (default benchmarks/results/spectrum.json, spectrum_quick.json with --quick)",
+    )
+    ap.add_argument(
+        "--threads",
+        type=int,
+        default=THREADS,
+        help=f"torch threads (default: the cores this process may use, {THREADS})",
+    )
+    ap.add_argument(
+        "--wait-quiet",
+        type=float,
+        default=20.0,
+        metavar="S",
+        help="before each section wait up to S seconds for other processes to use under 0.3 cores",
+    )
     args = ap.parse_args(argv)
     args.workloads = [w.strip() for w in args.workloads.split(",") if w.strip()]
     for w in args.workloads:
@@ -89,22 +108,29 @@ def _settings(args):
     if args.pyhessian_tight.lower() != "none":
         t, it = args.pyhessian_tight.split(",")
         tight = (float(t), int(it))
-    return {"rounds": args.rounds or (1 if args.quick else 4),
-            "blocks": sorted({1, *(int(b) for b in args.blocks.split(",") if b.strip())}),
-            "pyhessian_tight": tight,
-            "budgets": [int(b) for b in (args.budgets or ("30,90" if args.quick else "30,60,90,150")).split(",")],
-            "seeds": args.seeds or (2 if args.quick else 6),
-            "curv_seeds": args.curv_seeds if args.curv_seeds is not None else 1, "k": K, "tol": TARGET_ACC}
+    return {
+        "rounds": args.rounds or (1 if args.quick else 4),
+        "blocks": sorted({1, *(int(b) for b in args.blocks.split(",") if b.strip())}),
+        "pyhessian_tight": tight,
+        "budgets": [int(b) for b in (args.budgets or ("30,90" if args.quick else "30,60,90,150")).split(",")],
+        "seeds": args.seeds or (2 if args.quick else 6),
+        "curv_seeds": args.curv_seeds if args.curv_seeds is not None else 1,
+        "k": K,
+        "tol": TARGET_ACC,
+    }
 
 
 def _report(res_eig, res_trace, ts, contention):
     tables = []
     if res_eig:
-        tables.append("### Top-5 eigenvalues to 1e-3 (medians over seeds; speed-up = method time / "
-                      "nethessian b=1 time)\n\n" + eig_table(res_eig))
+        tables.append(
+            "### Top-5 eigenvalues to 1e-3 (medians over seeds; speed-up = method time / "
+            "nethessian b=1 time)\n\n" + eig_table(res_eig)
+        )
     if res_trace:
-        tables.append("### Trace: error vs products (reference: BackPACK exact diagonal, summed)\n\n"
-                      + trace_table(res_trace))
+        tables.append(
+            "### Trace: error vs products (reference: BackPACK exact diagonal, summed)\n\n" + trace_table(res_trace)
+        )
     if ts:
         tables.append("### Targets\n\n" + targets_table(ts))
     flags = [f"{k}: others used {v['during']:.1f} cores" for k, v in contention.items() if v["during"] > 0.3]
@@ -118,12 +144,14 @@ def _run_parts(args, parts, mods, st, section, log):
     if "eig" in parts:
         for wl in args.workloads:
             pb = EigProblem(wl, mods)
-            res_eig[wl] = section(f"eig/{wl}", lambda pb=pb: run_eig(pb, st["rounds"], st["blocks"],
-                                                              st["pyhessian_tight"], log))
+            res_eig[wl] = section(
+                f"eig/{wl}", lambda pb=pb: run_eig(pb, st["rounds"], st["blocks"], st["pyhessian_tight"], log)
+            )
     if "trace" in parts:
         for wl in args.workloads:
-            res_trace[wl] = section(f"trace/{wl}", lambda wl=wl: run_trace(wl, mods, st["budgets"], st["seeds"],
-                                                                    st["curv_seeds"], log))
+            res_trace[wl] = section(
+                f"trace/{wl}", lambda wl=wl: run_trace(wl, mods, st["budgets"], st["seeds"], st["curv_seeds"], log)
+            )
     return res_eig, res_trace
 
 
@@ -137,23 +165,35 @@ def main(argv=None):
     t_start = time.perf_counter()
     log = make_log(t_start)
     mods, peer_status = import_peers(log)
-    meta = base_meta(numpy=np.__version__, scipy=importlib.metadata.version("scipy"), quick=args.quick,
-                     parts=parts, workloads=describe(args.workloads), peers=peer_status, settings=st)
-    log(f"torch {torch.__version__}, {torch.get_num_threads()} threads; peers: "
-        + ", ".join(f"{m} {s.get('version', '')}{'' if s['ok'] else ' (UNAVAILABLE)'}" for m, s in peer_status.items()))
+    meta = base_meta(
+        numpy=np.__version__,
+        scipy=importlib.metadata.version("scipy"),
+        quick=args.quick,
+        parts=parts,
+        workloads=describe(args.workloads),
+        peers=peer_status,
+        settings=st,
+    )
+    log(
+        f"torch {torch.__version__}, {torch.get_num_threads()} threads; peers: "
+        + ", ".join(f"{m} {s.get('version', '')}{'' if s['ok'] else ' (UNAVAILABLE)'}" for m, s in peer_status.items())
+    )
     contention = meta["others_cpu_cores"] = {}
-    res_eig, res_trace = _run_parts(args, parts, mods, st,
-                                    lambda key, fn: measured_section(key, fn, contention, args.wait_quiet, log), log)
+    res_eig, res_trace = _run_parts(
+        args, parts, mods, st, lambda key, fn: measured_section(key, fn, contention, args.wait_quiet, log), log
+    )
     finish_meta(meta, t_start)
     ts = targets(res_eig, res_trace)
     text = _report(res_eig, res_trace, ts, contention)
     print(text)
-    write_json(out_path, {"meta": meta, "eig": res_eig, "trace": res_trace, "targets": ts, "table": text},
-               log, default=float)
+    write_json(
+        out_path, {"meta": meta, "eig": res_eig, "trace": res_trace, "targets": ts, "table": text}, log, default=float
+    )
     ok = all(r["reference"]["cross_check_ok"] for r in res_eig.values())
     ok = ok and all(r["reference"]["entry_check_ok"] for r in res_trace.values() if "reference" in r)
-    return exit_status(ok, log, "REFERENCE CHECK FAILED: see eig.*.reference.cross_check_rel / "
-                                "trace.*.reference.entry_check_rel")
+    return exit_status(
+        ok, log, "REFERENCE CHECK FAILED: see eig.*.reference.cross_check_rel / trace.*.reference.entry_check_rel"
+    )
 
 
 if __name__ == "__main__":

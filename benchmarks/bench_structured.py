@@ -11,6 +11,7 @@ Ratios to one gradient, same process, 2 threads:
 Smoke sizes by default (``--full`` for the issue's sizes); the machine is shared, so
 the numbers are indicative. Run: ``python benchmarks/bench_structured.py [--full]``.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -51,23 +52,28 @@ def diagonal(label: str, model, loss, data) -> None:
     grad, diag = _interleaved([op.objective.gradient, engine.diagonal])
     V = torch.eye(op.shape[0], 64, dtype=op.dtype)
     column = _best(lambda: op @ V) / 64
-    print(f"diagonal {label}: gradient {grad * 1e3:.1f} ms; structured {diag * 1e3:.0f} ms "
-          f"= {diag / grad:.1f} gradients; autodiff P={op.shape[0]} columns ~ {column * op.shape[0]:.0f} s "
-          f"= {column * op.shape[0] / grad:.0f} gradients")
+    print(
+        f"diagonal {label}: gradient {grad * 1e3:.1f} ms; structured {diag * 1e3:.0f} ms "
+        f"= {diag / grad:.1f} gradients; autodiff P={op.shape[0]} columns ~ {column * op.shape[0]:.0f} s "
+        f"= {column * op.shape[0] / grad:.0f} gradients"
+    )
 
 
 def dense_mlp(n: int) -> None:
     torch.manual_seed(0)
-    model = torch.nn.Sequential(torch.nn.Linear(64, 48), torch.nn.Tanh(), torch.nn.Linear(48, 32),
-                                torch.nn.Tanh(), torch.nn.Linear(32, 10))
+    model = torch.nn.Sequential(
+        torch.nn.Linear(64, 48), torch.nn.Tanh(), torch.nn.Linear(48, 32), torch.nn.Tanh(), torch.nn.Linear(32, 10)
+    )
     data = (torch.randn(n, 64), torch.randint(0, 10, (n,)))
     loss = torch.nn.CrossEntropyLoss()
     op = nh.HessianOperator(model, loss, data)
     grad = _best(op.objective.gradient)
     s = _best(lambda: nh.hessian(model, loss, data, engine="structured"), repeat=1)
     a = _best(lambda: nh.hessian(model, loss, data, engine="autodiff"), repeat=1)
-    print(f"dense MLP 64-48-32-10 N={n} (P={op.shape[0]}): structured {s:.2f} s = {s / grad:.0f} gradients; "
-          f"autodiff {a:.2f} s = {a / grad:.0f} gradients")
+    print(
+        f"dense MLP 64-48-32-10 N={n} (P={op.shape[0]}): structured {s:.2f} s = {s / grad:.0f} gradients; "
+        f"autodiff {a:.2f} s = {a / grad:.0f} gradients"
+    )
 
 
 if __name__ == "__main__":

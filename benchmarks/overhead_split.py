@@ -16,6 +16,7 @@ stack/cat copies. ``--profile`` adds a torch.profiler op table of op @ V vs the 
 
     .venv/bin/python benchmarks/overhead_split.py [--workloads W2,W3] [--profile]
 """
+
 from __future__ import annotations
 
 import os
@@ -75,11 +76,14 @@ def split_batch(pb, reps, sample_s):
         "op._product(V)": lambda: op._product(V),
         "op._kept_run(V) (batched)": lambda: op._kept_run(V),
         "flat grad, V.T (non-contiguous)": lambda: torch.autograd.grad(
-            g, theta, V.T, retain_graph=True, is_grads_batched=True),
+            g, theta, V.T, retain_graph=True, is_grads_batched=True
+        ),
         "flat grad, contiguous (k, P)": lambda: torch.autograd.grad(
-            g, theta, VT, retain_graph=True, is_grads_batched=True),
+            g, theta, VT, retain_graph=True, is_grads_batched=True
+        ),
         "per-parameter grad, batched": lambda: torch.autograd.grad(
-            gl, ps, Vl, retain_graph=True, is_grads_batched=True),
+            gl, ps, Vl, retain_graph=True, is_grads_batched=True
+        ),
         "isfinite(V).all()": lambda: bool(torch.isfinite(V).all()),
         "finish (out / n)": lambda: op.objective.finish(out, n),
         "cat of 1 chunk": lambda: torch.cat([out], dim=1),
@@ -89,12 +93,17 @@ def split_batch(pb, reps, sample_s):
 
 def profile(pb):
     from torch.profiler import ProfilerActivity, profile as prof
+
     V = pb.V
     op, theta, g, n = _kept(pb, V)
     VT = V.T.contiguous()
-    for name, fn in (("op @ V", lambda: op @ V),
-                     ("flat grad, contiguous (k, P)",
-                      lambda: torch.autograd.grad(g, theta, VT, retain_graph=True, is_grads_batched=True))):
+    for name, fn in (
+        ("op @ V", lambda: op @ V),
+        (
+            "flat grad, contiguous (k, P)",
+            lambda: torch.autograd.grad(g, theta, VT, retain_graph=True, is_grads_batched=True),
+        ),
+    ):
         fn()
         with prof(activities=[ProfilerActivity.CPU]) as p:
             for _ in range(3):
@@ -110,8 +119,10 @@ def main():
     ap.add_argument("--profile", action="store_true")
     args = ap.parse_args()
     torch.set_num_threads(THREADS)
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, "
-          f"OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', 'default')}")
+    print(
+        f"torch {torch.__version__}, {torch.get_num_threads()} threads, "
+        f"OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', 'default')}"
+    )
     for wl in args.workloads.split(","):
         pb = Problem(wl)
         for title, fn, s in (("one HVP", split_single, 0.05), ("32 HVPs", split_batch, 0.2)):

@@ -23,6 +23,7 @@ weight 1 − ε, which is what the influence function is.
 
 Run: ``python examples/influence.py``.
 """
+
 from __future__ import annotations
 
 import copy
@@ -54,7 +55,7 @@ class L2Logistic(nn.Module):
 
     def forward(self, X: torch.Tensor) -> torch.Tensor:
         logit = self.linear(X)
-        penalty = 0.5 * self.l2 * (self.linear.weight ** 2).sum()
+        penalty = 0.5 * self.l2 * (self.linear.weight**2).sum()
         return torch.cat([logit, penalty.expand_as(logit)], dim=1)
 
 
@@ -65,9 +66,11 @@ def bce(logit: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
 
 def train_loss(weights: Optional[torch.Tensor] = None):
     """``(1/N) Σ_n w_n ℓ_n`` with ``ℓ_n = BCE_n + ½λ‖w‖²`` (all ``w_n = 1`` by default)."""
+
     def loss(out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         per_point = bce(out[:, 0], y) + out[:, 1]
         return per_point.mean() if weights is None else (weights * per_point).sum() / y.shape[0]
+
     return loss
 
 
@@ -94,40 +97,53 @@ def fit(model: nn.Module, data, weights=None) -> nn.Module:
 
 @dataclass(frozen=True)
 class InfluenceCheck:
-    predicted: torch.Tensor    # Δ_i from the influence function, one per training point
-    actual: torch.Tensor       # Δ_i from leave-one-out retraining
-    derivative: torch.Tensor   # [L_test(θ̂_ε) − L_test(θ̂)] / ε, point i weighted 1 − ε (first few i)
+    predicted: torch.Tensor  # Δ_i from the influence function, one per training point
+    actual: torch.Tensor  # Δ_i from leave-one-out retraining
+    derivative: torch.Tensor  # [L_test(θ̂_ε) − L_test(θ̂)] / ε, point i weighted 1 − ε (first few i)
     correlation: float
-    relative_error: float      # max_i |predicted − actual| / max_i |actual|
-    derivative_error: float    # max_i |derivative − predicted| / |predicted| over those points
+    relative_error: float  # max_i |predicted − actual| / max_i |actual|
+    derivative_error: float  # max_i |derivative − predicted| / |predicted| over those points
 
 
-def influence_vs_loo(n_train: int = 100, n_test: int = 5, num_features: int = 3, l2: float = 0.1,
-                     seed: int = 0, num_derivative: int = 3, eps: float = 1e-5) -> InfluenceCheck:
+def influence_vs_loo(
+    n_train: int = 100,
+    n_test: int = 5,
+    num_features: int = 3,
+    l2: float = 0.1,
+    seed: int = 0,
+    num_derivative: int = 3,
+    eps: float = 1e-5,
+) -> InfluenceCheck:
     """Predicted (influence function) and actual (leave-one-out) changes of the test loss."""
     train, test = make_data(n_train, n_test, num_features, seed)
     model = fit(L2Logistic(num_features, l2), train)
     H = HessianOperator(model, train_loss(), train)
     grad_test = Objective(model, heldout_loss, test).gradient()
-    s_test = inverse_hvp(H, grad_test, tol=1e-12)                 # H⁻¹ ∇L_test
+    s_test = inverse_hvp(H, grad_test, tol=1e-12)  # H⁻¹ ∇L_test
     X, y = train
-    grads = torch.stack([Objective(model, train_loss(), (X[i:i + 1], y[i:i + 1])).gradient()
-                         for i in range(n_train)])              # ∇ℓ_i(θ̂), (N, P)
-    predicted = grads @ s_test / n_train                          # Δ_i ≈ (1/N) ∇L_testᵀ H⁻¹ ∇ℓ_i
+    grads = torch.stack(
+        [Objective(model, train_loss(), (X[i : i + 1], y[i : i + 1])).gradient() for i in range(n_train)]
+    )  # ∇ℓ_i(θ̂), (N, P)
+    predicted = grads @ s_test / n_train  # Δ_i ≈ (1/N) ∇L_testᵀ H⁻¹ ∇ℓ_i
     base = Objective(model, heldout_loss, test).value()
-    keep = lambda i: torch.arange(n_train) != i                   # noqa: E731
-    actual = torch.tensor([Objective(fit(model, (X[keep(i)], y[keep(i)])), heldout_loss, test).value() - base
-                           for i in range(n_train)], dtype=D64)
+    keep = lambda i: torch.arange(n_train) != i  # noqa: E731
+    actual = torch.tensor(
+        [Objective(fit(model, (X[keep(i)], y[keep(i)])), heldout_loss, test).value() - base for i in range(n_train)],
+        dtype=D64,
+    )
     deriv = []
-    for i in range(num_derivative):                               # weight 1 − ε on point i
+    for i in range(num_derivative):  # weight 1 − ε on point i
         w = torch.ones(n_train, dtype=D64)
         w[i] = 1 - eps
         deriv.append((Objective(fit(model, train, w), heldout_loss, test).value() - base) / eps)
     derivative = torch.tensor(deriv, dtype=D64)
     corr = float(torch.corrcoef(torch.stack([predicted, actual]))[0, 1])
     rel = float((predicted - actual).abs().max() / actual.abs().max())
-    d_err = float(((derivative - predicted[:num_derivative]).abs() / predicted[:num_derivative].abs()).max()) \
-        if num_derivative else math.nan
+    d_err = (
+        float(((derivative - predicted[:num_derivative]).abs() / predicted[:num_derivative].abs()).max())
+        if num_derivative
+        else math.nan
+    )
     return InfluenceCheck(predicted, actual, derivative, corr, rel, d_err)
 
 
@@ -137,9 +153,11 @@ def main() -> InfluenceCheck:
     for i, (p, a) in enumerate(zip(res.predicted.tolist(), res.actual.tolist())):
         if i < 10:
             print(f"{i:>3}  {p:14.6e}  {a:18.6e}")
-    print(f"... over {len(res.actual)} points: correlation {res.correlation:.6f}, "
-          f"max |pred − LOO| / max |LOO| = {res.relative_error:.2e}, "
-          f"vs the exact derivative (weight 1 − ε): {res.derivative_error:.1e}")
+    print(
+        f"... over {len(res.actual)} points: correlation {res.correlation:.6f}, "
+        f"max |pred − LOO| / max |LOO| = {res.relative_error:.2e}, "
+        f"vs the exact derivative (weight 1 − ε): {res.derivative_error:.1e}"
+    )
     assert res.correlation > 0.999, res.correlation
     assert res.relative_error < 0.05, res.relative_error
     assert res.derivative_error < 1e-4, res.derivative_error

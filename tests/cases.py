@@ -3,6 +3,7 @@
 A new architecture is one more entry in CASES. Sizes stay small (P < 200) so
 the brute-force reference Hessian is quick.
 """
+
 from __future__ import annotations
 
 import torch
@@ -113,40 +114,67 @@ def mlp_softplus_ce():
 def cnn_ce():
     torch.manual_seed(4)
     g = _gen(5)
-    return SmallCNN().to(DT), nn.CrossEntropyLoss(), (
-        torch.randn(6, 1, 6, 6, generator=g, dtype=DT), torch.randint(0, 3, (6,), generator=g))
+    return (
+        SmallCNN().to(DT),
+        nn.CrossEntropyLoss(),
+        (torch.randn(6, 1, 6, 6, generator=g, dtype=DT), torch.randint(0, 3, (6,), generator=g)),
+    )
 
 
 def layernorm_mse():
     torch.manual_seed(6)
     g = _gen(7)
-    return LayerNormNet().to(DT), nn.MSELoss(reduction="sum"), (
-        torch.randn(8, 4, generator=g, dtype=DT), torch.randn(8, 2, generator=g, dtype=DT))
+    return (
+        LayerNormNet().to(DT),
+        nn.MSELoss(reduction="sum"),
+        (torch.randn(8, 4, generator=g, dtype=DT), torch.randn(8, 2, generator=g, dtype=DT)),
+    )
 
 
 def attention_ce():
     torch.manual_seed(8)
     g = _gen(9)
-    return TinyAttention().to(DT), nn.CrossEntropyLoss(), (
-        torch.randn(5, 3, 4, generator=g, dtype=DT), torch.randint(0, 2, (5,), generator=g))
+    return (
+        TinyAttention().to(DT),
+        nn.CrossEntropyLoss(),
+        (torch.randn(5, 3, 4, generator=g, dtype=DT), torch.randint(0, 2, (5,), generator=g)),
+    )
 
 
 def tied_ce():
     torch.manual_seed(10)
     g = _gen(11)
-    return TiedLM().to(DT), nn.CrossEntropyLoss(), (
-        torch.randint(0, 7, (9,), generator=g), torch.randint(0, 7, (9,), generator=g))
+    return (
+        TiedLM().to(DT),
+        nn.CrossEntropyLoss(),
+        (torch.randint(0, 7, (9,), generator=g), torch.randint(0, 7, (9,), generator=g)),
+    )
 
 
 def unused_mse():
     torch.manual_seed(12)
     g = _gen(13)
-    return WithUnused().to(DT), nn.MSELoss(), (
-        torch.randn(7, 3, generator=g, dtype=DT), torch.randn(7, 2, generator=g, dtype=DT))
+    return (
+        WithUnused().to(DT),
+        nn.MSELoss(),
+        (torch.randn(7, 3, generator=g, dtype=DT), torch.randn(7, 2, generator=g, dtype=DT)),
+    )
 
 
-CASES = {f.__name__: f for f in (two_layer, mlp_tanh_mse, mlp_sigmoid_ce_sum, mlp_softplus_ce, cnn_ce,
-                                 layernorm_mse, attention_ce, tied_ce, unused_mse)}
+CASES = {
+    f.__name__: f
+    for f in (
+        two_layer,
+        mlp_tanh_mse,
+        mlp_sigmoid_ce_sum,
+        mlp_softplus_ce,
+        cnn_ce,
+        layernorm_mse,
+        attention_ce,
+        tied_ce,
+        unused_mse,
+    )
+}
 
 
 def reference_hessian(model, loss_fn, data, names=None):

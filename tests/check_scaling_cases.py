@@ -4,6 +4,7 @@ Each factory takes a dtype and returns ``(model, loss_fn, data)``. ``CORRECT`` h
 Hessian nethessian computes exactly (check must pass); ``WRONG`` holds models whose double
 backward is wrong (check must fail).
 """
+
 from __future__ import annotations
 
 import torch
@@ -86,19 +87,35 @@ def mlp(dtype):
 def cnn(dtype):
     """A small CNN whose dense Hessian is checked (P = 2·9+2 + 2·2·4+... < 200)."""
     torch.manual_seed(0)
-    model = nn.Sequential(nn.Conv2d(1, 2, 3), nn.Tanh(), nn.Conv2d(2, 2, 3), nn.Softplus(),
-                          nn.Flatten(), nn.Linear(2 * 2 * 2, 3)).to(dtype)
+    model = nn.Sequential(
+        nn.Conv2d(1, 2, 3), nn.Tanh(), nn.Conv2d(2, 2, 3), nn.Softplus(), nn.Flatten(), nn.Linear(2 * 2 * 2, 3)
+    ).to(dtype)
     g = _gen(1)
-    return model, nn.CrossEntropyLoss(), (torch.randn(10, 1, 6, 6, generator=g, dtype=torch.float64).to(dtype),
-                                          torch.randint(0, 3, (10,), generator=g))
+    return (
+        model,
+        nn.CrossEntropyLoss(),
+        (torch.randn(10, 1, 6, 6, generator=g, dtype=torch.float64).to(dtype), torch.randint(0, 3, (10,), generator=g)),
+    )
 
 
 def two_layer(dtype):
     return nh.examples.two_layer(seed=1, dtype=dtype)
 
 
-CORRECT = {f.__name__: f for f in (inputs_times_1e3, inputs_times_1e3_tanh, bias_at_1000, output_bias_at_1000,
-                                   logspace_features, logspace_features_logistic, mlp, cnn, two_layer)}
+CORRECT = {
+    f.__name__: f
+    for f in (
+        inputs_times_1e3,
+        inputs_times_1e3_tanh,
+        bias_at_1000,
+        output_bias_at_1000,
+        logspace_features,
+        logspace_features_logistic,
+        mlp,
+        cnn,
+        two_layer,
+    )
+}
 
 
 # -- wrong second derivatives --------------------------------------------------------------
@@ -108,13 +125,13 @@ class CubeOnce(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x):
         ctx.save_for_backward(x)
-        return x ** 3
+        return x**3
 
     @staticmethod
     @once_differentiable
     def backward(ctx, g):
-        x, = ctx.saved_tensors
-        return 3 * x ** 2 * g
+        (x,) = ctx.saved_tensors
+        return 3 * x**2 * g
 
 
 class _CubeGradWrong(torch.autograd.Function):
@@ -123,12 +140,12 @@ class _CubeGradWrong(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, g):
         ctx.save_for_backward(x, g)
-        return 3 * x ** 2 * g
+        return 3 * x**2 * g
 
     @staticmethod
     def backward(ctx, gg):
         x, g = ctx.saved_tensors
-        return 3 * x * g * gg, 3 * x ** 2 * gg  # d/dx is 6 x g: wrong by a factor 2
+        return 3 * x * g * gg, 3 * x**2 * gg  # d/dx is 6 x g: wrong by a factor 2
 
 
 class CubeWrongDouble(torch.autograd.Function):
@@ -137,11 +154,11 @@ class CubeWrongDouble(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x):
         ctx.save_for_backward(x)
-        return x ** 3
+        return x**3
 
     @staticmethod
     def backward(ctx, g):
-        x, = ctx.saved_tensors
+        (x,) = ctx.saved_tensors
         return _CubeGradWrong.apply(x, g)
 
 
@@ -177,6 +194,5 @@ def wrong_double_backward_scaled_inputs(dtype):
     return model, loss_fn, (X * 1e3, y)
 
 
-WRONG = {f.__name__: f for f in (once_differentiable_cube, wrong_double_backward,
-                                 wrong_double_backward_scaled_inputs)}
+WRONG = {f.__name__: f for f in (once_differentiable_cube, wrong_double_backward, wrong_double_backward_scaled_inputs)}
 DTYPES = {"float32": torch.float32, "float64": torch.float64}

@@ -8,6 +8,7 @@ reference; ``assert_operator_contract(make, model, data, reference)`` adds ``at(
     assert_operator_contract(lambda m, d: MyOperator(m, loss_fn, d), model, data,
                              lambda m, d: my_reference(m, loss_fn, d))
 """
+
 from __future__ import annotations
 
 import copy
@@ -25,18 +26,17 @@ def assert_operator_matches(op, dense: torch.Tensor, *, rtol: float = 1e-10, see
     g = torch.Generator().manual_seed(seed)
     v = torch.randn(P, generator=g, dtype=dense.dtype)
     V = torch.randn(P, 5, generator=g, dtype=dense.dtype)
-    torch.testing.assert_close(op @ v, dense @ v, rtol=rtol, atol=atol * P ** 0.5)
+    torch.testing.assert_close(op @ v, dense @ v, rtol=rtol, atol=atol * P**0.5)
     HV = op @ V
-    torch.testing.assert_close(HV, dense @ V, rtol=rtol, atol=atol * P ** 0.5)
+    torch.testing.assert_close(HV, dense @ V, rtol=rtol, atol=atol * P**0.5)
     for j in range(V.shape[1]):  # a matrix product equals its columns
-        torch.testing.assert_close(HV[:, j], op @ V[:, j], rtol=rtol, atol=atol * P ** 0.5)
+        torch.testing.assert_close(HV[:, j], op @ V[:, j], rtol=rtol, atol=atol * P**0.5)
     torch.testing.assert_close(op.to_dense(), dense, rtol=rtol, atol=atol)
     S = op.to_scipy()
     x = np.random.default_rng(seed).standard_normal(P)
-    np.testing.assert_allclose(S @ x, dense.numpy() @ x, rtol=rtol, atol=atol * P ** 0.5 * np.abs(x).max())
+    np.testing.assert_allclose(S @ x, dense.numpy() @ x, rtol=rtol, atol=atol * P**0.5 * np.abs(x).max())
     Xm = np.random.default_rng(seed + 1).standard_normal((P, 3))
-    np.testing.assert_allclose(S.matmat(Xm), dense.numpy() @ Xm, rtol=rtol,
-                               atol=atol * P ** 0.5 * np.abs(Xm).max())
+    np.testing.assert_allclose(S.matmat(Xm), dense.numpy() @ Xm, rtol=rtol, atol=atol * P**0.5 * np.abs(Xm).max())
     D = op.to_dense()
     assert float((D - D.T).abs().max()) <= 1e3 * torch.finfo(D.dtype).eps * scale
 
@@ -49,7 +49,7 @@ def model_at(model, names, theta: torch.Tensor):
     with torch.no_grad():
         for n in names:
             p = params[n]
-            p.copy_(theta[i:i + p.numel()].reshape(p.shape))
+            p.copy_(theta[i : i + p.numel()].reshape(p.shape))
             i += p.numel()
     return m
 

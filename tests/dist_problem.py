@@ -1,4 +1,5 @@
 """A problem file for the torchrun CLI test: a small float64 MLP with cross-entropy."""
+
 import torch
 from torch import nn
 

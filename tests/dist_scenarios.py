@@ -2,6 +2,7 @@
 
 Every function runs on each rank; the test compares what the ranks recorded.
 """
+
 import warnings
 
 import torch
@@ -64,7 +65,8 @@ def disagreements(rank: int) -> dict:
         "buffers_check_state": lambda: _objective_then_check(*bn_problem(shift=0.25 * one)),
         "mode_check_state": lambda: _objective_then_check(*bn_problem(eval_mode=not one)),
         "loss_check_state": lambda: _objective_then_check(
-            bn_problem()[0], nn.CrossEntropyLoss(label_smoothing=0.1 * one), data),
+            bn_problem()[0], nn.CrossEntropyLoss(label_smoothing=0.1 * one), data
+        ),
         "fixed_check_state": lambda: _objective_then_check(*_perturbed(one, "3.weight"), params=["0.*"]),
         "values_check_state": lambda: _objective_then_check(*_perturbed(one, "0.bias"), params=["0.*"]),
         "shapes_operator": lambda: nh.HessianOperator(_wider() if one else bn_problem()[0], loss_fn, data),
@@ -116,13 +118,12 @@ def other_options(rank: int) -> dict:
         "num_matvecs": _attempt(lambda: nh.trace(op, method="hutchinson", num_matvecs=30 if rank else 20)),
         "k": _attempt(lambda: nh.eigenvalues(op, k=4 if rank else 3)),
         "chunk": _attempt(lambda: nh.trace(op, method="hutchinson", num_matvecs=12, chunk_size=7 if rank else 4)),
-        "diag_chunk": _attempt(lambda: nh.diagonal(op, method="exact", engine="autodiff",
-                                                   chunk_size=5 if rank else 3)),
+        "diag_chunk": _attempt(lambda: nh.diagonal(op, method="exact", engine="autodiff", chunk_size=5 if rank else 3)),
         "tol": _attempt(lambda: nh.eigenvalues(op, k=2, tol=1e-2 if rank else 1e-4)),
-        "b": _attempt(lambda: nh.solve(op, torch.full((op.shape[0],), 2.0 if rank else 1.0, dtype=op.dtype),
-                                       damping=1.0)),
-        "sigma": _attempt(lambda: nh.spectral_density(op, num_probes=2, lanczos_steps=5,
-                                                      sigma=0.2 if rank else 0.1)),
+        "b": _attempt(
+            lambda: nh.solve(op, torch.full((op.shape[0],), 2.0 if rank else 1.0, dtype=op.dtype), damping=1.0)
+        ),
+        "sigma": _attempt(lambda: nh.spectral_density(op, num_probes=2, lanczos_steps=5, sigma=0.2 if rank else 0.1)),
     }
 
 
@@ -162,6 +163,7 @@ def block_product(model, loss_fn, data) -> dict:
 def local_choices_run(rank: int, problem) -> dict:
     """Rank 0's timing trial always finds batching faster, rank 1's never: one choice must win."""
     from nethessian.operators import _engine
+
     _engine.MEASURABLY_FASTER = 1e9 if rank == 0 else 0.0
     model, loss_fn, batches = problem()
     return block_product(model, loss_fn, nh.shard(batches))

@@ -1,4 +1,5 @@
 """One rank of a 2-process gloo run, launched by test_distributed.py (not a test module)."""
+
 import datetime
 import json
 import os
@@ -12,8 +13,11 @@ sys.path.insert(0, os.path.dirname(__file__))
 import nethessian as nh  # noqa: E402
 import dist_scenarios  # noqa: E402
 
-SCENARIOS = {"disagree": dist_scenarios.disagreements, "empty": dist_scenarios.empty_data,
-             "options": dist_scenarios.other_options}
+SCENARIOS = {
+    "disagree": dist_scenarios.disagreements,
+    "empty": dist_scenarios.empty_data,
+    "options": dist_scenarios.other_options,
+}
 
 
 def problem():
@@ -27,7 +31,7 @@ def problem():
     sizes = [3, 4, 2, 5, 1]  # round-robin over 2 ranks: rank 0 gets 6 samples, rank 1 gets 9
     batches, i = [], 0
     for s in sizes:
-        batches.append((X[i:i + s], y[i:i + s]))
+        batches.append((X[i : i + s], y[i : i + s]))
         i += s
     return model, nn.CrossEntropyLoss(ignore_index=-100), batches
 
@@ -54,8 +58,9 @@ def results(model, loss_fn, data):
 def main():
     rank, world, port, mode, out = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3], sys.argv[4], sys.argv[5]
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=port)
-    torch.distributed.init_process_group("gloo", rank=rank, world_size=world,
-                                         timeout=datetime.timedelta(seconds=float(os.environ.get("NH_TIMEOUT", 10))))
+    torch.distributed.init_process_group(
+        "gloo", rank=rank, world_size=world, timeout=datetime.timedelta(seconds=float(os.environ.get("NH_TIMEOUT", 10)))
+    )
     model, loss_fn, batches = problem()
     if mode == "compare":
         res = results(model, loss_fn, nh.shard(batches))

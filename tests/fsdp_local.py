@@ -1,4 +1,5 @@
 """vectors='local' on an FSDP2 model, one rank's part (run by fsdp_worker.py, checked by test_finite_difference.py)."""
+
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
@@ -33,8 +34,13 @@ def estimators(op):
         density = nh.spectral_density(op, **DENSITY)
     except Exception as exc:  # noqa: BLE001 - recorded: the linalg side of the protocol may not have landed
         return {"linalg_error": f"{type(exc).__name__}: {exc}"}
-    return {"eig": eig.eigenvalues, "basis_bytes": mem.bytes, "trace": torch.tensor(float(trace.value)),
-            "density": density.density, "grid": density.grid}
+    return {
+        "eig": eig.eigenvalues,
+        "basis_bytes": mem.bytes,
+        "trace": torch.tensor(float(trace.value)),
+        "density": density.density,
+        "grid": density.grid,
+    }
 
 
 def _gathered_equal(op, x, full, layout):
@@ -62,12 +68,18 @@ def run_local(model, loss_fn, data, make_op, local_slice, probe):
     perms = [None] * dist.world_size()
     torch.distributed.all_gather_object(perms, perm)
     res = {
-        "vectors": loc.vectors, "sharded": loc.sharded, "n_local": loc.shape[0], "P": P,
-        "local_range": loc.local_range, "global_size": loc.global_size,
+        "vectors": loc.vectors,
+        "sharded": loc.sharded,
+        "n_local": loc.shape[0],
+        "P": P,
+        "local_range": loc.local_range,
+        "global_size": loc.global_size,
         "perm": torch.cat(perms).long(),
-        "hv_slice": local_slice(model, names, hv_rep), "hv_local": hv_loc,
+        "hv_slice": local_slice(model, names, hv_rep),
+        "hv_local": hv_loc,
         "HV_slice": torch.stack([local_slice(model, names, HV_rep[:, j]) for j in range(3)], dim=1),
-        "HV_local": HV_loc, "fd_error": loc.fd_error,
+        "HV_local": HV_loc,
+        "fd_error": loc.fd_error,
         "gather_v": _gathered_equal(loc, x, v, rep.layout),
         "gather_V": _gathered_equal(loc, X, V, rep.layout),
         "names_local": list(loc.layout.unflatten(x)),

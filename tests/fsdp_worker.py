@@ -1,4 +1,5 @@
 """One rank of a gloo run of an FSDP2-sharded transformer, launched by test_finite_difference.py."""
+
 import datetime
 import os
 import sys
@@ -51,8 +52,9 @@ def problem(world):
     batches = []
     for i in range(2 * world):
         n = 2 + i % 3
-        batches.append((torch.randint(0, VOCAB, (n, SEQ), generator=g),
-                        torch.randint(0, VOCAB, (n * SEQ,), generator=g)))
+        batches.append(
+            (torch.randint(0, VOCAB, (n, SEQ), generator=g), torch.randint(0, VOCAB, (n * SEQ,), generator=g))
+        )
     return model, nn.CrossEntropyLoss(), batches
 
 
@@ -71,6 +73,7 @@ def reference(model, loss_fn, batches):
 def shard_model(model):
     """fully_shard per block then the root (the CLI's --fsdp helper)."""
     from nethessian.operators._sharded import fully_shard_blocks
+
     assert fully_shard_blocks(model) == len(model.blocks)
     return model
 
@@ -91,20 +94,25 @@ def compare(rank, world, out):
     per_product = time.perf_counter() - t0
     eig = nh.eigenvalues(op, k=3, which="largest", tol=1e-10, seed=0).eigenvalues
     same = all(torch.equal(p.to_local(), before[n]) for n, p in model.named_parameters())
-    torch.save({"hv": hv, "eig": eig, "fd_error": op.fd_error, "params_unchanged": same,
-                "seconds_per_product": per_product}, f"{out}.{rank}")
-    print(f"rank {rank}: P={op.shape[0]} product {per_product:.3f} s, fd_error {op.fd_error:.2e}, "
-          f"products {op.fd_errors.products}")
+    torch.save(
+        {"hv": hv, "eig": eig, "fd_error": op.fd_error, "params_unchanged": same, "seconds_per_product": per_product},
+        f"{out}.{rank}",
+    )
+    print(
+        f"rank {rank}: P={op.shape[0]} product {per_product:.3f} s, fd_error {op.fd_error:.2e}, "
+        f"products {op.fd_errors.products}"
+    )
 
 
 def local_slice(model, names, full):
     """This rank's local vector of a full name-order vector, by DTensor's own placement logic."""
     from torch.distributed.tensor import distribute_tensor
+
     named = dict(model.named_parameters())
     parts, at = [], 0
     for n in names:
         p = named[n]
-        piece = full[at:at + p.numel()].reshape(p.shape)
+        piece = full[at : at + p.numel()].reshape(p.shape)
         at += p.numel()
         parts.append(distribute_tensor(piece, p.device_mesh, p.placements).to_local().reshape(-1))
     return torch.cat(parts)
@@ -113,6 +121,7 @@ def local_slice(model, names, full):
 def local(rank, world, out):
     """vectors='local': products, the global order, gathering, memory (and estimators when linalg has them)."""
     from fsdp_local import run_local
+
     model, loss_fn, batches = problem(world)
     model = shard_model(model)
     res = run_local(model, loss_fn, nh.shard(batches), make_op, local_slice, probe)
@@ -162,8 +171,9 @@ def main():
     rank, world, port, mode, out = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3], sys.argv[4], sys.argv[5]
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=port)
     timeout = float(os.environ.get("NH_TIMEOUT", 60))
-    torch.distributed.init_process_group("gloo", rank=rank, world_size=world,
-                                         timeout=datetime.timedelta(seconds=timeout))
+    torch.distributed.init_process_group(
+        "gloo", rank=rank, world_size=world, timeout=datetime.timedelta(seconds=timeout)
+    )
     if mode == "compare":
         compare(rank, world, out)
     elif mode == "local":

@@ -1,4 +1,5 @@
 """Test helpers: small matrices with known spectra and operators that misbehave on purpose."""
+
 from __future__ import annotations
 
 import torch

@@ -5,6 +5,7 @@ Launched by test_linalg_sharded.py (not a test module). Each rank holds rows
 of ``linalg._operator`` without FSDP: its product all-gathers the vector and
 multiplies its rows.
 """
+
 import datetime
 import os
 import sys
@@ -27,8 +28,13 @@ def matrix() -> torch.Tensor:
     """A fixed symmetric 60 x 60 matrix with a well separated top and bottom."""
     g = torch.Generator().manual_seed(11)
     Q, _ = torch.linalg.qr(torch.randn(P, P, generator=g, dtype=torch.float64))
-    lam = torch.cat([torch.tensor([-7.0, -5.0]), torch.linspace(-1.0, 1.0, P - 5, dtype=torch.float64),
-                     torch.tensor([6.0, 9.0, 12.0])])
+    lam = torch.cat(
+        [
+            torch.tensor([-7.0, -5.0]),
+            torch.linspace(-1.0, 1.0, P - 5, dtype=torch.float64),
+            torch.tensor([6.0, 9.0, 12.0]),
+        ]
+    )
     return (Q * lam) @ Q.T
 
 
@@ -67,18 +73,21 @@ class FakeSharded:
 
 def results(op, lo: int, hi: int, ck_path: str):
     """Everything compared with the single-process run (local slices of vectors)."""
-    eig = eigenvalues(op, k=3, which="both", tol=1e-10, seed=1, ncv=12,
-                      checkpoint=Checkpoint(ck_path, {"test": 1}, every=0.0))
+    eig = eigenvalues(
+        op, k=3, which="both", tol=1e-10, seed=1, ncv=12, checkpoint=Checkpoint(ck_path, {"test": 1}, every=0.0)
+    )
     basis = torch.load(ck_path, weights_only=False)
     small = eigenvalues(op, k=2, which="smallest", tol=1e-10, seed=2, block_size=2, ncv=10)
     out = {
-        "eig": eig.eigenvalues, "eigvec": eig.eigenvectors, "eig_res": eig.residuals,
-        "small": small.eigenvalues, "eig_memory": torch.tensor(eig.memory_bytes),
+        "eig": eig.eigenvalues,
+        "eigvec": eig.eigenvectors,
+        "eig_res": eig.residuals,
+        "small": small.eigenvalues,
+        "eig_memory": torch.tensor(eig.memory_bytes),
         "basis_rows": torch.tensor(_basis_rows(basis)),
         "diag": diagonal(op, method="estimate", num_matvecs=12, seed=4, chunk_size=5).values,
         "density": spectral_density(op, num_probes=2, lanczos_steps=15, seed=5).density,
-        "density_plain": spectral_density(op, num_probes=2, lanczos_steps=15, seed=5,
-                                          reorthogonalize=False).density,
+        "density_plain": spectral_density(op, num_probes=2, lanczos_steps=15, seed=5, reorthogonalize=False).density,
         "cg": solve(op, rhs()[lo:hi], damping=8.0, tol=1e-12).x,
         "minres": solve(op, rhs()[lo:hi], method="minres", damping=0.3, tol=1e-12).x,
     }

@@ -1,4 +1,5 @@
 """Tiny Hugging Face causal LMs (random weights, float64) and padded token batches for tests."""
+
 from __future__ import annotations
 
 from typing import List, Tuple
@@ -12,19 +13,39 @@ VOCAB = 97
 def tiny_gpt2(seed: int = 0, attn: str = "sdpa", dtype=torch.float64):
     """GPT-2, 2 layers, width 32, 2 heads, 97 tokens, in eval mode (no dropout)."""
     from transformers import GPT2Config, GPT2LMHeadModel
+
     torch.manual_seed(seed)
-    cfg = GPT2Config(vocab_size=VOCAB, n_layer=2, n_embd=32, n_head=2, n_positions=32,
-                     bos_token_id=0, eos_token_id=0, attn_implementation=attn)
+    cfg = GPT2Config(
+        vocab_size=VOCAB,
+        n_layer=2,
+        n_embd=32,
+        n_head=2,
+        n_positions=32,
+        bos_token_id=0,
+        eos_token_id=0,
+        attn_implementation=attn,
+    )
     return GPT2LMHeadModel(cfg).to(dtype).eval()
 
 
 def tiny_llama(seed: int = 0, attn: str = "sdpa", dtype=torch.float64):
     """Llama, 2 layers, width 32, MLP 64, 2 heads (2 key-value heads), 97 tokens, eval mode."""
     from transformers import LlamaConfig, LlamaForCausalLM
+
     torch.manual_seed(seed)
-    cfg = LlamaConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                      num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=32,
-                      bos_token_id=0, eos_token_id=0, pad_token_id=0, attn_implementation=attn)
+    cfg = LlamaConfig(
+        vocab_size=VOCAB,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+        max_position_embeddings=32,
+        bos_token_id=0,
+        eos_token_id=0,
+        pad_token_id=0,
+        attn_implementation=attn,
+    )
     return LlamaForCausalLM(cfg).to(dtype).eval()
 
 
@@ -46,8 +67,11 @@ def padded_batch(lengths: List[int], T: int, seed: int, ignore_prompt: int = 0) 
 
 def ragged_batches(seed: int = 0) -> List[dict]:
     """Three batches of different sizes and lengths, with padding and ignored prompt tokens."""
-    return [padded_batch([8, 5], 8, seed, ignore_prompt=2), padded_batch([6], 6, seed + 1),
-            padded_batch([7, 3, 7], 7, seed + 2, ignore_prompt=1)]
+    return [
+        padded_batch([8, 5], 8, seed, ignore_prompt=2),
+        padded_batch([6], 6, seed + 1),
+        padded_batch([7, 3, 7], 7, seed + 2, ignore_prompt=1),
+    ]
 
 
 def shifted_ce(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int = -100) -> Tuple[torch.Tensor, int]:

@@ -1,4 +1,5 @@
 """nh.check and the command line's demo."""
+
 import json
 import subprocess
 import sys
@@ -26,6 +27,7 @@ def test_check_passes_on_user_model_and_reports_errors():
 def test_check_detects_a_wrong_hessian(monkeypatch):
     model, loss_fn, data = nh.examples.two_layer(seed=1)
     from nethessian.operators._hessian import HessianOperator
+
     orig = HessianOperator._product  # every product (op @ v, op @ V, to_dense) goes through it
     monkeypatch.setattr(HessianOperator, "_product", lambda self, V: 1.01 * orig(self, V))
     rep = check(model, loss_fn, data)
@@ -39,15 +41,15 @@ def test_demo_json_in_process(capsys):
     assert max(res["fd_relative_difference"].values()) < 1e-7
     model, loss_fn, data = nh.examples.two_layer(seed=0)
     H = nh.hessian(model, loss_fn, data)
-    torch.testing.assert_close(torch.tensor(res["blocks"]["b"]["values"], dtype=torch.float64), H["W1", "W2"],
-                               rtol=1e-12, atol=1e-15)
+    torch.testing.assert_close(
+        torch.tensor(res["blocks"]["b"]["values"], dtype=torch.float64), H["W1", "W2"], rtol=1e-12, atol=1e-15
+    )
     assert res["eigenvalues"] == pytest.approx(H.eigvalsh().tolist(), rel=1e-12, abs=1e-15)
     assert res["verdict"]["kind"] == "not stationary"
 
 
 def test_demo_text_via_module():
-    out = subprocess.run([sys.executable, "-m", "nethessian", "demo"], capture_output=True, text=True,
-                         timeout=120)
+    out = subprocess.run([sys.executable, "-m", "nethessian", "demo"], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     for s in ("J =", "a = ∂²J/∂W1²", "b = ∂²J/∂W1∂W2", "c = ∂²J/∂W2²", "eigenvalues", "finite differences"):
         assert s in out.stdout
@@ -68,6 +70,7 @@ def test_check_with_class_weighted_loss_runs_in_float64():
 
 def test_debug_flag_before_or_after_the_command():
     from nethessian._app.cli import build_parser
+
     args = build_parser().parse_args(["--debug", "trace"])
     assert args.debug is True
     args = build_parser().parse_args(["trace", "--debug"])
@@ -85,8 +88,9 @@ def test_demo_numbers_come_from_one_objective(monkeypatch):
     res = demo_result(seed=2)
     assert len(built) == 1  # J, g, the dense Hessian and the finite differences share one objective
     H = nh.hessian(*nh.examples.two_layer(seed=2))
-    torch.testing.assert_close(torch.tensor(res["eigenvalues"], dtype=torch.float64), H.eigvalsh(),
-                               rtol=1e-10, atol=1e-14)
+    torch.testing.assert_close(
+        torch.tensor(res["eigenvalues"], dtype=torch.float64), H.eigvalsh(), rtol=1e-10, atol=1e-14
+    )
 
 
 def test_whole_demo_with_newton_builds_one_objective(monkeypatch, capsys):

@@ -3,6 +3,7 @@
 Before the step per direction and Richardson extrapolation, 12 of the 18 correct runs below
 (every badly scaled case, float32 and float64) were reported FAILED.
 """
+
 import pytest
 import torch
 
@@ -15,8 +16,14 @@ from nethessian.errors import InputError
 from cases import reference_hessian
 from check_scaling_cases import CORRECT, DTYPES, WRONG
 
-BADLY_SCALED = ["inputs_times_1e3", "inputs_times_1e3_tanh", "bias_at_1000", "output_bias_at_1000",
-                "logspace_features", "logspace_features_logistic"]
+BADLY_SCALED = [
+    "inputs_times_1e3",
+    "inputs_times_1e3_tanh",
+    "bias_at_1000",
+    "output_bias_at_1000",
+    "logspace_features",
+    "logspace_features_logistic",
+]
 
 
 @pytest.mark.parametrize("dtype", DTYPES.values(), ids=DTYPES.keys())
@@ -55,6 +62,7 @@ def test_small_error_still_found_on_badly_scaled_models(case, monkeypatch):
     """The error model widens the tolerance only as far as finite differences are inaccurate:
     a Hessian 1e-4 too large is still FAILED on the badly scaled models."""
     from nethessian.operators._hessian import HessianOperator
+
     matmul, dense = HessianOperator.__matmul__, HessianOperator.to_dense
     monkeypatch.setattr(HessianOperator, "__matmul__", lambda self, v: (1 + 1e-4) * matmul(self, v))
     monkeypatch.setattr(HessianOperator, "to_dense", lambda self, **kw: (1 + 1e-4) * dense(self, **kw))
@@ -109,9 +117,18 @@ def test_fd_hessian_keeps_its_signature():
         assert torch.equal(F, F.T)
 
 
-@pytest.mark.parametrize("kwargs", [{"num_vectors": 2.7}, {"num_vectors": 0}, {"seed": "abc"},
-                                    {"tolerance": "1e-3"}, {"tolerance": 0.0}, {"tolerance": 2.0},
-                                    {"dense_max_params": -1}])
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        {"num_vectors": 2.7},
+        {"num_vectors": 0},
+        {"seed": "abc"},
+        {"tolerance": "1e-3"},
+        {"tolerance": 0.0},
+        {"tolerance": 2.0},
+        {"dense_max_params": -1},
+    ],
+)
 def test_bad_arguments_are_refused(kwargs):
     with pytest.raises(InputError):
         check(*CORRECT["two_layer"](torch.float64), **kwargs)
@@ -121,6 +138,7 @@ def test_directional_derivative_on_a_closed_form():
     """f(θ) = Σ cos(a_j θ_j) + ½ θᵀAθ: H = A − diag(a² cos(aθ)), with a = logspace(-3, 3) and one
     θ_j at 1000; every column within κ × its estimate, and to 1e-7 of the column's scale."""
     from nethessian._finite_differences import directional_derivative, fd_steps
+
     g = torch.Generator().manual_seed(0)
     a = torch.logspace(-3, 3, 7, dtype=torch.float64)
     B = torch.randn(7, 7, generator=g, dtype=torch.float64)
@@ -131,7 +149,7 @@ def test_directional_derivative_on_a_closed_form():
     def grad(t):
         return -a * torch.sin(a * t) + A @ t
 
-    H = A - torch.diag(a ** 2 * torch.cos(a * theta))
+    H = A - torch.diag(a**2 * torch.cos(a * theta))
     for j, h in enumerate(fd_steps(theta)):
         col = directional_derivative(grad, theta, torch.eye(7, dtype=torch.float64)[j], float(h))
         exact = H @ col.direction
@@ -143,9 +161,11 @@ def test_directional_derivative_on_a_closed_form():
 def test_a_non_finite_gradient_is_a_clear_error():
     from nethessian._finite_differences import directional_derivative
     from nethessian.errors import NetHessianError
+
     with pytest.raises(NetHessianError, match="not finite"):
-        directional_derivative(lambda t: t / 0.0, torch.ones(3, dtype=torch.float64),
-                               torch.ones(3, dtype=torch.float64), 1e-5)
+        directional_derivative(
+            lambda t: t / 0.0, torch.ones(3, dtype=torch.float64), torch.ones(3, dtype=torch.float64), 1e-5
+        )
 
 
 def test_unresolved_block_is_said_so():

@@ -1,4 +1,5 @@
 """Checkpoint: what is loaded is validated (structure, types, finiteness, checksum); no temporary file stays."""
+
 import os
 import subprocess
 import sys
@@ -13,8 +14,13 @@ SETTINGS = {"what": "test", "size": 4}
 
 
 def _state():
-    return {"kind": "k", "done": 2, "values": torch.arange(8, dtype=torch.float64).reshape(4, 2),
-            "generator": torch.Generator().manual_seed(0).get_state(), "nested": {"a": [1, 2.5, None]}}
+    return {
+        "kind": "k",
+        "done": 2,
+        "values": torch.arange(8, dtype=torch.float64).reshape(4, 2),
+        "generator": torch.Generator().manual_seed(0).get_state(),
+        "nested": {"a": [1, 2.5, None]},
+    }
 
 
 def _rewrite(path, edit):
@@ -36,21 +42,30 @@ def test_round_trip_and_resume(tmp_path):
         Checkpoint(tmp_path / "c.ckpt", SETTINGS).resume({"values": 3})
 
 
-@pytest.mark.parametrize("edit, message", [
-    (lambda b: b["state"]["values"].__setitem__((1, 1), float("nan")), "contains NaN or Inf"),
-    (lambda b: b["state"]["values"].__setitem__((0, 0), float("inf")), "contains NaN or Inf"),
-    # one flipped bit: 2.0 -> 2.0000000000000004
-    (lambda b: b["state"]["values"].view(torch.int64).__setitem__((1, 0), b["state"]["values"].view(
-        torch.int64)[1, 0] ^ 1), "sha256 does not match"),
-    (lambda b: b["state"].__setitem__("done", 3), "sha256 does not match"),
-    (lambda b: b.__setitem__("state", [1, 2]), "state is a list, not a dict"),
-    (lambda b: b.__setitem__("state", {1: 2}), "key that is not a string"),
-    (lambda b: b.pop("checksum"), "'checksum' entry is missing"),
-    (lambda b: b.__setitem__("fingerprint", 7), "'fingerprint' entry is missing or not a string"),
-    (lambda b: b["state"].__setitem__("values", torch.zeros(2).to_sparse()), "sparse"),
-    (lambda b: b.__setitem__("magic", "nethessian-checkpoint-v1"), "older nethessian"),
-    (lambda b: b.__setitem__("magic", "something else"), "not a nethessian checkpoint"),
-])
+@pytest.mark.parametrize(
+    "edit, message",
+    [
+        (lambda b: b["state"]["values"].__setitem__((1, 1), float("nan")), "contains NaN or Inf"),
+        (lambda b: b["state"]["values"].__setitem__((0, 0), float("inf")), "contains NaN or Inf"),
+        # one flipped bit: 2.0 -> 2.0000000000000004
+        (
+            lambda b: (
+                b["state"]["values"]
+                .view(torch.int64)
+                .__setitem__((1, 0), b["state"]["values"].view(torch.int64)[1, 0] ^ 1)
+            ),
+            "sha256 does not match",
+        ),
+        (lambda b: b["state"].__setitem__("done", 3), "sha256 does not match"),
+        (lambda b: b.__setitem__("state", [1, 2]), "state is a list, not a dict"),
+        (lambda b: b.__setitem__("state", {1: 2}), "key that is not a string"),
+        (lambda b: b.pop("checksum"), "'checksum' entry is missing"),
+        (lambda b: b.__setitem__("fingerprint", 7), "'fingerprint' entry is missing or not a string"),
+        (lambda b: b["state"].__setitem__("values", torch.zeros(2).to_sparse()), "sparse"),
+        (lambda b: b.__setitem__("magic", "nethessian-checkpoint-v1"), "older nethessian"),
+        (lambda b: b.__setitem__("magic", "something else"), "not a nethessian checkpoint"),
+    ],
+)
 def test_damaged_or_malformed_files_are_refused(tmp_path, edit, message):
     path = tmp_path / "c.ckpt"
     Checkpoint(path, SETTINGS).save(_state())

@@ -1,4 +1,5 @@
 """The command line in-process (JSON), bad input, and a run killed with SIGKILL that resumes."""
+
 import json
 import os
 import signal
@@ -45,6 +46,7 @@ def test_subcommands_json(capsys, tmp_path):
     torch.testing.assert_close(saved["dense"], H.dense, rtol=1e-12, atol=1e-15)
     assert saved["names"] == ["W1", "W2"]
     import numpy as np
+
     assert np.allclose(np.load(tmp_path / "hessian.npz")["dense"], H.dense.numpy())
     assert (tmp_path / "hessian.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     out = _json(capsys, ["trace", "--exact", "--json"])
@@ -88,11 +90,14 @@ def test_problem_file_and_builtin(capsys, tmp_path):
     assert out["result"]["value"] == pytest.approx(float(torch.trace(H.dense)), rel=1e-12)
 
 
-@pytest.mark.parametrize("content,message", [
-    (None, "does not exist"),
-    ("import torch\nx = 1\nraise ValueError('boom')\n", "line 3: raise ValueError('boom')"),
-    ("model = 1\n", "lacks loss_fn, data"),
-])
+@pytest.mark.parametrize(
+    "content,message",
+    [
+        (None, "does not exist"),
+        ("import torch\nx = 1\nraise ValueError('boom')\n", "line 3: raise ValueError('boom')"),
+        ("model = 1\n", "lacks loss_fn, data"),
+    ],
+)
 def test_bad_problem_files(capsys, tmp_path, content, message):
     f = tmp_path / "p.py"
     if content is not None:
@@ -132,8 +137,9 @@ def test_checkpoint_with_other_arguments_is_refused(capsys, tmp_path):
 
 
 def _run(args, **kw):
-    return subprocess.Popen([sys.executable, "-m", "nethessian", *args], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, **kw)
+    return subprocess.Popen(
+        [sys.executable, "-m", "nethessian", *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kw
+    )
 
 
 def test_sigkill_midway_then_resume_equals_uninterrupted(tmp_path):

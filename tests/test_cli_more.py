@@ -1,4 +1,5 @@
 """CLI: the cost estimate before long runs, half-precision --dtype end to end, `nethessian input-hessian`."""
+
 import json
 
 import pytest
@@ -14,9 +15,16 @@ def _json(capsys, argv):
     return json.loads(capsys.readouterr().out)
 
 
-@pytest.mark.parametrize("argv, products", [(["eig", "-k", "2"], None), (["trace", "--exact"], (9, 9)),
-                                            (["diag"], (9, 9)), (["hessian"], (9, 9)),
-                                            (["density", "--probes", "2", "--steps", "5"], (12, 12))])
+@pytest.mark.parametrize(
+    "argv, products",
+    [
+        (["eig", "-k", "2"], None),
+        (["trace", "--exact"], (9, 9)),
+        (["diag"], (9, 9)),
+        (["hessian"], (9, 9)),
+        (["density", "--probes", "2", "--steps", "5"], (12, 12)),
+    ],
+)
 def test_estimate_line_before_a_long_run(argv, products, capsys, monkeypatch):
     assert main(argv) == 0
     assert "products ×" not in capsys.readouterr().err  # a quick run says nothing
@@ -50,8 +58,9 @@ def _full(model, loss_fn, data):
     def J(t):
         parts, i = {}, 0
         for n, s in zip(names, shapes):
-            parts[n], i = t[i:i + s.numel()].reshape(s), i + s.numel()
+            parts[n], i = t[i : i + s.numel()].reshape(s), i + s.numel()
         return loss_fn(torch.func.functional_call(model, parts, (data[0],)), data[1])
+
     return torch.autograd.functional.hessian(J, theta)
 
 
@@ -60,14 +69,14 @@ def test_half_precision_dtype_works_end_to_end(dtype, capsys, tmp_path):
     H = _rounded_reference(getattr(torch, dtype))
     lam = torch.linalg.eigvalsh(H)
     res = _json(capsys, ["eig", "-k", "2", "--dtype", dtype])
-    torch.testing.assert_close(torch.tensor(res["result"]["eigenvalues"], dtype=torch.float64),
-                               lam.flip(0)[:2], rtol=1e-5, atol=1e-8)
+    torch.testing.assert_close(
+        torch.tensor(res["result"]["eigenvalues"], dtype=torch.float64), lam.flip(0)[:2], rtol=1e-5, atol=1e-8
+    )
     res = _json(capsys, ["trace", "--exact", "--dtype", dtype])
     assert res["result"]["value"] == pytest.approx(float(H.trace()), rel=1e-5)
     assert main(["report", "--dtype", dtype, "-o", str(tmp_path / "r"), "--sections", "eigenvalues"]) == 0
     R = json.loads((tmp_path / "r" / "report.json").read_text())
-    torch.testing.assert_close(torch.tensor(R["eigenvalues"]["all"], dtype=torch.float64), lam, rtol=1e-5,
-                               atol=1e-8)
+    torch.testing.assert_close(torch.tensor(R["eigenvalues"]["all"], dtype=torch.float64), lam, rtol=1e-5, atol=1e-8)
     assert main(["check", "--dtype", dtype]) == 0
 
 
@@ -78,8 +87,10 @@ def test_input_hessian_command_matches_the_library(capsys):
     per = torch.stack([blocks[i, :, i, :] for i in range(X.shape[0])])
     res = _json(capsys, ["input-hessian"])
     assert res["kind"] == "input-hessian" and res["result"]["num_samples"] == 3 and res["result"]["dim"] == 2
-    for key, ref, lib in (("top_eigenvalue", torch.linalg.eigvalsh(per)[:, -1], R.top_eigenvalues()),
-                          ("trace", per.diagonal(dim1=1, dim2=2).sum(-1), R.traces())):
+    for key, ref, lib in (
+        ("top_eigenvalue", torch.linalg.eigvalsh(per)[:, -1], R.top_eigenvalues()),
+        ("trace", per.diagonal(dim1=1, dim2=2).sum(-1), R.traces()),
+    ):
         got = torch.tensor(res["result"][key], dtype=torch.float64)
         torch.testing.assert_close(got, ref, rtol=1e-9, atol=1e-14)
         torch.testing.assert_close(got, lib.double(), rtol=1e-12, atol=0)
@@ -109,9 +120,15 @@ def test_input_hessian_token_model_needs_at(tmp_path, capsys):
     assert main(["input-hessian", "--checkpoint", str(tmp_path / "c")]) == 2
 
 
-@pytest.mark.parametrize("command", [["eig", "-k", "2"], ["trace", "--num-matvecs", "6"],
-                                     ["diag", "--method", "estimate", "--num-matvecs", "4"],
-                                     ["density", "--probes", "2", "--steps", "5"]])
+@pytest.mark.parametrize(
+    "command",
+    [
+        ["eig", "-k", "2"],
+        ["trace", "--num-matvecs", "6"],
+        ["diag", "--method", "estimate", "--num-matvecs", "4"],
+        ["density", "--probes", "2", "--steps", "5"],
+    ],
+)
 def test_max_memory_refuses_before_any_product_and_allows_enough(command, capsys):
     assert main([*command, "mlp", "--max-memory", "1000"]) == 2
     err = capsys.readouterr().err

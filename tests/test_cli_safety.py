@@ -1,4 +1,5 @@
 """The command line never returns a stale or spliced result, never destroys a file, and fails in one line."""
+
 import json
 import os
 
@@ -9,7 +10,7 @@ from torch import nn
 import nethessian as nh
 from nethessian._app.cli import build_parser, main
 
-PROBLEM = '''
+PROBLEM = """
 import os, torch
 from torch import nn
 here = os.path.dirname(os.path.abspath(__file__))
@@ -20,7 +21,7 @@ loss_fn = nn.CrossEntropyLoss()
 data = (X, y)
 if os.path.exists(os.path.join(here, "eval")):
     model.eval()
-'''
+"""
 
 
 def _net(seed):
@@ -35,8 +36,10 @@ def problem(tmp_path):
     f.write_text(PROBLEM)
     torch.save(_net(0).state_dict(), tmp_path / "weights.pt")
     g = torch.Generator().manual_seed(1)
-    torch.save((torch.randn(10, 3, generator=g, dtype=torch.float64), torch.randint(0, 2, (10,), generator=g)),
-               tmp_path / "data.pt")
+    torch.save(
+        (torch.randn(10, 3, generator=g, dtype=torch.float64), torch.randint(0, 2, (10,), generator=g)),
+        tmp_path / "data.pt",
+    )
     return f
 
 
@@ -142,13 +145,17 @@ loss_fn = nn.MSELoss()
 """
 
 
-@pytest.mark.parametrize("content, name, code, message", [
-    (BN_BATCH_OF_ONE, "bn.py", 1, "ValueError: Expected more than 1 value per channel"),
-    ("import sys\nsys.exit(0)\n", "ex.py", 2, "called sys.exit(0) at"),
-    ("import sys\ndef problem():\n    sys.exit(3)\n", "ex2.py", 2, "called sys.exit(3) at"),
-    ("def problem():\n    return 1 / 0\n", "z.py", 2, "line 2: return 1 / 0 — ZeroDivisionError"),
-    ("# not python\n", "notes.md", 2, "is not a Python file"),
-])
+@pytest.mark.parametrize(
+    "content, name, code, message",
+    [
+        # a batch the model cannot take is bad input, caught while building the operator: exit 2
+        (BN_BATCH_OF_ONE, "bn.py", 2, "ValueError: Expected more than 1 value per channel"),
+        ("import sys\nsys.exit(0)\n", "ex.py", 2, "called sys.exit(0) at"),
+        ("import sys\ndef problem():\n    sys.exit(3)\n", "ex2.py", 2, "called sys.exit(3) at"),
+        ("def problem():\n    return 1 / 0\n", "z.py", 2, "line 2: return 1 / 0 — ZeroDivisionError"),
+        ("# not python\n", "notes.md", 2, "is not a Python file"),
+    ],
+)
 def test_every_error_from_a_problem_file_is_one_line(capsys, tmp_path, content, name, code, message):
     f = tmp_path / name
     f.write_text(content)
@@ -164,6 +171,7 @@ def test_distributed_timeout_is_a_flag(monkeypatch, capsys):
     assert build_parser().parse_args(["--dist-timeout", "45", "trace"]).dist_timeout == 45.0
     seen = {}
     from nethessian import distributed
+
     monkeypatch.setattr(distributed, "init_from_env", lambda timeout_s=None, **k: seen.setdefault("t", timeout_s))
     assert main(["diag", "--dist-timeout", "12.5"]) == 0
     assert seen["t"] == 12.5

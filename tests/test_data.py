@@ -1,4 +1,5 @@
 """The cost is over the whole data set: batch splitting never changes the numbers."""
+
 import pytest
 import torch
 from torch import nn
@@ -17,7 +18,7 @@ def _model(out=3, seed=0):
 def _split(X, y, sizes):
     out, i = [], 0
     for s in sizes:
-        out.append((X[i:i + s], y[i:i + s]))
+        out.append((X[i : i + s], y[i : i + s]))
         i += s
     return out
 
@@ -31,9 +32,15 @@ def _assert_same(model, loss_fn, one, many, **kw):
     torch.testing.assert_close(o2.gradient(), o1.gradient(), rtol=1e-12, atol=1e-15)
 
 
-@pytest.mark.parametrize("loss_fn,classes", [(nn.MSELoss(), False), (nn.CrossEntropyLoss(), True),
-                                             (nn.MSELoss(reduction="sum"), False),
-                                             (nn.CrossEntropyLoss(reduction="sum"), True)])
+@pytest.mark.parametrize(
+    "loss_fn,classes",
+    [
+        (nn.MSELoss(), False),
+        (nn.CrossEntropyLoss(), True),
+        (nn.MSELoss(reduction="sum"), False),
+        (nn.CrossEntropyLoss(reduction="sum"), True),
+    ],
+)
 def test_ragged_batches_equal_one_batch(loss_fn, classes):
     g = torch.Generator().manual_seed(1)
     X = torch.randn(15, 4, generator=g, dtype=DT)
@@ -62,8 +69,10 @@ def test_ignore_index_counts_non_ignored_targets(weighted):
 def test_unknown_reduction_with_several_batches_asks_for_it():
     g = torch.Generator().manual_seed(4)
     X, y = torch.randn(8, 4, generator=g, dtype=DT), torch.randn(8, 3, generator=g, dtype=DT)
+
     def mse(out, t):
         return ((out - t) ** 2).mean()
+
     with pytest.raises(nh.InputError, match="reduction="):
         nh.HessianOperator(_model(), mse, _split(X, y, [3, 5]))
     # told the reduction, the batches weigh by sample count; mse averages over 3 outputs too,
@@ -75,8 +84,10 @@ def test_unknown_reduction_with_several_batches_asks_for_it():
 def test_reduction_callable_counts_terms():
     g = torch.Generator().manual_seed(5)
     X, y = torch.randn(9, 4, generator=g, dtype=DT), torch.randn(9, 3, generator=g, dtype=DT)
+
     def mse(out, t):
         return ((out - t) ** 2).mean()
+
     _assert_same(_model(), mse, (X, y), _split(X, y, [2, 7]), reduction=lambda out, t: t.numel())
 
 

@@ -1,4 +1,5 @@
 """spectral_density(): stochastic Lanczos quadrature against exact eigenvalues (float64)."""
+
 import json
 
 import pytest
@@ -143,8 +144,9 @@ def test_bad_inputs():
 
 
 def test_result_contract_and_progress(capsys):
-    sd = spectral_density(torch.diag(torch.arange(1.0, 5.0)), num_probes=2, lanczos_steps=4, grid_size=50,
-                          progress=True)
+    sd = spectral_density(
+        torch.diag(torch.arange(1.0, 5.0)), num_probes=2, lanczos_steps=4, grid_size=50, progress=True
+    )
     assert isinstance(sd, SpectralDensity)
     with pytest.raises(Exception):
         sd.sigma = 1.0  # frozen

@@ -1,4 +1,5 @@
 """diagonal(): exact identity columns and the Bekas-Kokiopoulou-Saad estimator (float64)."""
+
 import json
 import math
 
@@ -65,10 +66,13 @@ def test_by_name_natural_shapes():
         diagonal(M).by_name
 
 
-@pytest.mark.parametrize("method,crash_at,kwargs", [
-    ("exact", 17, {"chunk_size": 4}),
-    ("estimate", 12, {"chunk_size": 5, "num_matvecs": 23, "seed": 7}),
-])
+@pytest.mark.parametrize(
+    "method,crash_at,kwargs",
+    [
+        ("exact", 17, {"chunk_size": 4}),
+        ("estimate", 12, {"chunk_size": 5, "num_matvecs": 23, "seed": 7}),
+    ],
+)
 def test_checkpoint_resume_equals_uninterrupted(tmp_path, A, method, crash_at, kwargs):
     path = tmp_path / "diag.ckpt"
     ckpt = lambda: Checkpoint(path, {"what": "test"}, every=0)  # noqa: E731

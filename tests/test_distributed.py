@@ -1,4 +1,5 @@
 """Two gloo processes on 127.0.0.1 give the single-process numbers; faults end with a clear error."""
+
 import json
 import os
 import socket
@@ -23,8 +24,16 @@ def _port():
 def _launch(mode, out="", timeout=120, env_extra=None):
     port = _port()
     env = {**os.environ, "OMP_NUM_THREADS": "1", **(env_extra or {})}
-    procs = [subprocess.Popen([sys.executable, WORKER, str(r), "2", port, mode, out], env=env,
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for r in (0, 1)]
+    procs = [
+        subprocess.Popen(
+            [sys.executable, WORKER, str(r), "2", port, mode, out],
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for r in (0, 1)
+    ]
     outs = []
     for p in procs:  # rank 0 first; a rank still running after rank 0 ended gets `timeout` more
         try:
@@ -45,8 +54,9 @@ def test_two_processes_equal_one(tmp_path):
     for r in (0, 1):
         got = torch.load(f"{out}.{r}")
         for key, val in ref.items():
-            torch.testing.assert_close(got[key], val, rtol=1e-12, atol=1e-14 * max(1.0, float(val.abs().max())),
-                                       msg=f"rank {r}: {key}")
+            torch.testing.assert_close(
+                got[key], val, rtol=1e-12, atol=1e-14 * max(1.0, float(val.abs().max())), msg=f"rank {r}: {key}"
+            )
 
 
 def test_shard_splits_data_exactly():
@@ -54,7 +64,7 @@ def test_shard_splits_data_exactly():
     parts = [nh.shard((X, y), r, 3) for r in range(3)]
     assert torch.equal(torch.cat([p[1] for p in parts]), y)
     assert [len(p[1]) for p in parts] == [3, 3, 4]
-    batches = [(X[i:i + 2], y[i:i + 2]) for i in range(0, 10, 2)]
+    batches = [(X[i : i + 2], y[i : i + 2]) for i in range(0, 10, 2)]
     got = [b for r in range(2) for b in nh.shard(batches, r, 2)]
     assert sorted(int(b[1][0]) for b in got) == [0, 2, 4, 6, 8]
     with pytest.raises(nh.InputError, match="every rank needs one"):
@@ -93,10 +103,16 @@ def test_cli_under_torchrun_prints_once_and_matches_one_process():
     prob = os.path.join(os.path.dirname(__file__), "dist_problem.py")
     args = ["trace", prob, "--exact", "--json"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    one = subprocess.run([sys.executable, "-m", "nethessian", *args], capture_output=True, text=True,
-                         timeout=120, env=env)
-    two = subprocess.run([torchrun, "--nproc-per-node", "2", "--master-port", _port(), "-m", "nethessian", *args],
-                         capture_output=True, text=True, timeout=180, env=env)
+    one = subprocess.run(
+        [sys.executable, "-m", "nethessian", *args], capture_output=True, text=True, timeout=120, env=env
+    )
+    two = subprocess.run(
+        [torchrun, "--nproc-per-node", "2", "--master-port", _port(), "-m", "nethessian", *args],
+        capture_output=True,
+        text=True,
+        timeout=180,
+        env=env,
+    )
     assert one.returncode == 0 and two.returncode == 0, two.stderr[-3000:]
     r1, r2 = json.loads(one.stdout), json.loads(two.stdout)  # one JSON document: only rank 0 printed
     assert r2["settings"]["world_size"] == 2
@@ -108,7 +124,7 @@ def test_common_seed_single_process():
     assert nh.distributed.common_seed(7) == 7
     assert nh.distributed.common_seed(7.0) == 7
     drawn = {nh.distributed.common_seed(None) for _ in range(4)}
-    assert len(drawn) == 4 and all(0 <= s < 2 ** 63 for s in drawn)  # fresh, and fits an int64
+    assert len(drawn) == 4 and all(0 <= s < 2**63 for s in drawn)  # fresh, and fits an int64
     for bad in ("abc", 2.7, True):
         with pytest.raises(nh.InputError, match="seed"):
             nh.distributed.common_seed(bad)
@@ -137,6 +153,7 @@ def test_agree_single_process_raises_own_error():
 
 def test_state_facts_name_what_ranks_must_share():
     model, loss_fn, data = problem()
+    data = (torch.cat([b[0] for b in data]), torch.cat([b[1] for b in data]))  # train-mode BN: no batch of 1
     model = torch.nn.Sequential(model, torch.nn.BatchNorm1d(3).double())
     obj = nh.Objective(model, loss_fn, data, params=["0.*"])
     facts = nh.distributed.state_facts(obj)
@@ -202,8 +219,13 @@ def test_parameter_values_that_differ_are_refused(disagree):
 
 
 def test_many_differences_are_named_and_counted(disagree):
-    msgs = _both_refuse(disagree, "shapes_operator", "number of parameters: rank 0 53 in 6 tensors, rank 1 63 in 6",
-                        "parameter 0.weight: rank 0 shape (5, 4), rank 1 shape (6, 4)", "more. Every rank must")
+    msgs = _both_refuse(
+        disagree,
+        "shapes_operator",
+        "number of parameters: rank 0 53 in 6 tensors, rank 1 63 in 6",
+        "parameter 0.weight: rank 0 shape (5, 4), rank 1 shape (6, 4)",
+        "more. Every rank must",
+    )
     assert len(msgs[0]) < 2000
 
 
@@ -212,8 +234,9 @@ def test_loss_settings_that_differ_are_refused(disagree):
 
 
 def test_check_same_names_only_the_differing_option(disagree):
-    msgs = _both_refuse(disagree, "check_same", "the settings of trace differ across ranks",
-                        "num_matvecs: rank 0 20, rank 1 30")
+    msgs = _both_refuse(
+        disagree, "check_same", "the settings of trace differ across ranks", "num_matvecs: rank 0 20, rank 1 30"
+    )
     assert all("method" not in m for m in msgs)
 
 
@@ -232,8 +255,9 @@ def test_common_value_is_the_same_on_every_rank(disagree):
 
 def test_a_local_failure_stops_every_rank(disagree):
     assert disagree[1]["agree"] == "InputError: rank one's data are bad"
-    assert disagree[0]["agree"] == ("DistributedError: rank 1 failed, so rank 0 stops too: "
-                                    "InputError: rank one's data are bad")
+    assert disagree[0]["agree"] == (
+        "DistributedError: rank 1 failed, so rank 0 stops too: InputError: rank one's data are bad"
+    )
     assert disagree[1]["agreeing"] == "KeyError: 'a bug on rank 1'"
     assert disagree[0]["agreeing"].startswith("DistributedError: rank 1 failed")
     assert "a bug on rank 1" in disagree[0]["agreeing"]
@@ -263,6 +287,7 @@ def test_other_num_matvecs_or_k_on_one_rank_stops_every_rank(tmp_path_factory):
 def test_seed_none_draws_the_same_probes_on_every_rank(tmp_path):
     """Issue 9 item 2: seed=None was drawn per rank, and the all-reduce mixed two probe sets."""
     from dist_scenarios import FIXED_SEED, seed_none_results
+
     out = str(tmp_path / "seed")
     procs, outs = _launch("seed", out, env_extra={"NH_TIMEOUT": "30"})
     for p, (o, e) in zip(procs, outs):
@@ -274,14 +299,16 @@ def test_seed_none_draws_the_same_probes_on_every_rank(tmp_path):
     for r in (0, 1):
         got = torch.load(f"{out}.{r}")
         for key, val in ref.items():
-            torch.testing.assert_close(got[key], val, rtol=1e-10, atol=1e-12 * max(1.0, float(val.abs().max())),
-                                       msg=f"rank {r}: {key}")
+            torch.testing.assert_close(
+                got[key], val, rtol=1e-10, atol=1e-12 * max(1.0, float(val.abs().max())), msg=f"rank {r}: {key}"
+            )
 
 
 def test_choices_from_local_timing_are_the_same_on_every_rank(tmp_path):
     """The GGN's batched-or-loop choice is timed on each rank; if ranks chose differently, one
     all-reduced k·P numbers while the other all-reduced P, and gloo aborted the process."""
     from dist_scenarios import block_product
+
     out = str(tmp_path / "choices")
     procs, outs = _launch("choices", out, env_extra={"NH_TIMEOUT": "30"})
     for r, (p, (o, e)) in enumerate(zip(procs, outs)):

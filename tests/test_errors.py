@@ -1,4 +1,5 @@
 """Bad input gets a clear error that names the problem and the fix."""
+
 import copy
 
 import pytest
@@ -63,6 +64,7 @@ def test_dense_too_large_says_bytes_and_alternative():
     msg = str(exc.value)
     assert f"{P * P * 8:,} bytes" in msg and "max_bytes=" in msg and "HessianOperator" in msg
     import re
+
     need = int(re.search(r"max_bytes=(\d+)", msg).group(1))  # the matrix and one chunk of products
     assert need >= P * P * 8
     for _ in range(3):  # the limit named covers what was checked so far (matrix, then a measured chunk)
@@ -162,6 +164,7 @@ def test_other_warnings_in_forward_are_not_errors():
 
         def forward(self, x):
             import warnings
+
             warnings.warn("some deprecation the user does not control", UserWarning)
             return self.fc(x)
 
@@ -175,7 +178,7 @@ def test_other_warnings_in_forward_are_not_errors():
 def test_empty_targets(targets):
     model, loss_fn, (X, _) = _problem()
     with pytest.raises(nh.InputError, match="batch 0 has no targets"):
-        nh.HessianOperator(model, loss_fn, (X[:targets.shape[0]], targets))
+        nh.HessianOperator(model, loss_fn, (X[: targets.shape[0]], targets))
 
 
 def test_every_target_ignored():
@@ -185,11 +188,14 @@ def test_every_target_ignored():
         nh.hessian(model, nn.CrossEntropyLoss(), (X, y))
 
 
-@pytest.mark.parametrize("loss_fn, match", [
-    (lambda out, t: torch.tensor(float(((out - t) ** 2).mean()), dtype=DT), "detached"),
-    (lambda out, t: ((out - t) ** 2).mean().detach(), "detached"),
-    (lambda out, t: (((out - t) ** 2).sum() * 100).long(), "returned a torch.int64 tensor"),
-])
+@pytest.mark.parametrize(
+    "loss_fn, match",
+    [
+        (lambda out, t: torch.tensor(float(((out - t) ** 2).mean()), dtype=DT), "detached"),
+        (lambda out, t: ((out - t) ** 2).mean().detach(), "detached"),
+        (lambda out, t: (((out - t) ** 2).sum() * 100).long(), "returned a torch.int64 tensor"),
+    ],
+)
 def test_detached_or_integer_loss(loss_fn, match):
     model, _, data = _problem()
     with pytest.raises(nh.InputError, match=match):
@@ -230,8 +236,7 @@ def test_reentrant_activation_checkpointing(reentrant):
             nh.HessianOperator(model, loss_fn, data)
         # ... and finite differences of the model's own gradients (weights really moved) are right
         op = nh.HessianOperator(model, loss_fn, data, method="finite-difference")
-        torch.testing.assert_close(op.to_dense(), nh.hessian(model.inner, loss_fn, data).dense,
-                                   rtol=1e-5, atol=1e-7)
+        torch.testing.assert_close(op.to_dense(), nh.hessian(model.inner, loss_fn, data).dense, rtol=1e-5, atol=1e-7)
 
 
 def test_params_selected_but_unused():
@@ -288,6 +293,7 @@ def test_nan_in_unselected_parameter_or_buffer_is_named():
 
 def test_infinite_buffer_is_allowed():
     """Attention masks are often buffers filled with -inf: they are not an error."""
+
     class Masked(nn.Module):
         def __init__(self):
             super().__init__()
@@ -303,7 +309,9 @@ def test_infinite_buffer_is_allowed():
 
 def test_inputs_the_model_cannot_take_get_a_clear_error():
     model, loss_fn, (X, y) = _problem()
-    with pytest.raises(nh.InputError, match=r"batch 0: the model's forward failed on these inputs \(tensor \(6, 3\) int64\)"):
+    with pytest.raises(
+        nh.InputError, match=r"batch 0: the model's forward failed on these inputs \(tensor \(6, 3\) int64\)"
+    ):
         nh.HessianOperator(model, loss_fn, (X.long(), y))
 
 

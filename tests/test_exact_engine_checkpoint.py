@@ -1,4 +1,5 @@
 """A checkpoint is never silently ignored by the structured engine."""
+
 import pytest
 import torch
 from torch import nn

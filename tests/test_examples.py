@@ -1,4 +1,5 @@
 """Built-in examples: reproducible per seed, and the caller's global random state left alone."""
+
 from __future__ import annotations
 
 import pytest
@@ -8,9 +9,14 @@ import nethessian as nh
 from nethessian.errors import InputError
 
 
-@pytest.mark.parametrize("make", [lambda s: nh.examples.mlp(sizes=(5, 4, 3), n=16, seed=s),
-                                  lambda s: nh.examples.cnn(n=4, seed=s),
-                                  lambda s: nh.examples.two_layer(seed=s)])
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda s: nh.examples.mlp(sizes=(5, 4, 3), n=16, seed=s),
+        lambda s: nh.examples.cnn(n=4, seed=s),
+        lambda s: nh.examples.two_layer(seed=s),
+    ],
+)
 def test_examples_leave_the_global_random_state_alone(make):
     torch.manual_seed(123)
     expected = torch.rand(4)
@@ -19,8 +25,9 @@ def test_examples_leave_the_global_random_state_alone(make):
     assert torch.equal(torch.rand(4), expected)
 
 
-@pytest.mark.parametrize("make", [lambda s: nh.examples.mlp(sizes=(5, 4, 3), n=16, seed=s),
-                                  lambda s: nh.examples.cnn(n=4, seed=s)])
+@pytest.mark.parametrize(
+    "make", [lambda s: nh.examples.mlp(sizes=(5, 4, 3), n=16, seed=s), lambda s: nh.examples.cnn(n=4, seed=s)]
+)
 def test_examples_are_deterministic_per_seed(make):
     (m1, _, (X1, y1)), (m2, _, (X2, y2)), (m3, _, _) = make(0), make(0), make(1)
     for p, q in zip(m1.parameters(), m2.parameters()):
@@ -33,8 +40,9 @@ def test_examples_are_deterministic_per_seed(make):
     torch.testing.assert_close(m1[0].weight, first.weight.to(m1[0].weight.dtype), rtol=0, atol=0)
 
 
-@pytest.mark.parametrize("kwargs, match", [({"seed": "1"}, "seed"), ({"n": 2.5}, "n"),
-                                           ({"activation": "gelu"}, "activation")])
+@pytest.mark.parametrize(
+    "kwargs, match", [({"seed": "1"}, "seed"), ({"n": 2.5}, "n"), ({"activation": "gelu"}, "activation")]
+)
 def test_example_options_are_checked(kwargs, match):
     with pytest.raises(InputError, match=match):
         nh.examples.mlp(sizes=(5, 4, 3), **kwargs)

@@ -1,4 +1,5 @@
 """method="finite-difference": products from the model's own gradients, checked against exact Hessians."""
+
 import os
 import socket
 import subprocess
@@ -77,7 +78,7 @@ def test_parameters_grads_buffers_and_modes_restored_exactly_after_thousands_of_
     model[3].eval()  # a mixed mode that must survive
     X, y = torch.randn(8, 3, dtype=torch.float64), torch.randn(8, 2, dtype=torch.float64)
     model(X).pow(2).sum().backward()  # accumulated gradients of a training step ...
-    model[3].bias.grad = None        # ... and one None among them
+    model[3].bias.grad = None  # ... and one None among them
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     grads = {n: p.grad for n, p in model.named_parameters()}
     grad_values = {n: None if g is None else g.clone() for n, g in grads.items()}
@@ -110,7 +111,7 @@ class _OnceTanh(torch.autograd.Function):
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, g):
-        y, = ctx.saved_tensors
+        (y,) = ctx.saved_tensors
         return g * (1 - y * y)
 
 
@@ -145,8 +146,8 @@ def test_fused_kernel_without_double_backward_exact_fails_fd_works():
 
 def test_default_step_rule_and_override():
     theta = torch.full((100,), 3.0, dtype=torch.float64)
-    assert default_step(torch.float64, theta, 2) == pytest.approx((2.0 ** -53) ** (1 / 3) * 3.0)
-    assert default_step(torch.float32, theta * 0.1, 4) == pytest.approx((2.0 ** -24) ** (1 / 5))  # rms < 1
+    assert default_step(torch.float64, theta, 2) == pytest.approx((2.0**-53) ** (1 / 3) * 3.0)
+    assert default_step(torch.float32, theta * 0.1, 4) == pytest.approx((2.0**-24) ** (1 / 5))  # rms < 1
     model, loss_fn, data = CASES["two_layer"]()
     H = reference_hessian(model, loss_fn, data)
     v = _probe(H.shape[0], k=1)
@@ -167,9 +168,14 @@ def test_at_theta_and_bad_options():
     v = _probe(op.shape[0], k=1, seed=5)
     exact = nh.HessianOperator(model, loss_fn, data).at(theta)
     assert _rel(op.at(theta) @ v, exact @ v) < 1e-6
-    for kw, word in [({"fd_order": 3}, "fd_order"), ({"fd_order": True}, "fd_order"),
-                     ({"fd_step": -1.0}, "fd_step"), ({"fd_step": "big"}, "fd_step"),
-                     ({"fd_error": "yes"}, "fd_error"), ({"cache": True}, "cache=True")]:
+    for kw, word in [
+        ({"fd_order": 3}, "fd_order"),
+        ({"fd_order": True}, "fd_order"),
+        ({"fd_step": -1.0}, "fd_step"),
+        ({"fd_step": "big"}, "fd_step"),
+        ({"fd_error": "yes"}, "fd_error"),
+        ({"cache": True}, "cache=True"),
+    ]:
         with pytest.raises(nh.InputError, match=word):
             nh.HessianOperator(model, loss_fn, data, method=FD, **kw)
 
@@ -183,8 +189,16 @@ def _port():
 def _launch(mode, out, world=2, timeout=240, env=None):
     port = _port()
     env = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
-    procs = [subprocess.Popen([sys.executable, WORKER, str(r), str(world), port, mode, out], env=env,
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for r in range(world)]
+    procs = [
+        subprocess.Popen(
+            [sys.executable, WORKER, str(r), str(world), port, mode, out],
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for r in range(world)
+    ]
     outs = []
     for p in procs:
         try:
@@ -197,6 +211,7 @@ def _launch(mode, out, world=2, timeout=240, env=None):
 
 def test_fsdp_two_ranks_equal_single_process_exact(tmp_path):
     from fsdp_worker import problem, reference
+
     out = str(tmp_path / "res")
     procs, outs = _launch("compare", out)
     for p, (_, e) in zip(procs, outs):
@@ -224,6 +239,7 @@ def _single_process_local_reference(world):
     """Exact single-process numbers on every rank's batches, and the basis bytes of the same eigensolve."""
     from fsdp_local import DENSITY, EIG, TRACE, LargestBlock
     from fsdp_worker import problem
+
     model, loss_fn, batches = problem(world)
     op = nh.HessianOperator(model, loss_fn, batches)
     with LargestBlock(op.shape[0]) as mem:
@@ -231,9 +247,13 @@ def _single_process_local_reference(world):
     return {"H": op.to_dense(), "eig": eig, "basis_bytes": mem.bytes, "trace": TRACE, "density": DENSITY}
 
 
-FOUR_RANKS = pytest.param(4, marks=pytest.mark.skipif(
-    not os.environ.get("NH_FSDP_4"), reason="4 gloo ranks take ~3 min on 2 shared cores (passed when run); "
-    "set NH_FSDP_4=1 to run"))
+FOUR_RANKS = pytest.param(
+    4,
+    marks=pytest.mark.skipif(
+        not os.environ.get("NH_FSDP_4"),
+        reason="4 gloo ranks take ~3 min on 2 shared cores (passed when run); set NH_FSDP_4=1 to run",
+    ),
+)
 
 
 @pytest.mark.parametrize("world", [2, FOUR_RANKS])
@@ -271,8 +291,9 @@ def test_fsdp_local_vectors_match_single_process_exact(tmp_path, world):
         assert g["basis_bytes"] == ref["basis_bytes"] * g["n_local"] // P, (g["basis_bytes"], ref["basis_bytes"])
         torch.testing.assert_close(g["eig"], got[0]["eig"], rtol=0, atol=1e-12)
     assert lo == P
-    torch.testing.assert_close(got[0]["hv_gathered"], got[0]["hv_rep"], rtol=0,
-                               atol=1e-12 * float(got[0]["hv_rep"].abs().max()))
+    torch.testing.assert_close(
+        got[0]["hv_gathered"], got[0]["hv_rep"], rtol=0, atol=1e-12 * float(got[0]["hv_rep"].abs().max())
+    )
 
 
 @pytest.mark.parametrize("at", [5, 0], ids=["inside-forward", "between-products"])
@@ -299,5 +320,6 @@ def test_a_user_step_that_rounding_or_truncation_ruins_is_refused(step):
 def test_finite_difference_refuses_a_dtype_it_cannot_honour():
     m = nn.Linear(3, 2)
     with pytest.raises(nh.InputError, match="own dtype"):
-        nh.HessianOperator(m, nn.MSELoss(), (torch.randn(4, 3), torch.randn(4, 2)), method="finite-difference",
-                           dtype=torch.float64)
+        nh.HessianOperator(
+            m, nn.MSELoss(), (torch.randn(4, 3), torch.randn(4, 2)), method="finite-difference", dtype=torch.float64
+        )

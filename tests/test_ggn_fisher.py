@@ -4,6 +4,7 @@ References are built from explicit Jacobians (torch.autograd.functional.jacobian
 of the outputs w.r.t. a flat θ), explicit loss Hessians w.r.t. the outputs
 (torch.autograd.functional.hessian) and per-sample gradients from a loop.
 """
+
 import copy
 import math
 
@@ -33,6 +34,7 @@ def _flat(model):
         parts = dict(zip(names, (p.reshape(s) for p, s in zip(torch.split(t, sizes), shapes))))
         with math_attention():
             return torch.func.functional_call(model, parts, (X,))
+
     return theta, f
 
 
@@ -53,8 +55,11 @@ def reference_ef(model, loss_fn, data, scale):
     theta, f = _flat(model)
     summed = copy.copy(loss_fn)
     summed.reduction = "sum"
-    grads = [torch.autograd.grad(summed(f(t, X[n:n + 1]), y[n:n + 1]), t)[0]
-             for n in range(X.shape[0]) for t in [theta.clone().requires_grad_(True)]]
+    grads = [
+        torch.autograd.grad(summed(f(t, X[n : n + 1]), y[n : n + 1]), t)[0]
+        for n in range(X.shape[0])
+        for t in [theta.clone().requires_grad_(True)]
+    ]
     G = torch.stack(grads)
     return scale * G.T @ G
 
@@ -73,8 +78,12 @@ def _bce():
 
 
 # -- GGN ---------------------------------------------------------------------------------
-CONFIGS = [dict(), dict(method="forward", cache=False, loss_hessian="autograd"),
-           dict(method="reverse", cache=True), dict(method="reverse", cache=False, loss_hessian="autograd")]
+CONFIGS = [
+    dict(),
+    dict(method="forward", cache=False, loss_hessian="autograd"),
+    dict(method="reverse", cache=True),
+    dict(method="reverse", cache=False, loss_hessian="autograd"),
+]
 
 
 @pytest.mark.parametrize("name", ids)
@@ -117,8 +126,11 @@ def test_ggn_equals_hessian_for_linear_model(loss_fn):
     model = nn.Linear(4, 3).to(DT)
     g = torch.Generator().manual_seed(1)
     X = torch.randn(10, 4, generator=g, dtype=DT)
-    y = torch.randint(0, 3, (10,), generator=g) if isinstance(loss_fn, nn.CrossEntropyLoss) \
+    y = (
+        torch.randint(0, 3, (10,), generator=g)
+        if isinstance(loss_fn, nn.CrossEntropyLoss)
         else torch.randn(10, 3, generator=g, dtype=DT)
+    )
     assert_operator_matches(GGNOperator(model, loss_fn, (X, y)), reference_hessian(model, loss_fn, (X, y)))
 
 
@@ -129,9 +141,19 @@ def test_ggn_differs_from_hessian_for_a_network():
 
 
 # -- Fisher --------------------------------------------------------------------------------
-@pytest.mark.parametrize("make", [CASES["mlp_softplus_ce"], CASES["mlp_sigmoid_ce_sum"], CASES["cnn_ce"],
-                                  CASES["mlp_tanh_mse"], CASES["layernorm_mse"], _ce_ignore, _bce],
-                         ids=["ce-mean", "ce-sum", "cnn-ce", "mse-mean", "mse-sum", "ce-ignore", "bce"])
+@pytest.mark.parametrize(
+    "make",
+    [
+        CASES["mlp_softplus_ce"],
+        CASES["mlp_sigmoid_ce_sum"],
+        CASES["cnn_ce"],
+        CASES["mlp_tanh_mse"],
+        CASES["layernorm_mse"],
+        _ce_ignore,
+        _bce,
+    ],
+    ids=["ce-mean", "ce-sum", "cnn-ce", "mse-mean", "mse-sum", "ce-ignore", "bce"],
+)
 def test_exact_fisher_equals_ggn(make):
     model, loss_fn, data = make()
     assert_operator_matches(FisherOperator(model, loss_fn, data), reference_ggn(model, loss_fn, data))
@@ -142,14 +164,21 @@ def _rms_errors(make, ms, seeds=range(6)):
     F = FisherOperator(model, loss_fn, data).to_dense()
     errs = []
     for m in ms:
-        sq = [float(torch.linalg.norm(FisherOperator(model, loss_fn, data, mc_samples=m, seed=s).to_dense() - F)
-                    / torch.linalg.norm(F)) ** 2 for s in seeds]
+        sq = [
+            float(
+                torch.linalg.norm(FisherOperator(model, loss_fn, data, mc_samples=m, seed=s).to_dense() - F)
+                / torch.linalg.norm(F)
+            )
+            ** 2
+            for s in seeds
+        ]
         errs.append(math.sqrt(sum(sq) / len(sq)))
     return errs
 
 
-@pytest.mark.parametrize("make", [CASES["mlp_softplus_ce"], CASES["mlp_tanh_mse"], _ce_ignore, _bce],
-                         ids=["ce", "mse", "ce-ignore", "bce"])
+@pytest.mark.parametrize(
+    "make", [CASES["mlp_softplus_ce"], CASES["mlp_tanh_mse"], _ce_ignore, _bce], ids=["ce", "mse", "ce-ignore", "bce"]
+)
 def test_mc_fisher_converges_like_one_over_sqrt_m(make):
     ms = (4, 64, 1024)
     errs = _rms_errors(make, ms)
@@ -170,11 +199,20 @@ def test_mc_fisher_is_seeded_fixed_symmetric_psd():
 
 
 # -- empirical Fisher ------------------------------------------------------------------------
-@pytest.mark.parametrize("make,scale", [
-    (CASES["mlp_softplus_ce"], 1 / 12), (CASES["mlp_sigmoid_ce_sum"], 1.0), (CASES["cnn_ce"], 1 / 6),
-    (CASES["mlp_tanh_mse"], 1 / 36), (CASES["layernorm_mse"], 1.0), (CASES["two_layer"], 1.0),
-    (_ce_ignore, 1 / 8), (_bce, 1 / 36)],
-    ids=["ce-mean", "ce-sum", "cnn", "mse-mean", "mse-sum", "custom-sum", "ce-ignore", "bce"])
+@pytest.mark.parametrize(
+    "make,scale",
+    [
+        (CASES["mlp_softplus_ce"], 1 / 12),
+        (CASES["mlp_sigmoid_ce_sum"], 1.0),
+        (CASES["cnn_ce"], 1 / 6),
+        (CASES["mlp_tanh_mse"], 1 / 36),
+        (CASES["layernorm_mse"], 1.0),
+        (CASES["two_layer"], 1.0),
+        (_ce_ignore, 1 / 8),
+        (_bce, 1 / 36),
+    ],
+    ids=["ce-mean", "ce-sum", "cnn", "mse-mean", "mse-sum", "custom-sum", "ce-ignore", "bce"],
+)
 def test_empirical_fisher_is_sum_of_per_sample_outer_products(make, scale):
     model, loss_fn, data = make()
     ref = reference_ef(model, loss_fn, data, scale)
@@ -188,10 +226,12 @@ def _split(data, sizes=(5, 4, 3)):
     return [(x, t) for x, t in zip(X.split(list(sizes)), y.split(list(sizes)))]
 
 
-@pytest.mark.parametrize("make", [_ce_ignore, CASES["mlp_tanh_mse"], _bce, CASES["mlp_sigmoid_ce_sum"]],
-                         ids=["ce-ignore", "mse-mean", "bce", "ce-sum"])
-@pytest.mark.parametrize("cls", [GGNOperator, FisherOperator, EmpiricalFisherOperator],
-                         ids=["ggn", "fisher", "ef"])
+@pytest.mark.parametrize(
+    "make",
+    [_ce_ignore, CASES["mlp_tanh_mse"], _bce, CASES["mlp_sigmoid_ce_sum"]],
+    ids=["ce-ignore", "mse-mean", "bce", "ce-sum"],
+)
+@pytest.mark.parametrize("cls", [GGNOperator, FisherOperator, EmpiricalFisherOperator], ids=["ggn", "fisher", "ef"])
 def test_ragged_batches_equal_one_batch(make, cls):
     model, loss_fn, data = make()
     one = cls(model, loss_fn, data).to_dense()
@@ -221,12 +261,12 @@ class _Cube(torch.autograd.Function):  # backward only: no forward-mode rule, no
     @staticmethod
     def forward(ctx, x):
         ctx.save_for_backward(x)
-        return x ** 3
+        return x**3
 
     @staticmethod
     def backward(ctx, g):
-        x, = ctx.saved_tensors
-        return 3 * x ** 2 * g
+        (x,) = ctx.saved_tensors
+        return 3 * x**2 * g
 
 
 class _CubeNet(nn.Module):
@@ -256,7 +296,7 @@ class _CubeOnce(torch.autograd.Function):  # forward mode and vmap work; double 
 
     @staticmethod
     def forward(x):
-        return x ** 3
+        return x**3
 
     @staticmethod
     def setup_context(ctx, inputs, output):
@@ -266,13 +306,13 @@ class _CubeOnce(torch.autograd.Function):  # forward mode and vmap work; double 
     @staticmethod
     @once_differentiable
     def backward(ctx, g):
-        x, = ctx.saved_tensors
-        return 3 * x ** 2 * g
+        (x,) = ctx.saved_tensors
+        return 3 * x**2 * g
 
     @staticmethod
     def jvp(ctx, t):
-        x, = ctx.saved_tensors
-        return 3 * x ** 2 * t
+        (x,) = ctx.saved_tensors
+        return 3 * x**2 * t
 
 
 class _CubeOnceNet(_CubeNet):
@@ -297,9 +337,11 @@ def test_snapshot_and_user_model_untouched():
     g = torch.Generator().manual_seed(0)
     data = (torch.randn(8, 3, generator=g, dtype=DT), torch.randint(0, 2, (8,), generator=g))
     before = copy.deepcopy(model.state_dict())
-    ops = [GGNOperator(model, nn.CrossEntropyLoss(), data),
-           FisherOperator(model, nn.CrossEntropyLoss(), data, mc_samples=2),
-           EmpiricalFisherOperator(model, nn.CrossEntropyLoss(), data)]
+    ops = [
+        GGNOperator(model, nn.CrossEntropyLoss(), data),
+        FisherOperator(model, nn.CrossEntropyLoss(), data, mc_samples=2),
+        EmpiricalFisherOperator(model, nn.CrossEntropyLoss(), data),
+    ]
     dense = [op.to_dense() for op in ops]
     with torch.no_grad():
         model[0].weight.add_(1.0)
@@ -313,8 +355,11 @@ def test_snapshot_and_user_model_untouched():
 
 
 # -- bad input --------------------------------------------------------------------------------------
-@pytest.mark.parametrize("loss_fn", [nn.NLLLoss(), nn.L1Loss(), nn.CrossEntropyLoss(weight=torch.ones(3, dtype=DT)),
-                                     nn.HuberLoss()], ids=["nll", "l1", "ce-weighted", "huber"])
+@pytest.mark.parametrize(
+    "loss_fn",
+    [nn.NLLLoss(), nn.L1Loss(), nn.CrossEntropyLoss(weight=torch.ones(3, dtype=DT)), nn.HuberLoss()],
+    ids=["nll", "l1", "ce-weighted", "huber"],
+)
 def test_fisher_rejects_unsupported_losses(loss_fn):
     model, _, data = CASES["mlp_softplus_ce"]()
     with pytest.raises(InputError, match="CrossEntropyLoss.*MSELoss.*BCEWithLogitsLoss"):
@@ -340,8 +385,7 @@ def test_bad_options_and_unknown_reduction():
     ok = EmpiricalFisherOperator(model, plain, data, reduction="mean").to_dense()
     torch.testing.assert_close(ok, EmpiricalFisherOperator(model, loss_fn, data).to_dense())
     # the GGN needs no reduction with one batch: the loss Hessian comes from autograd
-    torch.testing.assert_close(GGNOperator(model, plain, data).to_dense(),
-                               GGNOperator(model, loss_fn, data).to_dense())
+    torch.testing.assert_close(GGNOperator(model, plain, data).to_dense(), GGNOperator(model, loss_fn, data).to_dense())
 
 
 def _once_differentiable_square():
@@ -356,8 +400,9 @@ def _once_differentiable_square():
         @staticmethod
         @once_differentiable
         def backward(ctx, g):
-            x, = ctx.saved_tensors
+            (x,) = ctx.saved_tensors
             return 2 * g * x
+
     return SqOD
 
 
@@ -369,7 +414,7 @@ class _DetachedSquare(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, g):
-        x, = ctx.saved_tensors
+        (x,) = ctx.saved_tensors
         return 2 * g * x.detach()
 
 
@@ -378,6 +423,7 @@ class _DetachedSquare(torch.autograd.Function):
 def test_ggn_refuses_a_loss_without_a_second_derivative(square, cache):
     """The loss Hessian by double backward would silently be zero: refused, not a zero GGN."""
     from nethessian.errors import InputError as NhInputError
+
     torch.manual_seed(0)
     fn = _once_differentiable_square() if square == "once_differentiable" else _DetachedSquare
     model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Tanh(), torch.nn.Linear(4, 2)).double()

@@ -1,4 +1,5 @@
 """The dense Hessian and the operator against torch.autograd.functional.hessian (float64)."""
+
 import pytest
 import torch
 from torch import nn
@@ -27,8 +28,9 @@ def test_dense_matches_reference(case):
     torch.testing.assert_close(H.dense, R, rtol=1e-10, atol=1e-12 * float(R.abs().max()))
 
 
-@pytest.mark.parametrize("method,cache", [("auto", "auto"), ("auto", False),
-                                          ("double-backward", False), ("double-backward", True)])
+@pytest.mark.parametrize(
+    "method,cache", [("auto", "auto"), ("auto", False), ("double-backward", False), ("double-backward", True)]
+)
 def test_operator_matches_reference(case, method, cache):
     model, loss_fn, data = case
     op = nh.HessianOperator(model, loss_fn, data, method=method, cache=cache)

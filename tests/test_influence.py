@@ -9,6 +9,7 @@ L2-regularised logistic regression, float64. Checked independently:
 * first order means the error is second order: removing a fraction t of point i, the
   gap between t·Δ_i and the retrained change shrinks like t².
 """
+
 from __future__ import annotations
 
 import importlib.util
@@ -29,7 +30,7 @@ PATH = pathlib.Path(__file__).resolve().parents[1] / "examples" / "influence.py"
 def ex():
     spec = importlib.util.spec_from_file_location("influence_example", PATH)
     mod = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = mod                     # dataclasses look their module up
+    sys.modules[spec.name] = mod  # dataclasses look their module up
     try:
         spec.loader.exec_module(mod)
         yield mod
@@ -45,7 +46,7 @@ def fitted(ex):
 
 
 def test_example_runs_and_agrees_with_leave_one_out(ex, capsys):
-    res = ex.main()                                   # asserts inside; prints the table
+    res = ex.main()  # asserts inside; prints the table
     assert "correlation" in capsys.readouterr().out
     assert res.predicted.shape == res.actual.shape == (100,)
     assert res.correlation > 0.999
@@ -62,14 +63,13 @@ def test_hessian_and_gradients_match_closed_form(fitted):
     p = torch.sigmoid(X @ w + b)
     reg = torch.diag(torch.tensor([lam] * X.shape[1] + [0.0], dtype=D64))
     H = Xt.T @ (Xt * (p * (1 - p))[:, None]) / N + reg
-    torch.testing.assert_close(HessianOperator(model, ex.train_loss(), (X, y)).to_dense(), H,
-                               rtol=1e-12, atol=1e-14)
+    torch.testing.assert_close(HessianOperator(model, ex.train_loss(), (X, y)).to_dense(), H, rtol=1e-12, atol=1e-14)
     for i in (0, 7):
         gi = (p[i] - y[i]) * Xt[i] + torch.cat([lam * w, torch.zeros(1, dtype=D64)])
-        got = Objective(model, ex.train_loss(), (X[i:i + 1], y[i:i + 1])).gradient()
+        got = Objective(model, ex.train_loss(), (X[i : i + 1], y[i : i + 1])).gradient()
         torch.testing.assert_close(got, gi, rtol=1e-12, atol=1e-14)
     full = Objective(model, ex.train_loss(), (X, y)).gradient()
-    assert float(full.norm()) < 1e-13                # θ̂ is the minimiser: Σ ∇ℓ_i = 0
+    assert float(full.norm()) < 1e-13  # θ̂ is the minimiser: Σ ∇ℓ_i = 0
 
 
 def test_removal_error_is_second_order(fitted):
@@ -78,9 +78,10 @@ def test_removal_error_is_second_order(fitted):
     from nethessian.linalg._solve import inverse_hvp
 
     N, i = len(y), 5
-    s_test = inverse_hvp(HessianOperator(model, ex.train_loss(), (X, y)),
-                         Objective(model, ex.heldout_loss, test).gradient(), tol=1e-12)
-    grad_i = Objective(model, ex.train_loss(), (X[i:i + 1], y[i:i + 1])).gradient()
+    s_test = inverse_hvp(
+        HessianOperator(model, ex.train_loss(), (X, y)), Objective(model, ex.heldout_loss, test).gradient(), tol=1e-12
+    )
+    grad_i = Objective(model, ex.train_loss(), (X[i : i + 1], y[i : i + 1])).gradient()
     delta = float(grad_i @ s_test) / N
     base = Objective(model, ex.heldout_loss, test).value()
     ts = torch.tensor([1.0, 0.5, 0.25, 0.125], dtype=D64)
@@ -91,10 +92,11 @@ def test_removal_error_is_second_order(fitted):
         actual = Objective(ex.fit(model, (X, y), w), ex.heldout_loss, test).value() - base
         gaps.append(abs(t * delta - actual))
     gaps = torch.tensor(gaps, dtype=D64)
-    slope = float(torch.linalg.lstsq(torch.stack([ts.log(), torch.ones(4, dtype=D64)], 1),
-                                     gaps.log()[:, None]).solution[0, 0])
+    slope = float(
+        torch.linalg.lstsq(torch.stack([ts.log(), torch.ones(4, dtype=D64)], 1), gaps.log()[:, None]).solution[0, 0]
+    )
     assert slope == pytest.approx(2.0, abs=0.15)
-    assert float(gaps[0]) < 0.1 * abs(delta)         # leave-one-out itself (t = 1) is close
+    assert float(gaps[0]) < 0.1 * abs(delta)  # leave-one-out itself (t = 1) is close
 
 
 def test_example_does_not_change_its_model(fitted):

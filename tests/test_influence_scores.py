@@ -7,6 +7,7 @@ Independent references:
   G_ref from a loop of ``torch.autograd.grad``, solved by ``torch.linalg.solve``;
 * a central difference in λ for the reported damping sensitivity.
 """
+
 from __future__ import annotations
 
 import importlib.util
@@ -60,9 +61,10 @@ def _flat_fn(model, fn):
         parts, i = {}, 0
         for n, s in zip(names, shapes):
             k = int(torch.tensor(s).prod()) if len(s) else 1
-            parts[n] = theta[i:i + k].reshape(s)
+            parts[n] = theta[i : i + k].reshape(s)
             i += k
         return fn(parts)
+
     theta = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
     return call, theta
 
@@ -74,10 +76,10 @@ def _reference(model, loss, train, test, test_loss, damping):
     H = torch.autograd.functional.hessian(J, theta)
     Lt, _ = _flat_fn(model, lambda p: test_loss(functional_call(model, p, (Xt,)), yt))
     th = theta.clone().requires_grad_(True)
-    g_test, = torch.autograd.grad(Lt(th), th)
+    (g_test,) = torch.autograd.grad(Lt(th), th)
     rows = []
     for i in range(len(y)):
-        li, _ = _flat_fn(model, lambda p, i=i: loss(functional_call(model, p, (X[i:i + 1],)), y[i:i + 1]))
+        li, _ = _flat_fn(model, lambda p, i=i: loss(functional_call(model, p, (X[i : i + 1],)), y[i : i + 1]))
         rows.append(torch.autograd.grad(li(th), th)[0])
     G = torch.stack(rows)
     s = torch.linalg.solve(H + damping * torch.eye(len(theta), dtype=D64), g_test)
@@ -103,8 +105,8 @@ def test_removal_effect_matches_leave_one_out(ex):
     corr = float(torch.corrcoef(torch.stack([pred, actual]))[0, 1])
     assert corr > 0.99, corr
     assert float((pred - actual).abs().max() / actual.abs().max()) < 0.05
-    assert float(pred @ actual / (pred @ pred)) == pytest.approx(1.0, abs=0.05)   # same scale
-    big = actual.abs() > 0.1 * actual.abs().max()          # where LOO is well above its O(1/N²) error
+    assert float(pred @ actual / (pred @ pred)) == pytest.approx(1.0, abs=0.05)  # same scale
+    big = actual.abs() > 0.1 * actual.abs().max()  # where LOO is well above its O(1/N²) error
     assert bool((pred[big].sign() == actual[big].sign()).all())
     # helpful (score < 0) means leaving the point out raises the test loss
     assert bool((actual[res.helpful(3)] > 0).all()) and bool((actual[res.harmful(3)] < 0).all())
@@ -126,8 +128,9 @@ def test_score_is_the_exact_derivative_of_the_test_loss(ex, logistic):
 def test_matches_dense_solve_on_logistic(ex, logistic, method):
     model, train, test = logistic
     damping = 0.03
-    res = influence(model, ex.train_loss(), train, test, test_loss_fn=ex.heldout_loss,
-                    damping=damping, method=method, tol=1e-13)
+    res = influence(
+        model, ex.train_loss(), train, test, test_loss_fn=ex.heldout_loss, damping=damping, method=method, tol=1e-13
+    )
     ref, _ = _reference(model, ex.train_loss(), train, test, ex.heldout_loss, damping)
     torch.testing.assert_close(res.scores, ref, rtol=1e-8, atol=1e-10)
     assert res.converged and res.residual < 1e-12 and res.damping == damping
@@ -142,7 +145,7 @@ def test_matches_dense_solve_on_damped_nonconvex_mlp():
     test = (torch.randn(4, 3, generator=g, dtype=D64), torch.randn(4, 2, generator=g, dtype=D64))
     _, H = _reference(model, nn.MSELoss(), (X, y), test, nn.MSELoss(), 0.0)
     lmin = float(torch.linalg.eigvalsh(H)[0])
-    assert lmin < 0                                     # the point of this test
+    assert lmin < 0  # the point of this test
     damping = abs(lmin) + 0.5
     ref, _ = _reference(model, nn.MSELoss(), (X, y), test, nn.MSELoss(), damping)
     for method in ("cg", "dense"):
@@ -169,7 +172,7 @@ def test_per_sample_gradients_match_autograd_loop():
             assert float(G[i].abs().max()) == 0.0
             continue
         model.zero_grad()
-        loss(model(X[i:i + 1]), y[i:i + 1]).backward()
+        loss(model(X[i : i + 1]), y[i : i + 1]).backward()
         ref = torch.cat([p.grad.reshape(-1) for p in model.parameters()])
         torch.testing.assert_close(G[i], ref, rtol=1e-12, atol=1e-14)
     res = influence(model, loss, (X, y), (X[:3], y[:3]), damping=1.0, method="dense")
@@ -227,13 +230,16 @@ def test_minres_on_indefinite_hessian_warns(indefinite):
 
 
 # -- bad input --------------------------------------------------------------------------------
-@pytest.mark.parametrize("kwargs, match", [
-    (dict(damping=-0.1), "damping must be ≥ 0"),
-    (dict(damping="1e-3"), "damping must be a number"),
-    (dict(method="lissa"), "unknown method"),
-    (dict(tol=0.0), "tol must be positive"),
-    (dict(chunk_size=2.5), "chunk_size must be a whole number"),
-])
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (dict(damping=-0.1), "damping must be ≥ 0"),
+        (dict(damping="1e-3"), "damping must be a number"),
+        (dict(method="lissa"), "unknown method"),
+        (dict(tol=0.0), "tol must be positive"),
+        (dict(chunk_size=2.5), "chunk_size must be a whole number"),
+    ],
+)
 def test_bad_options(ex, logistic, kwargs, match):
     model, train, test = logistic
     with pytest.raises(InputError, match=match):
@@ -248,15 +254,16 @@ def test_bad_data():
     bad = (torch.randn(10, 3, dtype=D64), torch.randn(9, 2, dtype=D64))
     with pytest.raises(InputError, match="shape"):
         influence(model, nn.MSELoss(), bad, (X, y), damping=1.0)
-    with pytest.raises(InputError, match="10 samples"):          # inputs 12 rows, targets 10
-        influence(model, lambda o, t: ((o[:10] - t) ** 2).mean(), (torch.randn(12, 3, dtype=D64), y),
-                  (X, y), damping=1.0)
+    with pytest.raises(InputError, match="10 samples"):  # inputs 12 rows, targets 10
+        influence(
+            model, lambda o, t: ((o[:10] - t) ** 2).mean(), (torch.randn(12, 3, dtype=D64), y), (X, y), damping=1.0
+        )
 
 
 def test_cost_that_is_not_a_sum_of_sample_terms_is_refused():
     model = _mlp(0)
     X, y = torch.randn(10, 3, dtype=D64), torch.randn(10, 2, dtype=D64)
-    with pytest.raises(InputError, match="not the weighted sum"):      # √mean: no per-sample terms
+    with pytest.raises(InputError, match="not the weighted sum"):  # √mean: no per-sample terms
         influence(model, lambda o, t: ((o - t) ** 2).mean().sqrt(), (X, y), (X, y), damping=1e3, method="cg")
     bn = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4), nn.Linear(4, 2)).to(D64).train()
     with pytest.raises(InputError, match="batch norm in train mode"):
@@ -301,8 +308,11 @@ def test_dict_inputs_and_float32():
     torch.manual_seed(4)
     model = _TwoInputs()
     g = torch.Generator().manual_seed(4)
-    a, b, y = (torch.randn(12, 3, generator=g, dtype=D64), torch.randn(12, 1, generator=g, dtype=D64),
-               torch.randn(12, 2, generator=g, dtype=D64))
+    a, b, y = (
+        torch.randn(12, 3, generator=g, dtype=D64),
+        torch.randn(12, 1, generator=g, dtype=D64),
+        torch.randn(12, 2, generator=g, dtype=D64),
+    )
     train, test = ({"a": a, "b": b}, y), ({"a": a[:3], "b": b[:3]}, y[:3])
     res = influence(model, nn.MSELoss(), train, test, damping=5.0, method="cg", tol=1e-13)
     loss = nn.MSELoss()
@@ -312,9 +322,10 @@ def test_dict_inputs_and_float32():
     Lt, _ = _flat_fn(model, lambda p: loss(functional_call(model, p, (), {"a": a[:3], "b": b[:3]}), y[:3]))
     s = torch.linalg.solve(H + 5.0 * torch.eye(len(theta), dtype=D64), torch.autograd.grad(Lt(th), th)[0])
     for i in (0, 11):
-        li, _ = _flat_fn(model, lambda p: loss(functional_call(model, p, (), {"a": a[i:i + 1], "b": b[i:i + 1]}),
-                                               y[i:i + 1]))
-        gi, = torch.autograd.grad(li(th), th)
+        li, _ = _flat_fn(
+            model, lambda p: loss(functional_call(model, p, (), {"a": a[i : i + 1], "b": b[i : i + 1]}), y[i : i + 1])
+        )
+        (gi,) = torch.autograd.grad(li(th), th)
         assert float(res.scores[i]) == pytest.approx(float(-gi @ s), rel=1e-8)
     res32 = influence(model.float(), nn.MSELoss(), train, test, damping=5.0, method="cg")
     assert res32.scores.dtype == torch.float32

@@ -4,6 +4,7 @@ References are independent of the implementation: torch.autograd.functional.hess
 (or jacobian) of the cost written out by hand as a function of the inputs or
 activations, and the closed form of the two-layer network (docs/input-hessian.md).
 """
+
 import copy
 
 import pytest
@@ -30,7 +31,7 @@ def flat_hessian(f, X):
 
 def diag_blocks(H, N):
     D = H.shape[0] // N
-    return torch.stack([H[i * D:(i + 1) * D, i * D:(i + 1) * D] for i in range(N)])
+    return torch.stack([H[i * D : (i + 1) * D, i * D : (i + 1) * D] for i in range(N)])
 
 
 def check(R, H, N):
@@ -98,8 +99,7 @@ def test_transformer_at_module(at):
     with torch.no_grad():
         E = model.embed(ids)
         A = E if at == "embed" else model.encoder(E)
-    rest = (lambda a: model.head(model.encoder(a).mean(1))) if at == "embed" else \
-        (lambda a: model.head(a.mean(1)))
+    rest = (lambda a: model.head(model.encoder(a).mean(1))) if at == "embed" else (lambda a: model.head(a.mean(1)))
     with math_attention():  # the fused attention kernels have no second derivative
         H = flat_hessian(lambda a: loss(rest(a), y), A)
     check(R, H, 3)
@@ -125,8 +125,9 @@ def test_transformer_inner_layer():
     model = TwoLayerEncoder().double().eval()
     ids, y = tokens()
     loss = nn.CrossEntropyLoss()
-    R = input_hessian(model, loss, [({"input_ids": ids[:2]}, y[:2]), ({"input_ids": ids[2:]}, y[2:])],
-                      at="encoder.layers.0")
+    R = input_hessian(
+        model, loss, [({"input_ids": ids[:2]}, y[:2]), ({"input_ids": ids[2:]}, y[2:])], at="encoder.layers.0"
+    )
     with torch.no_grad():
         A = model.encoder.layers[0](model.embed(ids))
     with math_attention():
@@ -153,10 +154,10 @@ def two_layer_closed_form(model, X, y):
     d2, dd2 = s2 * (1 - s2), s2 * (1 - s2) * (1 - 2 * s2)
     d3, dd3 = s3 * (1 - s3), s3 * (1 - s3) * (1 - 2 * s3)
     r = s3 - y[:, 0]
-    u = (d2 * W2) @ W1.T                                   # (N, 2): W1 (σ'(z2) ⊙ W2)
+    u = (d2 * W2) @ W1.T  # (N, 2): W1 (σ'(z2) ⊙ W2)
     uu = u[:, :, None] * u[:, None, :]
     curv = torch.einsum("ak,nk,bk->nab", W1, dd2 * W2, W1)
-    return (d3 ** 2 + r * dd3)[:, None, None] * uu + (r * d3)[:, None, None] * curv
+    return (d3**2 + r * dd3)[:, None, None] * uu + (r * d3)[:, None, None] * curv
 
 
 @pytest.mark.parametrize("seed", [0, 1])
@@ -203,8 +204,7 @@ def test_estimators_accept_the_operator():
     H = R.operator.to_dense()
     exact = torch.linalg.eigvalsh(H)
     top = nh.eigenvalues(R.operator, k=3, tol=1e-10)
-    torch.testing.assert_close(top.eigenvalues.sort(descending=True).values, exact.flip(0)[:3],
-                               rtol=1e-8, atol=1e-12)
+    torch.testing.assert_close(top.eigenvalues.sort(descending=True).values, exact.flip(0)[:3], rtol=1e-8, atol=1e-12)
     assert abs(nh.trace(R.operator, exact=True).value - float(H.trace())) <= 1e-10 * float(H.abs().sum())
     torch.testing.assert_close(nh.diagonal(R.operator).values, H.diagonal(), rtol=1e-10, atol=1e-14)
     dens = nh.spectral_density(R.operator, num_probes=2, lanczos_steps=10, seed=0)
@@ -228,11 +228,11 @@ def test_batch_norm_train_couples_samples():
         return (6 * loss(m(x[:3]), y[:3]) + 8 * loss(m(x[3:]), y[3:])) / 14
 
     H = flat_hessian(J, X)
-    assert float(H[:3 * 3, 3 * 3:].abs().max()) == 0.0          # batches never couple
-    assert float(H[:3, 3:9].abs().max()) > 1e-6                   # samples within a batch do
+    assert float(H[: 3 * 3, 3 * 3 :].abs().max()) == 0.0  # batches never couple
+    assert float(H[:3, 3:9].abs().max()) > 1e-6  # samples within a batch do
     check(R, H, 7)
     assert not R.block_diagonal and "batch norm" in R.coupling and "(1)" in R.coupling
-    for k, v in model.state_dict().items():                       # running statistics untouched
+    for k, v in model.state_dict().items():  # running statistics untouched
         torch.testing.assert_close(v, before[k])
 
 
@@ -286,15 +286,15 @@ def test_mixed_block_at_activation():
     M = R.mixed().to_dense()
     with torch.no_grad():
         A = model[1](model[0](X))
-    after = joint_reference(model[2], loss, A, y)                       # 2.weight, 2.bias
+    after = joint_reference(model[2], loss, A, y)  # 2.weight, 2.bias
 
-    def grad_a(th):                                                     # θ_before ↦ ∇_a J(a(θ))
+    def grad_a(th):  # θ_before ↦ ∇_a J(a(θ))
         W, b = th[:15].reshape(5, 3), th[15:]
         a = torch.tanh(X @ W.T + b)
         return torch.autograd.grad(loss(model[2](a), y), a, create_graph=True)[0].reshape(-1)
 
     th0 = torch.cat([model[0].weight.detach().reshape(-1), model[0].bias.detach()])
-    before = jacobian(grad_a, th0).T                                     # (P_before, N·D)
+    before = jacobian(grad_a, th0).T  # (P_before, N·D)
     torch.testing.assert_close(M, torch.cat([before, after]), rtol=1e-10, atol=1e-13)
 
 
@@ -305,7 +305,7 @@ class SeqFirst(nn.Module):
         torch.manual_seed(0)
         self.lin, self.head = nn.Linear(3, 3), nn.Linear(3, 2)
 
-    def forward(self, x):                       # x: (B, S, E); lin works on (S, B, E)
+    def forward(self, x):  # x: (B, S, E); lin works on (S, B, E)
         return self.head(torch.tanh(self.lin(x.transpose(0, 1))).transpose(0, 1).mean(1))
 
 
@@ -316,9 +316,9 @@ def test_sample_dim():
     loss = nn.MSELoss()
     R = input_hessian(model, loss, (X, y), at="lin", sample_dim=1)
     with torch.no_grad():
-        A = model.lin(X.transpose(0, 1))                                   # (S, B, E)
+        A = model.lin(X.transpose(0, 1))  # (S, B, E)
     Hs = hessian(lambda a: loss(model.head(torch.tanh(a).transpose(0, 1).mean(1)), y), A)
-    H = Hs.permute(1, 0, 2, 4, 3, 5).reshape(18, 18)                     # samples first
+    H = Hs.permute(1, 0, 2, 4, 3, 5).reshape(18, 18)  # samples first
     check(R, H, 3)
     assert R.sample_shape == (2, 3)
 
@@ -354,7 +354,7 @@ def test_errors_and_hooks_removed():
     twice = nn.Sequential(model[0], model[1], nn.Linear(5, 3), model[1]).double()
     with pytest.raises(InputError, match="more than once"):
         input_hessian(twice, nn.MSELoss(), (X, y[:, :1].expand(4, 3).contiguous()), at="1")
-    assert not model[1]._forward_hooks                                 # removed after the error
+    assert not model[1]._forward_hooks  # removed after the error
     with pytest.raises(InputError, match="did not run"):
         input_hessian(Unused(model), nn.MSELoss(), (X, y), at="spare")
     with pytest.raises(InputError, match="returns a tuple, not a floating-point tensor"):
@@ -393,6 +393,7 @@ def test_summary_and_to_dict():
 def test_to_dense_checkpoint_and_fingerprint(tmp_path):
     from nethessian._checkpoint import Checkpoint
     from nethessian.errors import CheckpointError
+
     model, (X, y) = mlp(), regression(4)
     R = input_hessian(model, nn.MSELoss(), (X, y))
     path = tmp_path / "dense.pt"
@@ -402,7 +403,7 @@ def test_to_dense_checkpoint_and_fingerprint(tmp_path):
     assert other.operator.fingerprint() != R.operator.fingerprint()
     moved = input_hessian(model, nn.MSELoss(), (X + 1, y))
     assert moved.operator.fingerprint() != R.operator.fingerprint()
-    with pytest.raises(CheckpointError):                      # another problem's columns are refused
+    with pytest.raises(CheckpointError):  # another problem's columns are refused
         moved.operator.to_dense(checkpoint=Checkpoint(path, {}))
     M = R.mixed()
     torch.testing.assert_close(M.T.to_dense(), M.to_dense().T, rtol=1e-12, atol=1e-15)
@@ -413,6 +414,7 @@ def test_to_dense_checkpoint_and_fingerprint(tmp_path):
 def test_per_sample_blocks_cost_d_products(monkeypatch):
     """1 product for the coupling test, then D (no coupling) or max_b B_b · D (coupling) — never N·D."""
     from nethessian import _input_operator
+
     columns = []
     real = _input_operator._Engine.hessian
     monkeypatch.setattr(_input_operator._Engine, "hessian", lambda self, V: columns.append(V.shape[1]) or real(self, V))
@@ -421,14 +423,15 @@ def test_per_sample_blocks_cost_d_products(monkeypatch):
     assert sum(columns) == 1 + 3
     columns.clear()
     bn = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4), nn.Tanh(), nn.Linear(4, 2)).double().train()
-    input_hessian(bn, nn.MSELoss(), ragged(X, y))                # batches of 2, 3, 4 samples
+    input_hessian(bn, nn.MSELoss(), ragged(X, y))  # batches of 2, 3, 4 samples
     assert sum(columns) == 1 + 4 * 3
 
 
 def test_dataloader_matches_batches():
     from torch.utils.data import DataLoader, TensorDataset
+
     model, (X, y) = mlp(), regression(9)
-    loader = DataLoader(TensorDataset(X, y), batch_size=4)        # batches of 4, 4, 1
+    loader = DataLoader(TensorDataset(X, y), batch_size=4)  # batches of 4, 4, 1
     R = input_hessian(model, nn.MSELoss(), loader, at="1")
     ref = input_hessian(model, nn.MSELoss(), (X, y), at="1")
     assert R.batch_sizes == (4, 4, 1)
@@ -440,17 +443,17 @@ def test_at_root_is_the_loss_hessian():
     """at="" (the model itself): the Hessian w.r.t. the outputs; for a mean squared error 2/(N·C) I."""
     model, (X, y) = mlp(), regression(6)
     R = input_hessian(model, nn.MSELoss(), ragged(X, y, (1, 4)), at="")
-    torch.testing.assert_close(R.per_sample, torch.eye(2, dtype=F64).expand(6, 2, 2) * 2 / 12,
-                               rtol=1e-12, atol=1e-15)
+    torch.testing.assert_close(R.per_sample, torch.eye(2, dtype=F64).expand(6, 2, 2) * 2 / 12, rtol=1e-12, atol=1e-15)
 
 
 class AbsBySqrt(nn.Module):
     def forward(self, x):
-        return torch.sqrt(x * x)                   # finite value at 0, NaN derivative there
+        return torch.sqrt(x * x)  # finite value at 0, NaN derivative there
 
 
 def test_non_finite_products_are_refused():
     from nethessian.errors import NonFiniteError
+
     torch.manual_seed(0)
     model = nn.Sequential(AbsBySqrt(), nn.Linear(3, 2)).double()
     X, y = regression(4)

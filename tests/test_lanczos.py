@@ -1,4 +1,5 @@
 """Thick-restart Lanczos against torch.linalg.eigvalsh on matrices with known spectra (float64)."""
+
 from __future__ import annotations
 
 import functools
@@ -104,6 +105,7 @@ def assert_honest(A, res: EigenResult, atol: float = 1e-11) -> None:
 
 # ---------------------------------------------------------------- accuracy
 
+
 def test_well_separated_matches_eigvalsh():
     A = with_spectrum(torch.cat([f64(10.0, 8.0, 6.0, 5.0, 4.0), uniform(195, -1.0, 2.0)]))
     res = eigenvalues(A, k=5, tol=1e-10)
@@ -138,7 +140,7 @@ def test_which_selects_and_orders(which, k):
         "largest": ref.flip(0)[:k],
         "smallest": ref[:k],
         "magnitude": ref[torch.argsort(ref.abs(), descending=True)][:k],
-        "both": torch.cat([ref[: k // 2], ref[len(ref) - (k - k // 2):]]),
+        "both": torch.cat([ref[: k // 2], ref[len(ref) - (k - k // 2) :]]),
     }[which]
     res = eigenvalues(A, k=k, which=which, tol=1e-10)
     assert res.converged and res.which == which
@@ -206,8 +208,7 @@ def test_block_rank_deficiency_few_distinct_eigenvalues():
     A = with_spectrum(lam)
     res = eigenvalues(A, k=5, tol=1e-8, block_size=3)
     assert res.converged
-    torch.testing.assert_close(res.eigenvalues, f64(4.0, 4, 4, 3, 3),
-                               rtol=1e-10, atol=0)
+    torch.testing.assert_close(res.eigenvalues, f64(4.0, 4, 4, 3, 3), rtol=1e-10, atol=0)
     assert_honest(A, res)
 
 
@@ -231,6 +232,7 @@ def test_block_products_go_through_the_operator_as_blocks():
 
 
 # ---------------------------------------------------------------- budgets and counting
+
 
 @pytest.mark.parametrize("check", [True, False])
 def test_num_matvecs_counts_every_product(check):
@@ -270,8 +272,9 @@ def test_unseeded_run_works():
 
 
 def test_doc_example_diagonal_closed_form():
-    res = eigenvalues(torch.diag(torch.arange(1.0, 101.0, dtype=torch.float64)), k=3, which="smallest",
-                      tol=1e-10, max_matvecs=2000)
+    res = eigenvalues(
+        torch.diag(torch.arange(1.0, 101.0, dtype=torch.float64)), k=3, which="smallest", tol=1e-10, max_matvecs=2000
+    )
     torch.testing.assert_close(res.eigenvalues, f64(1.0, 2.0, 3.0))
 
 
@@ -288,6 +291,7 @@ def test_clustered_top_of_a_2000_matrix_in_few_products():
 
 
 # ---------------------------------------------------------------- names, JSON, progress
+
 
 def test_eigenvectors_by_name_round_trip():
     layout = ParamLayout(("a", "b"), ((3, 4), (5,)))
@@ -326,6 +330,7 @@ def test_progress_bar_on_stderr(capsys):
 
 # ---------------------------------------------------------------- checkpoints
 
+
 def test_checkpoint_resume_equals_uninterrupted(tmp_path):
     A = with_spectrum(clustered(300))
     kw = dict(k=3, tol=1e-8, ncv=10, seed=5)
@@ -355,6 +360,7 @@ def test_checkpoint_from_other_arguments_is_refused(tmp_path):
 
 # ---------------------------------------------------------------- bad inputs
 
+
 def test_k_too_large_or_small():
     A = with_spectrum(uniform(6, 0.0, 1.0))
     with pytest.raises(InputError, match=r"P = 6.*eigvalsh"):
@@ -375,8 +381,12 @@ def test_non_square_is_refused():
 
 def test_bad_options():
     A = with_spectrum(uniform(60, 0.0, 1.0))
-    for kw, msg in [(dict(tol=0.0), "tol"), (dict(ncv=4, k=3, block_size=2), "ncv"),
-                    (dict(block_size=0), "block_size"), (dict(max_matvecs=3, k=5), "max_matvecs")]:
+    for kw, msg in [
+        (dict(tol=0.0), "tol"),
+        (dict(ncv=4, k=3, block_size=2), "ncv"),
+        (dict(block_size=0), "block_size"),
+        (dict(max_matvecs=3, k=5), "max_matvecs"),
+    ]:
         with pytest.raises(InputError, match=msg):
             eigenvalues(A, **{"k": 2, **kw})
 

@@ -4,6 +4,7 @@ References are independent float64 computations: a hand-written shifted cross-en
 (loops over positions) and ``torch.autograd.functional.hessian`` of that loss computed
 from the logits of ``functional_call``.
 """
+
 import copy
 import logging
 from types import SimpleNamespace
@@ -46,28 +47,34 @@ def test_causal_lm_matches_a_hand_written_shifted_cross_entropy():
 
 def test_causal_lm_weights_ragged_batches_into_one_big_batch():
     g = torch.Generator().manual_seed(1)
-    batches = [(torch.randn(b, t, 7, generator=g, dtype=torch.float64), torch.randint(0, 7, (b, t), generator=g))
-               for b, t in [(2, 5), (1, 3), (3, 4)]]
+    batches = [
+        (torch.randn(b, t, 7, generator=g, dtype=torch.float64), torch.randint(0, 7, (b, t), generator=g))
+        for b, t in [(2, 5), (1, 3), (3, 4)]
+    ]
     batches[0][1][1, 2:] = -100
     loss = causal_lm()
     combined = sum(loss.term_count(z, y) * loss(z, y) for z, y in batches) / sum(
-        loss.term_count(z, y) for z, y in batches)
+        loss.term_count(z, y) for z, y in batches
+    )
     big_z = torch.zeros(6, 5, 7, dtype=torch.float64)
     big_y = torch.full((6, 5), -100)
     row = 0
     for z, y in batches:  # right-pad each batch to length 5 with ignored labels
-        big_z[row:row + z.shape[0], :z.shape[1]] = z
-        big_y[row:row + z.shape[0], :y.shape[1]] = y
+        big_z[row : row + z.shape[0], : z.shape[1]] = z
+        big_y[row : row + z.shape[0], : y.shape[1]] = y
         row += z.shape[0]
     torch.testing.assert_close(combined, loss(big_z, big_y), rtol=1e-14, atol=0)
 
 
-@pytest.mark.parametrize("bad, match", [
-    ((torch.zeros(2, 4, 5), torch.zeros(2, 4)), "integer tensor"),
-    ((torch.zeros(2, 4, 5), torch.zeros(2, 3, dtype=torch.long)), "logits of shape"),
-    ((torch.zeros(2, 4), torch.zeros(2, 4, dtype=torch.long)), "logits of shape"),
-    (({"logits": 1}, torch.zeros(2, 4, dtype=torch.long)), "no .logits"),
-])
+@pytest.mark.parametrize(
+    "bad, match",
+    [
+        ((torch.zeros(2, 4, 5), torch.zeros(2, 4)), "integer tensor"),
+        ((torch.zeros(2, 4, 5), torch.zeros(2, 3, dtype=torch.long)), "logits of shape"),
+        ((torch.zeros(2, 4), torch.zeros(2, 4, dtype=torch.long)), "logits of shape"),
+        (({"logits": 1}, torch.zeros(2, 4, dtype=torch.long)), "no .logits"),
+    ],
+)
 def test_causal_lm_refuses_what_it_cannot_read(bad, match):
     with pytest.raises(nh.InputError, match=match):
         causal_lm()(*bad)
@@ -141,7 +148,8 @@ def test_gpt2_ggn_matches_jacobian_sandwich():
         Jac = torch.autograd.functional.jacobian(logits, theta0)
         z = logits(theta0).detach()
         Hz = torch.autograd.functional.hessian(
-            lambda f: shifted_ce(f.reshape(b["input_ids"].shape + (VOCAB,)), b["labels"])[0], z)
+            lambda f: shifted_ce(f.reshape(b["input_ids"].shape + (VOCAB,)), b["labels"])[0], z
+        )
         G += Jac.T @ Hz @ Jac
         total += shifted_ce(z.reshape(b["input_ids"].shape + (VOCAB,)), b["labels"])[1]
     op = nh.GGNOperator(model, causal_lm(), data, params=names)
@@ -162,8 +170,11 @@ def one_big_batch(batches, T=8):
 def test_batching_is_invariant_across_ragged_batches_pairs_and_a_dataloader():
     model = tiny_gpt2()
     ragged = ragged_batches()
-    v = torch.randn(sum(dict(model.named_parameters())[n].numel() for n in GPT2_PARAMS),
-                    generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    v = torch.randn(
+        sum(dict(model.named_parameters())[n].numel() for n in GPT2_PARAMS),
+        generator=torch.Generator().manual_seed(3),
+        dtype=torch.float64,
+    )
     layouts = {
         "one big batch": one_big_batch(ragged),
         "list of dicts": ragged,
@@ -171,8 +182,9 @@ def test_batching_is_invariant_across_ragged_batches_pairs_and_a_dataloader():
         "DataLoader": DataLoader(ragged, batch_size=None),
         "tokenizer BatchEncodings": [transformers.BatchEncoding(b) for b in ragged],
     }
-    results = {name: nh.HessianOperator(model, causal_lm(), data, params=GPT2_PARAMS) @ v
-               for name, data in layouts.items()}
+    results = {
+        name: nh.HessianOperator(model, causal_lm(), data, params=GPT2_PARAMS) @ v for name, data in layouts.items()
+    }
     values = {name: Objective(model, causal_lm(), data).value() for name, data in layouts.items()}
     for name in layouts:
         torch.testing.assert_close(results[name], results["one big batch"], rtol=1e-10, atol=1e-12)
@@ -233,15 +245,16 @@ def test_eigenvalues_and_trace_on_tiny_gpt2():
     dense = op.to_dense()
     exact = torch.linalg.eigvalsh(dense)
     res = nh.eigenvalues(op, k=2, tol=1e-8)
-    torch.testing.assert_close(torch.as_tensor(res.eigenvalues, dtype=torch.float64).sort().values,
-                               exact[-2:], rtol=1e-6, atol=1e-8)
+    torch.testing.assert_close(
+        torch.as_tensor(res.eigenvalues, dtype=torch.float64).sort().values, exact[-2:], rtol=1e-6, atol=1e-8
+    )
     tr = nh.trace(op, exact=True, by_block=True)
     assert tr.value == pytest.approx(float(dense.trace()), rel=1e-10)
     offsets = [0]
     for n in GPT2_PARAMS:
         offsets.append(offsets[-1] + dict(model.named_parameters())[n].numel())
     for i, n in enumerate(GPT2_PARAMS):
-        block = dense[offsets[i]:offsets[i + 1], offsets[i]:offsets[i + 1]]
+        block = dense[offsets[i] : offsets[i + 1], offsets[i] : offsets[i + 1]]
         assert tr.blocks[n].value == pytest.approx(float(block.trace()), rel=1e-10, abs=1e-12)
 
 
@@ -256,8 +269,8 @@ def objective_hvp(obj, v):
 
     def fn(b):
         loss, out = obj.batch_loss(named, b)
-        g, = torch.autograd.grad(loss, theta, create_graph=True)
-        hv, = torch.autograd.grad(g @ v.to(obj.dtype), theta)
+        (g,) = torch.autograd.grad(loss, theta, create_graph=True)
+        (hv,) = torch.autograd.grad(g @ v.to(obj.dtype), theta)
         return hv, obj.count(out, b.targets)
 
     return obj.sum_over_batches(fn)
@@ -286,8 +299,9 @@ def half_problem(kind, dtype):
 
 
 # documented (docs/language-models.md): bf16 ~1e-2, fp16 ~1e-3 relative; measured 9e-3 and 9e-4
-@pytest.mark.parametrize("kind, dtype, bound", [("gpt2", torch.bfloat16, 2e-2), ("mlp", torch.bfloat16, 2e-2),
-                                                ("mlp", torch.float16, 2e-3)])
+@pytest.mark.parametrize(
+    "kind, dtype, bound", [("gpt2", torch.bfloat16, 2e-2), ("mlp", torch.bfloat16, 2e-2), ("mlp", torch.float16, 2e-3)]
+)
 def test_explicit_half_precision_products_are_within_the_documented_error(kind, dtype, bound):
     model, loss, data, params = half_problem(kind, dtype)
     obj = Objective(model, loss, data, params, dtype=dtype)

@@ -1,5 +1,6 @@
 """linalg's defences: verified Lanczos residuals, the dense path's memory limit, checkpoints
 bound to the operator and validated on load, resumable trace probes, numbers checked by _checks."""
+
 from __future__ import annotations
 
 import warnings
@@ -28,8 +29,9 @@ def true_residuals(A, res):
 def test_ill_conditioned_float32_smallest_never_claims_a_false_residual(P, n_big, k, b):
     """Issue 9.9: eigenvalues logspace(-7, 3) (plus a 1e-7 bulk) in float32, which="smallest".
     Before: converged=True with residuals 0.0 while the true ones were ~4e-3."""
-    lam = torch.cat([torch.logspace(-7, 3, n_big, dtype=torch.float64),
-                     torch.full((P - n_big,), 1e-7, dtype=torch.float64)])
+    lam = torch.cat(
+        [torch.logspace(-7, 3, n_big, dtype=torch.float64), torch.full((P - n_big,), 1e-7, dtype=torch.float64)]
+    )
     A = torch.diag(lam).float()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", NotConvergedWarning)
@@ -74,21 +76,25 @@ def test_dense_path_consults_the_memory_limit():
 
 # ---------------------------------------------------------------- checkpoints
 
+
 def _other(A):
     B = A.clone()
     B[0, 0] += 1.0
     return B
 
 
-@pytest.mark.parametrize("run", [
-    lambda A, ck: eigenvalues(A, k=3, ncv=10, checkpoint=ck),
-    lambda A, ck: eigenvalues(A, k=30, checkpoint=ck),  # the dense path
-    lambda A, ck: diagonal(A, checkpoint=ck),
-    lambda A, ck: diagonal(A, method="estimate", num_matvecs=6, checkpoint=ck),
-    lambda A, ck: trace(A, method="hutchinson", num_matvecs=6, checkpoint=ck),
-    lambda A, ck: trace(A, method="xtrace", num_matvecs=8, checkpoint=ck),
-    lambda A, ck: spectral_density(A, num_probes=2, lanczos_steps=5, checkpoint=ck),
-])
+@pytest.mark.parametrize(
+    "run",
+    [
+        lambda A, ck: eigenvalues(A, k=3, ncv=10, checkpoint=ck),
+        lambda A, ck: eigenvalues(A, k=30, checkpoint=ck),  # the dense path
+        lambda A, ck: diagonal(A, checkpoint=ck),
+        lambda A, ck: diagonal(A, method="estimate", num_matvecs=6, checkpoint=ck),
+        lambda A, ck: trace(A, method="hutchinson", num_matvecs=6, checkpoint=ck),
+        lambda A, ck: trace(A, method="xtrace", num_matvecs=8, checkpoint=ck),
+        lambda A, ck: spectral_density(A, num_probes=2, lanczos_steps=5, checkpoint=ck),
+    ],
+)
 def test_a_checkpoint_of_another_operator_of_the_same_size_is_refused(tmp_path, run):
     """Issue 9.1 (API path): a checkpoint checked only size and seed, so another matrix got the old result."""
     A = sym(torch.linspace(-1, 2, 50), seed=4)
@@ -111,8 +117,7 @@ def _damage(path, key, value):
     torch.save(blob, path)
 
 
-@pytest.mark.parametrize("key,value", [("values", "nan"), ("done", 10**6), ("done", None),
-                                       ("values", torch.zeros(3))])
+@pytest.mark.parametrize("key,value", [("values", "nan"), ("done", 10**6), ("done", None), ("values", torch.zeros(3))])
 def test_damaged_diagonal_checkpoint_is_a_checkpoint_error(tmp_path, key, value):
     A = sym(torch.linspace(-1, 2, 30), seed=4)
     path = tmp_path / "c.ckpt"
@@ -122,8 +127,9 @@ def test_damaged_diagonal_checkpoint_is_a_checkpoint_error(tmp_path, key, value)
         diagonal(A, checkpoint=Checkpoint(path, {"t": 1}, every=0))
 
 
-@pytest.mark.parametrize("key,value", [("V", "nan"), ("j", -1), ("H", torch.zeros(2, 2)), ("generator", None),
-                                       ("num_matvecs", "x")])
+@pytest.mark.parametrize(
+    "key,value", [("V", "nan"), ("j", -1), ("H", torch.zeros(2, 2)), ("generator", None), ("num_matvecs", "x")]
+)
 def test_damaged_lanczos_checkpoint_is_a_checkpoint_error(tmp_path, key, value):
     A = sym(torch.linspace(-1, 2, 60), seed=4)
     path = tmp_path / "c.ckpt"
@@ -152,11 +158,18 @@ def test_trace_probes_resume_from_a_checkpoint(tmp_path, method, m, crash):
     whole = trace(A, method=method, num_matvecs=m, seed=2, chunk_size=4)
     path = tmp_path / "t.ckpt"
     with pytest.raises(KeyboardInterrupt):
-        trace(CrashAfter(A, crash), method=method, num_matvecs=m, seed=2, chunk_size=4,
-              checkpoint=Checkpoint(path, {"t": 1}, every=0))
+        trace(
+            CrashAfter(A, crash),
+            method=method,
+            num_matvecs=m,
+            seed=2,
+            chunk_size=4,
+            checkpoint=Checkpoint(path, {"t": 1}, every=0),
+        )
     again = CrashAfter(A, 10**6)
-    resumed = trace(again, method=method, num_matvecs=m, seed=2, chunk_size=4,
-                    checkpoint=Checkpoint(path, {"t": 1}, every=0))
+    resumed = trace(
+        again, method=method, num_matvecs=m, seed=2, chunk_size=4, checkpoint=Checkpoint(path, {"t": 1}, every=0)
+    )
     assert 0 < again.columns < whole.num_matvecs
     assert resumed.num_matvecs == whole.num_matvecs
     assert resumed.value == pytest.approx(whole.value, rel=1e-12, abs=1e-12)
@@ -169,33 +182,39 @@ def test_trace_probes_resume_from_a_checkpoint(tmp_path, method, m, crash):
 A50 = sym(torch.linspace(0.5, 2.0, 50), seed=1)
 
 
-@pytest.mark.parametrize("call,match", [
-    (lambda: trace(A50, method="hutchinson", num_matvecs=2.7), "num_matvecs"),
-    (lambda: trace(A50, num_matvecs="30"), "num_matvecs"),
-    (lambda: trace(A50, seed="abc"), "seed"),
-    (lambda: trace(A50, chunk_size=0), "chunk_size"),
-    (lambda: diagonal(A50, method="estimate", num_matvecs=4.5), "num_matvecs"),
-    (lambda: diagonal(A50, method="estimate", num_matvecs=4, seed=1.5), "seed"),
-    (lambda: eigenvalues(A50, k=2.0000001), "k"),
-    (lambda: eigenvalues(A50, k=2, max_matvecs=100.5), "max_matvecs"),
-    (lambda: eigenvalues(A50, k=2, max_bytes="1e9"), "max_bytes"),
-    (lambda: spectral_density(A50, num_probes=2.5), "num_probes"),
-    (lambda: spectral_density(A50, sigma="0.1"), "sigma"),
-    (lambda: solve(A50, torch.ones(50, dtype=torch.float64), tol="1e-3"), "tol"),
-    (lambda: solve(A50, torch.ones(50, dtype=torch.float64), maxiter=3.5), "maxiter"),
-])
+@pytest.mark.parametrize(
+    "call,match",
+    [
+        (lambda: trace(A50, method="hutchinson", num_matvecs=2.7), "num_matvecs"),
+        (lambda: trace(A50, num_matvecs="30"), "num_matvecs"),
+        (lambda: trace(A50, seed="abc"), "seed"),
+        (lambda: trace(A50, chunk_size=0), "chunk_size"),
+        (lambda: diagonal(A50, method="estimate", num_matvecs=4.5), "num_matvecs"),
+        (lambda: diagonal(A50, method="estimate", num_matvecs=4, seed=1.5), "seed"),
+        (lambda: eigenvalues(A50, k=2.0000001), "k"),
+        (lambda: eigenvalues(A50, k=2, max_matvecs=100.5), "max_matvecs"),
+        (lambda: eigenvalues(A50, k=2, max_bytes="1e9"), "max_bytes"),
+        (lambda: spectral_density(A50, num_probes=2.5), "num_probes"),
+        (lambda: spectral_density(A50, sigma="0.1"), "sigma"),
+        (lambda: solve(A50, torch.ones(50, dtype=torch.float64), tol="1e-3"), "tol"),
+        (lambda: solve(A50, torch.ones(50, dtype=torch.float64), maxiter=3.5), "maxiter"),
+    ],
+)
 def test_numbers_are_numbers(call, match):
     with pytest.raises(InputError, match=match):
         call()
 
 
-@pytest.mark.parametrize("b,match", [
-    (torch.ones(50, dtype=torch.complex128), "complex"),
-    (torch.ones(50, dtype=torch.float64).to_sparse(), "sparse"),
-    (torch.ones(50, dtype=torch.float64, device="meta"), "meta"),
-    (torch.ones(50, dtype=torch.int64), "floating"),
-    ([1.0] * 50, "torch.Tensor"),
-])
+@pytest.mark.parametrize(
+    "b,match",
+    [
+        (torch.ones(50, dtype=torch.complex128), "complex"),
+        (torch.ones(50, dtype=torch.float64).to_sparse(), "sparse"),
+        (torch.ones(50, dtype=torch.float64, device="meta"), "meta"),
+        (torch.ones(50, dtype=torch.int64), "floating"),
+        ([1.0] * 50, "torch.Tensor"),
+    ],
+)
 def test_solve_and_inverse_hvp_refuse_vectors_they_cannot_use(b, match):
     for fn in (solve, inverse_hvp):
         with pytest.raises(InputError, match=match):

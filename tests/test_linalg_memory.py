@@ -1,6 +1,7 @@
 """Memory bounded by design: Lanczos keeps at most ncv vectors (in a chosen dtype/device), every
 estimator states its bound (``memory_bytes``) and ``max_memory`` refuses a run above it; SLQ runs on
 O(P) memory without reorthogonalisation; results carry the operator's ``precision_note``."""
+
 import pytest
 import torch
 
@@ -20,8 +21,9 @@ P = 300
 
 
 def spectrum():
-    return torch.cat([torch.linspace(-1.0, 1.0, P - 4, dtype=torch.float64),
-                      torch.tensor([3.0, 4.0, 5.0, 6.0], dtype=torch.float64)])
+    return torch.cat(
+        [torch.linspace(-1.0, 1.0, P - 4, dtype=torch.float64), torch.tensor([3.0, 4.0, 5.0, 6.0], dtype=torch.float64)]
+    )
 
 
 def test_eigenvalues_state_and_keep_their_bound(tmp_path):
@@ -45,8 +47,7 @@ def test_lower_precision_basis(basis_dtype, rtol):
     A = sym(spectrum(), seed=2)
     full = eigenvalues(A, k=2, ncv=14, tol=1e-6)
     with pytest.warns(UserWarning) if basis_dtype == torch.bfloat16 else _nothing():
-        low = eigenvalues(A, k=2, ncv=14, tol=1e-6, basis_dtype=basis_dtype, basis_device="cpu",
-                          max_matvecs=400)
+        low = eigenvalues(A, k=2, ncv=14, tol=1e-6, basis_dtype=basis_dtype, basis_device="cpu", max_matvecs=400)
     torch.testing.assert_close(low.eigenvalues, torch.tensor([6.0, 5.0], dtype=torch.float64), rtol=rtol, atol=0)
     X = low.eigenvectors.double()
     true = (A @ X - X * low.eigenvalues).norm(dim=0)
@@ -79,7 +80,7 @@ def test_no_convergence_claim_before_the_basis_filled(seed):
     lam = torch.cat([torch.logspace(-7, 3, 10, dtype=torch.float64), torch.full((490,), 1e-7, dtype=torch.float64)])
     A = torch.diag(lam)
     res = eigenvalues(A, k=2, which="smallest", tol=1e-3, seed=seed, max_matvecs=2000)
-    floor = 1e-8 ** 0.5 * 1e3
+    floor = 1e-8**0.5 * 1e3
     if res.converged:
         assert bool((res.eigenvalues.abs() <= 1e-3 * floor + 1e-7).all()), res.eigenvalues
     assert res.num_matvecs >= 20
@@ -94,8 +95,9 @@ def test_slq_without_reorthogonalisation_is_O_P_and_keeps_the_moments():
     tau = U[0].square()
     u = v / v.norm()
     for j in range(1, 6):
-        torch.testing.assert_close((tau * theta ** j).sum(), u @ torch.linalg.matrix_power(A, j) @ u,
-                                   rtol=1e-10, atol=1e-12)
+        torch.testing.assert_close(
+            (tau * theta**j).sum(), u @ torch.linalg.matrix_power(A, j) @ u, rtol=1e-10, atol=1e-12
+        )
     sd = spectral_density(A, num_probes=2, lanczos_steps=30, reorthogonalize=False)
     assert sd.memory_bytes == P * 4 * 8
     assert spectral_density(A, num_probes=2, lanczos_steps=30).memory_bytes == P * 34 * 8
@@ -115,8 +117,12 @@ def test_every_estimator_states_and_enforces_its_bound():
     assert d.memory_bytes == P * (16 + 3 * 32)
     with pytest.raises(InputError, match="max_memory"):
         diagonal(A, method="estimate", num_matvecs=6, chunk_size=3, max_memory=100)
-    assert solve(A + 2 * torch.eye(P, dtype=torch.float64), torch.ones(P, dtype=torch.float64),
-                 method="minres").memory_bytes == P * 10 * 8
+    assert (
+        solve(
+            A + 2 * torch.eye(P, dtype=torch.float64), torch.ones(P, dtype=torch.float64), method="minres"
+        ).memory_bytes
+        == P * 10 * 8
+    )
 
 
 class _Noted:
@@ -133,8 +139,13 @@ class _Noted:
 
 def test_precision_note_is_carried_and_shown():
     op = _Noted(sym(spectrum(), seed=5))
-    results = [eigenvalues(op, k=2), trace(op, num_matvecs=12), diagonal(op, method="estimate", num_matvecs=4),
-               diagonal(op), spectral_density(op, num_probes=1, lanczos_steps=10)]
+    results = [
+        eigenvalues(op, k=2),
+        trace(op, num_matvecs=12),
+        diagonal(op, method="estimate", num_matvecs=4),
+        diagonal(op),
+        spectral_density(op, num_probes=1, lanczos_steps=10),
+    ]
     for r in results:
         assert r.precision_note == _Noted.precision_note
         assert "bfloat16" in repr(r), type(r).__name__

@@ -6,6 +6,7 @@ inner products go through the adapter, so both ranks must return the numbers of
 one process on the whole matrix (float64, rtol 1e-10), and each rank must keep
 only its slice of the Lanczos basis.
 """
+
 import os
 import socket
 import subprocess
@@ -36,8 +37,16 @@ def sharded_runs(tmp_path_factory):
     out = str(tmp_path_factory.mktemp("shard") / "res")
     port = _port()
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    procs = [subprocess.Popen([sys.executable, WORKER, str(r), "2", port, out], env=env,
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for r in (0, 1)]
+    procs = [
+        subprocess.Popen(
+            [sys.executable, WORKER, str(r), "2", port, out],
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for r in (0, 1)
+    ]
     for p in procs:
         _, err = p.communicate(timeout=300)
         assert p.returncode == 0, err[-3000:]
@@ -64,10 +73,14 @@ def test_sharded_results_match_dense_truth(sharded_runs):
     for r in (0, 1):
         torch.testing.assert_close(got[r]["eig"], torch.stack([lam[0], lam[-2], lam[-1]]), rtol=1e-9, atol=1e-9)
         torch.testing.assert_close(got[r]["small"], lam[:2], rtol=1e-9, atol=1e-9)
-    A, b, I = matrix(), torch.randn(P, generator=torch.Generator().manual_seed(5), dtype=torch.float64), torch.eye(P, dtype=torch.float64)
+    A, b, Id = (
+        matrix(),
+        torch.randn(P, generator=torch.Generator().manual_seed(5), dtype=torch.float64),
+        torch.eye(P, dtype=torch.float64),
+    )
     for key, damping in (("cg", 8.0), ("minres", 0.3)):  # the true residual of the gathered solution
         x = torch.cat([g[key] for g in got])
-        assert float(((A + damping * I) @ x - b).norm()) <= 1.01e-12 * float(b.norm()), key
+        assert float(((A + damping * Id) @ x - b).norm()) <= 1.01e-12 * float(b.norm()), key
 
 
 def test_basis_per_rank_is_its_slice(sharded_runs, tmp_path):
@@ -76,8 +89,9 @@ def test_basis_per_rank_is_its_slice(sharded_runs, tmp_path):
     ref = results(matrix(), 0, P, str(tmp_path / "ck"))
     assert int(ref["basis_rows"]) == P
     assert [int(g["basis_rows"]) for g in got] == [SPLIT, P - SPLIT]
-    assert [int(g["eig_memory"]) for g in got] == [lanczos_bytes(n, 12, 1, 3, torch.float64, torch.float64, False)
-                                                   for n in (SPLIT, P - SPLIT)]
+    assert [int(g["eig_memory"]) for g in got] == [
+        lanczos_bytes(n, 12, 1, 3, torch.float64, torch.float64, False) for n in (SPLIT, P - SPLIT)
+    ]
     assert sum(int(g["eig_memory"]) for g in got) == int(ref["eig_memory"])
 
 

@@ -1,4 +1,5 @@
 """The model's mode decides batch norm; randomness in the forward pass is refused."""
+
 import pytest
 import torch
 from torch import nn
@@ -95,6 +96,7 @@ def test_a_forward_that_writes_and_reads_a_buffer_is_refused(train):
     """No cost has this model's gradient (the buffer path is hidden from backward): every engine
     would return a non-symmetric matrix. Refused, naming the buffer, and the model left as it was."""
     import nethessian as nh
+
     torch.manual_seed(0)
     m = torch.nn.Sequential(torch.nn.Linear(4, 5), _EMA(5), torch.nn.Tanh(), torch.nn.Linear(5, 3)).double()
     m.train(train)
@@ -110,9 +112,14 @@ def test_a_forward_that_writes_and_reads_a_buffer_is_refused(train):
 
 def test_train_mode_batch_norm_running_stats_are_not_refused():
     import nethessian as nh
+
     torch.manual_seed(0)
-    m = torch.nn.Sequential(torch.nn.Linear(4, 5), torch.nn.BatchNorm1d(5), torch.nn.Tanh(),
-                            torch.nn.Linear(5, 3)).double().train()
-    op = nh.HessianOperator(m, torch.nn.CrossEntropyLoss(), (torch.randn(10, 4, dtype=torch.float64),
-                                                              torch.randint(0, 3, (10,))))
+    m = (
+        torch.nn.Sequential(torch.nn.Linear(4, 5), torch.nn.BatchNorm1d(5), torch.nn.Tanh(), torch.nn.Linear(5, 3))
+        .double()
+        .train()
+    )
+    op = nh.HessianOperator(
+        m, torch.nn.CrossEntropyLoss(), (torch.randn(10, 4, dtype=torch.float64), torch.randint(0, 3, (10,)))
+    )
     torch.testing.assert_close(op.to_dense(), op.to_dense().T, rtol=1e-10, atol=1e-12)

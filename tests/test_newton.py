@@ -4,6 +4,7 @@ References are independent of nethessian: the logistic-regression gradient and H
 in closed form, ``torch.linalg.solve`` for the step, ``torch.autograd.functional.hessian``
 for the two-layer network at its minimum.
 """
+
 from __future__ import annotations
 
 import json
@@ -27,7 +28,7 @@ def logistic_problem(n=80, d=3, seed=0):
     """Non-separable labels: the mean cross-entropy is strictly convex with a finite minimiser."""
     g = torch.Generator().manual_seed(seed)
     X = torch.randn(n, d, generator=g, dtype=D64)
-    y = (torch.rand(n, generator=g, dtype=D64) < torch.sigmoid(X @ torch.randn(d, generator=g, dtype=D64)))
+    y = torch.rand(n, generator=g, dtype=D64) < torch.sigmoid(X @ torch.randn(d, generator=g, dtype=D64))
     torch.manual_seed(seed)
     model = nn.Linear(d, 1).to(D64)
 
@@ -48,6 +49,7 @@ def closed_form(model, X, y):
 
 # ------------------------------------------------------------------ one step
 
+
 @pytest.mark.parametrize("damping", (0.0, 1e-2, 1.0))
 def test_step_matches_closed_form_logistic(damping):
     model, loss_fn, (X, y) = logistic_problem()
@@ -62,23 +64,24 @@ def test_step_matches_closed_form_logistic(damping):
 
 # ------------------------------------------------------------------ convergence
 
+
 def test_quadratic_convergence_on_logistic_regression():
     model, loss_fn, (X, y) = logistic_problem()
     res = newton(model, loss_fn, (X, y), gtol=1e-13)
     assert res.converged and res.num_steps <= 10
     g, H = closed_form(res.apply(nn.Linear(3, 1).to(D64)), X, y)
-    assert float(g.norm()) < 1e-13                                 # the closed-form gradient vanishes
-    assert float(torch.linalg.eigvalsh(H)[0]) > 0                  # at a strict minimum
+    assert float(g.norm()) < 1e-13  # the closed-form gradient vanishes
+    assert float(torch.linalg.eigvalsh(H)[0]) > 0  # at a strict minimum
     e = res.gradient_norms
-    e = e[e > 1e-15]                                              # the last ‖g‖ sits at the rounding floor
-    tail = e[e < 1e-1]                                            # the local phase
+    e = e[e > 1e-15]  # the last ‖g‖ sits at the rounding floor
+    tail = e[e < 1e-1]  # the local phase
     assert len(tail) >= 4
     ratios2 = tail[1:] / tail[:-1] ** 2
     ratios1 = tail[1:] / tail[:-1]
-    assert float(ratios2.max()) < 10.0                             # e_{k+1} ≤ C e_k² with C ≈ 7.5 here
-    assert float(ratios2.max() / ratios2.min()) < 3.0              # ... and C settles: quadratic, not faster
-    assert float(ratios1[-1]) < 1e-4                              # the linear rate collapses
-    assert all(h.accepted for h in res.history)                    # a convex problem: no rejection
+    assert float(ratios2.max()) < 10.0  # e_{k+1} ≤ C e_k² with C ≈ 7.5 here
+    assert float(ratios2.max() / ratios2.min()) < 3.0  # ... and C settles: quadratic, not faster
+    assert float(ratios1[-1]) < 1e-4  # the linear rate collapses
+    assert all(h.accepted for h in res.history)  # a convex problem: no rejection
 
 
 def test_two_layer_demo_converges_to_a_degenerate_minimum():
@@ -88,13 +91,13 @@ def test_two_layer_demo_converges_to_a_degenerate_minimum():
     assert res.converged and res.gradient_norm < 1e-10 and res.value < 1e-20
     assert res.num_steps <= 25
     accepted = [h for h in res.history if h.accepted]
-    assert all(a.value > b.value for a, b in zip(accepted, accepted[1:]))   # J decreases monotonically
+    assert all(a.value > b.value for a, b in zip(accepted, accepted[1:]))  # J decreases monotonically
     assert any(h.solver_status == "negative_curvature" for h in res.history)  # indefinite H on the way
     ref = reference_hessian(res.apply(two_layer(seed=0)[0]), loss_fn, data)
     eig = torch.linalg.eigvalsh(ref)
-    assert int((eig.abs() > 1e-8 * eig.abs().max()).sum()) == 3     # singular: rank 3 at the minimum
+    assert int((eig.abs() > 1e-8 * eig.abs().max()).sum()) == 3  # singular: rank 3 at the minimum
     assert float(eig[0]) > -1e-12
-    ratios = res.convergence_ratios(2)[-3:]                       # quadratic at the end, despite rank 3
+    ratios = res.convergence_ratios(2)[-3:]  # quadratic at the end, despite rank 3
     assert float(ratios.max()) < 1e5
     assert float(res.convergence_ratios(1)[-1]) < 1e-4
 
@@ -110,11 +113,12 @@ def test_linear_least_squares_one_step():
     X, y = torch.randn(30, 4, generator=g, dtype=D64), torch.randn(30, 1, generator=g, dtype=D64)
     lin = nn.Linear(4, 1, bias=False).to(D64)
     res = newton(lin, nn.MSELoss(), (X, y), damping=1e-12)
-    assert res.converged and res.num_steps <= 3        # inexact Newton: CG to rel. residual min(0.1, ‖g‖)
+    assert res.converged and res.num_steps <= 3  # inexact Newton: CG to rel. residual min(0.1, ‖g‖)
     torch.testing.assert_close(res.params["weight"][0], torch.linalg.lstsq(X, y).solution[:, 0])
 
 
 # ------------------------------------------------------------------ the result object
+
 
 def test_model_untouched_and_apply():
     model, loss_fn, data = two_layer(seed=0)
@@ -146,7 +150,7 @@ def test_history_table_and_json():
     assert len(short) == res.num_steps + 3 and "rejected" not in "".join(short)
     d = json.loads(json.dumps(res.to_dict()))
     assert d["converged"] and len(d["history"]) == len(res.history)
-    for h in res.history:                                           # the damping rule
+    for h in res.history:  # the damping rule
         if h.accepted and h.ratio == h.ratio:
             assert h.actual_decrease == pytest.approx(h.ratio * h.predicted_decrease, rel=1e-12)
 
@@ -158,10 +162,17 @@ def test_not_converged_warns():
     assert not res.converged and res.num_steps == 2
 
 
-@pytest.mark.parametrize("kwargs, match", [
-    ({"damping": 0.0}, "damping"), ({"damping": -1.0}, "damping"), ({"gtol": -1.0}, "gtol"),
-    ({"max_steps": 2.5}, "max_steps"), ({"max_retries": -1}, "max_retries"),
-    ({"min_factor": float("nan")}, "min_factor")])
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        ({"damping": 0.0}, "damping"),
+        ({"damping": -1.0}, "damping"),
+        ({"gtol": -1.0}, "gtol"),
+        ({"max_steps": 2.5}, "max_steps"),
+        ({"max_retries": -1}, "max_retries"),
+        ({"min_factor": float("nan")}, "min_factor"),
+    ],
+)
 def test_bad_options(kwargs, match):
     with pytest.raises(InputError, match=match):
         newton(*two_layer(seed=0), **kwargs)
@@ -217,9 +228,16 @@ def test_quadratic_model_at_matches_a_fresh_one():
     assert not torch.equal(q.theta, theta)  # the original is unchanged
 
 
-@pytest.mark.parametrize("kwargs, match", [
-    ({"max_steps": "5"}, "max_steps"), ({"gtol": "1e-3"}, "gtol"), ({"damping": True}, "damping"),
-    ({"maxiter": 2.7}, "maxiter"), ({"maxiter": 0}, "maxiter")])
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        ({"max_steps": "5"}, "max_steps"),
+        ({"gtol": "1e-3"}, "gtol"),
+        ({"damping": True}, "damping"),
+        ({"maxiter": 2.7}, "maxiter"),
+        ({"maxiter": 0}, "maxiter"),
+    ],
+)
 def test_options_that_are_not_numbers(kwargs, match):
     with pytest.raises(InputError, match=match):
         newton(*two_layer(seed=0), **kwargs)

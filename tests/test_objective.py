@@ -1,4 +1,5 @@
 """Objective.at (the same objective at other parameters) and Objective.fingerprint."""
+
 from __future__ import annotations
 
 import functools
@@ -78,12 +79,14 @@ def _variants():
     out = {
         "theta": lambda o: o.at(o.theta0 + 1e-12),
         "loss weight": lambda o: _objective(
-            loss_fn=nn.CrossEntropyLoss(weight=torch.tensor([1., 2., 1.], dtype=torch.float64))),
+            loss_fn=nn.CrossEntropyLoss(weight=torch.tensor([1.0, 2.0, 1.0], dtype=torch.float64))
+        ),
         "label smoothing": lambda o: _objective(loss_fn=nn.CrossEntropyLoss(label_smoothing=0.1)),
         "ignore index": lambda o: _objective(loss_fn=nn.CrossEntropyLoss(ignore_index=2)),
         "reduction": lambda o: _objective(loss_fn=nn.CrossEntropyLoss(reduction="sum")),
-        "one data bit": lambda o: _objective(data=(X.clone().index_put_((torch.tensor(0), torch.tensor(0)),
-                                                                        X[0, 0] * (1 + 2 ** -50)), y)),
+        "one data bit": lambda o: _objective(
+            data=(X.clone().index_put_((torch.tensor(0), torch.tensor(0)), X[0, 0] * (1 + 2**-50)), y)
+        ),
         "targets": lambda o: _objective(data=(X, (y + 1) % 3)),
         "batching": lambda o: _objective(data=[(X[:8], y[:8]), (X[8:], y[8:])]),
     }
@@ -131,8 +134,10 @@ def test_fingerprint_of_callable_losses():
 def test_fingerprint_of_streaming_data():
     model, X, y = _problem()
     ds = torch.utils.data.TensorDataset(X, y)
-    make = lambda bs: Objective(model, nn.CrossEntropyLoss(),  # noqa: E731
-                                torch.utils.data.DataLoader(ds, batch_size=bs))
+
+    def make(bs):
+        return Objective(model, nn.CrossEntropyLoss(), torch.utils.data.DataLoader(ds, batch_size=bs))
+
     a = make(4)
     assert a.fingerprint() == make(4).fingerprint()
     assert a.fingerprint() != make(8).fingerprint()
@@ -149,6 +154,7 @@ def _tempered(o, y):
 def test_fingerprint_follows_globals_and_objects_the_loss_reads(monkeypatch):
     """A checkpoint must not resume after a module-level setting or a wrapped loss object changed."""
     import nethessian as nh
+
     torch.manual_seed(0)
     model = torch.nn.Linear(3, 4).double()
     data = (torch.randn(6, 3, dtype=torch.float64), torch.randint(0, 4, (6,)))
@@ -166,6 +172,7 @@ def test_fingerprint_follows_globals_and_objects_the_loss_reads(monkeypatch):
 
     def scaled(o, y):
         return closure_target["scale"] * torch.nn.functional.cross_entropy(o, y)
+
     c = fp(scaled)
     closure_target["scale"] = 2.0
     assert fp(scaled) != c

@@ -1,4 +1,5 @@
 """Every operator against the contract, the engine policy, the product path, and memory."""
+
 import pytest
 import torch
 from torch import nn
@@ -22,27 +23,34 @@ from test_ggn_fisher import _CubeNet, reference_ef, reference_ggn
 @pytest.mark.parametrize("name", ["mlp_tanh_mse", "cnn_ce"])
 def test_hessian_contract(name):
     model, loss_fn, data = CASES[name]()
-    assert_operator_contract(lambda m, d: HessianOperator(m, loss_fn, d), model, data,
-                             lambda m, d: reference_hessian(m, loss_fn, d))
+    assert_operator_contract(
+        lambda m, d: HessianOperator(m, loss_fn, d), model, data, lambda m, d: reference_hessian(m, loss_fn, d)
+    )
 
 
 @pytest.mark.parametrize("name", ["mlp_tanh_mse", "cnn_ce"])
 def test_ggn_contract(name):
     model, loss_fn, data = CASES[name]()
-    assert_operator_contract(lambda m, d: GGNOperator(m, loss_fn, d), model, data,
-                             lambda m, d: reference_ggn(m, loss_fn, d))
+    assert_operator_contract(
+        lambda m, d: GGNOperator(m, loss_fn, d), model, data, lambda m, d: reference_ggn(m, loss_fn, d)
+    )
 
 
 def test_fisher_contract():
     model, loss_fn, data = CASES["mlp_softplus_ce"]()
-    assert_operator_contract(lambda m, d: FisherOperator(m, loss_fn, d), model, data,
-                             lambda m, d: reference_ggn(m, loss_fn, d))
+    assert_operator_contract(
+        lambda m, d: FisherOperator(m, loss_fn, d), model, data, lambda m, d: reference_ggn(m, loss_fn, d)
+    )
 
 
 def test_empirical_fisher_contract():
     model, loss_fn, data = CASES["mlp_softplus_ce"]()
-    assert_operator_contract(lambda m, d: EmpiricalFisherOperator(m, loss_fn, d), model, data,
-                             lambda m, d: reference_ef(m, loss_fn, d, 1 / 12))
+    assert_operator_contract(
+        lambda m, d: EmpiricalFisherOperator(m, loss_fn, d),
+        model,
+        data,
+        lambda m, d: reference_ef(m, loss_fn, d, 1 / 12),
+    )
 
 
 def test_fingerprint_covers_matrix_options_not_engines():
@@ -80,6 +88,7 @@ def test_cache_with_a_forward_mode_method_is_refused():
 def _raiser(exc):
     def trial():
         raise exc
+
     return trial
 
 
@@ -87,10 +96,16 @@ def _ok(V):
     return V
 
 
-@pytest.mark.parametrize("exc", [DistributedError("rank 1 died"), InputError("bad"),
-                                 torch.OutOfMemoryError("CUDA out of memory"),
-                                 RuntimeError("DefaultCPUAllocator: can't allocate memory")],
-                         ids=["distributed", "ours", "oom", "cpu-oom"])
+@pytest.mark.parametrize(
+    "exc",
+    [
+        DistributedError("rank 1 died"),
+        InputError("bad"),
+        torch.OutOfMemoryError("CUDA out of memory"),
+        RuntimeError("DefaultCPUAllocator: can't allocate memory"),
+    ],
+    ids=["distributed", "ours", "oom", "cpu-oom"],
+)
 def test_policy_never_swallows_our_errors_or_oom(exc):
     with pytest.raises(type(exc)):
         choose_engine([Engine("a", _ok, trial=_raiser(exc)), Engine("b", _ok)])
@@ -101,13 +116,17 @@ def test_policy_never_swallows_our_errors_or_oom(exc):
 
 def test_policy_falls_back_on_an_ad_gap_and_says_why():
     chosen, reason, fallback = choose_engine(
-        [Engine("a", _ok, trial=_raiser(RuntimeError("no forward AD rule")), why="first"),
-         Engine("b", _ok, why="second")])
+        [
+            Engine("a", _ok, trial=_raiser(RuntimeError("no forward AD rule")), why="first"),
+            Engine("b", _ok, why="second"),
+        ]
+    )
     assert chosen.name == "b" and "no forward AD rule" in fallback and "second" in reason
 
 
 def test_batched_only_when_measurably_faster_and_bounded():
     import time
+
     seen = []
 
     def slow_batched(V):  # batching costs as much per column as a loop, plus overhead
@@ -118,8 +137,7 @@ def test_batched_only_when_measurably_faster_and_bounded():
     batched, why = choose_batched(Engine("e", slow_batched, timed_batching=True), torch.ones(3, 200))
     assert not batched and "loop" in why
     assert max(seen) <= engine_mod.TRIAL_COLUMNS and sum(seen) <= 5 * engine_mod.TRIAL_COLUMNS
-    fast, _ = choose_batched(Engine("e", lambda V: time.sleep(0.002) or V, timed_batching=True),
-                             torch.ones(3, 200))
+    fast, _ = choose_batched(Engine("e", lambda V: time.sleep(0.002) or V, timed_batching=True), torch.ones(3, 200))
     assert fast
 
 
@@ -142,13 +160,13 @@ class _CubeOnceNoJvp(torch.autograd.Function):  # double backward cut silently, 
     @staticmethod
     def forward(ctx, x):
         ctx.save_for_backward(x)
-        return x ** 3
+        return x**3
 
     @staticmethod
     @once_differentiable
     def backward(ctx, g):
-        x, = ctx.saved_tensors
-        return 3 * x ** 2 * g
+        (x,) = ctx.saved_tensors
+        return 3 * x**2 * g
 
 
 class _OnceNoJvpNet(_CubeNet):
@@ -175,11 +193,15 @@ def test_once_differentiable_without_forward_mode_is_refused(cls, cache):
 @pytest.mark.parametrize("cls", [GGNOperator, FisherOperator, EmpiricalFisherOperator])
 def test_once_differentiable_with_forward_mode_uses_it(cls):
     from test_ggn_fisher import _CubeOnceNet
+
     model, data = _once_problem(_CubeOnceNet)
     op = cls(model, nn.CrossEntropyLoss(), data)
     assert op.engine == "forward" and "once_differentiable" in op.fallback_reason
-    ref = reference_ggn(model, nn.CrossEntropyLoss(), data) if cls is not EmpiricalFisherOperator \
+    ref = (
+        reference_ggn(model, nn.CrossEntropyLoss(), data)
+        if cls is not EmpiricalFisherOperator
         else reference_ef(model, nn.CrossEntropyLoss(), data, 1 / 6)
+    )
     torch.testing.assert_close(op.to_dense(), ref, rtol=1e-10, atol=1e-12)
     with pytest.raises(InputError, match="once_differentiable"):
         cls(model, nn.CrossEntropyLoss(), data, method="reverse")
@@ -206,9 +228,14 @@ def test_finite_difference_check_has_no_false_alarm_and_catches_errors(name, dty
 
 
 # -- one product path -----------------------------------------------------------------------------
-@pytest.mark.parametrize("bad,err", [(torch.ones(3, dtype=torch.complex128), "complex"),
-                                     (torch.ones(3, dtype=torch.int64), "floating"),
-                                     ("v", "torch.Tensor")])
+@pytest.mark.parametrize(
+    "bad,err",
+    [
+        (torch.ones(3, dtype=torch.complex128), "complex"),
+        (torch.ones(3, dtype=torch.int64), "floating"),
+        ("v", "torch.Tensor"),
+    ],
+)
 def test_products_validate_with_the_shared_check(bad, err):
     model, loss_fn, data = CASES["two_layer"]()
     for op in (HessianOperator(model, loss_fn, data), GGNOperator(model, loss_fn, data)):
@@ -243,9 +270,9 @@ def test_dense_size_check_counts_one_chunk_of_products():
         op.to_dense(max_bytes=P * P * 8 + 8)
 
 
-
 def test_from_objective_shares_the_objective_for_every_operator_kind():
     import nethessian as nh
+
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Tanh(), torch.nn.Linear(4, 3)).double()
     data = (torch.randn(10, 3, dtype=torch.float64), torch.randint(0, 3, (10,)))
@@ -270,7 +297,7 @@ class _TanhWrongWhenLarge(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, g):
-        x, = ctx.saved_tensors
+        (x,) = ctx.saved_tensors
         xs = torch.where(x.abs() > 2, x.detach(), x)
         return g * (1 - torch.tanh(xs) ** 2)
 
@@ -298,6 +325,7 @@ def test_a_wrong_double_backward_hit_by_a_later_batch_only_is_refused(cache):
 @pytest.mark.parametrize("bad", [1, 3])
 def test_an_infinite_loss_in_any_in_memory_batch_is_refused_at_construction(make, bad):
     from nethessian.errors import NonFiniteError
+
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2)).double()
     batches = [(torch.randn(4, 3, dtype=torch.float64), torch.randn(4, 2, dtype=torch.float64)) for _ in range(4)]
@@ -305,6 +333,7 @@ def test_an_infinite_loss_in_any_in_memory_batch_is_refused_at_construction(make
 
     def loss(o, y):
         return ((o - y) ** 2).mean() + torch.where(y == 123.0, torch.inf, 0.0).sum()
+
     options = {"cache": False} if make is HessianOperator else {}
     with pytest.raises(NonFiniteError, match=f"batch {bad}"):
         make(model, loss, batches, reduction="mean", **options)

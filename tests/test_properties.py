@@ -1,4 +1,5 @@
 """Property-based: random MLP shapes, the dense Hessian equals the brute-force reference."""
+
 import torch
 from hypothesis import given, settings, strategies as st
 from torch import nn
@@ -10,9 +11,16 @@ ACTS = {"tanh": nn.Tanh, "sigmoid": nn.Sigmoid, "softplus": nn.Softplus}
 
 
 @settings(max_examples=25, deadline=None)
-@given(n_in=st.integers(1, 4), hidden=st.lists(st.integers(1, 4), min_size=0, max_size=2),
-       n_out=st.integers(1, 3), n=st.integers(1, 6), act=st.sampled_from(sorted(ACTS)),
-       ce=st.booleans(), seed=st.integers(0, 2**16), split=st.integers(1, 3))
+@given(
+    n_in=st.integers(1, 4),
+    hidden=st.lists(st.integers(1, 4), min_size=0, max_size=2),
+    n_out=st.integers(1, 3),
+    n=st.integers(1, 6),
+    act=st.sampled_from(sorted(ACTS)),
+    ce=st.booleans(),
+    seed=st.integers(0, 2**16),
+    split=st.integers(1, 3),
+)
 def test_random_mlp_matches_reference(n_in, hidden, n_out, n, act, ce, seed, split):
     torch.manual_seed(seed)
     sizes = [n_in, *hidden, n_out]

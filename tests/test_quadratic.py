@@ -6,6 +6,7 @@
 * Newton steps against ``torch.linalg.solve(H + λI, −g)`` on the dense H;
 * bad input: lengths, names, shapes, non-finite vectors, singular / indefinite systems, maxiter.
 """
+
 from __future__ import annotations
 
 import json
@@ -29,11 +30,18 @@ def reference(model, loss_fn, data):
     params = dict(model.named_parameters())
     names = list(params)
     theta = torch.cat([p.detach().reshape(-1) for p in params.values()]).requires_grad_(True)
-    parts = dict(zip(names, (t.reshape(p.shape) for t, p in
-                             zip(torch.split(theta, [p.numel() for p in params.values()]), params.values()))))
+    parts = dict(
+        zip(
+            names,
+            (
+                t.reshape(p.shape)
+                for t, p in zip(torch.split(theta, [p.numel() for p in params.values()]), params.values())
+            ),
+        )
+    )
     with math_attention():
         J = loss_fn(torch.func.functional_call(model, parts, (data[0],)), data[1])
-    g, = torch.autograd.grad(J, theta)
+    (g,) = torch.autograd.grad(J, theta)
     return float(J.detach()), g, reference_hessian(model, loss_fn, data, names)
 
 
@@ -48,6 +56,7 @@ def demo():
 
 
 # ------------------------------------------------------------------ the model q(d)
+
 
 @pytest.mark.parametrize("case", SMOOTH)
 def test_q_matches_taylor_model_from_autograd(case):
@@ -84,7 +93,7 @@ def test_third_order_agreement(case):
     assert isinstance(cmp, QuadraticComparison)
     assert cmp.slope == pytest.approx(3.0, abs=0.15)
     # the cubic coefficient is stable: difference / α³ varies by well under a factor 2
-    c = cmp.difference / alphas ** 3
+    c = cmp.difference / alphas**3
     assert float(c.abs().max() / c.abs().min()) < 1.5
     # and the independent J: the true values are the cost at θ + αd
     torch.testing.assert_close(cmp.true, torch.tensor([q.cost(a * d) for a in alphas], dtype=D64))
@@ -126,19 +135,21 @@ def test_snapshot_and_model_untouched():
     for n, p in model.named_parameters():
         assert torch.equal(p, before[n]) and p.grad is None
     with torch.no_grad():
-        model.W1.add_(1.0)          # a later change to the model does not move the snapshot
+        model.W1.add_(1.0)  # a later change to the model does not move the snapshot
     assert q(d) == v
 
 
 # ------------------------------------------------------------------ Newton steps
 
-@pytest.mark.parametrize("case, damping", [("two_layer", 0.5), ("two_layer", 2.0), ("mlp_tanh_mse", 0.5),
-                                           ("mlp_softplus_ce", 2.0)])
+
+@pytest.mark.parametrize(
+    "case, damping", [("two_layer", 0.5), ("two_layer", 2.0), ("mlp_tanh_mse", 0.5), ("mlp_softplus_ce", 2.0)]
+)
 def test_newton_step_matches_dense_solve(case, damping):
     model, loss_fn, data = CASES[case]()
     J, g, H = reference(model, loss_fn, data)
     lam_min = float(torch.linalg.eigvalsh(H)[0])
-    damping = damping + max(0.0, -lam_min)           # H + λI positive definite
+    damping = damping + max(0.0, -lam_min)  # H + λI positive definite
     q = QuadraticModel(model, loss_fn, data)
     step = q.newton_step(damping=damping, tol=1e-12)
     ref = torch.linalg.solve(H + damping * torch.eye(len(g), dtype=D64), -g)
@@ -153,13 +164,13 @@ def test_newton_step_matches_dense_solve(case, damping):
 def test_newton_step_indefinite_falls_back_to_minres(demo):
     model, loss_fn, data, q = demo
     _, g, H = reference(model, loss_fn, data)
-    assert float(torch.linalg.eigvalsh(H)[0]) < 0                 # a saddle region here
-    step = q.newton_step()                                         # undamped, method="auto"
+    assert float(torch.linalg.eigvalsh(H)[0]) < 0  # a saddle region here
+    step = q.newton_step()  # undamped, method="auto"
     assert isinstance(step, NewtonStep) and not step.positive_definite and step.solve.method == "minres"
     torch.testing.assert_close(step.step, torch.linalg.solve(H, -g), rtol=1e-7, atol=1e-9)
     p = step.negative_curvature_direction
     assert float(p @ H @ p) <= 0 and float(p.norm()) == pytest.approx(1.0)
-    assert q.newton_step(method="minres").positive_definite is None          # not tested by MINRES
+    assert q.newton_step(method="minres").positive_definite is None  # not tested by MINRES
     with pytest.raises(NotConvergedError, match="not positive definite") as err:
         q.newton_step(method="cg")
     assert isinstance(err.value.result, NewtonStep) and err.value.result.solve.status == "negative_curvature"
@@ -169,7 +180,7 @@ def test_negative_damping_singular_system_is_refused(demo):
     *_, q = demo
     H = q.operator.to_dense()
     lam = float(torch.linalg.eigvalsh(H)[-1])
-    for method in ("auto", "cg", "minres"):                       # H − λ_max I: singular, indefinite
+    for method in ("auto", "cg", "minres"):  # H − λ_max I: singular, indefinite
         with pytest.raises(NotConvergedError) as err:
             q.newton_step(damping=-lam, method=method)
         assert "residual" in str(err.value)
@@ -185,6 +196,7 @@ def test_maxiter_is_flagged_with_residual(demo):
 
 
 # ------------------------------------------------------------------ bad input
+
 
 def test_bad_directions(demo):
     *_, q = demo
@@ -216,13 +228,14 @@ def test_bad_directions(demo):
 
 # ------------------------------------------------------------------ figure
 
+
 def test_plot_writes_a_png(demo, tmp_path):
     from matplotlib.image import imread
 
     *_, q = demo
     path = q.plot(tmp_path / "q.png", num=11)
     img = imread(path)
-    assert img.ndim == 3 and img.shape[1] > 2 * img.shape[0]          # three panels side by side
+    assert img.ndim == 3 and img.shape[1] > 2 * img.shape[0]  # three panels side by side
     one = q.plot(tmp_path / "one.png", rand(q.size), radius=0.5, num=5)
     assert imread(one).shape[0] > 0
     with pytest.raises(InputError, match="radius"):
@@ -253,16 +266,19 @@ def test_symmetric_grid(num):
         assert float(a[num // 2]) == 0.0
 
 
-@pytest.mark.parametrize("kwargs, match", [({"radius": "1"}, "radius"), ({"num": 2.5}, "num"),
-                                           ({"num": 1}, "num"), ({"seed": "abc"}, "seed")])
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [({"radius": "1"}, "radius"), ({"num": 2.5}, "num"), ({"num": 1}, "num"), ({"seed": "abc"}, "seed")],
+)
 def test_plot_options_that_are_not_numbers(demo, tmp_path, kwargs, match):
     *_, q = demo
     with pytest.raises(InputError, match=match):
         q.plot(tmp_path / "bad.png", **kwargs)
 
 
-@pytest.mark.parametrize("kwargs, match", [({"damping": "0.1"}, "damping"), ({"tol": "1e-3"}, "tol"),
-                                           ({"maxiter": 2.7}, "maxiter")])
+@pytest.mark.parametrize(
+    "kwargs, match", [({"damping": "0.1"}, "damping"), ({"tol": "1e-3"}, "tol"), ({"maxiter": 2.7}, "maxiter")]
+)
 def test_newton_step_options_that_are_not_numbers(demo, kwargs, match):
     *_, q = demo
     with pytest.raises(InputError, match=match):

@@ -1,4 +1,5 @@
 """build_report: one self-contained HTML page and a JSON file with the same numbers."""
+
 import base64
 import io
 import json
@@ -39,8 +40,9 @@ def mlp_problem():
 @pytest.fixture(scope="module")
 def matrix_free(tmp_path_factory, mlp_problem):
     model, loss_fn, data = mlp_problem
-    paths = build_report(model, loss_fn, data, tmp_path_factory.mktemp("mf"), dense_max_params=10,
-                         problem_name="a small MLP", **SMALL)
+    paths = build_report(
+        model, loss_fn, data, tmp_path_factory.mktemp("mf"), dense_max_params=10, problem_name="a small MLP", **SMALL
+    )
     return paths, *_load(paths)
 
 
@@ -89,16 +91,19 @@ def test_demo_numbers_equal_the_library(demo):
     H = nh.hessian(model, loss_fn, data)
     J, g = nh.Objective(model, loss_fn, data).value_and_grad()
     assert R["mode"] == "dense" and R["num_parameters"] == 9
-    torch.testing.assert_close(torch.tensor(R["eigenvalues"]["all"], dtype=torch.float64), H.eigvalsh(),
-                               rtol=1e-12, atol=1e-15)
+    torch.testing.assert_close(
+        torch.tensor(R["eigenvalues"]["all"], dtype=torch.float64), H.eigvalsh(), rtol=1e-12, atol=1e-15
+    )
     assert R["trace"]["method"] == "exact" and R["trace"]["stderr"] == 0.0
     assert R["trace"]["value"] == pytest.approx(float(torch.trace(H.dense)), rel=1e-12)
     assert R["trace"]["blocks"]["W2"]["value"] == pytest.approx(float(torch.trace(H["W2"])), rel=1e-12)
     for key, (r, c) in {"a": ("W1", "W1"), "b": ("W1", "W2"), "c": ("W2", "W2")}.items():
-        torch.testing.assert_close(torch.tensor(R["hessian"]["blocks"][key]["values"], dtype=torch.float64),
-                                   H[r, c], rtol=1e-12, atol=1e-15)
-    torch.testing.assert_close(torch.tensor(R["hessian"]["dense"], dtype=torch.float64), H.dense,
-                               rtol=1e-12, atol=1e-15)
+        torch.testing.assert_close(
+            torch.tensor(R["hessian"]["blocks"][key]["values"], dtype=torch.float64), H[r, c], rtol=1e-12, atol=1e-15
+        )
+    torch.testing.assert_close(
+        torch.tensor(R["hessian"]["dense"], dtype=torch.float64), H.dense, rtol=1e-12, atol=1e-15
+    )
     assert R["cost"] == pytest.approx(J, rel=1e-12)
     assert R["gradient_norm"] == pytest.approx(float(g.norm()), rel=1e-12)
     verdict = classify_point(H.eigvalsh(), float(g.norm()))
@@ -123,11 +128,20 @@ def test_demo_numbers_equal_the_library(demo):
 def test_json_numbers_equal_the_page(which, request):
     _, page, R = request.getfixturevalue(which)
     cards = _cards(page)
-    lam = (R["eigenvalues"]["all"] if R["mode"] == "dense" else
-           R["eigenvalues"]["largest"]["eigenvalues"] + R["eigenvalues"]["smallest"]["eigenvalues"])
-    expected = {"num_parameters": R["num_parameters"], "cost": R["cost"], "gradient_norm": R["gradient_norm"],
-                "trace": R["trace"]["value"], "lambda_max": max(lam), "lambda_min": min(lam),
-                "condition_number": R["verdict"]["condition_number"]}
+    lam = (
+        R["eigenvalues"]["all"]
+        if R["mode"] == "dense"
+        else R["eigenvalues"]["largest"]["eigenvalues"] + R["eigenvalues"]["smallest"]["eigenvalues"]
+    )
+    expected = {
+        "num_parameters": R["num_parameters"],
+        "cost": R["cost"],
+        "gradient_norm": R["gradient_norm"],
+        "trace": R["trace"]["value"],
+        "lambda_max": max(lam),
+        "lambda_min": min(lam),
+        "condition_number": R["verdict"]["condition_number"],
+    }
     for key, value in expected.items():
         assert key in cards, key
         assert float(cards[key]) == pytest.approx(float("inf") if value is None else value, rel=1e-15), key
@@ -180,13 +194,18 @@ def test_unwritable_folder_is_an_input_error(tmp_path):
 
 
 def _chromium():
-    return shutil.which("chromium") or shutil.which("chromium-browser") or (
-        "/usr/bin/chromium" if os.path.exists("/usr/bin/chromium") else None)
+    return (
+        shutil.which("chromium")
+        or shutil.which("chromium-browser")
+        or ("/usr/bin/chromium" if os.path.exists("/usr/bin/chromium") else None)
+    )
 
 
-CHECK_IMAGES = ("<script>window.addEventListener('load', () => { const im = [...document.images];"
-                " const ok = im.filter(i => i.complete && i.naturalWidth > 0).length;"
-                " document.body.setAttribute('data-images-ok', ok + '/' + im.length); });</script>")
+CHECK_IMAGES = (
+    "<script>window.addEventListener('load', () => { const im = [...document.images];"
+    " const ok = im.filter(i => i.complete && i.naturalWidth > 0).length;"
+    " document.body.setAttribute('data-images-ok', ok + '/' + im.length); });</script>"
+)
 
 
 @pytest.mark.skipif(_chromium() is None, reason="headless Chromium is not installed")
@@ -194,10 +213,21 @@ def test_every_image_loads_in_headless_chromium(demo, tmp_path):
     paths, page, _ = demo
     probe = tmp_path / "probe.html"
     probe.write_text(page.replace("</body>", CHECK_IMAGES + "</body>"), encoding="utf-8")
-    cmd = [_chromium(), "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-           "--disable-background-networking", "--disable-component-update", "--disable-sync",
-           f"--user-data-dir={tmp_path / 'profile'}", "--virtual-time-budget=5000", "--dump-dom",
-           probe.as_uri()]
+    cmd = [
+        _chromium(),
+        "--headless",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-quic",
+        "--no-first-run",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--disable-sync",
+        f"--user-data-dir={tmp_path / 'profile'}",
+        "--virtual-time-budget=5000",
+        "--dump-dom",
+        probe.as_uri(),
+    ]
     dom = subprocess.run(cmd, capture_output=True, text=True, timeout=90).stdout
     found = re.search(r'data-images-ok="(\d+)/(\d+)"', dom)
     assert found, dom[:500]
@@ -229,8 +259,15 @@ def test_two_processes_compute_together_and_rank_0_writes(tmp_path):
         port = str(s.getsockname()[1])
     script = tmp_path / "worker.py"
     script.write_text(WORKER)
-    procs = [subprocess.Popen([sys.executable, str(script), str(r), port, str(tmp_path)],
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for r in (0, 1)]
+    procs = [
+        subprocess.Popen(
+            [sys.executable, str(script), str(r), port, str(tmp_path)],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for r in (0, 1)
+    ]
     for p in procs:
         _, err = p.communicate(timeout=120)
         assert p.returncode == 0, err[-2000:]
@@ -267,8 +304,10 @@ def test_report_command_builds_one_objective(tmp_path, monkeypatch, capsys):
     assert main(["report", "-o", str(tmp_path), "--save", str(tmp_path / "r.json"), "--sections", *hessian_only]) == 0
     assert len(built) == 1  # the report, its quadratic model and the saved fingerprint share one objective
     R = json.loads((tmp_path / "report.json").read_text())
-    assert R["problem"]["builtin"] == "two-layer" and "BUILTINS[&#x27;two-layer&#x27;](seed=0)" in \
-        (tmp_path / "report.html").read_text()
+    assert (
+        R["problem"]["builtin"] == "two-layer"
+        and "BUILTINS[&#x27;two-layer&#x27;](seed=0)" in (tmp_path / "report.html").read_text()
+    )
 
 
 def _count_products(monkeypatch):
@@ -288,8 +327,9 @@ def test_sections_and_budgets_change_the_work_done(tmp_path, monkeypatch, mlp_pr
 
     def products(**options):
         seen.clear()
-        paths = build_report(model, loss_fn, data, tmp_path / str(len(os.listdir(tmp_path))),
-                             dense_max_params=10, **{**SMALL, **options})
+        paths = build_report(
+            model, loss_fn, data, tmp_path / str(len(os.listdir(tmp_path))), dense_max_params=10, **{**SMALL, **options}
+        )
         return sum(seen), *_load(paths)
 
     base, page, R = products(sections=["summary"])
@@ -299,8 +339,9 @@ def test_sections_and_budgets_change_the_work_done(tmp_path, monkeypatch, mlp_pr
         n, page, R = products(sections=["trace"], trace_matvecs=m)
         assert n - base == m == R["trace"]["num_matvecs"] and 'id="trace"' in page and 'id="density"' not in page
         P = R["num_parameters"]
-        assert planned_products(P, {**SMALL, "dense_max_params": 10, "trace_matvecs": m,
-                                    "sections": R["sections"]}) == (m, m)
+        assert planned_products(
+            P, {**SMALL, "dense_max_params": 10, "trace_matvecs": m, "sections": R["sections"]}
+        ) == (m, m)
     n, _, R = products(sections=["density"], density_probes=3, lanczos_steps=7)
     assert n - base == R["density"]["num_matvecs"] >= 3 * 7  # (+ a 2-product symmetry check)
     with pytest.raises(InputError, match="unknown report section"):
@@ -323,17 +364,38 @@ def test_report_command_takes_the_options_and_states_its_cost(tmp_path, capsys):
 
     f = tmp_path / "p.py"
     f.write_text(SMALL_PROBLEM)
-    argv = ["report", str(f), "-o", str(tmp_path / "r"), "--dense-max-params", "10", "--num-eigs", "2",
-            "--trace-matvecs", "8", "--density-probes", "2", "--lanczos-steps", "6",
-            "--sections", "eigenvalues", "trace"]
+    argv = [
+        "report",
+        str(f),
+        "-o",
+        str(tmp_path / "r"),
+        "--dense-max-params",
+        "10",
+        "--num-eigs",
+        "2",
+        "--trace-matvecs",
+        "8",
+        "--density-probes",
+        "2",
+        "--lanczos-steps",
+        "6",
+        "--sections",
+        "eigenvalues",
+        "trace",
+    ]
     assert main(argv) == 0
     err = capsys.readouterr().err
     assert re.search(r"matrix-free; \d+–\d+ .*Hessian-vector products × [\d.e+-]+ ms each ≈", err)
     assert "trace (Hutch++) done in" in err and "spectral density" not in err
     R = json.loads((tmp_path / "r" / "report.json").read_text())
     s = R["settings"]
-    assert (s["dense_max_params"], s["num_eigs"], s["trace_matvecs"], s["density_probes"], s["lanczos_steps"]) == \
-        (10, 2, 8, 2, 6)
+    assert (s["dense_max_params"], s["num_eigs"], s["trace_matvecs"], s["density_probes"], s["lanczos_steps"]) == (
+        10,
+        2,
+        8,
+        2,
+        6,
+    )
     assert R["density"] is None and R["trace"]["num_matvecs"] == 8
     assert len(R["eigenvalues"]["largest"]["eigenvalues"]) == 2
     assert main(["report", str(f), "--sections", "nope"]) == 2

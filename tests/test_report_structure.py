@@ -1,5 +1,6 @@
 """Report sections added for issue 15: diagonal blocks, eigenvector mass, GGN vs Hessian, input Hessian,
 slope reasons, reduction text and the eigenvalue plot's negative ticks; each against float64 references."""
+
 import json
 
 import pytest
@@ -48,7 +49,7 @@ def test_block_top_eigenvalues_equal_eigvalsh_of_the_dense_block(which, request)
     start = 0
     for name, p in model.named_parameters():
         n = p.numel()
-        ref = float(torch.linalg.eigvalsh(H[start:start + n, start:start + n])[-1])
+        ref = float(torch.linalg.eigvalsh(H[start : start + n, start : start + n])[-1])
         assert R["blocks"][name]["top_eigenvalue"] == pytest.approx(ref, rel=2e-3 if n > 40 else 1e-9)
         start += n
     if which == "mlp":
@@ -84,8 +85,9 @@ def test_ggn_section_against_the_dense_ggn(which, request):
     ref_G = torch.linalg.eigvalsh(0.5 * (G + G.T)).flip(0)[:k]
     torch.testing.assert_close(torch.tensor(g["ggn_top"], dtype=torch.float64), ref_G, rtol=2e-3, atol=1e-12)
     lam, vecs = torch.linalg.eigh(H)
-    torch.testing.assert_close(torch.tensor(g["hessian_top"], dtype=torch.float64), lam.flip(0)[:k], rtol=2e-3,
-                               atol=1e-12)
+    torch.testing.assert_close(
+        torch.tensor(g["hessian_top"], dtype=torch.float64), lam.flip(0)[:k], rtol=2e-3, atol=1e-12
+    )
     v = vecs[:, -1]
     ref = float(((H - G) @ v).norm() / (H @ v).norm())
     assert g["residual"][0]["relative"] == pytest.approx(ref, rel=1e-2 if which == "mlp" else 1e-8)
@@ -98,10 +100,12 @@ def test_input_hessian_section_matches_autograd_and_is_off_by_default(two_layer,
     blocks = torch.autograd.functional.hessian(lambda x: loss_fn(model(x), y), X.clone())  # (N, D, N, D)
     per = torch.stack([blocks[i, :, i, :] for i in range(X.shape[0])])
     d = R["input_hessian"]
-    torch.testing.assert_close(torch.tensor(d["top_eigenvalue"], dtype=torch.float64), torch.linalg.eigvalsh(per)[:, -1], rtol=1e-9,
-                               atol=1e-14)
-    torch.testing.assert_close(torch.tensor(d["trace"], dtype=torch.float64), per.diagonal(dim1=1, dim2=2).sum(-1), rtol=1e-9,
-                               atol=1e-14)
+    torch.testing.assert_close(
+        torch.tensor(d["top_eigenvalue"], dtype=torch.float64), torch.linalg.eigvalsh(per)[:, -1], rtol=1e-9, atol=1e-14
+    )
+    torch.testing.assert_close(
+        torch.tensor(d["trace"], dtype=torch.float64), per.diagonal(dim1=1, dim2=2).sum(-1), rtol=1e-9, atol=1e-14
+    )
     default = _report((model, loss_fn, data), tmp_path / "d")
     assert "input-hessian" not in default["sections"] and default["input_hessian"] is None
     assert {"blocks", "eigenvectors", "ggn"} <= set(default["sections"])
@@ -130,8 +134,14 @@ def _relu_or_tanh(act, out):
     model = nn.Sequential(nn.Linear(4, 16), act(), nn.Linear(16, 3)).double()
     g = torch.Generator().manual_seed(1)
     data = (torch.randn(64, 4, generator=g, dtype=torch.float64), torch.randint(0, 3, (64,), generator=g))
-    return _report((model, nn.CrossEntropyLoss(), data), out, dense_max_params=10, sections=["quadratic"],
-                   quadratic_radius=1.0, **SMALL)
+    return _report(
+        (model, nn.CrossEntropyLoss(), data),
+        out,
+        dense_max_params=10,
+        sections=["quadratic"],
+        quadratic_radius=1.0,
+        **SMALL,
+    )
 
 
 def test_slope_reason_names_kinks_for_relu_not_for_tanh(tmp_path):
@@ -145,18 +155,23 @@ def _case(diff_fn, value=1.0, eps=2.2e-16):
     a = torch.arange(-20, 21, dtype=torch.float64) / 20
     diff = diff_fn(a)
     from nethessian._quadratic import _loglog_slope
+
     model = torch.zeros_like(a)
-    c = {"alphas": a.tolist(), "true": diff.tolist(), "model": model.tolist(),
-         "slope": _loglog_slope(a, diff, value, eps)}
+    c = {
+        "alphas": a.tolist(),
+        "true": diff.tolist(),
+        "model": model.tolist(),
+        "slope": _loglog_slope(a, diff, value, eps),
+    }
     return slope_reason(c, value, eps, [])
 
 
 def test_slope_reason_closed_forms():
-    assert _case(lambda a: 0.3 * a ** 3)["cause"] is None  # exactly cubic: slope 3
-    big = _case(lambda a: 1e-3 * a ** 3 + a ** 8)  # higher-order terms take over at the largest steps
+    assert _case(lambda a: 0.3 * a**3)["cause"] is None  # exactly cubic: slope 3
+    big = _case(lambda a: 1e-3 * a**3 + a**8)  # higher-order terms take over at the largest steps
     assert big["cause"] == "step range" and big["large_end"] > 3.5
     eps = 1.2e-7  # float32: the small-step differences sit on rounding noise of J
-    noisy = _case(lambda a: 1e-4 * a ** 3 + 3 * eps * torch.cos(1e3 * a).abs() + 1e3 * eps * (a != 0), eps=eps)
+    noisy = _case(lambda a: 1e-4 * a**3 + 3 * eps * torch.cos(1e3 * a).abs() + 1e3 * eps * (a != 0), eps=eps)
     assert noisy["cause"] == "rounding" and noisy["smallest_difference_over_rounding"] < 1e4
 
 
@@ -164,15 +179,19 @@ def test_function_loss_reduction_is_explained(tmp_path):
     model, _, data = nh.examples.two_layer()
     R = _report((model, lambda out, y: 0.5 * ((out - y) ** 2).sum(), data), tmp_path, sections=["summary"])
     assert R["settings"]["reduction"] == "none known (a plain function): one batch, its value as returned"
-    assert "inferred from the loss's .reduction" in _report(nh.examples.two_layer(), tmp_path / "b",
-                                                            sections=["summary"])["settings"]["reduction"]
+    assert (
+        "inferred from the loss's .reduction"
+        in _report(nh.examples.two_layer(), tmp_path / "b", sections=["summary"])["settings"]["reduction"]
+    )
 
 
 def test_eigenvalue_plot_labels_its_negative_side():
     from nethessian._plots import eigenvalue_plot
 
-    for lam, smallest in [(torch.tensor([-3e-3, -2e-4, 1e-5, 2e-3, 0.3, 12.0]), None),
-                          (torch.tensor([0.5, 2.0, 12.0]), torch.tensor([-4e-3, -1e-3, 3e-4]))]:
+    for lam, smallest in [
+        (torch.tensor([-3e-3, -2e-4, 1e-5, 2e-3, 0.3, 12.0]), None),
+        (torch.tensor([0.5, 2.0, 12.0]), torch.tensor([-4e-3, -1e-3, 3e-4])),
+    ]:
         fig = eigenvalue_plot(lam, smallest=smallest)
         fig.canvas.draw()
         ax = fig.axes[0]

@@ -1,4 +1,5 @@
 """Every linalg result prints in a few lines; per-block quantities have a .table()."""
+
 import torch
 
 from nethessian._params import ParamLayout
@@ -12,9 +13,13 @@ from helpers import Blocked, sym
 
 def test_reprs_are_short():
     A = sym(torch.linspace(-1, 2, 60), seed=2)
-    results = [eigenvalues(A, k=3), trace(A, num_matvecs=9), diagonal(A),
-               spectral_density(A, num_probes=2, lanczos_steps=8), solve(A + 3 * torch.eye(60, dtype=A.dtype),
-                                                                         torch.ones(60, dtype=A.dtype))]
+    results = [
+        eigenvalues(A, k=3),
+        trace(A, num_matvecs=9),
+        diagonal(A),
+        spectral_density(A, num_probes=2, lanczos_steps=8),
+        solve(A + 3 * torch.eye(60, dtype=A.dtype), torch.ones(60, dtype=A.dtype)),
+    ]
     for r in results:
         text = repr(r)
         assert "\n" not in text and len(text) < 300, text

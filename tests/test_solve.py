@@ -1,4 +1,5 @@
 """CG and MINRES against an independent dense reference (torch.linalg.solve, float64)."""
+
 from __future__ import annotations
 
 import json
@@ -213,7 +214,9 @@ def test_tolerance_below_attainable_accuracy_is_reported():
         res = solve(A.float(), b.float(), tol=1e-13)
     assert not res.converged and res.status in ("breakdown", "maxiter")
     # the reported residual is computed in float32: honest up to float32 rounding of b - A x
-    slack = 4 * torch.finfo(torch.float32).eps * float(torch.linalg.matrix_norm(A, 2) * res.x.double().norm() / b.norm())
+    slack = (
+        4 * torch.finfo(torch.float32).eps * float(torch.linalg.matrix_norm(A, 2) * res.x.double().norm() / b.norm())
+    )
     assert res.final_residual == pytest.approx(true_rel(A.float(), res.x, b.float()), abs=slack)
     assert res.final_residual > 1e-13
 

@@ -1,10 +1,15 @@
-import torch, pytest, nethessian as nh
+import torch
+import pytest
+import nethessian as nh
 from nethessian.errors import NonFiniteError
+
 
 class LogLoss(torch.nn.Module):
     reduction = "mean"
+
     def forward(self, out, t):
         return torch.log(out.abs() * t).mean()
+
 
 @pytest.mark.parametrize("bad", [0, 1])
 def test_streaming_double_backward_names_the_batch_with_an_infinite_loss(bad):

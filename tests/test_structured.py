@@ -8,6 +8,7 @@ blocks equal the closed forms of docs/two-layer-hessian.md, one case against
 ``torch.autograd.functional.hessian`` of a hand-written J(θ), engine selection and
 its stated reasons, and the memory refusals.
 """
+
 from __future__ import annotations
 
 import pytest
@@ -70,6 +71,7 @@ def test_against_autograd_functional_hessian():
         W1, b1, W2, b2 = torch.split(t, [s.numel() for s in shapes])
         h = torch.tanh(X @ W1.reshape(shapes[0]).T + b1)
         return loss(h @ W2.reshape(shapes[2]).T + b2, y)
+
     ref = torch.autograd.functional.hessian(J, theta)
     torch.testing.assert_close(nh.hessian(model, loss, (X, y), engine="structured").dense, ref, **TOL)
 
@@ -82,16 +84,16 @@ def test_two_layer_blocks_equal_closed_forms():
     z2 = X @ W1
     a2 = torch.sigmoid(z2)
     yhat = torch.sigmoid(a2 @ W2)
-    s3 = yhat * (1 - yhat)                               # f'(z3)
-    d3 = -(y - yhat) * s3                                # δ3 = ∂J/∂z3 per sample
+    s3 = yhat * (1 - yhat)  # f'(z3)
+    d3 = -(y - yhat) * s3  # δ3 = ∂J/∂z3 per sample
     s2, f2 = a2 * (1 - a2), a2 * (1 - a2) * (1 - 2 * a2)  # f'(z2), f''(z2)
-    Hz3 = s3 ** 2 + (-(y - yhat)) * s3 * (1 - 2 * yhat)  # ∂²J/∂z3² per sample
+    Hz3 = s3**2 + (-(y - yhat)) * s3 * (1 - 2 * yhat)  # ∂²J/∂z3² per sample
     c = torch.einsum("n,ni,nj->ij", Hz3[:, 0], a2, a2)
-    Hz2 = torch.einsum("n,i,j,ni,nj->nij", Hz3[:, 0], W2[:, 0], W2[:, 0], s2, s2) \
-        + torch.diag_embed(d3 * W2[:, 0] * f2)
+    Hz2 = torch.einsum("n,i,j,ni,nj->nij", Hz3[:, 0], W2[:, 0], W2[:, 0], s2, s2) + torch.diag_embed(d3 * W2[:, 0] * f2)
     a = torch.einsum("nij,nk,nl->kilj", Hz2, X, X).reshape(6, 6)
-    b = torch.einsum("n,nk,i,ni,nj->kij", Hz3[:, 0], X, W2[:, 0], s2, a2).reshape(6, 3) \
-        + torch.einsum("n,nk,ni,ij->kij", d3[:, 0], X, s2, torch.eye(3, dtype=X.dtype)).reshape(6, 3)
+    b = torch.einsum("n,nk,i,ni,nj->kij", Hz3[:, 0], X, W2[:, 0], s2, a2).reshape(6, 3) + torch.einsum(
+        "n,nk,ni,ij->kij", d3[:, 0], X, s2, torch.eye(3, dtype=X.dtype)
+    ).reshape(6, 3)
     torch.testing.assert_close(H["W1", "W1"], a, **TOL)
     torch.testing.assert_close(H["W1", "W2"], b, **TOL)
     torch.testing.assert_close(H["W2", "W2"], c, **TOL)
@@ -150,7 +152,7 @@ def test_cnn_diagonal_uses_factors_that_stay_few_with_relu():
     """
     model, loss, data = nh.examples.cnn(n=2, dtype=torch.float64)
     engine = StructuredEngine(nh.HessianOperator(model, loss, data).objective)
-    assert engine.chain and engine.work_estimate("diagonal", 1) < 4 * 2 ** 20
+    assert engine.chain and engine.work_estimate("diagonal", 1) < 4 * 2**20
     assert select(nh.HessianOperator(model, loss, data), "auto")[0] is not None
 
 

@@ -1,4 +1,5 @@
 """trace(): exact, Hutchinson, Hutch++, XTrace on matrices with known spectra (float64)."""
+
 import json
 import math
 
@@ -59,8 +60,13 @@ def test_hutchpp_beats_hutchinson_and_xtrace_at_least_as_good(low_rank_plus_nois
     true = float(torch.trace(low_rank_plus_noise))
 
     def mse(method, seeds):
-        return sum((trace(low_rank_plus_noise, method=method, num_matvecs=60, seed=s).value - true) ** 2
-                   for s in range(seeds)) / seeds
+        return (
+            sum(
+                (trace(low_rank_plus_noise, method=method, num_matvecs=60, seed=s).value - true) ** 2
+                for s in range(seeds)
+            )
+            / seeds
+        )
 
     hutch, hpp, xtr = mse("hutchinson", 50), mse("hutch++", 200), mse("xtrace", 200)
     assert hpp < hutch / 1000  # measured: 1.2e3 vs 1.8e-2 (400 seeds)
@@ -78,7 +84,7 @@ def test_xtrace_downdating_matches_leave_one_out():
     Q, R = torch.linalg.qr(Y)
     fast = _xtrace_table(as_operator(A), Om, Y, Q, R, A @ Q).sum(dim=0)
     for i in range(n):
-        Qi = torch.linalg.qr(torch.cat([Y[:, :i], Y[:, i + 1:]], dim=1)).Q
+        Qi = torch.linalg.qr(torch.cat([Y[:, :i], Y[:, i + 1 :]], dim=1)).Q
         r = Om[:, i] - Qi @ (Qi.T @ Om[:, i])
         slow = torch.trace(Qi.T @ A @ Qi) + (P - n + 1) / r.square().sum() * (r @ A @ r)
         assert float(fast[i]) == pytest.approx(float(slow), rel=1e-10)

@@ -14,6 +14,7 @@ tested. It is checked against
 * nethessian itself (``nh.examples.two_layer`` + ``nh.hessian``), skipped only
   while that API does not exist yet.
 """
+
 from __future__ import annotations
 
 import importlib
@@ -37,6 +38,7 @@ RTOL = 1e-10
 
 
 # --------------------------------------------------------------------------- helpers
+
 
 def _marked_block(text: str, name: str) -> str:
     begin, end = f"<!-- {name}:begin -->", f"<!-- {name}:end -->"
@@ -100,6 +102,7 @@ def _assert_close(actual, expected, what, rtol=RTOL):
 
 # --------------------------------------------------------------------------- the page itself
 
+
 def test_doc_blocks_define_the_functions(doc):
     for fn in ("f", "closed_form_blocks", "matrix_form", "gradient", "fd_hessian"):
         assert callable(doc.get(fn)), f"{DOC.name} no longer defines {fn}()"
@@ -108,6 +111,7 @@ def test_doc_blocks_define_the_functions(doc):
 
 
 # --------------------------------------------------------------------------- vs autograd
+
 
 @pytest.mark.parametrize("scale", SCALES)
 @pytest.mark.parametrize("seed", SEEDS)
@@ -127,8 +131,9 @@ def test_closed_form_matches_autograd_on_other_data(doc, seed):
     rng = np.random.default_rng(100 + seed)
     X, y = rng.uniform(-2, 2, (7, 2)), rng.uniform(0.05, 0.95, (7, 1))
     W1, W2 = _weights(seed, 2.0)
-    _assert_close(_assemble(*doc["closed_form_blocks"](X, y, W1, W2)),
-                  _autograd_hessian(X, y, W1, W2), "H (7 random samples)")
+    _assert_close(
+        _assemble(*doc["closed_form_blocks"](X, y, W1, W2)), _autograd_hessian(X, y, W1, W2), "H (7 random samples)"
+    )
 
 
 @pytest.mark.parametrize("seed", SEEDS)
@@ -143,6 +148,7 @@ def test_residual_terms_matter(doc, seed):
 
 
 # --------------------------------------------------------------------------- the page's claims
+
 
 @pytest.mark.parametrize("scale", SCALES)
 @pytest.mark.parametrize("seed", SEEDS)
@@ -203,11 +209,16 @@ def test_tutorial_gradient_matches_autograd(doc):
 def test_finite_differences_of_gradient(doc, seed):
     W1, W2 = _weights(seed, 1.0)
     H_fd = doc["fd_hessian"](_theta(W1, W2), X_TUT, Y_TUT)
-    _assert_close(_assemble(*doc["closed_form_blocks"](X_TUT, Y_TUT, W1, W2)), H_fd,
-                  "closed form vs finite differences", rtol=1e-8)
+    _assert_close(
+        _assemble(*doc["closed_form_blocks"](X_TUT, Y_TUT, W1, W2)),
+        H_fd,
+        "closed form vs finite differences",
+        rtol=1e-8,
+    )
 
 
 # --------------------------------------------------------------------------- vs nethessian
+
 
 def _nethessian():
     """The nethessian module, or skip while the API this page documents does not exist yet."""

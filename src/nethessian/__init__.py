@@ -6,6 +6,7 @@
 >>> H.dense.shape
 torch.Size([9, 9])
 """
+
 from __future__ import annotations
 
 from ._version import __version__
@@ -14,9 +15,17 @@ from . import distributed, examples, losses
 from ._checkpoint import Checkpoint
 from ._dense import BlockHessian, hessian
 from .distributed import DistributedError, shard
-from .errors import (CheckpointError, DenseTooLargeError, InputError, NetHessianError,
-                     NonFiniteError, NotConvergedError, NotConvergedWarning, NotSymmetricError,
-                     RandomModelError)
+from .errors import (
+    CheckpointError,
+    DenseTooLargeError,
+    InputError,
+    NetHessianError,
+    NonFiniteError,
+    NotConvergedError,
+    NotConvergedWarning,
+    NotSymmetricError,
+    RandomModelError,
+)
 from ._check import CheckReport, Comparison, check
 from .linalg._density import SpectralDensity, spectral_density
 from .linalg._lanczos import EigenResult, eigenvalues
@@ -37,24 +46,69 @@ from .operators._ggn import GGNOperator
 from ._params import ParamLayout
 
 __all__ = [
+    "__version__",
     # the problem and its Hessian
-    "examples", "losses", "Objective", "ParamLayout", "hessian", "BlockHessian",
+    "examples",
+    "losses",
+    "Objective",
+    "ParamLayout",
+    "hessian",
+    "BlockHessian",
     # operators
-    "CurvatureOperator", "JacobianSandwich", "HessianOperator", "GGNOperator", "FisherOperator", "EmpiricalFisherOperator",
+    "CurvatureOperator",
+    "JacobianSandwich",
+    "HessianOperator",
+    "GGNOperator",
+    "FisherOperator",
+    "EmpiricalFisherOperator",
     # curvature w.r.t. inputs / activations
-    "input_hessian", "InputHessian", "InputHessianOperator", "MixedHessian",
+    "input_hessian",
+    "InputHessian",
+    "InputHessianOperator",
+    "MixedHessian",
     # validation
-    "check", "CheckReport", "Comparison",
+    "check",
+    "CheckReport",
+    "Comparison",
     # estimators
-    "eigenvalues", "EigenResult", "trace", "TraceEstimate", "diagonal", "DiagonalEstimate", "spectral_density", "SpectralDensity",
+    "eigenvalues",
+    "EigenResult",
+    "trace",
+    "TraceEstimate",
+    "diagonal",
+    "DiagonalEstimate",
+    "spectral_density",
+    "SpectralDensity",
     # the quadratic model, Newton, solves
-    "QuadraticModel", "QuadraticComparison", "NewtonStep", "newton", "NewtonResult", "NewtonIteration",
-    "solve", "inverse_hvp", "SolveResult", "influence", "InfluenceResult",
+    "QuadraticModel",
+    "QuadraticComparison",
+    "NewtonStep",
+    "newton",
+    "NewtonResult",
+    "NewtonIteration",
+    "solve",
+    "inverse_hvp",
+    "SolveResult",
+    "influence",
+    "InfluenceResult",
     # report and saved results
-    "build_report", "ReportPaths", "load", "SavedResult",
+    "build_report",
+    "ReportPaths",
+    "load",
+    "SavedResult",
     # long runs, many processes
-    "Checkpoint", "distributed", "shard", "DistributedError",
+    "Checkpoint",
+    "distributed",
+    "shard",
+    "DistributedError",
     # errors
-    "NetHessianError", "InputError", "NonFiniteError", "DenseTooLargeError",
-    "NotSymmetricError", "RandomModelError", "CheckpointError", "NotConvergedError", "NotConvergedWarning",
+    "NetHessianError",
+    "InputError",
+    "NonFiniteError",
+    "DenseTooLargeError",
+    "NotSymmetricError",
+    "RandomModelError",
+    "CheckpointError",
+    "NotConvergedError",
+    "NotConvergedWarning",
 ]

@@ -1,4 +1,5 @@
 """``python -m nethessian``: the command line."""
+
 import sys
 
 from ._app.cli import main

@@ -17,6 +17,7 @@ with scale the largest entry compared. So badly scaled models, where finite diff
 less accurate, are not reported as wrong, and a wrong Hessian still fails whenever its error
 exceeds what the finite differences can resolve (typically 1e-8 of the scale or better).
 """
+
 from __future__ import annotations
 
 import copy
@@ -69,22 +70,35 @@ class Comparison:
         est = float(err.max()) if err.numel() else 0.0
         allowed = max(tolerance * scale, KAPPA * est)
         steps = torch.as_tensor(steps, dtype=torch.float64).reshape(-1)
-        return cls(diff * rel if scale > 0 else diff, est * rel, allowed * rel if scale > 0 else allowed,
-                   float(steps.min()), float(steps.max()), scale)
+        return cls(
+            diff * rel if scale > 0 else diff,
+            est * rel,
+            allowed * rel if scale > 0 else allowed,
+            float(steps.min()),
+            float(steps.max()),
+            scale,
+        )
 
     def line(self, label: str) -> str:
-        step = (f"{self.step_min:.1e}" if self.step_min == self.step_max
-                else f"{self.step_min:.1e}…{self.step_max:.1e}")
+        step = f"{self.step_min:.1e}" if self.step_min == self.step_max else f"{self.step_min:.1e}…{self.step_max:.1e}"
         verdict = "" if self.passed else f"   FAILED: {self.error / max(self.tolerance, 1e-300):.1e}× the tolerance"
         if self.passed and self.estimate > UNRESOLVED:
             verdict = "   (entries within the finite differences' error: not resolved)"
-        return (f"  {label:<46}: {self.error:.2e}  (allowed {self.tolerance:.1e}; "
-                f"finite-difference error ≈ {self.estimate:.1e}, step {step}){verdict}")
+        return (
+            f"  {label:<46}: {self.error:.2e}  (allowed {self.tolerance:.1e}; "
+            f"finite-difference error ≈ {self.estimate:.1e}, step {step}){verdict}"
+        )
 
     def to_dict(self) -> dict:
-        return {"error": self.error, "estimate": self.estimate, "tolerance": self.tolerance,
-                "step_min": self.step_min, "step_max": self.step_max, "scale": self.scale,
-                "passed": self.passed}
+        return {
+            "error": self.error,
+            "estimate": self.estimate,
+            "tolerance": self.tolerance,
+            "step_min": self.step_min,
+            "step_max": self.step_max,
+            "scale": self.scale,
+            "passed": self.passed,
+        }
 
 
 @dataclass(frozen=True)
@@ -117,25 +131,39 @@ class CheckReport:
         object.__setattr__(self, "passed", ok)
 
     def to_dict(self) -> dict:
-        out = {k: getattr(self, k) for k in ("hvp_vs_fd", "symmetry", "dense_vs_columns",
-                                             "blocks_vs_fd", "num_params", "tolerance", "eps", "passed")}
+        out = {
+            k: getattr(self, k)
+            for k in (
+                "hvp_vs_fd",
+                "symmetry",
+                "dense_vs_columns",
+                "blocks_vs_fd",
+                "num_params",
+                "tolerance",
+                "eps",
+                "passed",
+            )
+        }
         out["hvp_detail"] = self.hvp_detail.to_dict() if self.hvp_detail else None
-        out["block_details"] = ({k: c.to_dict() for k, c in self.block_details.items()}
-                                if self.block_details else None)
+        out["block_details"] = {k: c.to_dict() for k, c in self.block_details.items()} if self.block_details else None
         return out
 
     def _fd_line(self, label: str, err: float, detail: Optional[Comparison]) -> str:
         return detail.line(label) if detail is not None else f"  {label:<46}: {err:.2e}"
 
     def __str__(self) -> str:
-        lines = [f"nethessian check on P = {self.num_params} parameters (float64, a step per direction, "
-                 f"Richardson extrapolation; allowed = max({self.tolerance:.0e}, {KAPPA:g} × estimated "
-                 "finite-difference error), relative to the largest entry)",
-                 self._fd_line("Hessian-vector products vs finite differences", self.hvp_vs_fd, self.hvp_detail),
-                 f"  {'symmetry  |uᵀHv − vᵀHu| / scale':<46}: {self.symmetry:.2e}  (allowed {self.tolerance:.0e})"]
+        lines = [
+            f"nethessian check on P = {self.num_params} parameters (float64, a step per direction, "
+            f"Richardson extrapolation; allowed = max({self.tolerance:.0e}, {KAPPA:g} × estimated "
+            "finite-difference error), relative to the largest entry)",
+            self._fd_line("Hessian-vector products vs finite differences", self.hvp_vs_fd, self.hvp_detail),
+            f"  {'symmetry  |uᵀHv − vᵀHu| / scale':<46}: {self.symmetry:.2e}  (allowed {self.tolerance:.0e})",
+        ]
         if self.dense_vs_columns is not None:
-            lines.append(f"  {'dense Hessian vs operator columns':<46}: {self.dense_vs_columns:.2e}"
-                         f"  (allowed {self.tolerance:.0e})")
+            lines.append(
+                f"  {'dense Hessian vs operator columns':<46}: {self.dense_vs_columns:.2e}"
+                f"  (allowed {self.tolerance:.0e})"
+            )
         for name, err in (self.blocks_vs_fd or {}).items():
             lines.append(self._fd_line(f"block {name}", err, (self.block_details or {}).get(name)))
         lines.append(f"  {'PASSED' if self.passed else 'FAILED'}")
@@ -162,6 +190,7 @@ def _float64_problem(model, loss_fn, data, params, options) -> HessianOperator:
 def _grad_fn(objective):
     def grad(t):
         return objective.gradient(t).double()
+
     return grad
 
 
@@ -203,17 +232,33 @@ def _dense_checks(op, tolerance: float):
     F, E = BlockHessian(F, op.layout), BlockHessian(E, op.layout)
     S = BlockHessian(torch.maximum(steps[:, None], steps[None, :]), op.layout)
     names = H.names
-    details = {f"{r} / {c}": Comparison.of(H[r, c].double(), F[r, c], E[r, c], S[r, c], tolerance)
-               for i, r in enumerate(names) for c in names[i:]}
+    details = {
+        f"{r} / {c}": Comparison.of(H[r, c].double(), F[r, c], E[r, c], S[r, c], tolerance)
+        for i, r in enumerate(names)
+        for c in names[i:]
+    }
     return _rel(H.dense, cols), details
 
 
-def check(model, loss_fn, data, params=None, *, num_vectors: int = 3, seed: int = 0,
-          dense_max_params: int = 200, tolerance: float = 1e-6, **options) -> CheckReport:
+def check(
+    model,
+    loss_fn,
+    data,
+    params=None,
+    *,
+    num_vectors: int = 3,
+    seed: int = 0,
+    dense_max_params: int = 200,
+    tolerance: float = 1e-6,
+    **options,
+) -> CheckReport:
     """Check Hessian products, symmetry and (small P) the dense blocks on a float64 copy.
 
     Args:
-        model, loss_fn, data, params: the problem, as for ``nh.hessian``.
+        model: the network (a float64 copy is checked; the model is not changed).
+        loss_fn: ``(outputs, targets) -> scalar``.
+        data: an ``(inputs, targets)`` pair or a re-iterable of batches.
+        params: names or globs of the parameters (default: all trainable).
         num_vectors: random directions for the product and symmetry checks.
         seed: seed of those directions.
         dense_max_params: build the dense and finite-difference Hessians when P ≤ this.
@@ -243,5 +288,6 @@ def check(model, loss_fn, data, params=None, *, num_vectors: int = 3, seed: int 
     if op.shape[0] <= dense_max_params:
         dense_err, details = _dense_checks(op, tolerance)
     blocks = {k: c.error for k, c in details.items()} if details is not None else None
-    return CheckReport(hvp.error, sym, dense_err, blocks, op.shape[0], tolerance, hvp.step_max,
-                       hvp_detail=hvp, block_details=details)
+    return CheckReport(
+        hvp.error, sym, dense_err, blocks, op.shape[0], tolerance, hvp.step_max, hvp_detail=hvp, block_details=details
+    )

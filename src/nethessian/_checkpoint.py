@@ -11,6 +11,7 @@ mid-write leaves the previous checkpoint intact. The temporary file is removed o
 any error; one left by a killed process (its name carries host and process id)
 is removed when the checkpoint is next opened.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -50,8 +51,13 @@ def _short(x) -> str:
 def _same(a, b) -> bool:
     """Plain equality that never asks a tensor for its truth value."""
     if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
-        return (isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor) and a.shape == b.shape
-                and a.dtype == b.dtype and bool(torch.equal(a, b)))
+        return (
+            isinstance(a, torch.Tensor)
+            and isinstance(b, torch.Tensor)
+            and a.shape == b.shape
+            and a.dtype == b.dtype
+            and bool(torch.equal(a, b))
+        )
     try:
         return bool(a == b)
     except Exception:  # e.g. lists holding tensors
@@ -65,8 +71,9 @@ def _bad_value(x, where: str, depth: int = 0) -> Optional[str]:
     if isinstance(x, torch.Tensor):
         if x.layout != torch.strided or x.is_meta:
             return f"{where} is a {x.layout} tensor; expected a dense one"
-        if (x.is_floating_point() or x.is_complex()) and not all_finite(x if not x.is_complex()
-                                                                         else torch.view_as_real(x)):
+        if (x.is_floating_point() or x.is_complex()) and not all_finite(
+            x if not x.is_complex() else torch.view_as_real(x)
+        ):
             return f"{where} contains NaN or Inf"
         return None
     if x is None or isinstance(x, (bool, int, str)):
@@ -149,12 +156,11 @@ class Checkpoint:
 
     def _check_header(self, blob) -> None:
         if isinstance(blob, dict) and blob.get("magic") in _OLD_MAGICS:
-            raise CheckpointError(f"{self.path!r} was written by an older nethessian without a checksum; "
-                                  "delete it to start over")
-        if not isinstance(blob, dict) or blob.get("magic") != _MAGIC:
             raise CheckpointError(
-                f"{self.path!r} is not a nethessian checkpoint; delete it or choose another path"
+                f"{self.path!r} was written by an older nethessian without a checksum; delete it to start over"
             )
+        if not isinstance(blob, dict) or blob.get("magic") != _MAGIC:
+            raise CheckpointError(f"{self.path!r} is not a nethessian checkpoint; delete it or choose another path")
         for key in ("fingerprint", "settings", "checksum"):
             if not isinstance(blob.get(key), str):
                 raise self._damaged(f"its {key!r} entry is missing or not a string")
@@ -168,8 +174,7 @@ class Checkpoint:
             theirs = None
         if not isinstance(theirs, dict):
             raise self._damaged("its settings are not a JSON object")
-        diff = sorted(k for k in set(theirs) | set(self.settings)
-                      if str(theirs.get(k)) != str(self.settings.get(k)))
+        diff = sorted(k for k in set(theirs) | set(self.settings) if str(theirs.get(k)) != str(self.settings.get(k)))
         raise CheckpointError(
             f"{self.path!r} was made with other settings (differs in: {', '.join(diff) or '?'}); "
             "rerun with the original arguments, or delete the file to start over"
@@ -185,8 +190,9 @@ class Checkpoint:
         if why:
             raise self._damaged(why)
         if _checksum(state) != blob["checksum"]:
-            raise self._damaged("the state's sha256 does not match the one written with it "
-                                "(a changed bit or an edited file)")
+            raise self._damaged(
+                "the state's sha256 does not match the one written with it (a changed bit or an edited file)"
+            )
         return state
 
     def resume(self, expect: Dict[str, Any]) -> Optional[Dict[str, Any]]:
@@ -226,9 +232,13 @@ class Checkpoint:
         why = _bad_value(state, "state")
         if why:
             raise CheckpointError(f"refusing to write checkpoint {self.path!r}: {why}")
-        blob = {"magic": _MAGIC, "fingerprint": self.fingerprint,
-                "settings": json.dumps(self.settings, sort_keys=True, default=str),
-                "checksum": _checksum(state), "state": state}
+        blob = {
+            "magic": _MAGIC,
+            "fingerprint": self.fingerprint,
+            "settings": json.dumps(self.settings, sort_keys=True, default=str),
+            "checksum": _checksum(state),
+            "state": state,
+        }
         self._write(blob)
         self._last = now
         return True
@@ -239,8 +249,7 @@ class Checkpoint:
     def _write(self, blob: Dict[str, Any]) -> None:
         folder = os.path.dirname(os.path.abspath(self.path))
         host = socket.gethostname().replace("-", "_")
-        fd, tmp = tempfile.mkstemp(dir=folder, prefix=f"{self._tmp_prefix()}{os.getpid()}@{host}-",
-                                   suffix=".tmp")
+        fd, tmp = tempfile.mkstemp(dir=folder, prefix=f"{self._tmp_prefix()}{os.getpid()}@{host}-", suffix=".tmp")
         try:
             with os.fdopen(fd, "wb") as fh:
                 torch.save(blob, fh)
@@ -260,11 +269,14 @@ class Checkpoint:
             if not (name.startswith(prefix) and name.endswith(".tmp")):
                 continue
             full = os.path.join(folder, name)
-            pid, _, rest = name[len(prefix):].partition("@")
+            pid, _, rest = name[len(prefix) :].partition("@")
             host = rest.rpartition("-")[0]
             try:
-                stale = (not _alive(int(pid))) if host == here else \
-                    time.time() - os.path.getmtime(full) > _FOREIGN_TMP_AGE_S
+                stale = (
+                    (not _alive(int(pid)))
+                    if host == here
+                    else time.time() - os.path.getmtime(full) > _FOREIGN_TMP_AGE_S
+                )
                 if stale:
                     os.unlink(full)
             except (ValueError, OSError):  # not one of ours, or already gone

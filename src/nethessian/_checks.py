@@ -3,6 +3,7 @@
 Every public entry point validates its arguments through these, so the same bad
 input gets the same clear message everywhere.
 """
+
 from __future__ import annotations
 
 import math
@@ -40,8 +41,10 @@ def check_vector(v, P: int, what: str = "the vector") -> None:
     if v.is_meta:
         raise InputError(f"{what} is on the meta device and holds no values; pass a real tensor")
     if v.is_complex():
-        raise InputError(f"{what} is complex ({v.dtype}); the Hessian of a real cost acts on real vectors: "
-                         "apply it to the real and imaginary parts separately")
+        raise InputError(
+            f"{what} is complex ({v.dtype}); the Hessian of a real cost acts on real vectors: "
+            "apply it to the real and imaginary parts separately"
+        )
     if not v.is_floating_point():
         raise InputError(f"{what} has dtype {v.dtype}; pass a floating-point tensor (v.float() or v.double())")
     if v.ndim not in (1, 2) or v.shape[0] != P:

@@ -18,6 +18,7 @@ A batch is an ``(inputs, targets)`` pair, or a Hugging Face-style mapping of mod
 inputs holding its targets under ``"labels"`` (``input_ids``, ``attention_mask``,
 ``labels``): the model gets the other entries as keyword arguments.
 """
+
 from __future__ import annotations
 
 import copy
@@ -109,9 +110,7 @@ class Batches:
             self._cached = [self._make(i, b) for i, b in enumerate(data)]
             self._source = None
         elif isinstance(data, torch.Tensor):
-            raise InputError(
-                "data is a single tensor; pass an (inputs, targets) pair, e.g. data=(X, y)"
-            )
+            raise InputError("data is a single tensor; pass an (inputs, targets) pair, e.g. data=(X, y)")
         elif isinstance(data, (str, bytes)) or not hasattr(data, "__iter__"):
             raise InputError(
                 f"data of type {type(data).__name__} is neither an (inputs, targets) pair nor an "
@@ -154,16 +153,17 @@ class Batches:
         if not isinstance(targets, torch.Tensor):
             raise InputError(f"batch {index}: targets must be a tensor, got {type(targets).__name__}")
         if targets.numel() == 0:
-            raise InputError(f"batch {index} has no targets (shape {tuple(targets.shape)}): every batch "
-                             "needs at least one sample; drop empty batches")
+            raise InputError(
+                f"batch {index} has no targets (shape {tuple(targets.shape)}): every batch "
+                "needs at least one sample; drop empty batches"
+            )
         for role, obj in (("inputs", inputs), ("targets", targets)):
             for t in _tensors(obj):
                 if t.is_floating_point() or t.is_complex():
                     if not torch.isfinite(t).all():
                         bad = int((~torch.isfinite(t)).sum())
                         raise NonFiniteError(
-                            f"batch {index}: {role} contain {bad} NaN or Inf value(s); "
-                            "clean or impute the data first"
+                            f"batch {index}: {role} contain {bad} NaN or Inf value(s); clean or impute the data first"
                         )
         return Batch(index, _move(inputs, self.device, self.dtype), _move(targets, self.device, self.dtype))
 
@@ -182,8 +182,9 @@ class Batches:
         for i, raw in enumerate(self._source):
             n += 1
             if hasher is not None:
-                hasher.value(list(raw) if isinstance(raw, (tuple, list)) else
-                             dict(raw) if isinstance(raw, Mapping) else raw)
+                hasher.value(
+                    list(raw) if isinstance(raw, (tuple, list)) else dict(raw) if isinstance(raw, Mapping) else raw
+                )
             yield self._make(i, raw)
         self._check_count(n)
 
@@ -241,9 +242,7 @@ def resolve_reduction(loss_fn, reduction: Reduction, multi_batch: bool) -> Reduc
             "scalar: use reduction='mean' or reduction='sum'"
         )
     if reduction not in ("sum", "mean", "batchmean"):
-        raise InputError(
-            f"reduction {reduction!r} is not supported; use 'mean', 'sum', 'batchmean' or a callable"
-        )
+        raise InputError(f"reduction {reduction!r} is not supported; use 'mean', 'sum', 'batchmean' or a callable")
     return reduction
 
 

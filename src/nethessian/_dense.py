@@ -1,4 +1,5 @@
 """BlockHessian: the dense Hessian with named blocks, and ``hessian()`` that builds it."""
+
 from __future__ import annotations
 
 from typing import Dict, List, Optional, Sequence, Tuple, Union
@@ -99,16 +100,28 @@ class BlockHessian:
         return f"BlockHessian(P={self.shape[0]}, blocks: {blocks})"
 
 
-def hessian(model, loss_fn, data, params: Optional[Sequence[str]] = None, *,
-            max_bytes: Optional[int] = None, progress: bool = False, checkpoint=None,
-            engine: str = "auto", **operator_options) -> BlockHessian:
+def hessian(
+    model,
+    loss_fn,
+    data,
+    params: Optional[Sequence[str]] = None,
+    *,
+    max_bytes: Optional[int] = None,
+    progress: bool = False,
+    checkpoint=None,
+    engine: str = "auto",
+    **operator_options,
+) -> BlockHessian:
     """The exact dense Hessian of J(θ) over the whole data set, by named blocks.
 
     Computed column chunk by column chunk through ``HessianOperator`` (vectorised
     Hessian-vector products), so peak memory stays near one chunk of products.
 
     Args:
-        model, loss_fn, data, params: the problem; ``params`` are names or globs.
+        model: the network (never changed).
+        loss_fn: ``(outputs, targets) -> scalar``.
+        data: an ``(inputs, targets)`` pair or a re-iterable of batches.
+        params: names or globs of the parameters (default: all trainable).
         max_bytes: refuse (with the bytes needed) a P × P matrix above this (default 4 GiB).
         progress: show a progress bar on stderr.
         checkpoint: a ``nethessian._checkpoint.Checkpoint`` to resume long runs.

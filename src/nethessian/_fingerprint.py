@@ -9,6 +9,7 @@ reduction, and the data (the bytes of every tensor in every batch).
 Hashing is over exact bytes (with dtype and shape), so two tensors that differ
 in one bit have different fingerprints.
 """
+
 from __future__ import annotations
 
 import functools
@@ -108,7 +109,9 @@ def loss_description(h: Hasher, loss_fn, _depth: int = 0, _seen=None) -> Hasher:
         return h.named((n, float(m.training)) for n, m in loss_fn.named_modules())
     code = getattr(loss_fn, "__code__", None)
     if code is None:  # a callable object: its public state
-        state = {k: v for k, v in vars(loss_fn).items() if not k.startswith("_")} if hasattr(loss_fn, "__dict__") else {}
+        state = (
+            {k: v for k, v in vars(loss_fn).items() if not k.startswith("_")} if hasattr(loss_fn, "__dict__") else {}
+        )
         return _values(h, sorted(state.items()), _depth, seen)
     h.value(code.co_code).value([c for c in code.co_consts if _plain(c)])
     _values(h, list(getattr(loss_fn, "__defaults__", None) or ()), _depth, seen)

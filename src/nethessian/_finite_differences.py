@@ -18,6 +18,7 @@ improves. So a feature multiplied by 1e3 or a bias at 1000 gets its own step, an
 spoils the other directions. The displacement that θ ± kδ really made after rounding is
 measured exactly ((θ + kδ) − θ, Sterbenz), so the direction differentiated is known.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -45,8 +46,10 @@ def fd_steps(theta: torch.Tensor) -> torch.Tensor:
 
 
 def _ladder(grad: Gradient, theta: torch.Tensor, delta: torch.Tensor):
-    """Richardson estimate of H·a from steps δ, 2δ, 4δ; a (≈ δ, the displacement that θ ± kδ really
-    made after rounding); the truncation and rounding error estimates.
+    """Richardson estimate of H·a from steps δ, 2δ, 4δ, with its error estimates.
+
+    ``a`` (≈ δ) is the displacement that θ ± kδ really made after rounding; the
+    truncation and rounding error estimates come with it.
     """
     D, A, gmax = [], [], torch.zeros_like(theta)
     for k in (1, 2, 4):
@@ -78,8 +81,9 @@ class Derivative:
     gradients: int
 
 
-def directional_derivative(grad: Gradient, theta: torch.Tensor, d: torch.Tensor, h: float,
-                           target: float = _TARGET) -> Derivative:
+def directional_derivative(
+    grad: Gradient, theta: torch.Tensor, d: torch.Tensor, h: float, target: float = _TARGET
+) -> Derivative:
     """Estimate H·d with the step search described in the module docstring.
 
     Args:
@@ -108,16 +112,19 @@ def directional_derivative(grad: Gradient, theta: torch.Tensor, d: torch.Tensor,
         direction = -1 if float(trunc.max()) > float(rnd.max()) else 1
         if direction == -last_dir:
             break
-        h, last_dir = h * _GROW ** direction, direction
+        h, last_dir = h * _GROW**direction, direction
     if best is None:
-        raise NetHessianError("finite differences found no step giving a finite gradient that moves θ "
-                              f"(last step tried {h:.1e}): the gradient is not finite near θ, so nh.check "
-                              "cannot compare this model with finite differences")
+        raise NetHessianError(
+            "finite differences found no step giving a finite gradient that moves θ "
+            f"(last step tried {h:.1e}): the gradient is not finite near θ, so nh.check "
+            "cannot compare this model with finite differences"
+        )
     return Derivative(best.value, best.error, best.direction, best.step, evals)
 
 
-def fd_hessian_with_errors(grad: Gradient, theta: torch.Tensor, eps: Optional[float] = None, *,
-                           progress: Optional[bool] = None) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def fd_hessian_with_errors(
+    grad: Gradient, theta: torch.Tensor, eps: Optional[float] = None, *, progress: Optional[bool] = None
+) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Finite-difference Hessian column by column, symmetrised; entrywise error estimates; steps.
 
     Column j is the derivative of g along e_j (``directional_derivative``) starting from the
@@ -148,6 +155,8 @@ def fd_hessian(objective, eps: Optional[float] = None) -> torch.Tensor:
     Each column gets its own step (see the module docstring); ``eps`` sets the first step tried
     for every column instead of u^(1/3)·max(1, |θ_j|).
     """
+
     def grad(t):
         return objective.gradient(t).double()
+
     return fd_hessian_with_errors(grad, objective.theta0, eps)[0]

@@ -25,6 +25,7 @@ per-sample gradients, ``t = (H + λI)⁻¹ s``; exact since ``ds/dλ = −t``; o
 λ than about the model. ``H + λI`` not positive definite is an error (``method="minres"``:
 a warning) naming the damping that fixes it.
 """
+
 from __future__ import annotations
 
 import warnings
@@ -48,7 +49,7 @@ from .operators import HessianOperator
 __all__ = ["InfluenceResult", "influence", "per_sample_gradients"]
 
 METHODS = ("auto", "cg", "minres", "dense")
-AUTO_DENSE_MAX = 512       # method="auto": exact eigen-decomposition up to this many parameters
+AUTO_DENSE_MAX = 512  # method="auto": exact eigen-decomposition up to this many parameters
 _TOL = {torch.float64: 1e-10, torch.float32: 1e-5}
 
 
@@ -87,19 +88,18 @@ class InfluenceResult:
 
     def helpful(self, k: int = 10) -> torch.Tensor:
         """Indices of the ``k`` most helpful samples (most negative scores first)."""
-        return torch.argsort(self.scores)[:as_int("k", k, minimum=0)]
+        return torch.argsort(self.scores)[: as_int("k", k, minimum=0)]
 
     def harmful(self, k: int = 10) -> torch.Tensor:
         """Indices of the ``k`` most harmful samples (most positive scores first)."""
-        return torch.argsort(self.scores, descending=True)[:as_int("k", k, minimum=0)]
+        return torch.argsort(self.scores, descending=True)[: as_int("k", k, minimum=0)]
 
     def table(self, top: int = 10) -> str:
         """Text table of the ``top`` most helpful and most harmful samples."""
         rows = [f"{'':8} {'index':>7} {'score':>12} {'removal Δ L_test':>17}"]
         for label, idx in (("helpful", self.helpful(top)), ("harmful", self.harmful(top))):
             for i in idx.tolist():
-                rows.append(f"{label:8} {i:>7} {float(self.scores[i]):12.4e} "
-                            f"{float(self.removal_effect[i]):17.4e}")
+                rows.append(f"{label:8} {i:>7} {float(self.scores[i]):12.4e} {float(self.removal_effect[i]):17.4e}")
         return "\n".join(rows)
 
     def to_dict(self) -> Dict[str, Any]:
@@ -109,10 +109,12 @@ class InfluenceResult:
 
     def __repr__(self) -> str:
         conv = "converged" if self.converged else "NOT converged"
-        return (f"InfluenceResult(N={self.scores.numel()}, damping={self.damping:g} "
-                f"(sensitivity {self.damping_sensitivity:.2g}), {self.method} {conv}, "
-                f"residual={self.residual:.1e}, matvecs={self.num_matvecs}, "
-                f"scores in [{float(self.scores.min()):.3e}, {float(self.scores.max()):.3e}])")
+        return (
+            f"InfluenceResult(N={self.scores.numel()}, damping={self.damping:g} "
+            f"(sensitivity {self.damping_sensitivity:.2g}), {self.method} {conv}, "
+            f"residual={self.residual:.1e}, matvecs={self.num_matvecs}, "
+            f"scores in [{float(self.scores.min()):.3e}, {float(self.scores.max()):.3e}])"
+        )
 
 
 # -- per-sample gradients ------------------------------------------------------------------
@@ -127,7 +129,8 @@ def _check_sample_dims(batch: Batch) -> int:
             raise InputError(
                 f"batch {batch.index}: an input has shape {tuple(x.shape)} but the targets have {n} "
                 f"samples (shape {tuple(t.shape)}); every input tensor must have the samples along "
-                "dimension 0")
+                "dimension 0"
+            )
     return n
 
 
@@ -138,7 +141,8 @@ def _refuse_coupling(objective: Objective) -> None:
             raise InputError(
                 f"module {name or type(m).__name__} is batch norm in train mode: each sample's loss "
                 "depends on the whole batch, so the cost is no sum of per-sample terms. Call "
-                "model.eval() (running statistics) before computing influence")
+                "model.eval() (running statistics) before computing influence"
+            )
 
 
 def _chunk_gradients(objective: Objective, theta: torch.Tensor, batch: Batch, lo: int, hi: int):
@@ -154,8 +158,7 @@ def _chunk_gradients(objective: Objective, theta: torch.Tensor, batch: Batch, lo
         return loss, (loss, out)
 
     try:
-        g, (loss, out) = vmap(grad(one, has_aux=True), in_dims=(None, dims, 0))(
-            theta, sliced, batch.targets[lo:hi])
+        g, (loss, out) = vmap(grad(one, has_aux=True), in_dims=(None, dims, 0))(theta, sliced, batch.targets[lo:hi])
     except (RuntimeError, ValueError) as exc:
         raise InputError(
             f"batch {batch.index}: per-sample gradients (torch.func vmap of grad over samples "
@@ -172,12 +175,11 @@ def _term_counts(objective: Objective, batch: Batch, out: torch.Tensor, lo: int,
     if red in (None, "sum", "batchmean"):
         return c
     for j in range(hi - lo):
-        c[j] = term_count(objective.loss_fn, red, out[j], batch.targets[lo + j:lo + j + 1])
+        c[j] = term_count(objective.loss_fn, red, out[j], batch.targets[lo + j : lo + j + 1])
     return c
 
 
-def per_sample_gradients(objective: Objective, *, chunk_size: Optional[int] = None,
-                         progress: Optional[bool] = None):
+def per_sample_gradients(objective: Objective, *, chunk_size: Optional[int] = None, progress: Optional[bool] = None):
     """Yield ``(first index, ∇ℓ_i (c, P), ℓ_i (c,), c_i (c,))`` chunk by chunk, in data order.
 
     ``ℓ_i`` is ``loss_fn`` on sample ``i`` alone, at ``objective.theta0``; chunks hold at most
@@ -202,8 +204,10 @@ def per_sample_gradients(objective: Objective, *, chunk_size: Optional[int] = No
                 g, loss = g.masked_fill(empty[:, None], 0), loss.masked_fill(empty, 0)
                 if not (all_finite(g) and all_finite(loss)):
                     bad = (~torch.isfinite(g).all(1) | ~torch.isfinite(loss)).nonzero()[0, 0]
-                    raise NonFiniteError(f"sample {start + int(bad)} (batch {batch.index}) has a NaN or "
-                                         "Inf loss or gradient; check its data and the loss")
+                    raise NonFiniteError(
+                        f"sample {start + int(bad)} (batch {batch.index}) has a NaN or "
+                        "Inf loss or gradient; check its data and the loss"
+                    )
                 yield start, g, loss, counts
                 start += hi - lo
                 bar.update(hi - lo if unit == "sample" else 0)
@@ -219,10 +223,12 @@ def _indefinite(bound: Optional[float], damping: float, exact: bool) -> str:
         need = max(-bound, 0.0)
         what = f"λ_min(H) {'=' if exact else '≤'} {bound:.3e}"
         fix = f"damping > {need:.3g} (e.g. damping={max(2 * need, 1e-12):.2g})"
-    return (f"H + λI is not positive definite ({what}, damping λ = {damping:g}): θ is not a minimum of the "
-            f"training cost, and the influence function assumes one. Train to convergence, or pass {fix}; "
-            "the scores then describe the damped problem (see damping_sensitivity). method='minres' solves "
-            "the indefinite system anyway (with a warning)")
+    return (
+        f"H + λI is not positive definite ({what}, damping λ = {damping:g}): θ is not a minimum of the "
+        f"training cost, and the influence function assumes one. Train to convergence, or pass {fix}; "
+        "the scores then describe the damped problem (see damping_sensitivity). method='minres' solves "
+        "the indefinite system anyway (with a warning)"
+    )
 
 
 def _dense(op: HessianOperator, g: torch.Tensor, damping: float, progress) -> Dict[str, Any]:
@@ -237,8 +243,17 @@ def _dense(op: HessianOperator, g: torch.Tensor, damping: float, progress) -> Di
     s = V @ ((V.T @ gd) / (e + damping))
     t = V @ ((V.T @ s) / (e + damping))
     residual = float((gd - H @ s - damping * s).norm() / gd.norm()) if bool(gd.any()) else 0.0
-    return dict(s=s.to(op.dtype), t=t.to(op.dtype), method="dense", converged=True, residual=residual,
-                iterations=0, num_matvecs=H.shape[0], min_eigenvalue=lmin, max_eigenvalue=lmax)
+    return dict(
+        s=s.to(op.dtype),
+        t=t.to(op.dtype),
+        method="dense",
+        converged=True,
+        residual=residual,
+        iterations=0,
+        num_matvecs=H.shape[0],
+        min_eigenvalue=lmin,
+        max_eigenvalue=lmax,
+    )
 
 
 def _curvature(op, p: torch.Tensor) -> float:
@@ -259,8 +274,7 @@ def _ritz_min(op, B: torch.Tensor, damping: float):
     """Smallest Ritz value of ``H + λI`` on span(B) (an upper bound on its λ_min), and the products used."""
     Q, R = torch.linalg.qr(B.double())
     Q = Q[:, R.diagonal().abs() > 1e-10 * R.diagonal().abs().max()]
-    M = Q.T @ (op @ Q.to(op.dtype)).double() + damping * torch.eye(Q.shape[1], dtype=torch.float64,
-                                                                      device=Q.device)
+    M = Q.T @ (op @ Q.to(op.dtype)).double() + damping * torch.eye(Q.shape[1], dtype=torch.float64, device=Q.device)
     return float(torch.linalg.eigvalsh((M + M.T) / 2)[0]), Q.shape[1]
 
 
@@ -281,8 +295,9 @@ def _krylov(op, g, damping, method, tol, maxiter) -> Dict[str, Any]:
         t, matvecs = second.x, matvecs + second.num_matvecs
     bound, proof = None, False  # proof: H + λI is certainly not positive definite
     if method == "minres" and bool(s.any()):  # CG's pivots pᵀ(H + λI)p see the same Krylov space
-        probe = _solve(op, g, damping=damping, method="cg", tol=tol, maxiter=first.iterations + 1, x0=None,
-                       callback=None)
+        probe = _solve(
+            op, g, damping=damping, method="cg", tol=tol, maxiter=first.iterations + 1, x0=None, callback=None
+        )
         matvecs += probe.num_matvecs + (probe.status == "negative_curvature")
         if probe.status == "negative_curvature":
             bound, proof = _curvature(op, probe.curvature_direction), True
@@ -294,8 +309,17 @@ def _krylov(op, g, damping, method, tol, maxiter) -> Dict[str, Any]:
         raise InputError(_indefinite(bound, damping, exact=False))
     if proof:
         warnings.warn(_indefinite(bound, damping, exact=False), RuntimeWarning, stacklevel=3)
-    return dict(s=s, t=t, method=method, converged=True, residual=first.final_residual,
-                iterations=first.iterations, num_matvecs=matvecs, min_eigenvalue=None, max_eigenvalue=None)
+    return dict(
+        s=s,
+        t=t,
+        method=method,
+        converged=True,
+        residual=first.final_residual,
+        iterations=first.iterations,
+        num_matvecs=matvecs,
+        min_eigenvalue=None,
+        max_eigenvalue=None,
+    )
 
 
 # -- the weights of the per-sample terms, and the check that J is their sum -----------------
@@ -312,19 +336,32 @@ def _weights(objective: Objective, counts, loss_sum, loss_abs, grad_sum, grad_ab
             raise InputError(
                 f"the training cost's gradient differs from the weighted sum of per-sample gradients "
                 f"(gap {gap:.3e}): the samples are not independent (a layer mixing samples, a loss "
-                "coupling them); influence needs J = Σ_i w_i ℓ_i")
-    hint = (" The loss has no .reduction: pass reduction='mean' or 'sum'." if red is None else "")
+                "coupling them); influence needs J = Σ_i w_i ℓ_i"
+            )
+    hint = " The loss has no .reduction: pass reduction='mean' or 'sum'." if red is None else ""
     raise InputError(
         f"the training cost J = {J:.6e} is not the weighted sum of per-sample losses "
         f"(Σ c_i ℓ_i = {loss_sum:.6e} over {len(counts)} samples, Σ c_i = {C:g}): the loss does not "
-        f"split into per-sample terms.{hint}")
+        f"split into per-sample terms.{hint}"
+    )
 
 
-def influence(model: torch.nn.Module, loss_fn, train_data, test_data, *, test_loss_fn=None,
-              params: Optional[Sequence[str]] = None, reduction=None, damping: float = 0.0,
-              method: Literal["auto", "cg", "minres", "dense"] = "auto", tol: Optional[float] = None,
-              maxiter: Optional[int] = None, chunk_size: Optional[int] = None,
-              progress: Optional[bool] = None) -> InfluenceResult:
+def influence(
+    model: torch.nn.Module,
+    loss_fn,
+    train_data,
+    test_data,
+    *,
+    test_loss_fn=None,
+    params: Optional[Sequence[str]] = None,
+    reduction=None,
+    damping: float = 0.0,
+    method: Literal["auto", "cg", "minres", "dense"] = "auto",
+    tol: Optional[float] = None,
+    maxiter: Optional[int] = None,
+    chunk_size: Optional[int] = None,
+    progress: Optional[bool] = None,
+) -> InfluenceResult:
     """Influence of every training point on the test cost, ``−∇ℓ_iᵀ (H + λI)⁻¹ ∇L_test``.
 
     See the module docstring for the convention: ``score_i < 0`` is helpful, ``> 0`` harmful,
@@ -367,8 +404,9 @@ def influence(model: torch.nn.Module, loss_fn, train_data, test_data, *, test_lo
     if train.data.in_memory:
         for batch in train.data:
             _check_sample_dims(batch)
-    test = Objective(model, test_loss_fn or loss_fn, test_data, params,
-                     reduction=reduction if test_loss_fn is None else None)
+    test = Objective(
+        model, test_loss_fn or loss_fn, test_data, params, reduction=reduction if test_loss_fn is None else None
+    )
     tol = _TOL.get(train.dtype, 1e-5) if tol is None else as_float("tol", tol, positive=True)
     test_loss, g = test.value_and_grad()
     if method == "auto":
@@ -377,8 +415,9 @@ def influence(model: torch.nn.Module, loss_fn, train_data, test_data, *, test_lo
     return _scores(train, sol, damping, float(test_loss), chunk_size, progress)
 
 
-def _scores(train: Objective, sol: Dict[str, Any], damping: float, test_loss: float,
-            chunk_size, progress) -> InfluenceResult:
+def _scores(
+    train: Objective, sol: Dict[str, Any], damping: float, test_loss: float, chunk_size, progress
+) -> InfluenceResult:
     """One pass of per-sample gradients: scores ``−G s``, sensitivity ``λ G t``, and J's check."""
     S = torch.stack([sol.pop("s"), sol.pop("t")], dim=1)
     parts, counts = [], []
@@ -396,5 +435,11 @@ def _scores(train: Objective, sol: Dict[str, Any], damping: float, test_loss: fl
     Z = _weights(train, counts, loss_sum, loss_abs, grad_sum, grad_abs)
     scores, dlog = -GS[:, 0], damping * GS[:, 1]
     sens = float(dlog.norm()) / float(scores.norm()) if bool(scores.any()) else 0.0
-    return InfluenceResult(scores=scores.to(train.dtype), weights=(counts / Z).to(train.dtype),
-                           damping=damping, damping_sensitivity=sens, test_loss=test_loss, **sol)
+    return InfluenceResult(
+        scores=scores.to(train.dtype),
+        weights=(counts / Z).to(train.dtype),
+        damping=damping,
+        damping_sensitivity=sens,
+        test_loss=test_loss,
+        **sol,
+    )

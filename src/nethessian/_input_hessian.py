@@ -12,6 +12,7 @@ within a batch (batch norm in train mode), probe ``(j, d)`` puts ``e_d`` on the
 ``j``-th sample of every batch (batches never couple: each batch's loss sees
 only its own samples), and ``max_b B_b · D`` products give every block.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -90,9 +91,15 @@ class InputHessian:
 
     def to_dict(self, *, blocks: bool = False) -> dict:
         """Plain numbers: shapes, coupling, per-sample top eigenvalue and trace (and the blocks)."""
-        out = {"at": self.at, "num_samples": self.num_samples, "dim": self.dim,
-               "sample_shape": list(self.sample_shape), "batch_sizes": list(self.batch_sizes),
-               "block_diagonal": self.block_diagonal, "coupling": self.coupling}
+        out = {
+            "at": self.at,
+            "num_samples": self.num_samples,
+            "dim": self.dim,
+            "sample_shape": list(self.sample_shape),
+            "batch_sizes": list(self.batch_sizes),
+            "block_diagonal": self.block_diagonal,
+            "coupling": self.coupling,
+        }
         if self.per_sample is not None:
             out["top_eigenvalue"] = self.top_eigenvalues().tolist()
             out["trace"] = self.traces().tolist()
@@ -105,8 +112,9 @@ class InputHessian:
         limit = as_int("limit", limit, minimum=0)
         where = "the inputs" if self.at is None else f"the output of {self.at!r}"
         shape = "block-diagonal by sample" if self.block_diagonal else "samples couple within a batch"
-        lines = [f"Hessian of the cost w.r.t. {where} (N = {self.num_samples} samples, "
-                 f"D = {self.dim} entries each; {shape})"]
+        lines = [
+            f"Hessian of the cost w.r.t. {where} (N = {self.num_samples} samples, D = {self.dim} entries each; {shape})"
+        ]
         if self.coupling:
             lines.append(f"  {self.coupling}")
         if self.per_sample is None:
@@ -116,8 +124,10 @@ class InputHessian:
         lines += [f"  {i:>8}  {top[i]:>+15.6e}  {tr[i]:>+15.6e}" for i in range(min(limit, len(top)))]
         if len(top) > limit:
             i = max(range(len(top)), key=top.__getitem__)
-            lines.append(f"  ... {len(top) - limit} more; the largest top eigenvalue is {top[i]:+.6e} "
-                         f"(sample {i}), the mean trace {sum(tr) / len(tr):+.6e}")
+            lines.append(
+                f"  ... {len(top) - limit} more; the largest top eigenvalue is {top[i]:+.6e} "
+                f"(sample {i}), the mean trace {sum(tr) / len(tr):+.6e}"
+            )
         return "\n".join(lines)
 
     def _blocks(self) -> torch.Tensor:
@@ -127,17 +137,30 @@ class InputHessian:
 
     def __repr__(self) -> str:
         where = "inputs" if self.at is None else f"output of {self.at!r}"
-        return (f"InputHessian({where}, N={self.num_samples}, D={self.dim}, "
-                f"block_diagonal={self.block_diagonal})")
+        return f"InputHessian({where}, N={self.num_samples}, D={self.dim}, block_diagonal={self.block_diagonal})"
 
 
-def input_hessian(model: nn.Module, loss_fn, data, *, at: Optional[str] = None, params=None,
-                  sample_dim: int = 0, per_sample: bool = True, reduction=None,
-                  allow_random: bool = False, max_bytes: Optional[int] = None) -> InputHessian:
+def input_hessian(
+    model: nn.Module,
+    loss_fn,
+    data,
+    *,
+    at: Optional[str] = None,
+    params=None,
+    sample_dim: int = 0,
+    per_sample: bool = True,
+    reduction=None,
+    allow_random: bool = False,
+    max_bytes: Optional[int] = None,
+) -> InputHessian:
     """Hessian of the whole cost with respect to the inputs, or to a module's output.
 
     Args:
-        model, loss_fn, data, reduction, allow_random: the problem (see ``Objective``).
+        model: the network (never changed).
+        loss_fn: ``(outputs, targets) -> scalar``.
+        data: an ``(inputs, targets)`` pair or a re-iterable of batches.
+        reduction: how batches combine (see ``Objective``).
+        allow_random: accept a random forward pass (see ``Objective``).
         at: a name from ``model.named_modules()``: the variable is that module's output
             (token models: the embedding module). ``None``: the model's inputs, which
             must hold exactly one floating-point tensor.
@@ -165,8 +188,10 @@ def input_hessian(model: nn.Module, loss_fn, data, *, at: Optional[str] = None, 
     if at is not None and not isinstance(at, str):
         raise InputError(f"at must be a module name (a str from model.named_modules()), got {type(at).__name__}")
     if dist.world_size() > 1:
-        raise InputError("input_hessian works on one process's data (its vectors are that data's inputs); "
-                         "call it outside torch.distributed, or on one rank's data")
+        raise InputError(
+            "input_hessian works on one process's data (its vectors are that data's inputs); "
+            "call it outside torch.distributed, or on one rank's data"
+        )
     objective = Objective(model, loss_fn, data, params, reduction=reduction, allow_random=allow_random)
     op = InputHessianOperator(Perturbed(objective, at, sample_dim))
     lay = op.sample_layout
@@ -213,7 +238,7 @@ def _per_sample(op: InputHessianOperator, coupled: bool) -> torch.Tensor:
     for start in range(0, num, chunk):
         probe = torch.arange(start, min(num, start + chunk), device=op.device)
         s, d = probe // D, probe % D
-        mask = (slots[:, None] == s[None, :]).to(op.dtype)                     # (N, c)
+        mask = (slots[:, None] == s[None, :]).to(op.dtype)  # (N, c)
         E = torch.zeros(N, D, len(probe), dtype=op.dtype, device=op.device)
         E[:, d, torch.arange(len(probe), device=op.device)] = mask
         HE = (op @ E.reshape(N * D, -1)).reshape(N, D, -1)
@@ -239,11 +264,19 @@ def _coupling(op: InputHessianOperator, model: nn.Module) -> Optional[str]:
     eps = torch.finfo(op.dtype).eps
     if float(across) == 0.0 or float(across) <= 100 * eps * float(inside):
         return None
-    norms = [n for n, m in model.named_modules()
-             if isinstance(m, nn.modules.batchnorm._BatchNorm) and (m.training or not m.track_running_stats)]
-    why = (f"batch norm using batch statistics ({', '.join(n or type(model).__name__ for n in norms)}) "
-           if norms else "the model or the loss ")
-    return (why + "couples the samples of a batch: the Hessian has cross-sample blocks within each "
-            f"batch (largest cross entry {float(across):.3g} for a probe on one sample); per_sample holds "
-            "the diagonal blocks, the operator the whole matrix. Call model.eval() for per-sample "
-            "statistics")
+    norms = [
+        n
+        for n, m in model.named_modules()
+        if isinstance(m, nn.modules.batchnorm._BatchNorm) and (m.training or not m.track_running_stats)
+    ]
+    why = (
+        f"batch norm using batch statistics ({', '.join(n or type(model).__name__ for n in norms)}) "
+        if norms
+        else "the model or the loss "
+    )
+    return (
+        why + "couples the samples of a batch: the Hessian has cross-sample blocks within each "
+        f"batch (largest cross entry {float(across):.3g} for a probe on one sample); per_sample holds "
+        "the diagonal blocks, the operator the whole matrix. Call model.eval() for per-sample "
+        "statistics"
+    )

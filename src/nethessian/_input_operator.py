@@ -19,6 +19,7 @@ batching rule). The override of an activation is a temporary forward hook that
 returns ``output + δ_b``, removed in a ``finally``: nothing is written onto the
 user's modules.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -40,29 +41,35 @@ __all__ = ["Perturbed", "InputHessianOperator", "MixedHessian"]
 # -- where the perturbation goes -------------------------------------------------------------
 def _input_slot(inputs, embeddings: Sequence[str]) -> Tuple[Callable, Callable]:
     """``(get, put)`` for the one floating-point tensor among a batch's inputs."""
-    hint = (f"; pass at={embeddings[0]!r} (the output of the embedding module) to take the Hessian "
-            "with respect to the input embeddings" if embeddings else
-            "; pass at='<module name>' (a name from model.named_modules()) to take it with respect "
-            "to that module's output, e.g. the embedding")
+    hint = (
+        f"; pass at={embeddings[0]!r} (the output of the embedding module) to take the Hessian "
+        "with respect to the input embeddings"
+        if embeddings
+        else "; pass at='<module name>' (a name from model.named_modules()) to take it with respect "
+        "to that module's output, e.g. the embedding"
+    )
     if isinstance(inputs, torch.Tensor):
         if not inputs.is_floating_point():
-            raise InputError(f"the inputs are integers ({inputs.dtype}, e.g. token ids): they cannot be "
-                             "differentiated" + hint)
+            raise InputError(
+                f"the inputs are integers ({inputs.dtype}, e.g. token ids): they cannot be differentiated" + hint
+            )
         return (lambda x: x), (lambda x, new: new)
     keys = list(inputs) if isinstance(inputs, dict) else list(range(len(inputs)))
     floats = [k for k in keys if isinstance(inputs[k], torch.Tensor) and inputs[k].is_floating_point()]
     if not floats:
-        raise InputError("the inputs hold no floating-point tensor (integer token ids cannot be "
-                         "differentiated)" + hint)
+        raise InputError("the inputs hold no floating-point tensor (integer token ids cannot be differentiated)" + hint)
     if len(floats) > 1:
-        raise InputError(f"the inputs hold several floating-point tensors ({floats}); the input Hessian "
-                         "needs one. Pass at='<module name>' to take it with respect to a module's output")
+        raise InputError(
+            f"the inputs hold several floating-point tensors ({floats}); the input Hessian "
+            "needs one. Pass at='<module name>' to take it with respect to a module's output"
+        )
     key = floats[0]
 
     def put(x, new):
         if isinstance(x, dict):
             return {**x, key: new}
         return type(x)(new if i == key else t for i, t in enumerate(x))
+
     return (lambda x: x[key]), put
 
 
@@ -74,12 +81,16 @@ def _shifted_output(module: nn.Module, name: str, deltas: List[torch.Tensor]):
     def hook(mod, args, output):
         if not isinstance(output, torch.Tensor) or not output.is_floating_point():
             what = type(output).__name__ if not isinstance(output, torch.Tensor) else f"{output.dtype} tensor"
-            raise InputError(f"module {name!r} returns a {what}, not a floating-point tensor; choose a "
-                             "module whose output is one tensor (e.g. a submodule, or wrap it)")
+            raise InputError(
+                f"module {name!r} returns a {what}, not a floating-point tensor; choose a "
+                "module whose output is one tensor (e.g. a submodule, or wrap it)"
+            )
         calls.append(1)
         if len(calls) > 1:
-            raise InputError(f"module {name!r} runs more than once in one forward pass, so 'its output' is "
-                             "ambiguous; choose a module that runs once")
+            raise InputError(
+                f"module {name!r} runs more than once in one forward pass, so 'its output' is "
+                "ambiguous; choose a module that runs once"
+            )
         d = torch.zeros_like(output).requires_grad_(True)
         deltas.append(d)
         return output + d
@@ -102,8 +113,10 @@ class Perturbed:
         modules = dict(model.named_modules())
         if at is not None and at not in modules:
             names = [n for n in modules if n]
-            raise InputError(f"no module named {at!r}; names from model.named_modules(): "
-                             f"{', '.join(names[:40]) or '(none)'}{' ...' if len(names) > 40 else ''}")
+            raise InputError(
+                f"no module named {at!r}; names from model.named_modules(): "
+                f"{', '.join(names[:40]) or '(none)'}{' ...' if len(names) > 40 else ''}"
+            )
         self.module = modules.get(at) if at is not None else None
         self.embeddings = [n for n, m in modules.items() if isinstance(m, nn.Embedding)]
 
@@ -153,11 +166,13 @@ class SampleLayout:
         if not -ndim <= sample_dim < ndim:
             raise InputError(f"sample_dim={sample_dim} is out of range for tensors of shape {shapes[0]}")
         self.sample_dim = sample_dim % ndim
-        per = [s[:self.sample_dim] + s[self.sample_dim + 1:] for s in shapes]
+        per = [s[: self.sample_dim] + s[self.sample_dim + 1 :] for s in shapes]
         for b, p in enumerate(per):
             if p != per[0]:
-                raise InputError(f"batch {b} has per-sample shape {p} but batch 0 has {per[0]}; the input "
-                                 "Hessian needs one shape per sample (pad sequences to one length)")
+                raise InputError(
+                    f"batch {b} has per-sample shape {p} but batch 0 has {per[0]}; the input "
+                    "Hessian needs one shape per sample (pad sequences to one length)"
+                )
         self.shapes = shapes
         self.sample_shape = per[0]
         self.batch_sizes = tuple(s[self.sample_dim] for s in shapes)
@@ -170,8 +185,8 @@ class SampleLayout:
     def split(self, V: torch.Tensor) -> List[torch.Tensor]:
         """``(N·D, k)`` → per batch ``(k, *shape_b)``."""
         out, start = [], 0
-        for s, B in zip(self.shapes, self.batch_sizes):
-            part = V[start:start + B * self.D].T.reshape((V.shape[1], B) + self.sample_shape)
+        for B in self.batch_sizes:
+            part = V[start : start + B * self.D].T.reshape((V.shape[1], B) + self.sample_shape)
             out.append(part.movedim(1, 1 + self.sample_dim))
             start += B * self.D
         return out
@@ -189,14 +204,17 @@ def _grads(outputs, inputs, grad_outputs, k: int, batched: bool):
         return [torch.zeros((k,) + tuple(x.shape), dtype=x.dtype, device=x.device) for x in inputs]
     outs, gouts = [p[0] for p in pairs], [p[1] for p in pairs]
     if batched and k > 1:
-        res = torch.autograd.grad(outs, inputs, gouts, retain_graph=True, is_grads_batched=True,
-                                  allow_unused=True)
+        res = torch.autograd.grad(outs, inputs, gouts, retain_graph=True, is_grads_batched=True, allow_unused=True)
     else:
-        cols = [torch.autograd.grad(outs, inputs, [g[j] for g in gouts], retain_graph=True,
-                                    allow_unused=True) for j in range(k)]
+        cols = [
+            torch.autograd.grad(outs, inputs, [g[j] for g in gouts], retain_graph=True, allow_unused=True)
+            for j in range(k)
+        ]
         res = [None if c[0] is None else torch.stack(c) for c in zip(*cols)]
-    return [torch.zeros((k,) + tuple(x.shape), dtype=x.dtype, device=x.device) if r is None else r.detach()
-            for r, x in zip(res, inputs)]
+    return [
+        torch.zeros((k,) + tuple(x.shape), dtype=x.dtype, device=x.device) if r is None else r.detach()
+        for r, x in zip(res, inputs)
+    ]
 
 
 class _Engine:
@@ -225,7 +243,7 @@ class _Engine:
 
     def mixed(self, V: torch.Tensor) -> torch.Tensor:
         """``∂²J/∂θ∂δ V`` (all parameters) for ``V`` of shape ``(N·D, k)``: ``(P, k)``."""
-        out, = self._run(self.g_delta, [self.theta], self.layout.split(V), V.shape[1])
+        (out,) = self._run(self.g_delta, [self.theta], self.layout.split(V), V.shape[1])
         return self.objective.finish(out.T, self.n)
 
     def mixed_t(self, W: torch.Tensor) -> torch.Tensor:
@@ -251,11 +269,13 @@ class _Matrix:
         elif V.shape[1] <= c:
             out = self._apply(V)
         else:
-            out = torch.cat([self._apply(V[:, i:i + c]) for i in range(0, V.shape[1], c)], dim=1)
+            out = torch.cat([self._apply(V[:, i : i + c]) for i in range(0, V.shape[1], c)], dim=1)
         if not all_finite(out):
-            raise NonFiniteError("the product is NaN or Inf: a second derivative of the cost with respect to "
-                                 "the inputs / activations is not finite here (e.g. sqrt or log at 0, "
-                                 "overflow in float32); check the data and the model")
+            raise NonFiniteError(
+                "the product is NaN or Inf: a second derivative of the cost with respect to "
+                "the inputs / activations is not finite here (e.g. sqrt or log at 0, "
+                "overflow in float32); check the data and the model"
+            )
         return out[:, 0] if v.ndim == 1 else out
 
     matmul = __matmul__
@@ -265,12 +285,20 @@ class _Matrix:
         rows, cols = self.shape
         fingerprint = getattr(self, "fingerprint", None)
         if rows == cols and fingerprint is not None:
-            return identity_columns(self._apply, rows, dtype=self.dtype, device=self.device,
-                                    chunk=column_chunk(rows), checkpoint=checkpoint,
-                                    identity={"operator": fingerprint()}, progress=progress)
+            return identity_columns(
+                self._apply,
+                rows,
+                dtype=self.dtype,
+                device=self.device,
+                chunk=column_chunk(rows),
+                checkpoint=checkpoint,
+                identity={"operator": fingerprint()},
+                progress=progress,
+            )
         if checkpoint is not None:
-            raise InputError("checkpoints are for the square operators (R.operator); "
-                             "call to_dense() without checkpoint=")
+            raise InputError(
+                "checkpoints are for the square operators (R.operator); call to_dense() without checkpoint="
+            )
         c, parts = column_chunk(max(rows, cols)), []
         for start in range(0, cols, c):
             E = torch.zeros(cols, min(c, cols - start), dtype=self.dtype, device=self.device)
@@ -286,6 +314,7 @@ class _Matrix:
         def mv(x):
             t = torch.from_numpy(np.ascontiguousarray(x)).to(device=self.device, dtype=self.dtype)
             return (self @ t).detach().cpu().double().numpy()
+
         return LinearOperator(self.shape, matvec=mv, matmat=mv, dtype=np.float64)
 
 
@@ -319,8 +348,10 @@ class InputHessianOperator(_Matrix):
 
     def __repr__(self) -> str:
         lay = self.sample_layout
-        return (f"InputHessianOperator(N={lay.N}, D={lay.D}, at={self._perturbed.at!r}, "
-                f"dtype={str(self.dtype).replace('torch.', '')}, device={self.device})")
+        return (
+            f"InputHessianOperator(N={lay.N}, D={lay.D}, at={self._perturbed.at!r}, "
+            f"dtype={str(self.dtype).replace('torch.', '')}, device={self.device})"
+        )
 
 
 class MixedHessian(_Matrix):
@@ -339,8 +370,10 @@ class MixedHessian(_Matrix):
             wanted = select_parameters(obj.model, params)
             names = [n for n in obj.layout.names if n in wanted]
             if not names:
-                raise InputError(f"none of {params!r} is among the objective's parameters "
-                                 f"({', '.join(obj.layout.names)}); pass params= to input_hessian too")
+                raise InputError(
+                    f"none of {params!r} is among the objective's parameters "
+                    f"({', '.join(obj.layout.names)}); pass params= to input_hessian too"
+                )
             self.layout = obj.layout.subset(names)
         self._rows = obj.layout.indices(self.layout.names).to(obj.device)
         self._engine, self._square = engine, square
@@ -356,6 +389,7 @@ class MixedHessian(_Matrix):
             Wf = torch.zeros(full, W.shape[1], dtype=W.dtype, device=W.device)
             Wf[self._rows] = W
             return self._engine.mixed_t(Wf)
+
         return _Matrix((self.shape[1], self.shape[0]), self.dtype, self.device, apply)
 
     def fingerprint(self) -> str:

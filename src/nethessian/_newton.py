@@ -21,6 +21,7 @@ The caller's model is never changed: every iterate is evaluated on one
 ``Objective`` (a snapshot of the model) through ``QuadraticModel.at(θ)``, and
 ``NewtonResult.apply(model)`` writes the result back when asked to.
 """
+
 from __future__ import annotations
 
 import math
@@ -47,17 +48,17 @@ class NewtonIteration:
     """One attempted step from θ_k (rejected attempts repeat ``iteration``)."""
 
     iteration: int
-    value: float                 # J(θ_k)
-    gradient_norm: float         # ‖g_k‖
-    damping: float               # λ = μ‖g_k‖
-    step_norm: float             # ‖d‖ (nan when the solve was refused)
-    predicted_decrease: float    # J − q(d)
-    actual_decrease: float       # J(θ_k) − J(θ_k + d)
-    ratio: float                 # ρ; nan when the decrease is below rounding (step accepted)
+    value: float  # J(θ_k)
+    gradient_norm: float  # ‖g_k‖
+    damping: float  # λ = μ‖g_k‖
+    step_norm: float  # ‖d‖ (nan when the solve was refused)
+    predicted_decrease: float  # J − q(d)
+    actual_decrease: float  # J(θ_k) − J(θ_k + d)
+    ratio: float  # ρ; nan when the decrease is below rounding (step accepted)
     accepted: bool
     solver_status: str
     solver_iterations: int
-    solver_residual: float       # true ‖(H + λI)d + g‖ / ‖g‖
+    solver_residual: float  # true ‖(H + λI)d + g‖ / ‖g‖
 
 
 @dataclass(frozen=True, eq=False)
@@ -94,8 +95,10 @@ class NewtonResult:
         named = dict(model.named_parameters())
         for name, value in self.params.items():
             if name not in named or tuple(named[name].shape) != tuple(value.shape):
-                raise InputError(f"model has no parameter {name!r} of shape {tuple(value.shape)}; "
-                                 f"apply() needs the model newton() was run on")
+                raise InputError(
+                    f"model has no parameter {name!r} of shape {tuple(value.shape)}; "
+                    f"apply() needs the model newton() was run on"
+                )
         with torch.no_grad():
             for name, value in self.params.items():
                 named[name].copy_(value)
@@ -114,13 +117,21 @@ class NewtonResult:
             rho = "   —  " if math.isnan(h.ratio) else f"{h.ratio:6.3f}"
             pred = "—" if math.isnan(h.predicted_decrease) else f"{h.predicted_decrease:.3e}"
             act = "—" if math.isnan(h.actual_decrease) else f"{h.actual_decrease:.3e}"
-            mark = "" if h.accepted else f"  rejected ({h.solver_status})" if h.solver_status != "converged" \
+            mark = (
+                ""
+                if h.accepted
+                else f"  rejected ({h.solver_status})"
+                if h.solver_status != "converged"
                 else "  rejected"
+            )
             dn = "—" if math.isnan(h.step_norm) else f"{h.step_norm:.1e}"
-            rows.append(f"{h.iteration:>4}  {h.value:10.3e}  {pred:>10}  {act:>10}  {rho}  {h.damping:8.1e}  "
-                        f"{h.gradient_norm:9.2e}  {dn:>8}{mark}")
-        rows.append(f"{self.num_steps:>4}  {self.value:10.3e}  {'':>10}  {'':>10}  {'':6}  {'':8}  "
-                    f"{self.gradient_norm:9.2e}")
+            rows.append(
+                f"{h.iteration:>4}  {h.value:10.3e}  {pred:>10}  {act:>10}  {rho}  {h.damping:8.1e}  "
+                f"{h.gradient_norm:9.2e}  {dn:>8}{mark}"
+            )
+        rows.append(
+            f"{self.num_steps:>4}  {self.value:10.3e}  {'':>10}  {'':>10}  {'':6}  {'':8}  {self.gradient_norm:9.2e}"
+        )
         rows.append(self.message)
         return "\n".join(rows)
 
@@ -128,10 +139,15 @@ class NewtonResult:
 
     def to_dict(self) -> Dict[str, Any]:
         """Plain Python types only, ready for ``json.dumps``."""
-        return {"params": {n: t.detach().cpu().double().tolist() for n, t in self.params.items()},
-                "value": self.value, "gradient_norm": self.gradient_norm, "converged": self.converged,
-                "num_steps": self.num_steps, "message": self.message,
-                "history": [dict(h.__dict__) for h in self.history]}
+        return {
+            "params": {n: t.detach().cpu().double().tolist() for n, t in self.params.items()},
+            "value": self.value,
+            "gradient_norm": self.gradient_norm,
+            "converged": self.converged,
+            "num_steps": self.num_steps,
+            "message": self.message,
+            "history": [dict(h.__dict__) for h in self.history],
+        }
 
 
 def _check(max_steps, gtol, damping, min_factor, max_retries, maxiter):
@@ -156,8 +172,9 @@ def _attempt(q: QuadraticModel, k: int, lam: float, tol: float, maxiter):
         if step.negative_curvature_direction is not None:
             p = step.negative_curvature_direction
             neg = -float(torch.dot(p.double(), (q.operator @ p).double()))
-        rec = NewtonIteration(k, q.value, q.gradient_norm, lam, nan, nan, nan, nan, False,
-                              res.status, res.iterations, res.final_residual)
+        rec = NewtonIteration(
+            k, q.value, q.gradient_norm, lam, nan, nan, nan, nan, False, res.status, res.iterations, res.final_residual
+        )
         return rec, None, neg
     J_new = q.cost(step.step)
     actual, pred = q.value - J_new, step.predicted_decrease
@@ -169,29 +186,57 @@ def _attempt(q: QuadraticModel, k: int, lam: float, tol: float, maxiter):
     else:
         rho = actual / pred
         ok = rho > 0
-    rec = NewtonIteration(k, q.value, q.gradient_norm, lam, step.step_norm, pred, actual, rho, ok,
-                          res.status, res.iterations, res.final_residual)
+    rec = NewtonIteration(
+        k,
+        q.value,
+        q.gradient_norm,
+        lam,
+        step.step_norm,
+        pred,
+        actual,
+        rho,
+        ok,
+        res.status,
+        res.iterations,
+        res.final_residual,
+    )
     return rec, (step if ok else None), None
 
 
 def _start(model, loss_fn, data, params, reduction, allow_random) -> QuadraticModel:
     """The Taylor model Newton starts from: built here, or the one (or the operator) given."""
     if isinstance(model, (QuadraticModel, HessianOperator)):
-        given = [n for n, v in (("loss_fn", loss_fn), ("data", data), ("params", params),
-                                ("reduction", reduction)) if v is not None] + (["allow_random"] if allow_random else [])
+        given = [
+            n
+            for n, v in (("loss_fn", loss_fn), ("data", data), ("params", params), ("reduction", reduction))
+            if v is not None
+        ] + (["allow_random"] if allow_random else [])
         if given:
-            raise InputError(f"newton got a {type(model).__name__}, which already fixes the problem; "
-                             f"leave out {', '.join(given)}")
+            raise InputError(
+                f"newton got a {type(model).__name__}, which already fixes the problem; leave out {', '.join(given)}"
+            )
         return model if isinstance(model, QuadraticModel) else QuadraticModel.from_operator(model)
     if loss_fn is None or data is None:
         raise InputError("newton needs (model, loss_fn, data), or a QuadraticModel / HessianOperator")
     return QuadraticModel(model, loss_fn, data, params, reduction=reduction, allow_random=allow_random)
 
 
-def newton(model, loss_fn: Optional[Callable] = None, data=None, params: Optional[Sequence[str]] = None, *,
-           max_steps: int = 50, gtol: float = 1e-10, damping: float = 1e-3, min_factor: float = 1e-8,
-           max_retries: int = 30, maxiter: Optional[int] = None, reduction=None, allow_random: bool = False,
-           callback: Optional[Callable[[NewtonIteration], Any]] = None) -> NewtonResult:
+def newton(
+    model,
+    loss_fn: Optional[Callable] = None,
+    data=None,
+    params: Optional[Sequence[str]] = None,
+    *,
+    max_steps: int = 50,
+    gtol: float = 1e-10,
+    damping: float = 1e-3,
+    min_factor: float = 1e-8,
+    max_retries: int = 30,
+    maxiter: Optional[int] = None,
+    reduction=None,
+    allow_random: bool = False,
+    callback: Optional[Callable[[NewtonIteration], Any]] = None,
+) -> NewtonResult:
     """Minimise J by damped Newton steps ``(H + λI) d = −g``, λ = μ‖g‖ (see the module docstring).
 
     Args:
@@ -234,7 +279,8 @@ def newton(model, loss_fn: Optional[Callable] = None, data=None, params: Optiona
     True
     """
     max_steps, max_retries, gtol, damping, min_factor, maxiter = _check(
-        max_steps, gtol, damping, min_factor, max_retries, maxiter)
+        max_steps, gtol, damping, min_factor, max_retries, maxiter
+    )
     q = _start(model, loss_fn, data, params, reduction, allow_random)
     layout, history, steps = q.layout, [], 0
     mu = damping / max(q.gradient_norm, 1e-300)
@@ -244,8 +290,13 @@ def newton(model, loss_fn: Optional[Callable] = None, data=None, params: Optiona
             converged, msg = True, f"converged: ‖g‖ = {gn:.3e} ≤ gtol = {gtol:g} after {steps} steps"
             break
         if steps >= max_steps:
-            converged, msg = False, (f"not converged: ‖g‖ = {gn:.3e} > gtol = {gtol:g} after max_steps = "
-                                     f"{max_steps} steps; raise max_steps or loosen gtol")
+            converged, msg = (
+                False,
+                (
+                    f"not converged: ‖g‖ = {gn:.3e} > gtol = {gtol:g} after max_steps = "
+                    f"{max_steps} steps; raise max_steps or loosen gtol"
+                ),
+            )
             break
         step, rec = None, None
         for _ in range(max_retries + 1):
@@ -257,16 +308,20 @@ def newton(model, loss_fn: Optional[Callable] = None, data=None, params: Optiona
                 break
             mu = max(_REJECT * mu, 2 * neg / gn) if neg is not None else _REJECT * mu
         if step is None:
-            converged, msg = False, (f"not converged: {max_retries + 1} attempts from step {steps} were all "
-                                     f"rejected (last: {rec.solver_status}, λ = {rec.damping:.3e}); the cost "
-                                     "may be non-smooth or non-finite here")
+            converged, msg = (
+                False,
+                (
+                    f"not converged: {max_retries + 1} attempts from step {steps} were all "
+                    f"rejected (last: {rec.solver_status}, λ = {rec.damping:.3e}); the cost "
+                    "may be non-smooth or non-finite here"
+                ),
+            )
             break
         if not math.isnan(rec.ratio):
             mu = max(mu / _SHRINK, min_factor) if rec.ratio > 0.75 else mu * _GROW if rec.ratio < 0.25 else mu
         q = q.at(q.theta + step.step)  # the same objective at the new θ: nothing rebuilt
         steps += 1
-    result = NewtonResult(q.theta.clone(), q.value, q.gradient_norm, converged, steps, tuple(history), msg,
-                          layout)
+    result = NewtonResult(q.theta.clone(), q.value, q.gradient_norm, converged, steps, tuple(history), msg, layout)
     if not converged:
         warnings.warn(msg, NotConvergedWarning, stacklevel=2)
     return result

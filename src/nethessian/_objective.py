@@ -16,6 +16,7 @@ re-validated); ``fingerprint()`` is a sha256 of everything the numbers depend on
 into whole-data-set ones (batch weights, and the data-parallel all-reduce);
 its ``local_sum`` checks every batch's loss for NaN/Inf.
 """
+
 from __future__ import annotations
 
 import copy
@@ -42,16 +43,22 @@ def math_attention():
     """Context that routes scaled_dot_product_attention to its twice-differentiable math kernel."""
     try:
         from torch.nn.attention import SDPBackend, sdpa_kernel
+
         return sdpa_kernel(SDPBackend.MATH)
     except ImportError:  # torch < 2.3
-        return torch.backends.cuda.sdp_kernel(enable_flash=False, enable_mem_efficient=False,
-                                              enable_math=True)
+        return torch.backends.cuda.sdp_kernel(enable_flash=False, enable_mem_efficient=False, enable_math=True)
 
-_INFERENCE_MODE = ("nethessian cannot differentiate inside torch.inference_mode(); call it outside "
-                   "that context (torch.no_grad() is fine)")
 
-_ALL_IGNORED = ("every target is ignored (zero loss terms): the mean cost is undefined; check "
-                "ignore_index and the targets (or use reduction='sum')")
+_INFERENCE_MODE = (
+    "nethessian cannot differentiate inside torch.inference_mode(); call it outside "
+    "that context (torch.no_grad() is fine)"
+)
+
+_ALL_IGNORED = (
+    "every target is ignored (zero loss terms): the mean cost is undefined; check "
+    "ignore_index and the targets (or use reduction='sum')"
+)
+
 
 def _output_tensor(raw: Any) -> Any:
     """The tensor a loss takes: the output itself, or its ``.logits`` (a Hugging Face model output)."""
@@ -81,8 +88,17 @@ def _with_labels(batch: Batch) -> Dict[str, Any]:
     return {**batch.inputs, "labels": batch.targets}
 
 
-_ELEMENTWISE = (nn.MSELoss, nn.L1Loss, nn.SmoothL1Loss, nn.HuberLoss, nn.BCELoss,
-                nn.BCEWithLogitsLoss, nn.SoftMarginLoss, nn.KLDivLoss, nn.PoissonNLLLoss)
+_ELEMENTWISE = (
+    nn.MSELoss,
+    nn.L1Loss,
+    nn.SmoothL1Loss,
+    nn.HuberLoss,
+    nn.BCELoss,
+    nn.BCEWithLogitsLoss,
+    nn.SoftMarginLoss,
+    nn.KLDivLoss,
+    nn.PoissonNLLLoss,
+)
 
 
 class Objective:
@@ -103,16 +119,26 @@ class Objective:
             model's, but float32 for a bf16/fp16 model when the copy fits; see ``_precision``).
     """
 
-    def __init__(self, model: nn.Module, loss_fn: Optional[Callable], data,
-                 params: Optional[Sequence[str]] = None, *, reduction=None, allow_random: bool = False,
-                 dtype: Optional[torch.dtype] = None):
+    def __init__(
+        self,
+        model: nn.Module,
+        loss_fn: Optional[Callable],
+        data,
+        params: Optional[Sequence[str]] = None,
+        *,
+        reduction=None,
+        allow_random: bool = False,
+        dtype: Optional[torch.dtype] = None,
+    ):
         if not isinstance(model, nn.Module):
             raise InputError(f"model must be a torch.nn.Module, got {type(model).__name__}")
         if loss_fn is None:
             loss_fn = ModelLoss()
         if not callable(loss_fn):
-            raise InputError("loss_fn must be callable as loss_fn(outputs, targets) -> scalar, or None "
-                             "for a model that returns its own .loss")
+            raise InputError(
+                "loss_fn must be callable as loss_fn(outputs, targets) -> scalar, or None "
+                "for a model that returns its own .loss"
+            )
         self.model, self.loss_fn = model, loss_fn
         with dist.agreeing():  # a local failure on one rank stops every rank, with its message
             self._build(model, params, data, reduction, allow_random, dtype)
@@ -126,8 +152,10 @@ class Objective:
         check_model_state(model, chosen)
         devices = {p.device for p in chosen.values()}
         if len(devices) > 1:
-            raise InputError(f"parameters are on several devices {sorted(map(str, devices))}; "
-                             "move the model to one device with model.to(device) first")
+            raise InputError(
+                f"parameters are on several devices {sorted(map(str, devices))}; "
+                "move the model to one device with model.to(device) first"
+            )
         self.model_dtype, self.device = next(iter(chosen.values())).dtype, devices.pop()
         numel = sum(t.numel() for t in [*model.parameters(), *model.buffers()] if t.is_floating_point())
         self.dtype = choose_dtype(self.model_dtype, dtype, numel, self.device)
@@ -212,7 +240,9 @@ class Objective:
             leaf = (self.theta0 if theta is None else theta).detach().clone().requires_grad_(True)
             return leaf, self.params_dict(leaf)
 
-    def call_model(self, named: Dict[str, torch.Tensor], inputs, buffers: Optional[Dict[str, torch.Tensor]] = None) -> Any:
+    def call_model(
+        self, named: Dict[str, torch.Tensor], inputs, buffers: Optional[Dict[str, torch.Tensor]] = None
+    ) -> Any:
         """The model's raw output with ``named`` parameters; buffers cloned (running stats untouched).
 
         Attention runs on the "math" kernel: the fused flash / memory-efficient
@@ -289,8 +319,9 @@ class Objective:
         """
         return self.finish(*self.local_sum(fn))
 
-    def local_sum(self, fn: Callable[[Batch], Tuple[Any, float]], *, what: Optional[str] = None,
-                  hash_data: bool = False) -> Tuple[Any, float]:
+    def local_sum(
+        self, fn: Callable[[Batch], Tuple[Any, float]], *, what: Optional[str] = None, hash_data: bool = False
+    ) -> Tuple[Any, float]:
         """This process's weighted sum ``Σ_b w_b value_b`` and term count ``Σ_b c_b``.
 
         With ``what`` ("loss", "loss or gradient"), or when the value is a scalar (a batch's
@@ -347,9 +378,11 @@ class Objective:
         theta = self.theta0 if theta is None else theta
         named = self.params_dict(theta)
         with torch.no_grad():
+
             def fn(b):
                 loss, out = self.batch_loss(named, b)
                 return loss.double(), self.count(out, b.targets)
+
             return float(self.finish(*self.local_sum(fn, what="loss")))
 
     def value_and_grad(self, theta: Optional[torch.Tensor] = None) -> Tuple[float, torch.Tensor]:
@@ -358,7 +391,7 @@ class Objective:
         def fn(b):
             with torch.enable_grad():
                 loss, out = self.batch_loss(named, b)
-                g, = torch.autograd.grad(loss, theta, allow_unused=True)
+                (g,) = torch.autograd.grad(loss, theta, allow_unused=True)
             g = torch.zeros_like(theta) if g is None else g
             return torch.cat([loss.detach().double().reshape(1), g.double()]), self.count(out, b.targets)
 
@@ -367,4 +400,3 @@ class Objective:
 
     def gradient(self, theta: Optional[torch.Tensor] = None) -> torch.Tensor:
         return self.value_and_grad(theta)[1]
-

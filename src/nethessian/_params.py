@@ -4,6 +4,7 @@ Operators and ``linalg`` work on flat ``(P,)`` vectors; everything a user sees
 (blocks, diagonals, eigenvectors) is keyed by parameter name through one layout.
 Parameters are flattened row-major, in the order of ``names``.
 """
+
 from __future__ import annotations
 
 import fnmatch
@@ -64,9 +65,7 @@ class ParamLayout:
         try:
             return self.names.index(name)
         except ValueError:
-            raise InputError(
-                f"unknown parameter name {name!r}; known names: {', '.join(self.names)}"
-            ) from None
+            raise InputError(f"unknown parameter name {name!r}; known names: {', '.join(self.names)}") from None
 
     def slice(self, name: str) -> slice:
         i = self.index(name)
@@ -79,9 +78,7 @@ class ParamLayout:
     def unflatten(self, flat: torch.Tensor) -> Dict[str, torch.Tensor]:
         """Split a ``(P,)`` or ``(P, k)`` tensor into named views of natural shape (+ ``(k,)``)."""
         if flat.shape[0] != self.size:
-            raise InputError(
-                f"vector has length {flat.shape[0]} but the parameters have {self.size} entries"
-            )
+            raise InputError(f"vector has length {flat.shape[0]} but the parameters have {self.size} entries")
         tail = tuple(flat.shape[1:])
         parts = torch.split(flat, list(self.numels), dim=0)
         return {n: p.reshape(s + tail) for n, p, s in zip(self.names, parts, self.shapes)}
@@ -93,9 +90,7 @@ class ParamLayout:
         """
         unknown = set(named) - set(self.names)
         if unknown:
-            raise InputError(
-                f"unknown parameter name(s) {sorted(unknown)}; known names: {', '.join(self.names)}"
-            )
+            raise InputError(f"unknown parameter name(s) {sorted(unknown)}; known names: {', '.join(self.names)}")
         ref = next(iter(named.values()), None)
         parts = []
         for n, s in zip(self.names, self.shapes):
@@ -134,8 +129,7 @@ def select_parameters(
         chosen = {n: p for n, p in named.items() if p.requires_grad}
         if not chosen:
             raise InputError(
-                "the model has no parameter with requires_grad=True; "
-                "pass params=[...] to choose parameters explicitly"
+                "the model has no parameter with requires_grad=True; pass params=[...] to choose parameters explicitly"
             )
         return chosen
     if isinstance(params, str):
@@ -152,8 +146,7 @@ def select_parameters(
         hits = [n for n in named if n == pat or fnmatch.fnmatchcase(n, pat)]
         if not hits:
             raise InputError(
-                f"no parameter matches {pat!r}; the model's parameters are: "
-                f"{', '.join(named) or '(none)'}"
+                f"no parameter matches {pat!r}; the model's parameters are: {', '.join(named) or '(none)'}"
             )
         chosen_names.update(hits)
     return {n: p for n, p in named.items() if n in chosen_names}

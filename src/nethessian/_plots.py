@@ -8,6 +8,7 @@ matplotlib is imported inside the functions, so ``import nethessian`` stays ligh
 Colours follow one rule everywhere: red is positive curvature, blue negative
 (a diverging map centred at 0).
 """
+
 from __future__ import annotations
 
 import io
@@ -18,8 +19,17 @@ from typing import Mapping, Optional, Sequence, Tuple
 
 import torch
 
-__all__ = ["hessian_heatmap", "eigenvalue_plot", "block_trace_plot", "density_plot",
-           "quadratic_plot", "save", "png_bytes", "POSITIVE", "NEGATIVE"]
+__all__ = [
+    "hessian_heatmap",
+    "eigenvalue_plot",
+    "block_trace_plot",
+    "density_plot",
+    "quadratic_plot",
+    "save",
+    "png_bytes",
+    "POSITIVE",
+    "NEGATIVE",
+]
 
 POSITIVE, NEGATIVE, INK = "#c0392b", "#2763b8", "#222222"
 
@@ -71,15 +81,17 @@ def _symlog_ticks(linthresh: float, top: float) -> list:
     [-0.1, -0.01, -0.001, 0.0, 0.001, 0.01, 0.1]
     """
     lo, hi = math.ceil(math.log10(linthresh)), math.floor(math.log10(top))
-    decades = [10.0 ** k for k in range(lo, hi + 1)]
+    decades = [10.0**k for k in range(lo, hi + 1)]
     if len(decades) > 5:  # keep the axis readable
-        decades = decades[::-(-len(decades) // 5)]
+        decades = decades[:: -(-len(decades) // 5)]
     return [-d for d in decades[::-1]] + [0.0] + decades
 
 
 def _side_ticks(linthresh: float, top: float) -> list:
-    """Ticks for one side of a symmetric-log axis: up to 5 decades in [linthresh, top], the largest kept;
-    when no decade falls there, the side's extreme rounded down to one significant digit.
+    """Ticks for one side of a symmetric-log axis.
+
+    Up to 5 decades in [linthresh, top], the largest kept; when no decade falls there,
+    the side's extreme rounded down to one significant digit.
 
     >>> _side_ticks(1e-5, 3e-3)
     [1e-05, 0.0001, 0.001]
@@ -91,13 +103,13 @@ def _side_ticks(linthresh: float, top: float) -> list:
     if top <= 0:
         return []
     lo, hi = math.ceil(math.log10(linthresh)), math.floor(math.log10(top))
-    decades = [10.0 ** k for k in range(lo, hi + 1)]
+    decades = [10.0**k for k in range(lo, hi + 1)]
     if len(decades) > 5:
-        decades = decades[::-1][::-(-len(decades) // 5)][::-1]
+        decades = decades[::-1][:: -(-len(decades) // 5)][::-1]
     if decades:
         return decades
     k = math.floor(math.log10(top))
-    return [math.floor(top / 10.0 ** k) * 10.0 ** k]
+    return [math.floor(top / 10.0**k) * 10.0**k]
 
 
 def _tick_label(v: float) -> str:
@@ -119,15 +131,24 @@ def _wide_range(values, ratio: float = 100.0) -> bool:
 def _entry_labels(layout) -> list:
     out = []
     for name, shape in zip(layout.names, layout.shapes):
-        for idx in (torch.cartesian_prod(*[torch.arange(s) for s in shape]).reshape(-1, len(shape)).tolist()
-                    if len(shape) > 1 else [[i] for i in range(math.prod(shape))]):
+        for idx in (
+            torch.cartesian_prod(*[torch.arange(s) for s in shape]).reshape(-1, len(shape)).tolist()
+            if len(shape) > 1
+            else [[i] for i in range(math.prod(shape))]
+        ):
             out.append(f"{name}[{','.join(map(str, idx))}]")
     return out
 
 
-def hessian_heatmap(H, *, block_labels: Optional[Mapping[Tuple[str, str], str]] = None,
-                    scale: str = "symlog", annotate: Optional[bool] = None,
-                    title: Optional[str] = None, caption: Optional[str] = None):
+def hessian_heatmap(
+    H,
+    *,
+    block_labels: Optional[Mapping[Tuple[str, str], str]] = None,
+    scale: str = "symlog",
+    annotate: Optional[bool] = None,
+    title: Optional[str] = None,
+    caption: Optional[str] = None,
+):
     """Heatmap of a ``BlockHessian`` with its parameter blocks outlined and named.
 
     Args:
@@ -157,8 +178,17 @@ def hessian_heatmap(H, *, block_labels: Optional[Mapping[Tuple[str, str], str]] 
         _annotate_cells(ax, M, norm, corners)
     for (r, c), label in (block_labels or {}).items():
         y0, x0 = lay.offsets[lay.index(r)] - 0.5, lay.offsets[lay.index(c)] - 0.5
-        ax.text(x0 + 0.12, y0 + 0.12, label, ha="left", va="top", fontsize=12, fontweight="bold",
-                color=INK, bbox=dict(boxstyle="round,pad=0.22", fc="white", ec=INK, lw=0.8, alpha=0.92))
+        ax.text(
+            x0 + 0.12,
+            y0 + 0.12,
+            label,
+            ha="left",
+            va="top",
+            fontsize=12,
+            fontweight="bold",
+            color=INK,
+            bbox=dict(boxstyle="round,pad=0.22", fc="white", ec=INK, lw=0.8, alpha=0.92),
+        )
     if title:
         ax.set_title(title, fontsize=11, pad=8)
     if caption:
@@ -204,8 +234,16 @@ def _annotate_cells(ax, M: torch.Tensor, norm, corners) -> None:
             v = float(M[i, j])
             dark = abs(norm(v) - 0.5) > 0.32
             text = f"{v:+.4f}" if abs(v) >= 1e-4 or v == 0 else f"{v:+.0e}"
-            ax.text(j, i + (0.2 if (i, j) in corners else 0.0), text, ha="center",
-                    va="center", fontsize=6.6, color="white" if dark else INK, family="monospace")
+            ax.text(
+                j,
+                i + (0.2 if (i, j) in corners else 0.0),
+                text,
+                ha="center",
+                va="center",
+                fontsize=6.6,
+                color="white" if dark else INK,
+                family="monospace",
+            )
 
 
 def eigenvalue_plot(eigenvalues, *, smallest=None, title: Optional[str] = None, k_label: str = ""):
@@ -249,8 +287,9 @@ def eigenvalue_plot(eigenvalues, *, smallest=None, title: Optional[str] = None, 
     wide = _wide_range(allv)
     if wide:  # small eigenvalues stay visible next to the outliers
         ax.set_yscale("symlog", linthresh=lin)
-        ticks = [-t for t in _side_ticks(lin, float(-allv.min()))[::-1]] + [0.0] + \
-            _side_ticks(lin, float(allv.max()))  # each side labelled on its own
+        ticks = (
+            [-t for t in _side_ticks(lin, float(-allv.min()))[::-1]] + [0.0] + _side_ticks(lin, float(allv.max()))
+        )  # each side labelled on its own
         ax.set_yticks(ticks, [_tick_label(t) for t in ticks])
         ax.yaxis.set_minor_locator(NullLocator())
         ax.set_ylim(-1.4 * max(float(-allv.min()), lin), 1.4 * max(float(allv.max()), lin))
@@ -272,8 +311,15 @@ def block_trace_plot(estimate, *, title: Optional[str] = None):
     ax.grid(False, axis="y")
     ys = list(range(len(names)))[::-1]
     colours = [POSITIVE if v >= 0 else NEGATIVE for v in vals]
-    ax.barh(ys, vals, xerr=errs if any(errs) else None, color=colours, alpha=0.85, height=0.62,
-            error_kw=dict(ecolor=INK, capsize=4, lw=1.2))
+    ax.barh(
+        ys,
+        vals,
+        xerr=errs if any(errs) else None,
+        color=colours,
+        alpha=0.85,
+        height=0.62,
+        error_kw=dict(ecolor=INK, capsize=4, lw=1.2),
+    )
     ax.set_yticks(ys, names, fontsize=9, family="monospace")
     ax.axvline(0, color=INK, lw=0.9)
     span = max(max(abs(v) + e for v, e in zip(vals, errs)), 1e-300)
@@ -285,10 +331,14 @@ def block_trace_plot(estimate, *, title: Optional[str] = None):
         end = max(v + e, 0.0)
         ax.text(end + 0.02 * span, y, txt, va="center", ha="left", fontsize=8.5, family="monospace")
     exact = estimate.method == "exact"
-    ax.set_xlabel("trace of the diagonal block" + ("" if exact else " (error bars: ±1 standard error)"),
-                  fontsize=9)
-    ax.set_title(title or f"tr H by parameter block: total {estimate.value:.5g}"
-                 + ("" if exact else f" ± {estimate.stderr:.2g}") + f" ({estimate.method})", fontsize=10.5)
+    ax.set_xlabel("trace of the diagonal block" + ("" if exact else " (error bars: ±1 standard error)"), fontsize=9)
+    ax.set_title(
+        title
+        or f"tr H by parameter block: total {estimate.value:.5g}"
+        + ("" if exact else f" ± {estimate.stderr:.2g}")
+        + f" ({estimate.method})",
+        fontsize=10.5,
+    )
     return fig
 
 
@@ -316,8 +366,14 @@ def density_plot(density, *, eigenvalues=None, log: Optional[bool] = None, title
         lam = torch.as_tensor(eigenvalues, dtype=torch.float64).flatten()
         few = lam.numel() <= 50
         for v in lam.tolist():
-            ax.axvline(v, ymin=0, ymax=0.06, color=POSITIVE if v > 0 else NEGATIVE, lw=1.6 if few else 0.5,
-                       alpha=1.0 if few else 0.5)
+            ax.axvline(
+                v,
+                ymin=0,
+                ymax=0.06,
+                color=POSITIVE if v > 0 else NEGATIVE,
+                lw=1.6 if few else 0.5,
+                alpha=1.0 if few else 0.5,
+            )
     ax.set_xlabel("eigenvalue λ", fontsize=9)
     ax.set_ylabel("density" + (" (log)" if log else ""), fontsize=9)
     ax.set_title(title or "spectral density", fontsize=10.5)

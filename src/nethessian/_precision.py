@@ -8,6 +8,7 @@ parameters and buffers (the user's model is not touched) when that copy fits in
 memory; otherwise in the model's own precision, and every result says so
 (``precision_note``). An explicit ``dtype=`` decides instead.
 """
+
 from __future__ import annotations
 
 import logging
@@ -49,8 +50,9 @@ def free_bytes(device: torch.device) -> Optional[int]:
     return None
 
 
-def choose_dtype(model_dtype: torch.dtype, requested: Optional[torch.dtype], numel: int,
-                 device: torch.device) -> torch.dtype:
+def choose_dtype(
+    model_dtype: torch.dtype, requested: Optional[torch.dtype], numel: int, device: torch.device
+) -> torch.dtype:
     """The compute dtype: ``requested`` if given, else float32 for a half model whose copy fits.
 
     Args:
@@ -69,13 +71,24 @@ def choose_dtype(model_dtype: torch.dtype, requested: Optional[torch.dtype], num
         return model_dtype
     need, free = _COPIES * 4 * numel, free_bytes(device)
     if free is None or need <= free:
-        log.warning("nethessian: the model is %s; computing in float32 on a float32 copy of its parameters "
-                    "(%.3g GB; the model is unchanged). Pass dtype=torch.%s to compute in %s instead",
-                    _name(model_dtype), 4 * numel / 1e9, _name(model_dtype), _name(model_dtype))
+        log.warning(
+            "nethessian: the model is %s; computing in float32 on a float32 copy of its parameters "
+            "(%.3g GB; the model is unchanged). Pass dtype=torch.%s to compute in %s instead",
+            _name(model_dtype),
+            4 * numel / 1e9,
+            _name(model_dtype),
+            _name(model_dtype),
+        )
         return torch.float32
-    log.warning("nethessian: a float32 copy of the %s model needs about %.3g GB and %.3g GB are free; "
-                "computing in %s (products off by %s relative; results carry a precision_note)",
-                _name(model_dtype), need / 1e9, free / 1e9, _name(model_dtype), MEASURED[model_dtype])
+    log.warning(
+        "nethessian: a float32 copy of the %s model needs about %.3g GB and %.3g GB are free; "
+        "computing in %s (products off by %s relative; results carry a precision_note)",
+        _name(model_dtype),
+        need / 1e9,
+        free / 1e9,
+        _name(model_dtype),
+        MEASURED[model_dtype],
+    )
     return model_dtype
 
 
@@ -83,6 +96,7 @@ def precision_note(dtype: torch.dtype) -> Optional[str]:
     """A one-line statement of the error products carry in ``dtype``; None for float32/float64."""
     if dtype not in HALF:
         return None
-    return (f"computed in {_name(dtype)}: Hessian-vector products carry a relative error of "
-            f"{MEASURED[dtype]} (measured against float64; see docs/language-models.md)")
-
+    return (
+        f"computed in {_name(dtype)}: Hessian-vector products carry a relative error of "
+        f"{MEASURED[dtype]} (measured against float64; see docs/language-models.md)"
+    )

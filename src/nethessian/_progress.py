@@ -9,6 +9,7 @@ most every ``interval`` seconds with done/total, rate and ETA::
 
 ``progress=True`` shows it from the start, ``progress=False`` never.
 """
+
 from __future__ import annotations
 
 import sys
@@ -17,8 +18,8 @@ from typing import Optional
 
 __all__ = ["Progress", "format_seconds"]
 
-DELAY_S = 3.0       # auto mode: show nothing for work that finishes sooner
-INTERVAL_S = 30.0   # non-terminal: at most one line this often
+DELAY_S = 3.0  # auto mode: show nothing for work that finishes sooner
+INTERVAL_S = 30.0  # non-terminal: at most one line this often
 
 
 def format_seconds(s: float) -> str:
@@ -49,8 +50,18 @@ class Progress:
         stream: where to write (default ``sys.stderr``).
     """
 
-    def __init__(self, total: int, desc: str, *, unit: str = "matvec", enabled: Optional[bool] = None,
-                 initial: int = 0, stream=None, delay: float = DELAY_S, interval: float = INTERVAL_S):
+    def __init__(
+        self,
+        total: int,
+        desc: str,
+        *,
+        unit: str = "matvec",
+        enabled: Optional[bool] = None,
+        initial: int = 0,
+        stream=None,
+        delay: float = DELAY_S,
+        interval: float = INTERVAL_S,
+    ):
         self.total, self.desc, self.unit = int(total), desc, unit
         self.n = self._start_n = int(initial)
         self.stream = sys.stderr if stream is None else stream
@@ -63,8 +74,17 @@ class Progress:
         self._tty = bool(getattr(self.stream, "isatty", lambda: False)())
         if self.enabled and self._tty:
             from tqdm import tqdm
-            self._bar = tqdm(total=self.total, initial=self.n, desc=desc, unit=unit, file=self.stream,
-                             delay=self.delay, leave=False, dynamic_ncols=True)
+
+            self._bar = tqdm(
+                total=self.total,
+                initial=self.n,
+                desc=desc,
+                unit=unit,
+                file=self.stream,
+                delay=self.delay,
+                leave=False,
+                dynamic_ncols=True,
+            )
 
     def __enter__(self) -> "Progress":
         return self
@@ -100,8 +120,10 @@ class Progress:
         left = max(self.total - self.n, 0)
         eta = left / rate if rate > 0 else float("inf")
         pct = 100.0 * self.n / self.total if self.total else 100.0
-        return (f"nethessian: {self.desc} {self.n:,}/{self.total:,} {self.unit} ({pct:.0f}%), "
-                f"{rate:.3g} {self.unit}/s, ETA {format_seconds(eta)}")
+        return (
+            f"nethessian: {self.desc} {self.n:,}/{self.total:,} {self.unit} ({pct:.0f}%), "
+            f"{rate:.3g} {self.unit}/s, ETA {format_seconds(eta)}"
+        )
 
     def close(self) -> None:
         if self._bar is not None:

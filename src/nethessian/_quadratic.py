@@ -15,6 +15,7 @@ model's weights do not affect it) and never changes the caller's model;
 ``QuadraticModel.at(θ')`` is the model at other parameters on the same
 objective (no copy of the network, no re-validation).
 """
+
 from __future__ import annotations
 
 import math
@@ -60,9 +61,14 @@ class QuadraticComparison:
 
     def to_dict(self) -> Dict[str, Any]:
         """Plain Python types only, ready for ``json.dumps``."""
-        return {"alphas": _floats(self.alphas), "true": _floats(self.true), "model": _floats(self.model),
-                "difference": _floats(self.difference), "slope": float(self.slope),
-                "direction": self.direction}
+        return {
+            "alphas": _floats(self.alphas),
+            "true": _floats(self.true),
+            "model": _floats(self.model),
+            "difference": _floats(self.difference),
+            "slope": float(self.slope),
+            "direction": self.direction,
+        }
 
 
 @dataclass(frozen=True, eq=False)
@@ -102,12 +108,16 @@ class NewtonStep:
 
     def to_dict(self) -> Dict[str, Any]:
         """Plain Python types only, ready for ``json.dumps``."""
-        return {"step": {n: t.detach().cpu().double().tolist() for n, t in self.step_by_name.items()},
-                "predicted_decrease": self.predicted_decrease, "damping": self.damping,
-                "gradient_norm": self.gradient_norm, "step_norm": self.step_norm,
-                "positive_definite": self.positive_definite, "converged": self.converged,
-                "solve": {k: v for k, v in self.solve.to_dict().items()
-                          if k not in ("x", "curvature_direction")}}
+        return {
+            "step": {n: t.detach().cpu().double().tolist() for n, t in self.step_by_name.items()},
+            "predicted_decrease": self.predicted_decrease,
+            "damping": self.damping,
+            "gradient_norm": self.gradient_norm,
+            "step_norm": self.step_norm,
+            "positive_definite": self.positive_definite,
+            "converged": self.converged,
+            "solve": {k: v for k, v in self.solve.to_dict().items() if k not in ("x", "curvature_direction")},
+        }
 
 
 class QuadraticModel:
@@ -138,10 +148,19 @@ class QuadraticModel:
     True
     """
 
-    def __init__(self, model, loss_fn, data, params: Optional[Sequence[str]] = None, *,
-                 reduction=None, allow_random: bool = False):
-        self._set_operator(HessianOperator(model, loss_fn, data, params, reduction=reduction,
-                                           allow_random=allow_random))
+    def __init__(
+        self,
+        model,
+        loss_fn,
+        data,
+        params: Optional[Sequence[str]] = None,
+        *,
+        reduction=None,
+        allow_random: bool = False,
+    ):
+        self._set_operator(
+            HessianOperator(model, loss_fn, data, params, reduction=reduction, allow_random=allow_random)
+        )
 
     @classmethod
     def from_operator(cls, operator: HessianOperator) -> "QuadraticModel":
@@ -154,8 +173,10 @@ class QuadraticModel:
             InputError: for another kind of operator (the model needs the exact Hessian).
         """
         if not isinstance(operator, HessianOperator):
-            raise InputError(f"QuadraticModel.from_operator needs a HessianOperator, got "
-                             f"{type(operator).__name__}: the Taylor model uses the exact Hessian")
+            raise InputError(
+                f"QuadraticModel.from_operator needs a HessianOperator, got "
+                f"{type(operator).__name__}: the Taylor model uses the exact Hessian"
+            )
         new = object.__new__(cls)
         new._set_operator(operator)
         return new
@@ -206,7 +227,8 @@ class QuadraticModel:
             raise InputError(
                 f"{name} must be a flat vector of shape ({self.size},) (P = {self.size}: "
                 f"{', '.join(f'{n} {tuple(s)}' for n, s in zip(self.layout.names, self.layout.shapes))}) "
-                f"or a dict keyed by those names; got shape {tuple(d.shape)}")
+                f"or a dict keyed by those names; got shape {tuple(d.shape)}"
+            )
         if not d.is_floating_point():
             d = d.double()
         bad = int((~torch.isfinite(d)).sum())
@@ -249,6 +271,7 @@ class QuadraticModel:
             if self.size == 1:
                 return torch.ones_like(self.gradient)
             from .linalg._lanczos import eigenvalues
+
             return eigenvalues(self.operator, k=1, which="largest", tol=1e-8, seed=seed).eigenvectors[:, 0]
         raise InputError(f"unknown direction {name!r}; valid: {', '.join(DIRECTIONS)}, or a vector")
 
@@ -267,14 +290,17 @@ class QuadraticModel:
             seed: for ``"random"`` and the Lanczos start of ``"top-eigenvector"``.
         """
         d, label = self._resolve(direction, seed)
-        alphas = torch.logspace(-4, 0, 9, dtype=torch.float64) if alphas is None else \
-            torch.as_tensor(alphas, dtype=torch.float64).reshape(-1).cpu()
+        alphas = (
+            torch.logspace(-4, 0, 9, dtype=torch.float64)
+            if alphas is None
+            else torch.as_tensor(alphas, dtype=torch.float64).reshape(-1).cpu()
+        )
         if alphas.numel() == 0 or not torch.isfinite(alphas).all():
             raise InputError(f"alphas must be a non-empty list of finite numbers, got {alphas.tolist()}")
         gd = float(torch.dot(self.gradient.double(), d.double()))
         dHd = float(torch.dot(d.double(), (self.operator @ d).double()))
         true = torch.tensor([self.objective.value(self.theta + float(a) * d) for a in alphas], dtype=torch.float64)
-        model = self.value + alphas * gd + 0.5 * alphas ** 2 * dHd
+        model = self.value + alphas * gd + 0.5 * alphas**2 * dHd
         diff = true - model
         eps = torch.finfo(self.objective.dtype).eps
         return QuadraticComparison(alphas, true, model, diff, _loglog_slope(alphas, diff, self.value, eps), label)
@@ -282,15 +308,38 @@ class QuadraticModel:
     # -- Newton -------------------------------------------------------------------------
     def _step(self, damping: float, method: str, tol: float, maxiter: Optional[int]) -> NewtonStep:
         """The step from one solve with ``method`` (no fallback, no warning)."""
-        res = _solve(self.operator, -self.gradient, damping=damping, method=method, tol=tol,
-                     maxiter=maxiter, x0=None, callback=None)
+        res = _solve(
+            self.operator,
+            -self.gradient,
+            damping=damping,
+            method=method,
+            tol=tol,
+            maxiter=maxiter,
+            x0=None,
+            callback=None,
+        )
         pred = -self.change(res.x)
         pd = None if method == "minres" else res.status != "negative_curvature"
-        return NewtonStep(res.x, pred, float(damping), self.gradient_norm, float(res.x.double().norm()),
-                          pd, res, self.layout, res.curvature_direction)
+        return NewtonStep(
+            res.x,
+            pred,
+            float(damping),
+            self.gradient_norm,
+            float(res.x.double().norm()),
+            pd,
+            res,
+            self.layout,
+            res.curvature_direction,
+        )
 
-    def newton_step(self, damping: float = 0.0, *, method: Literal["auto", "cg", "minres"] = "auto",
-                    tol: float = 1e-10, maxiter: Optional[int] = None) -> NewtonStep:
+    def newton_step(
+        self,
+        damping: float = 0.0,
+        *,
+        method: Literal["auto", "cg", "minres"] = "auto",
+        tol: float = 1e-10,
+        maxiter: Optional[int] = None,
+    ) -> NewtonStep:
         """The damped Newton step: ``d`` solving ``(H + λI) d = −g``, ``λ = damping``.
 
         ``d`` minimises ``q(d) + ½λ‖d‖²`` when ``H + λI`` is positive definite. ``"auto"``
@@ -314,17 +363,27 @@ class QuadraticModel:
         step = self._step(damping, "cg" if method == "auto" else method, tol, maxiter)
         if method == "auto" and step.solve.status == "negative_curvature":
             mr = self._step(damping, "minres", tol, maxiter)
-            step = NewtonStep(mr.step, mr.predicted_decrease, mr.damping, mr.gradient_norm, mr.step_norm,
-                              False, mr.solve, self.layout, step.negative_curvature_direction)
+            step = NewtonStep(
+                mr.step,
+                mr.predicted_decrease,
+                mr.damping,
+                mr.gradient_norm,
+                mr.step_norm,
+                False,
+                mr.solve,
+                self.layout,
+                step.negative_curvature_direction,
+            )
         if not step.converged:
             raise NotConvergedError(
-                f"newton_step(damping={float(damping):g}) failed ({step.solve.status}): "
-                f"{step.solve.message}", step)
+                f"newton_step(damping={float(damping):g}) failed ({step.solve.status}): {step.solve.message}", step
+            )
         return step
 
     # -- figure -------------------------------------------------------------------------
-    def plot(self, path, directions: Sequence[Direction] = DIRECTIONS, *, radius: float = 1.0,
-             num: int = 41, seed: int = 0) -> pathlib.Path:
+    def plot(
+        self, path, directions: Sequence[Direction] = DIRECTIONS, *, radius: float = 1.0, num: int = 41, seed: int = 0
+    ) -> pathlib.Path:
         """Draw ``J(θ + αu)`` (true) and ``q(αu)`` (predicted), ``|α| ≤ radius``, per direction.
 
         Named directions are unit vectors; a given vector is used as is. The figure is

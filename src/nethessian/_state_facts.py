@@ -4,6 +4,7 @@ Tensors are described by shape, dtype, device type and a sha256 of their exact
 bytes, so two ranks whose batch-norm statistics differ in one bit disagree, and
 the message still says which buffer it is.
 """
+
 from __future__ import annotations
 
 import math
@@ -31,8 +32,11 @@ def tensor_fact(t: torch.Tensor) -> str:
 
 def layout_facts(names, shapes, dtype, device) -> Dict[str, str]:
     """Dtype, device type, the parameter count and each selected parameter's shape."""
-    facts = {"dtype": str(dtype).replace("torch.", ""), "device type": torch.device(device).type,
-             "number of parameters": f"{sum(math.prod(s) for s in shapes)} in {len(names)} tensors"}
+    facts = {
+        "dtype": str(dtype).replace("torch.", ""),
+        "device type": torch.device(device).type,
+        "number of parameters": f"{sum(math.prod(s) for s in shapes)} in {len(names)} tensors",
+    }
     facts.update({f"parameter {n}": f"shape {tuple(s)}" for n, s in zip(names, shapes)})
     return facts
 
@@ -41,19 +45,24 @@ def mode_facts(modes) -> Dict[str, str]:
     """Train/eval mode from ``(name, training)`` pairs: "all train", "all eval" or the modules in eval mode."""
     named = list(modes)
     evals = [n or "(the model)" for n, training in named if not training]
-    mode = ("all train" if not evals else "all eval" if len(evals) == len(named)
-            else "eval: " + ", ".join(evals))
+    mode = "all train" if not evals else "all eval" if len(evals) == len(named) else "eval: " + ", ".join(evals)
     return {"train/eval mode": mode}
 
 
 def loss_facts(loss_fn) -> Dict[str, str]:
     """The loss: its type, its plain settings and tensors one by one, and a hash of all that decides it."""
     module = isinstance(loss_fn, torch.nn.Module)
-    facts = {"loss": type(loss_fn).__qualname__ if module
-             else getattr(loss_fn, "__qualname__", type(loss_fn).__qualname__)}
+    facts = {
+        "loss": type(loss_fn).__qualname__ if module else getattr(loss_fn, "__qualname__", type(loss_fn).__qualname__)
+    }
     if module:
-        facts.update({f"loss.{k}": repr(v) for k, v in sorted(vars(loss_fn).items())
-                      if not k.startswith("_") and k != "training" and plain(v)})
+        facts.update(
+            {
+                f"loss.{k}": repr(v)
+                for k, v in sorted(vars(loss_fn).items())
+                if not k.startswith("_") and k != "training" and plain(v)
+            }
+        )
         facts.update({f"loss.{n}": tensor_fact(t) for n, t in loss_fn.named_buffers()})
     facts["loss settings"] = "sha256:" + loss_description(Hasher(), loss_fn).hexdigest()[:16]
     return facts

@@ -14,8 +14,10 @@ is wrong and how to fix it:
   norm, random augmentation). Every batch's loss is checked for finiteness on
   the way (``Objective.local_sum``).
 """
+
 from __future__ import annotations
 
+import contextlib
 import warnings
 from typing import Dict, Tuple
 
@@ -27,7 +29,7 @@ from .errors import InputError, NetHessianError, NonFiniteError, RandomModelErro
 
 __all__ = ["check_model_state", "validate"]
 
-_FIX_RANDOM = ("Call model.eval() to switch dropout off, or pass allow_random=True to accept a random cost")
+_FIX_RANDOM = "Call model.eval() to switch dropout off, or pass allow_random=True to accept a random cost"
 
 
 def check_model_state(model: nn.Module, chosen: Dict[str, torch.Tensor]) -> None:
@@ -47,12 +49,16 @@ def check_model_state(model: nn.Module, chosen: Dict[str, torch.Tensor]) -> None
             kinds.setdefault(str(p.dtype).replace("torch.", ""), name)
     if len(kinds) > 1:
         example = ", ".join(f"{k} (e.g. {n!r})" for k, n in sorted(kinds.items()))
-        raise InputError(f"the model mixes parameter dtypes: {example}; convert it to one with "
-                         "model.float() or model.double() (autocast / mixed precision is not supported)")
+        raise InputError(
+            f"the model mixes parameter dtypes: {example}; convert it to one with "
+            "model.float() or model.double() (autocast / mixed precision is not supported)"
+        )
     for name, b in model.named_buffers():
         if b.is_floating_point() and bool(torch.isnan(b.detach()).any()):
-            raise NonFiniteError(f"buffer {name!r} contains NaN (e.g. corrupted batch-norm running "
-                                 "statistics); reset or reload the model's state")
+            raise NonFiniteError(
+                f"buffer {name!r} contains NaN (e.g. corrupted batch-norm running "
+                "statistics); reset or reload the model's state"
+            )
 
 
 def validate(obj, allow_random: bool) -> None:
@@ -120,33 +126,64 @@ def _every_loss_finite(obj) -> None:
     named = obj.params_dict(obj.theta0)
 
     def fn(batch):
-        loss, out = obj.batch_loss(named, batch)
+        with _forward_errors(batch):
+            loss, out = obj.batch_loss(named, batch)
         return loss.double(), obj.count(out, batch.targets)
 
     with torch.no_grad():
         obj.local_sum(fn, what="loss")
 
 
+@contextlib.contextmanager
+def _forward_errors(batch):
+    """The model's forward failing on a batch (wrong dtype, a batch-norm batch of 1) as a clear error."""
+    try:
+        yield
+    except (RuntimeError, TypeError, ValueError, NotImplementedError) as exc:
+        if isinstance(exc, NetHessianError):
+            raise
+        raise InputError(
+            f"batch {batch.index}: the model's forward failed on these inputs "
+            f"({_describe_inputs(batch.inputs)}): {type(exc).__name__}: {exc}"
+        ) from exc
+
+
 _RUNNING_STATS = ("running_mean", "running_var", "num_batches_tracked")
 
 
 def buffer_writes(obj, batch) -> list:
-    """Buffers the forward writes in place, other than batch norm's running statistics in train mode.
+    """Buffers the forward writes in place with a value that depends on θ.
 
-    Such a write (an exponential average updated, then read, inside ``forward``) makes the
-    output depend on θ through a path backward does not see (``no_grad``; forward-mode
+    Batch norm's running statistics in train mode are not counted (the forward does not
+    read them back). A write that does not depend on θ (a counter, a constant rescale)
+    leaves a well-defined cost, since every forward starts from the snapshot; the check
+    runs the forward at θ₀ and at a nudged θ and compares what was written. A write that
+    does depend on θ (an exponential average updated, then read, inside ``forward``) makes
+    the output depend on θ through a path backward does not see (``no_grad``; forward-mode
     tangents do flow through it): the model's gradient is then not the gradient of any
     function, and every engine would return a non-symmetric matrix, silently.
     """
     if not obj._buffers:
         return []
-    copies = {k: b.clone() for k, b in obj._buffers.items()}
-    with torch.no_grad():
-        obj.call_model(obj.params_dict(obj.theta0), batch.inputs, buffers=copies)
-    norm_train = {f"{n}.{s}" if n else s for n, m in obj.model.named_modules()
-                  if isinstance(m, nn.modules.batchnorm._NormBase) and m.training for s in _RUNNING_STATS}
-    return sorted(k for k, b in copies.items()
-                  if k not in norm_train and not torch.equal(b, obj._buffers[k]))
+    norm_train = {
+        f"{n}.{s}" if n else s
+        for n, m in obj.model.named_modules()
+        if isinstance(m, nn.modules.batchnorm._NormBase) and m.training
+        for s in _RUNNING_STATS
+    }
+    theta = obj.theta0
+    noise = torch.randn(theta.shape, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    after = []
+    for at in (theta, theta + 1e-2 * (1.0 + theta.abs()) * noise.to(theta)):
+        copies = {k: b.clone() for k, b in obj._buffers.items()}
+        with torch.no_grad():
+            obj.call_model(obj.params_dict(at), batch.inputs, buffers=copies)
+        after.append(copies)
+    return sorted(
+        k
+        for k, b in after[0].items()
+        if k not in norm_train and not torch.equal(b, obj._buffers[k]) and not torch.equal(b, after[1][k])
+    )
 
 
 def _first_batch(obj, batch, allow_random: bool) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -159,25 +196,27 @@ def _first_batch(obj, batch, allow_random: bool) -> Tuple[torch.Tensor, torch.Te
         # torch warns, then broadcasts, when a loss's input and target sizes differ
         warnings.filterwarnings("error", message=".*target size.*", category=UserWarning)
         try:
-            loss, out = obj.batch_loss(named, batch)
-        except (RuntimeError, TypeError, NotImplementedError) as exc:
-            if isinstance(exc, NetHessianError):
-                raise
-            raise InputError(f"batch {batch.index}: the model's forward failed on these inputs "
-                             f"({_describe_inputs(batch.inputs)}): {type(exc).__name__}: {exc}") from exc
+            with _forward_errors(batch):
+                loss, out = obj.batch_loss(named, batch)
         except UserWarning as w:
-            raise InputError(f"batch {batch.index}: {w} — the loss would broadcast them into a wrong "
-                             "cost; reshape the targets to the outputs' shape") from None
+            raise InputError(
+                f"batch {batch.index}: {w} — the loss would broadcast them into a wrong "
+                "cost; reshape the targets to the outputs' shape"
+            ) from None
     random = not torch.equal(cpu_state, torch.random.get_rng_state())
     if cuda_states is not None:
         random |= any(not torch.equal(a, b) for a, b in zip(cuda_states, torch.cuda.get_rng_state_all()))
     if random and not allow_random:
-        culprits = [f"{n or type(m).__name__} ({type(m).__name__}, p={m.p})"
-                    for n, m in obj.model.named_modules()
-                    if isinstance(m, nn.modules.dropout._DropoutNd) and m.p > 0 and m.training]
+        culprits = [
+            f"{n or type(m).__name__} ({type(m).__name__}, p={m.p})"
+            for n, m in obj.model.named_modules()
+            if isinstance(m, nn.modules.dropout._DropoutNd) and m.p > 0 and m.training
+        ]
         where = f" — {', '.join(culprits)}" if culprits else ""
-        raise RandomModelError("the model's forward pass draws random numbers" + where + ", so the cost "
-                               "and its Hessian would be random. " + _FIX_RANDOM)
+        raise RandomModelError(
+            "the model's forward pass draws random numbers" + where + ", so the cost "
+            "and its Hessian would be random. " + _FIX_RANDOM
+        )
     _check_broadcast(obj.loss_fn, out, batch)
     _check_loss_graph(loss, out, batch)
     writes = buffer_writes(obj, batch)
@@ -187,10 +226,13 @@ def _first_batch(obj, batch, allow_random: bool) -> Tuple[torch.Tensor, torch.Te
             "updated under no_grad, then read): its output then depends on the parameters through a "
             "path that backward does not see, so the model's own gradient is not the gradient of any "
             "cost and no Hessian exists to compute. Move the update out of forward, or freeze it "
-            "(eval mode, or a flag) while computing curvature")
+            "(eval mode, or a flag) while computing curvature"
+        )
     if not all_finite(loss.detach()) and obj.count(out, batch.targets) != 0:
-        raise NonFiniteError(f"the loss of batch {batch.index} is {float(loss.detach())} at the current parameters; "
-                             "check the data scale and the initialisation")
+        raise NonFiniteError(
+            f"the loss of batch {batch.index} is {float(loss.detach())} at the current parameters; "
+            "check the data scale and the initialisation"
+        )
     return loss.detach(), out.detach()
 
 
@@ -217,7 +259,9 @@ def _check_broadcast(loss_fn, out: torch.Tensor, batch) -> None:
             f"in {name}, which broadcasts them to {r_shape}: a larger array than either, so every output is "
             f"compared with every target. If that is not intended, reshape the targets to {tuple(out.shape)} "
             f"(e.g. y.view({', '.join(map(str, out.shape))})) or the outputs to {tuple(t.shape)}",
-            UserWarning, stacklevel=6)
+            UserWarning,
+            stacklevel=6,
+        )
 
 
 class _Provenance(torch.overrides.TorchFunctionMode):
@@ -246,19 +290,24 @@ class _Provenance(torch.overrides.TorchFunctionMode):
             if isinstance(r, torch.Tensor):
                 self.keep.append(r)
                 self.tags[id(r)] = set(by_tag)
-        if (self.found is None and len(by_tag) == 2 and isinstance(result, torch.Tensor)
-                and result.numel() > max(a.numel() for a in inputs)):
+        if (
+            self.found is None
+            and len(by_tag) == 2
+            and isinstance(result, torch.Tensor)
+            and result.numel() > max(a.numel() for a in inputs)
+        ):
             a, b = by_tag["o"], by_tag["t"]
-            self.found = ((tuple(a.shape), tuple(b.shape)), tuple(result.shape),
-                          getattr(func, "__name__", str(func)))
+            self.found = ((tuple(a.shape), tuple(b.shape)), tuple(result.shape), getattr(func, "__name__", str(func)))
         return result
 
 
 def _check_loss_graph(loss: torch.Tensor, out: torch.Tensor, batch) -> None:
     """Refuse an integer loss, a loss cut from the graph, and outputs that don't depend on θ."""
     if not loss.is_floating_point():
-        raise InputError(f"batch {batch.index}: loss_fn returned a {loss.dtype} tensor; the cost must be "
-                         "floating point (don't round it or convert it to an integer)")
+        raise InputError(
+            f"batch {batch.index}: loss_fn returned a {loss.dtype} tensor; the cost must be "
+            "floating point (don't round it or convert it to an integer)"
+        )
     if not out.requires_grad:
         raise InputError(
             "the model's outputs do not depend on the selected parameters, so there is nothing to "

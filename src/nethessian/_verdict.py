@@ -1,4 +1,5 @@
 """What the curvature says about a point: minimum, saddle, or neither."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -21,8 +22,7 @@ class Verdict:
         return dict(self.__dict__)
 
 
-def classify_point(eigenvalues: torch.Tensor, grad_norm: float, *, rtol: float = 1e-8,
-                   gtol: float = 1e-6) -> Verdict:
+def classify_point(eigenvalues: torch.Tensor, grad_norm: float, *, rtol: float = 1e-8, gtol: float = 1e-6) -> Verdict:
     """Second-order test at θ from the Hessian's eigenvalues and the gradient norm.
 
     An eigenvalue counts as zero when ``|λ| ≤ rtol · max|λ|``. θ is a stationary
@@ -42,13 +42,21 @@ def classify_point(eigenvalues: torch.Tensor, grad_norm: float, *, rtol: float =
     zero = lam.numel() - neg - pos
     nonzero = lam.abs()[lam.abs() > tiny]
     cond = float(nonzero.max() / nonzero.min()) if nonzero.numel() and zero == 0 else float("inf")
-    curv = (f"{neg} negative, {pos} positive, {zero} ~zero eigenvalue(s)")
+    curv = f"{neg} negative, {pos} positive, {zero} ~zero eigenvalue(s)"
     if grad_norm > gtol:
-        shape = ("positive definite (locally convex)" if neg == 0 and zero == 0 else
-                 "indefinite (saddle-shaped)" if neg and pos else
-                 "negative definite" if pos == 0 and zero == 0 else "semi-definite")
-        kind, msg = "not stationary", (f"neither: θ is not a stationary point (‖g‖ = {grad_norm:.3g}); "
-                                       f"the curvature here is {shape}: {curv}")
+        shape = (
+            "positive definite (locally convex)"
+            if neg == 0 and zero == 0
+            else "indefinite (saddle-shaped)"
+            if neg and pos
+            else "negative definite"
+            if pos == 0 and zero == 0
+            else "semi-definite"
+        )
+        kind, msg = (
+            "not stationary",
+            (f"neither: θ is not a stationary point (‖g‖ = {grad_norm:.3g}); the curvature here is {shape}: {curv}"),
+        )
     elif zero:
         kind, msg = "degenerate", f"stationary, but the second-order test is inconclusive: {curv}"
     elif neg and pos:

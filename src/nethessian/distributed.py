@@ -22,6 +22,7 @@ differs and each rank's value. All are no-ops without torch.distributed.
 Cost: one all-reduce of P (+1) numbers per matrix-vector product (k·P for a
 block of k vectors); the checks gather a few kilobytes of text, once.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -36,8 +37,23 @@ from ._checks import as_float, as_int, as_seed
 from ._state_facts import plain, state_facts
 from .errors import DistributedError, InputError
 
-__all__ = ["gather_vector", "DistributedError", "is_active", "rank", "world_size", "is_main", "reduce_sum",
-           "common_seed", "common_value", "check_same", "check_state", "agree", "agreeing", "shard", "init_from_env"]
+__all__ = [
+    "gather_vector",
+    "DistributedError",
+    "is_active",
+    "rank",
+    "world_size",
+    "is_main",
+    "reduce_sum",
+    "common_seed",
+    "common_value",
+    "check_same",
+    "check_state",
+    "agree",
+    "agreeing",
+    "shard",
+    "init_from_env",
+]
 
 _ABSENT = "(absent)"
 _SHOWN = 6  # differences spelled out in one message; the rest are counted
@@ -90,8 +106,9 @@ def reduce_sum(total: torch.Tensor, count: float) -> Tuple[torch.Tensor, float]:
         return total, count
     if total is None:
         raise InputError(f"rank {rank()} has no batches: every rank needs at least one (see nh.shard)")
-    flat = torch.cat([total.detach().reshape(-1).to(torch.float64),
-                      torch.tensor([count], dtype=torch.float64, device=total.device)])
+    flat = torch.cat(
+        [total.detach().reshape(-1).to(torch.float64), torch.tensor([count], dtype=torch.float64, device=total.device)]
+    )
     _collective(lambda: torch.distributed.all_reduce(flat), "all-reduce of a curvature product")
     return flat[:-1].reshape(total.shape).to(total.dtype), float(flat[-1])
 
@@ -105,14 +122,14 @@ def _gather_text(text: str, what: str, device: Optional[torch.device] = None) ->
     sizes = [torch.zeros_like(n) for _ in range(world_size())]
     _collective(lambda: torch.distributed.all_gather(sizes, n), what)
     buf = torch.zeros(max(1, max(int(s) for s in sizes)), dtype=torch.uint8, device=dev)
-    buf[:len(raw)] = torch.tensor(raw, dtype=torch.uint8, device=dev)
+    buf[: len(raw)] = torch.tensor(raw, dtype=torch.uint8, device=dev)
     bufs = [torch.zeros_like(buf) for _ in range(world_size())]
     _collective(lambda: torch.distributed.all_gather(bufs, buf), what)
-    return [bytes(b[:int(s)].tolist()).decode("utf-8") for b, s in zip(bufs, sizes)]
+    return [bytes(b[: int(s)].tolist()).decode("utf-8") for b, s in zip(bufs, sizes)]
 
 
 def _short(value: str, limit: int = 160) -> str:
-    return value if len(value) <= limit else value[:limit - 3] + "..."
+    return value if len(value) <= limit else value[: limit - 3] + "..."
 
 
 def _per_rank(values: Sequence[str]) -> str:
@@ -120,8 +137,9 @@ def _per_rank(values: Sequence[str]) -> str:
     groups: Dict[str, List[int]] = {}
     for r, v in enumerate(values):
         groups.setdefault(v, []).append(r)
-    return ", ".join(f"rank{'s' if len(rs) > 1 else ''} {','.join(map(str, rs))} {_short(v)}"
-                     for v, rs in groups.items())
+    return ", ".join(
+        f"rank{'s' if len(rs) > 1 else ''} {','.join(map(str, rs))} {_short(v)}" for v, rs in groups.items()
+    )
 
 
 def _differences(per_rank: List[Dict[str, str]]) -> List[str]:
@@ -165,12 +183,16 @@ def check_same(what: str, **values) -> None:
     """
     bad = [k for k, v in values.items() if not plain(v)]
     if bad:
-        raise InputError(f"check_same({what!r}): {', '.join(bad)} must be plain values "
-                         "(numbers, strings, None or tuples of them)")
+        raise InputError(
+            f"check_same({what!r}): {', '.join(bad)} must be plain values (numbers, strings, None or tuples of them)"
+        )
     if is_active():
-        _compare({k: repr(v) for k, v in values.items()}, f"the settings of {what}",
-                 "Every rank must make the same call with the same arguments (seed=None on every "
-                 "rank is fine: one seed is drawn on rank 0)")
+        _compare(
+            {k: repr(v) for k, v in values.items()},
+            f"the settings of {what}",
+            "Every rank must make the same call with the same arguments (seed=None on every "
+            "rank is fine: one seed is drawn on rank 0)",
+        )
 
 
 def common_value(value, how: str = "rank0"):
@@ -278,9 +300,11 @@ def agreeing():
 
 
 # -- start-up comparison of the objective ------------------------------------------------------
-_SAME_MODEL = ("Every rank must build the same model (same seed or weights, same params= selection, "
-               "same dtype), in the same train/eval mode with the same buffers (batch-norm running "
-               "statistics), and the same loss")
+_SAME_MODEL = (
+    "Every rank must build the same model (same seed or weights, same params= selection, "
+    "same dtype), in the same train/eval mode with the same buffers (batch-norm running "
+    "statistics), and the same loss"
+)
 
 
 def check_state(objective) -> None:
@@ -370,4 +394,5 @@ def gather_vector(op, x, dst: int = 0, *, max_bytes=None):
     is split by name. See docs/sharded.md.
     """
     from .operators._shard_vectors import gather_vector as _gather
+
     return _gather(op, x, dst, max_bytes=max_bytes)

@@ -4,6 +4,7 @@ Every error says what is wrong and how to fix it. They subclass ``ValueError``
 (bad input) or ``RuntimeError`` (a computation that went wrong), so callers who
 catch the builtin types keep working.
 """
+
 from __future__ import annotations
 
 __all__ = [

@@ -5,6 +5,7 @@ Weights and synthetic data are drawn from ``seed`` (weights inside
 ``torch.random.fork_rng``, data from local ``torch.Generator``s), so runs are
 reproducible and the caller's global random state is left as it was.
 """
+
 from __future__ import annotations
 
 from typing import Sequence
@@ -62,8 +63,14 @@ def two_layer(seed: int = 0, dtype: torch.dtype = torch.float64):
     return model, HalfSumSquaredError(), (X.to(dtype), y.to(dtype))
 
 
-def mlp(sizes: Sequence[int] = (784, 128, 64, 10), n: int = 1024, *, activation: str = "tanh",
-        seed: int = 0, dtype: torch.dtype = torch.float32):
+def mlp(
+    sizes: Sequence[int] = (784, 128, 64, 10),
+    n: int = 1024,
+    *,
+    activation: str = "tanh",
+    seed: int = 0,
+    dtype: torch.dtype = torch.float32,
+):
     """MLP with ``activation`` between layers, cross-entropy, ``n`` synthetic samples.
 
     Inputs are standard normal, labels from a random "teacher" MLP so the problem is learnable.
@@ -95,11 +102,19 @@ def mlp(sizes: Sequence[int] = (784, 128, 64, 10), n: int = 1024, *, activation:
 def cnn(n: int = 256, *, seed: int = 0, dtype: torch.dtype = torch.float32):
     """Small CNN on 28×28 inputs: conv 1→8→16 (3×3), ReLU, max-pool, linear 400→10 (P = 5,258)."""
     seed, n = as_int("seed", seed), as_int("n", n, minimum=1)
-    model = _seeded(lambda: nn.Sequential(
-        nn.Conv2d(1, 8, 3), nn.ReLU(), nn.MaxPool2d(2),
-        nn.Conv2d(8, 16, 3), nn.ReLU(), nn.MaxPool2d(2),
-        nn.Flatten(), nn.Linear(400, 10),
-    ), seed).to(dtype)
+    model = _seeded(
+        lambda: nn.Sequential(
+            nn.Conv2d(1, 8, 3),
+            nn.ReLU(),
+            nn.MaxPool2d(2),
+            nn.Conv2d(8, 16, 3),
+            nn.ReLU(),
+            nn.MaxPool2d(2),
+            nn.Flatten(),
+            nn.Linear(400, 10),
+        ),
+        seed,
+    ).to(dtype)
     g = torch.Generator().manual_seed(seed + 1)
     X = torch.randn(n, 1, 28, 28, generator=g, dtype=torch.float64)
     y = torch.randint(0, 10, (n,), generator=g)

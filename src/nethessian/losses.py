@@ -21,6 +21,7 @@ Example:
     >>> loss.term_count(logits, labels)                           # only 2 → predicted; -100 ignored
     1
 """
+
 from __future__ import annotations
 
 import numbers

@@ -4,6 +4,7 @@ Exit codes: 0 done, 2 usage error, 1 computation error (one line on stderr;
 the traceback only with ``--debug``). A problem file is executed as Python code:
 run only files you trust.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -22,23 +23,35 @@ __all__ = ["main", "build_parser"]
 
 def _common_parser() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("problem", nargs="?", default=None,
-                        help="a .py file defining model, loss_fn, data (or problem()), or a built-in: "
-                             "two-layer (default), mlp, cnn. The file is executed as Python code: use "
-                             "files you trust")
+    common.add_argument(
+        "problem",
+        nargs="?",
+        default=None,
+        help="a .py file defining model, loss_fn, data (or problem()), or a built-in: "
+        "two-layer (default), mlp, cnn. The file is executed as Python code: use "
+        "files you trust",
+    )
     common.add_argument("--params", nargs="+", default=None, metavar="GLOB", help="parameter names or globs")
     common.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ...")
-    common.add_argument("--dtype", default=None, choices=list(DTYPES),
-                        help="cast the model; a bfloat16/float16 model is computed on a float32 copy of "
-                             "its (rounded) weights")
+    common.add_argument(
+        "--dtype",
+        default=None,
+        choices=list(DTYPES),
+        help="cast the model; a bfloat16/float16 model is computed on a float32 copy of its (rounded) weights",
+    )
     common.add_argument("--seed", type=int, default=0)
     common.add_argument("--batch-size", type=int, default=None)
     common.add_argument("--json", action="store_true", help="machine-readable result on stdout")
     common.add_argument("--save", default=None, metavar="FILE", help="save the result with its settings")
-    common.add_argument("--force", action="store_true",
-                        help="let --save overwrite an existing file that is not a nethessian result")
-    common.add_argument("--checkpoint", default=None, metavar="FILE",
-                        help="resume long work from FILE (hessian, eig, trace, diag, density)")
+    common.add_argument(
+        "--force", action="store_true", help="let --save overwrite an existing file that is not a nethessian result"
+    )
+    common.add_argument(
+        "--checkpoint",
+        default=None,
+        metavar="FILE",
+        help="resume long work from FILE (hessian, eig, trace, diag, density)",
+    )
     _shared_flags(common)
     return common
 
@@ -46,17 +59,26 @@ def _common_parser() -> argparse.ArgumentParser:
 def _shared_flags(p: argparse.ArgumentParser, defaults: bool = False) -> None:
     """Flags accepted before or after the command (``--debug``, ``--dist-timeout``)."""
     keep = {} if defaults else {"default": argparse.SUPPRESS}
-    p.add_argument("--debug", action="store_true", help="show tracebacks", **({"default": False}
-                                                                              if defaults else keep))
-    p.add_argument("--dist-timeout", type=float, metavar="SECONDS", dest="dist_timeout",
-                   help="torch.distributed timeout under torchrun (default 300)",
-                   **({"default": 300.0} if defaults else keep))
+    p.add_argument("--debug", action="store_true", help="show tracebacks", **({"default": False} if defaults else keep))
+    p.add_argument(
+        "--dist-timeout",
+        type=float,
+        metavar="SECONDS",
+        dest="dist_timeout",
+        help="torch.distributed timeout under torchrun (default 300)",
+        **({"default": 300.0} if defaults else keep),
+    )
 
 
 def _memory_flag(p) -> None:
-    p.add_argument("--max-memory", type=int, default=None, metavar="BYTES",
-                   help="refuse a run whose per-rank vector memory (Krylov basis, probes, work vectors; "
-                        "not the products' own) would exceed this many bytes")
+    p.add_argument(
+        "--max-memory",
+        type=int,
+        default=None,
+        metavar="BYTES",
+        help="refuse a run whose per-rank vector memory (Krylov basis, probes, work vectors; "
+        "not the products' own) would exceed this many bytes",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -103,11 +125,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-o", "--output", default=None, help="PNG to write")
     _memory_flag(p)
     add("check", commands.check, "check the Hessian of your model against finite differences")
-    p = add("input-hessian", commands.input_hessian,
-            "Hessian w.r.t. the inputs (or --at a module's output): per-sample top eigenvalue and trace")
-    p.add_argument("--at", default=None, metavar="MODULE",
-                   help="a name from model.named_modules(): that module's output instead of the inputs "
-                        "(token models: the embedding module)")
+    p = add(
+        "input-hessian",
+        commands.input_hessian,
+        "Hessian w.r.t. the inputs (or --at a module's output): per-sample top eigenvalue and trace",
+    )
+    p.add_argument(
+        "--at",
+        default=None,
+        metavar="MODULE",
+        help="a name from model.named_modules(): that module's output instead of the inputs "
+        "(token models: the embedding module)",
+    )
     p.add_argument("--sample-dim", type=int, default=0, help="the activation's sample axis (1: sequence-first)")
     p.add_argument("--limit", type=int, default=20, help="samples listed (default 20)")
     return parser
@@ -116,19 +145,50 @@ def build_parser() -> argparse.ArgumentParser:
 def _report_options(p: argparse.ArgumentParser) -> None:
     from .report import DEFAULTS, SECTIONS
 
-    p.add_argument("--dense-max-params", type=int, default=DEFAULTS["dense_max_params"], metavar="P",
-                   help="form the dense Hessian up to this many parameters, matrix-free above (default %(default)s)")
-    p.add_argument("--num-eigs", type=int, default=DEFAULTS["num_eigs"], metavar="K",
-                   help="matrix-free: K largest and K smallest eigenvalues (default %(default)s)")
-    p.add_argument("--trace-matvecs", type=int, default=DEFAULTS["trace_matvecs"], metavar="M",
-                   help="matrix-free: Hutch++ products (default %(default)s)")
-    p.add_argument("--density-probes", type=int, default=DEFAULTS["density_probes"], metavar="N",
-                   help="matrix-free: SLQ probes (default %(default)s)")
-    p.add_argument("--lanczos-steps", type=int, default=DEFAULTS["lanczos_steps"], metavar="S",
-                   help="matrix-free: Lanczos steps per SLQ probe (default %(default)s)")
-    p.add_argument("--sections", nargs="+", default=None, metavar="NAME", choices=[i for i, _ in SECTIONS],
-                   help="sections to compute (default all; summary, problem, gradient and reproduce "
-                        "are always there): " + ", ".join(i for i, _ in SECTIONS))
+    p.add_argument(
+        "--dense-max-params",
+        type=int,
+        default=DEFAULTS["dense_max_params"],
+        metavar="P",
+        help="form the dense Hessian up to this many parameters, matrix-free above (default %(default)s)",
+    )
+    p.add_argument(
+        "--num-eigs",
+        type=int,
+        default=DEFAULTS["num_eigs"],
+        metavar="K",
+        help="matrix-free: K largest and K smallest eigenvalues (default %(default)s)",
+    )
+    p.add_argument(
+        "--trace-matvecs",
+        type=int,
+        default=DEFAULTS["trace_matvecs"],
+        metavar="M",
+        help="matrix-free: Hutch++ products (default %(default)s)",
+    )
+    p.add_argument(
+        "--density-probes",
+        type=int,
+        default=DEFAULTS["density_probes"],
+        metavar="N",
+        help="matrix-free: SLQ probes (default %(default)s)",
+    )
+    p.add_argument(
+        "--lanczos-steps",
+        type=int,
+        default=DEFAULTS["lanczos_steps"],
+        metavar="S",
+        help="matrix-free: Lanczos steps per SLQ probe (default %(default)s)",
+    )
+    p.add_argument(
+        "--sections",
+        nargs="+",
+        default=None,
+        metavar="NAME",
+        choices=[i for i, _ in SECTIONS],
+        help="sections to compute (default all; summary, problem, gradient and reproduce "
+        "are always there): " + ", ".join(i for i, _ in SECTIONS),
+    )
 
 
 def _one_line(exc: BaseException) -> str:
@@ -164,8 +224,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         args = parser.parse_args(["demo"] + (["--debug"] if args.debug else []))
     try:
         if not args.dist_timeout > 0:
-            raise InputError(f"--dist-timeout must be a positive number of seconds, "
-                                      f"got {args.dist_timeout}")
+            raise InputError(f"--dist-timeout must be a positive number of seconds, got {args.dist_timeout}")
         dist.init_from_env(timeout_s=args.dist_timeout)
         return args.func(args)
     except BrokenPipeError:  # the reader went away (e.g. `nethessian demo | head`)
@@ -174,8 +233,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     except InputError as exc:
         return _fail(args, exc, 2, usage=True)
     except SystemExit as exc:  # the user's model or loss called sys.exit while we computed
-        err = InputError(f"the problem's code called sys.exit({exc.code!r}) during the computation; "
-                         "a model or loss must not exit")
+        err = InputError(
+            f"the problem's code called sys.exit({exc.code!r}) during the computation; a model or loss must not exit"
+        )
         return _fail(args, err, 2, usage=True)
     except Exception as exc:  # our errors and the user's model's: one line, never a traceback
         return _fail(args, exc, 1, usage=False)

@@ -5,6 +5,7 @@ train/eval modes, loss settings, data; ``op.fingerprint()``) into the
 checkpoint's settings, so a checkpoint of another model or other data is refused,
 never resumed into this one.
 """
+
 from __future__ import annotations
 
 import json
@@ -39,14 +40,16 @@ def _progress() -> Optional[bool]:
 
 def _no_checkpoint(args, command: str) -> None:
     if args.checkpoint:
-        raise InputError(f"--checkpoint is not supported by `nethessian {command}` (its work is not resumable); "
-                         "drop the option")
+        raise InputError(
+            f"--checkpoint is not supported by `nethessian {command}` (its work is not resumable); drop the option"
+        )
 
 
 def _problem(args) -> Problem:
     """The problem, loaded once; ``--save`` is checked before any work so a long run cannot fail at the end."""
-    problem = load_problem(args.problem, seed=args.seed, dtype=args.dtype, device=args.device,
-                           batch_size=args.batch_size)
+    problem = load_problem(
+        args.problem, seed=args.seed, dtype=args.dtype, device=args.device, batch_size=args.batch_size
+    )
     if dist.world_size() > 1:
         problem.data = dist.shard(problem.data)
     if args.save:
@@ -65,9 +68,17 @@ def _protected(args, problem: Problem):
 
 def _settings(args, problem: Problem, **extra) -> Dict[str, Any]:
     """The arguments, and with ``--checkpoint`` or ``--save`` the operator's fingerprint."""
-    s = {"command": args.command, "problem": args.problem or "two-layer", "params": args.params,
-         "dtype": args.dtype, "device": args.device, "seed": args.seed, "batch_size": args.batch_size,
-         "world_size": dist.world_size(), **extra}
+    s = {
+        "command": args.command,
+        "problem": args.problem or "two-layer",
+        "params": args.params,
+        "dtype": args.dtype,
+        "device": args.device,
+        "seed": args.seed,
+        "batch_size": args.batch_size,
+        "world_size": dist.world_size(),
+        **extra,
+    }
     if args.checkpoint or args.save:
         s["operator"] = problem.fingerprint(args.params)
     return s
@@ -86,11 +97,11 @@ def _checkpoint(args, settings):
     if not args.checkpoint:
         return None
     from .._checkpoint import Checkpoint
+
     return Checkpoint(args.checkpoint, settings)
 
 
-def _finish(args, problem: Problem, kind: str, result: Dict[str, Any], settings: Dict[str, Any],
-            text: str) -> int:
+def _finish(args, problem: Problem, kind: str, result: Dict[str, Any], settings: Dict[str, Any], text: str) -> int:
     if args.save and dist.is_main():
         save_result(args.save, kind, result, settings, protected=_protected(args, problem), force=args.force)
     if args.json:
@@ -117,60 +128,108 @@ def _write_hessian(folder: str, H, settings: Dict[str, Any]) -> Dict[str, str]:
     import numpy as np
 
     from .._plots import hessian_heatmap, save as save_figure
+
     os.makedirs(folder, exist_ok=True)
-    files = {"pt": os.path.join(folder, "hessian.pt"), "npz": os.path.join(folder, "hessian.npz"),
-             "png": os.path.join(folder, "hessian.png")}
-    torch.save({"dense": H.dense.cpu(), "names": list(H.names),
-                "shapes": [list(s) for s in H.layout.shapes], "settings": settings}, files["pt"])
-    np.savez(files["npz"], dense=H.dense.detach().cpu().double().numpy(), names=np.array(H.names),
-             shapes=np.array([json.dumps(list(s)) for s in H.layout.shapes]))
+    files = {
+        "pt": os.path.join(folder, "hessian.pt"),
+        "npz": os.path.join(folder, "hessian.npz"),
+        "png": os.path.join(folder, "hessian.png"),
+    }
+    torch.save(
+        {
+            "dense": H.dense.cpu(),
+            "names": list(H.names),
+            "shapes": [list(s) for s in H.layout.shapes],
+            "settings": settings,
+        },
+        files["pt"],
+    )
+    np.savez(
+        files["npz"],
+        dense=H.dense.detach().cpu().double().numpy(),
+        names=np.array(H.names),
+        shapes=np.array([json.dumps(list(s)) for s in H.layout.shapes]),
+    )
     save_figure(hessian_heatmap(H), files["png"])
     return files
 
 
 def hessian(args) -> int:
     from .._dense import BlockHessian
+
     problem = _problem(args)
     op = _operator(args, problem)
     settings = _settings(args, problem, max_bytes=args.max_bytes)
-    H = BlockHessian(op.to_dense(max_bytes=args.max_bytes, progress=_progress(),
-                                 checkpoint=_checkpoint(args, settings)), op.layout)
+    H = BlockHessian(
+        op.to_dense(max_bytes=args.max_bytes, progress=_progress(), checkpoint=_checkpoint(args, settings)), op.layout
+    )
     files = _write_hessian(args.output, H, settings) if args.output and dist.is_main() else {}
     eig = H.eigvalsh()
-    result = {"names": list(H.names), "shapes": [list(s) for s in H.layout.shapes], "P": H.shape[0],
-              "eigenvalues": eig.tolist(), "trace": float(torch.trace(H.dense)),
-              "asymmetry": H.asymmetry, "files": files}
+    result = {
+        "names": list(H.names),
+        "shapes": [list(s) for s in H.layout.shapes],
+        "P": H.shape[0],
+        "eigenvalues": eig.tolist(),
+        "trace": float(torch.trace(H.dense)),
+        "asymmetry": H.asymmetry,
+        "files": files,
+    }
     blocks = ", ".join(f"{n}{list(s)}" for n, s in zip(H.names, H.layout.shapes))
-    text = [f"Hessian: P = {H.shape[0]}, blocks {blocks}",
-            f"  trace = {result['trace']:.6e}, eigenvalues in [{float(eig[0]):.4e}, {float(eig[-1]):.4e}]"]
+    text = [
+        f"Hessian: P = {H.shape[0]}, blocks {blocks}",
+        f"  trace = {result['trace']:.6e}, eigenvalues in [{float(eig[0]):.4e}, {float(eig[-1]):.4e}]",
+    ]
     text += [f"  wrote {p}" for p in files.values()]
     return _finish(args, problem, "hessian", result, settings, "\n".join(text))
 
 
 def eig(args) -> int:
     from ..linalg._lanczos import eigenvalues
+
     problem = _problem(args)
     op = _operator(args, problem)
     settings = _settings(args, problem, k=args.k, which=args.which, tol=args.tol)
-    res = eigenvalues(op, k=args.k, which=args.which, tol=args.tol, seed=args.seed,
-                      checkpoint=_checkpoint(args, settings), progress=_progress(), max_memory=args.max_memory)
+    res = eigenvalues(
+        op,
+        k=args.k,
+        which=args.which,
+        tol=args.tol,
+        seed=args.seed,
+        checkpoint=_checkpoint(args, settings),
+        progress=_progress(),
+        max_memory=args.max_memory,
+    )
     result = res.to_dict(eigenvectors=bool(args.save))  # --save keeps whole eigenpairs
-    lines = [f"{args.k} {args.which} eigenvalues of the Hessian (P = {op.shape[0]}, {res.num_matvecs} products, "
-             f"{'converged' if res.converged else 'NOT converged'})"]
-    lines += [f"  λ{i + 1} = {float(v):+.8e}   residual {float(r):.1e}"
-              for i, (v, r) in enumerate(zip(res.eigenvalues, res.residuals))]
+    lines = [
+        f"{args.k} {args.which} eigenvalues of the Hessian (P = {op.shape[0]}, {res.num_matvecs} products, "
+        f"{'converged' if res.converged else 'NOT converged'})"
+    ]
+    lines += [
+        f"  λ{i + 1} = {float(v):+.8e}   residual {float(r):.1e}"
+        for i, (v, r) in enumerate(zip(res.eigenvalues, res.residuals))
+    ]
     return _finish(args, problem, "eigenvalues", result, settings, "\n".join(lines))
 
 
 def trace(args) -> int:
     from ..linalg._trace import trace as trace_fn
+
     problem = _problem(args)
     op = _operator(args, problem)
-    settings = _settings(args, problem, method=args.method, num_matvecs=args.num_matvecs, exact=args.exact,
-                         by_block=args.by_block)
-    res = trace_fn(op, method=args.method, num_matvecs=args.num_matvecs, seed=args.seed, exact=args.exact,
-                   by_block=args.by_block, progress=_progress(), checkpoint=_checkpoint(args, settings),
-                   **_memory(args))
+    settings = _settings(
+        args, problem, method=args.method, num_matvecs=args.num_matvecs, exact=args.exact, by_block=args.by_block
+    )
+    res = trace_fn(
+        op,
+        method=args.method,
+        num_matvecs=args.num_matvecs,
+        seed=args.seed,
+        exact=args.exact,
+        by_block=args.by_block,
+        progress=_progress(),
+        checkpoint=_checkpoint(args, settings),
+        **_memory(args),
+    )
     lines = [f"trace of the Hessian ({res.method}, {res.num_matvecs} products): {res.value:.6e} ± {res.stderr:.2e}"]
     for name, b in (res.blocks or {}).items():
         lines.append(f"  {name:<30} {b.value:+.6e} ± {b.stderr:.2e}")
@@ -179,13 +238,20 @@ def trace(args) -> int:
 
 def diag(args) -> int:
     from ..linalg._diagonal import diagonal
+
     problem = _problem(args)
     op = _operator(args, problem)
-    settings = _settings(args, problem, method=args.method, num_matvecs=args.num_matvecs,
-                         chunk_size=args.chunk_size)
-    res = diagonal(op, method=args.method, num_matvecs=args.num_matvecs, seed=args.seed,
-                   chunk_size=args.chunk_size, progress=_progress(), checkpoint=_checkpoint(args, settings),
-                   **_memory(args))
+    settings = _settings(args, problem, method=args.method, num_matvecs=args.num_matvecs, chunk_size=args.chunk_size)
+    res = diagonal(
+        op,
+        method=args.method,
+        num_matvecs=args.num_matvecs,
+        seed=args.seed,
+        chunk_size=args.chunk_size,
+        progress=_progress(),
+        checkpoint=_checkpoint(args, settings),
+        **_memory(args),
+    )
     lines = [f"diagonal of the Hessian ({res.method}, {res.num_matvecs} products)"]
     for name, t in res.by_name.items():
         lines.append(f"  {name:<30} sum {float(t.sum()):+.6e}  min {float(t.min()):+.3e}  max {float(t.max()):+.3e}")
@@ -194,15 +260,26 @@ def diag(args) -> int:
 
 def density(args) -> int:
     from ..linalg._density import spectral_density
+
     problem = _problem(args)
     op = _operator(args, problem)
     settings = _settings(args, problem, num_probes=args.probes, lanczos_steps=args.steps)
-    res = spectral_density(op, num_probes=args.probes, lanczos_steps=args.steps, seed=args.seed,
-                           checkpoint=_checkpoint(args, settings), progress=_progress(), **_memory(args))
-    text = (f"spectral density (SLQ: {args.probes} probes × {args.steps} Lanczos steps, {res.num_matvecs} products)"
-            f"\n  support ≈ [{float(res.nodes.min()):.4e}, {float(res.nodes.max()):.4e}]")
+    res = spectral_density(
+        op,
+        num_probes=args.probes,
+        lanczos_steps=args.steps,
+        seed=args.seed,
+        checkpoint=_checkpoint(args, settings),
+        progress=_progress(),
+        **_memory(args),
+    )
+    text = (
+        f"spectral density (SLQ: {args.probes} probes × {args.steps} Lanczos steps, {res.num_matvecs} products)"
+        f"\n  support ≈ [{float(res.nodes.min()):.4e}, {float(res.nodes.max()):.4e}]"
+    )
     if args.output and dist.is_main():
         from .._plots import density_plot, save as save_figure
+
         save_figure(density_plot(res), args.output)
         text += f"\n  wrote {args.output}"
     return _finish(args, problem, "density", res.to_dict(), settings, text)
@@ -210,6 +287,7 @@ def density(args) -> int:
 
 def check(args) -> int:
     from .._check import check as check_fn
+
     _no_checkpoint(args, "check")
     problem = _problem(args)
     rep = check_fn(problem.model, problem.loss_fn, problem.data, args.params)
@@ -219,22 +297,33 @@ def check(args) -> int:
 
 def input_hessian(args) -> int:
     from .._input_hessian import input_hessian as input_hessian_fn
+
     _no_checkpoint(args, "input-hessian")
     problem = _problem(args)
     settings = _settings(args, problem, at=args.at, sample_dim=args.sample_dim)
-    R = input_hessian_fn(problem.model, problem.loss_fn, problem.data, at=args.at, params=args.params,
-                         sample_dim=args.sample_dim)
-    return _finish(args, problem, "input-hessian", R.to_dict(blocks=bool(args.save)), settings,
-                   R.summary(limit=args.limit))
+    R = input_hessian_fn(
+        problem.model, problem.loss_fn, problem.data, at=args.at, params=args.params, sample_dim=args.sample_dim
+    )
+    return _finish(
+        args, problem, "input-hessian", R.to_dict(blocks=bool(args.save)), settings, R.summary(limit=args.limit)
+    )
 
 
 def report(args) -> int:
     from .report import report_problem
+
     _no_checkpoint(args, "report")
     problem = _problem(args)
-    options = {k: getattr(args, k) for k in ("dense_max_params", "num_eigs", "trace_matvecs", "density_probes",
-                                              "lanczos_steps", "sections")}
-    paths = report_problem(problem, args.output, params=args.params, seed=args.seed,
-                           progress=_progress(), **options)
-    return _finish(args, problem, "report", {"html": paths.html, "json": paths.json}, _settings(args, problem),
-                   f"wrote {paths.html}\nwrote {paths.json}")
+    options = {
+        k: getattr(args, k)
+        for k in ("dense_max_params", "num_eigs", "trace_matvecs", "density_probes", "lanczos_steps", "sections")
+    }
+    paths = report_problem(problem, args.output, params=args.params, seed=args.seed, progress=_progress(), **options)
+    return _finish(
+        args,
+        problem,
+        "report",
+        {"html": paths.html, "json": paths.json},
+        _settings(args, problem),
+        f"wrote {paths.html}\nwrote {paths.json}",
+    )

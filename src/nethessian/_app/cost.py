@@ -4,6 +4,7 @@ One rule for the report and the command line: :func:`estimate_line` measures one
 of the operator (one extra product) and multiplies it by the planned (fewest, most)
 products. :func:`command_products` plans the products of the CLI commands.
 """
+
 from __future__ import annotations
 
 import sys
@@ -34,8 +35,9 @@ def product_time(op) -> float:
     return time.perf_counter() - t0
 
 
-def estimate_line(P: int, mode: Optional[str], products: Tuple[int, int], t: float,
-                  what: str = "Hessian-vector") -> str:
+def estimate_line(
+    P: int, mode: Optional[str], products: Tuple[int, int], t: float, what: str = "Hessian-vector"
+) -> str:
     """``P = …, mode; lo–hi <what> products × t ms each ≈ a–b s`` (one number when lo = hi)."""
     lo, hi = products
     span = f"{lo}" if lo == hi else f"{lo}–{hi} (Lanczos stops when converged)"

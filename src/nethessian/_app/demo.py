@@ -3,6 +3,7 @@
 One operator (one Objective) serves J, g, the dense Hessian and the finite
 differences; Newton's end point is evaluated on the same objective at the new θ.
 """
+
 from __future__ import annotations
 
 import torch
@@ -38,12 +39,20 @@ def demo_result(seed: int = 0, problem=None) -> dict:
         diff = (H[r, c] - fd[r, c]).abs().max()
         fd_err[key] = float(diff / H[r, c].abs().max().clamp_min(1e-300))
     return {
-        "seed": seed, "J": J, "gradient": {n: t.tolist() for n, t in H.layout.unflatten(g).items()},
+        "seed": seed,
+        "J": J,
+        "gradient": {n: t.tolist() for n, t in H.layout.unflatten(g).items()},
         "gradient_norm": float(g.norm()),
-        "blocks": {k: {"of": f"d2J/d{r} d{c}", "shape": list(H[r, c].shape), "values": H[r, c].tolist()}
-                   for k, (r, c) in BLOCKS.items()},
-        "eigenvalues": eig.tolist(), "verdict": verdict.to_dict(), "fd_relative_difference": fd_err,
-        "_H": H, "_g": g, "_problem": problem,
+        "blocks": {
+            k: {"of": f"d2J/d{r} d{c}", "shape": list(H[r, c].shape), "values": H[r, c].tolist()}
+            for k, (r, c) in BLOCKS.items()
+        },
+        "eigenvalues": eig.tolist(),
+        "verdict": verdict.to_dict(),
+        "fd_relative_difference": fd_err,
+        "_H": H,
+        "_g": g,
+        "_problem": problem,
     }
 
 
@@ -86,10 +95,18 @@ def newton_text(problem) -> str:
     eig = _hessian_at(problem, res.theta)
     verdict = classify_point(eig, res.gradient_norms[-1], rtol=1e-6, gtol=1e-8)
     exact_fit = verdict.kind == "degenerate" and res.value < 1e-20
-    return ("damped Newton on the two-layer network (Levenberg–Marquardt damping λ = μ‖g‖; "
-            "see docs/quadratic-and-newton.md)\n" + res.table() +
-            "\n\neigenvalues of H at the end point\n  " + "  ".join(f"{x:+.4e}" for x in eig.tolist()) +
-            f"\n  → {verdict.message}" +
-            (f"\n  J = {res.value:.1e} and J = ½Σ(y − ŷ)² ≥ 0, so this is a global minimum, not isolated: the "
-             f"network fits all 3 points exactly, and the {verdict.num_zero} flat directions are tangent to a "
-             "whole set of exact fits" if exact_fit else ""))
+    return (
+        "damped Newton on the two-layer network (Levenberg–Marquardt damping λ = μ‖g‖; "
+        "see docs/quadratic-and-newton.md)\n"
+        + res.table()
+        + "\n\neigenvalues of H at the end point\n  "
+        + "  ".join(f"{x:+.4e}" for x in eig.tolist())
+        + f"\n  → {verdict.message}"
+        + (
+            f"\n  J = {res.value:.1e} and J = ½Σ(y − ŷ)² ≥ 0, so this is a global minimum, not isolated: the "
+            f"network fits all 3 points exactly, and the {verdict.num_zero} flat directions are tangent to a "
+            "whole set of exact fits"
+            if exact_fit
+            else ""
+        )
+    )

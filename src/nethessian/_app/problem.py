@@ -3,6 +3,7 @@
 A problem file defines ``model``, ``loss_fn`` and ``data`` at module level, or
 a function ``problem()`` returning them.
 """
+
 from __future__ import annotations
 
 import importlib.util
@@ -22,8 +23,8 @@ __all__ = ["Problem", "load_problem", "parse_device", "parse_dtype"]
 BUILTIN_NAMES = {"two-layer": "the two-layer 2-3-1 sigmoid network (sleep, study → test score)"}
 BUILTIN_DESCRIPTIONS = {
     "two-layer": "ŷ = f(f(X W1) W2) with f the sigmoid and no biases; J = ½ Σₙ (yₙ − ŷₙ)². X = hours of "
-                 "(sleep, study) of 3 students, each column divided by its maximum; y = test scores / 100. "
-                 "W1 is 2×3 and W2 is 3×1: θ has 9 entries.",
+    "(sleep, study) of 3 students, each column divided by its maximum; y = test scores / 100. "
+    "W1 is 2×3 and W2 is 3×1: θ has 9 entries.",
 }
 
 
@@ -90,19 +91,28 @@ class Problem:
     def describe(self) -> Dict[str, Any]:
         """Name, description and the model's and loss's types, for the report and saved results."""
         loss = self.loss_fn
-        loss_name = type(loss).__name__ if hasattr(loss, "forward") or not callable(loss) else \
-            getattr(loss, "__name__", type(loss).__name__)
+        loss_name = (
+            type(loss).__name__
+            if hasattr(loss, "forward") or not callable(loss)
+            else getattr(loss, "__name__", type(loss).__name__)
+        )
         name = self.name or f"{type(self.model).__name__} with {loss_name}"
-        return {"name": name, "description": self.description, "source": self.source,
-                "builtin": self.builtin, "seed": self.seed, "model": type(self.model).__name__,
-                "loss": loss_name, "model_repr": repr(self.model)}
+        return {
+            "name": name,
+            "description": self.description,
+            "source": self.source,
+            "builtin": self.builtin,
+            "seed": self.seed,
+            "model": type(self.model).__name__,
+            "loss": loss_name,
+            "model_repr": repr(self.model),
+        }
 
 
 #: the dtypes the command line offers (``--dtype`` casts the model). A half-precision model is
 #: stored in bfloat16/float16 but the library computes on a float32 copy of its parameters
 #: (its rounding would swamp second derivatives): the numbers are those of the rounded weights.
-DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16,
-          "float16": torch.float16}
+DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 def parse_dtype(name: Optional[str]) -> Optional[torch.dtype]:
@@ -144,8 +154,10 @@ def _run_user_code(path: str, what: str, fn: Callable[[], Any]) -> Any:
     try:
         return fn()
     except SystemExit as exc:
-        raise InputError(f"problem file called sys.exit({exc.code!r}) at {_where(exc, path)}; "
-                         "a problem file must define model, loss_fn and data, not exit") from None
+        raise InputError(
+            f"problem file called sys.exit({exc.code!r}) at {_where(exc, path)}; "
+            "a problem file must define model, loss_fn and data, not exit"
+        ) from None
     except Exception as exc:
         raise InputError(f"problem file {what} at {_where(exc, path)} — {type(exc).__name__}: {exc}") from None
 
@@ -154,8 +166,10 @@ def _from_file(path: str):
     if not os.path.exists(path):
         raise InputError(f"problem file {path!r} does not exist")
     if os.path.isdir(path) or not path.endswith(".py"):
-        raise InputError(f"problem {path!r} is not a Python file: give a .py file that defines model, "
-                         "loss_fn and data (or problem()), or a built-in: " + ", ".join(examples.BUILTINS))
+        raise InputError(
+            f"problem {path!r} is not a Python file: give a .py file that defines model, "
+            "loss_fn and data (or problem()), or a built-in: " + ", ".join(examples.BUILTINS)
+        )
     name = "nethessian_problem_" + os.path.splitext(os.path.basename(path))[0].replace("-", "_")
     spec = importlib.util.spec_from_file_location(name, path)
     if spec is None or spec.loader is None:
@@ -169,8 +183,9 @@ def _from_file(path: str):
         return tuple(out)
     missing = [n for n in ("model", "loss_fn", "data") if not hasattr(module, n)]
     if missing:
-        raise InputError(f"{path} lacks {', '.join(missing)}: define model, loss_fn and data, "
-                         "or a function problem() returning them")
+        raise InputError(
+            f"{path} lacks {', '.join(missing)}: define model, loss_fn and data, or a function problem() returning them"
+        )
     return module.model, module.loss_fn, module.data
 
 
@@ -179,11 +194,17 @@ def _rebatch(data, batch_size: int):
     if not (isinstance(data, (tuple, list)) and len(data) == 2 and isinstance(data[1], torch.Tensor)):
         raise InputError("--batch-size needs data given as one (inputs, targets) pair")
     X, y = data
-    return [(X[i:i + batch_size], y[i:i + batch_size]) for i in range(0, len(y), batch_size)]
+    return [(X[i : i + batch_size], y[i : i + batch_size]) for i in range(0, len(y), batch_size)]
 
 
-def load_problem(spec: Optional[str], *, seed: int = 0, dtype: Optional[str] = None,
-                 device: Optional[str] = None, batch_size: Optional[int] = None) -> Problem:
+def load_problem(
+    spec: Optional[str],
+    *,
+    seed: int = 0,
+    dtype: Optional[str] = None,
+    device: Optional[str] = None,
+    batch_size: Optional[int] = None,
+) -> Problem:
     """The :class:`Problem` named by ``spec``: a built-in (two-layer, mlp, cnn) or a ``.py`` file.
 
     A problem file is executed as Python code: load only files you trust.
@@ -206,5 +227,13 @@ def load_problem(spec: Optional[str], *, seed: int = 0, dtype: Optional[str] = N
         model = model.to(device=dev, dtype=dt)
     if batch_size is not None:
         data = _rebatch(data, batch_size)
-    return Problem(model, loss_fn, data, name=name, source=source, builtin=None if source else spec,
-                   description=None if source else BUILTIN_DESCRIPTIONS.get(spec), seed=seed)
+    return Problem(
+        model,
+        loss_fn,
+        data,
+        name=name,
+        source=source,
+        builtin=None if source else spec,
+        description=None if source else BUILTIN_DESCRIPTIONS.get(spec),
+        seed=seed,
+    )

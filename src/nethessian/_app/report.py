@@ -14,6 +14,7 @@ library's estimators (``trace``, ``eigenvalues``, ``spectral_density``,
 
 Every process computes (the products all-reduce); only rank 0 writes files.
 """
+
 from __future__ import annotations
 
 import base64
@@ -52,27 +53,62 @@ class ReportPaths:
     json: pathlib.Path
 
 
-def build_report(model, loss_fn, data, out_dir, *, params: Optional[Sequence[str]] = None, seed: int = 0,
-                 title: str = "nethessian report", dense_max_params: int = 2000, num_eigs: int = 5,
-                 trace_matvecs: int = 90, density_probes: int = 8, lanczos_steps: int = 80,
-                 problem_name: Optional[str] = None, quadratic_radius: Optional[float] = None,
-                 sections: Optional[Sequence[str]] = None, progress: Optional[bool] = False) -> ReportPaths:
+def build_report(
+    model,
+    loss_fn,
+    data,
+    out_dir,
+    *,
+    params: Optional[Sequence[str]] = None,
+    seed: int = 0,
+    title: str = "nethessian report",
+    dense_max_params: int = 2000,
+    num_eigs: int = 5,
+    trace_matvecs: int = 90,
+    density_probes: int = 8,
+    lanczos_steps: int = 80,
+    problem_name: Optional[str] = None,
+    quadratic_radius: Optional[float] = None,
+    sections: Optional[Sequence[str]] = None,
+    progress: Optional[bool] = False,
+) -> ReportPaths:
     """The report of a problem given as Python objects; ``problem_name`` names it on the page.
 
     Every other argument is :func:`report_problem`'s.
     """
-    return report_problem(Problem(model, loss_fn, data, name=problem_name), out_dir, params=params, seed=seed,
-                          title=title, dense_max_params=dense_max_params, num_eigs=num_eigs,
-                          trace_matvecs=trace_matvecs, density_probes=density_probes,
-                          lanczos_steps=lanczos_steps, quadratic_radius=quadratic_radius, sections=sections,
-                          progress=progress)
+    return report_problem(
+        Problem(model, loss_fn, data, name=problem_name),
+        out_dir,
+        params=params,
+        seed=seed,
+        title=title,
+        dense_max_params=dense_max_params,
+        num_eigs=num_eigs,
+        trace_matvecs=trace_matvecs,
+        density_probes=density_probes,
+        lanczos_steps=lanczos_steps,
+        quadratic_radius=quadratic_radius,
+        sections=sections,
+        progress=progress,
+    )
 
 
-def report_problem(problem: Problem, out_dir, *, params: Optional[Sequence[str]] = None, seed: int = 0,
-                   title: str = "nethessian report", dense_max_params: int = 2000, num_eigs: int = 5,
-                   trace_matvecs: int = 90, density_probes: int = 8, lanczos_steps: int = 80,
-                   quadratic_radius: Optional[float] = None, sections: Optional[Sequence[str]] = None,
-                   progress: Optional[bool] = False) -> ReportPaths:
+def report_problem(
+    problem: Problem,
+    out_dir,
+    *,
+    params: Optional[Sequence[str]] = None,
+    seed: int = 0,
+    title: str = "nethessian report",
+    dense_max_params: int = 2000,
+    num_eigs: int = 5,
+    trace_matvecs: int = 90,
+    density_probes: int = 8,
+    lanczos_steps: int = 80,
+    quadratic_radius: Optional[float] = None,
+    sections: Optional[Sequence[str]] = None,
+    progress: Optional[bool] = False,
+) -> ReportPaths:
     """Compute the curvature summary of J at the current parameters; write ``report.html`` and ``report.json``.
 
     Args:
@@ -103,10 +139,19 @@ def report_problem(problem: Problem, out_dir, *, params: Optional[Sequence[str]]
     Raises:
         InputError: the output folder cannot be written, or a setting is not a positive integer.
     """
-    S = _settings(dict(seed=seed, dense_max_params=dense_max_params, num_eigs=num_eigs,
-                       trace_matvecs=trace_matvecs, density_probes=density_probes,
-                       lanczos_steps=lanczos_steps, quadratic_radius=quadratic_radius,
-                       params=None if params is None else list(params), sections=sections))
+    S = _settings(
+        dict(
+            seed=seed,
+            dense_max_params=dense_max_params,
+            num_eigs=num_eigs,
+            trace_matvecs=trace_matvecs,
+            density_probes=density_probes,
+            lanczos_steps=lanczos_steps,
+            quadratic_radius=quadratic_radius,
+            params=None if params is None else list(params),
+            sections=sections,
+        )
+    )
     out = pathlib.Path(os.fspath(out_dir)).expanduser()
     why_not = _output_problem(out) if dist.is_main() else None
     stages = _Stages(progress is not False and dist.is_main())
@@ -137,8 +182,9 @@ def _settings(S: Dict[str, Any]) -> Dict[str, Any]:
     S["sections"] = [sid for sid in known if sid in set(chosen) | ALWAYS]
     for name in DEFAULTS:
         S[name] = as_int(name, S[name], minimum=0 if name == "dense_max_params" else 1)
-    if S["quadratic_radius"] is not None and not (isinstance(S["quadratic_radius"], (int, float))
-                                                   and 0 < S["quadratic_radius"] < float("inf")):
+    if S["quadratic_radius"] is not None and not (
+        isinstance(S["quadratic_radius"], (int, float)) and 0 < S["quadratic_radius"] < float("inf")
+    ):
         raise InputError(f"quadratic_radius must be a positive number, got {S['quadratic_radius']!r}")
     return S
 
@@ -160,16 +206,20 @@ def planned_products(P: int, S: Dict[str, Any], numels: Sequence[int] = (), inpu
     k = min(S["num_eigs"], P - 1)
     ncv = min(max(2 * k + 1, 20), P)
     runs = ("eigenvalues" in want) + bool(want & {"eigenvalues", "quadratic", "eigenvectors", "ggn"})
-    fixed = n_quadratic + (S["trace_matvecs"] if "trace" in want else 0) + \
-        (S["density_probes"] * min(S["lanczos_steps"], P) + 2 if "density" in want else 0)  # + symmetry check
+    fixed = (
+        n_quadratic
+        + (S["trace_matvecs"] if "trace" in want else 0)
+        + (S["density_probes"] * min(S["lanczos_steps"], P) + 2 if "density" in want else 0)
+    )  # + symmetry check
     return fixed + runs * ncv + extra[0], fixed + runs * 20 * ncv + extra[1]
 
 
 def estimate_cost(q, S: Dict[str, Any]) -> str:
     """One line: the planned products × the time of one product measured now (one extra product)."""
     P = q.layout.size
-    products = planned_products(P, S, q.layout.numels, input_dim(q.objective) if "input-hessian" in S["sections"]
-                                else None)
+    products = planned_products(
+        P, S, q.layout.numels, input_dim(q.objective) if "input-hessian" in S["sections"] else None
+    )
     what = "Hessian-vector" + (" and GGN-vector" if "ggn" in S["sections"] else "")
     return estimate_line(P, "dense" if is_dense(P, S) else "matrix-free", products, product_time(q.operator), what)
 
@@ -183,8 +233,10 @@ def _output_problem(out: pathlib.Path) -> Optional[str]:
         probe.write_bytes(b"")
         probe.unlink()
     except OSError as exc:
-        return (f"cannot write the report to {str(out)!r}: {exc.strerror or exc}. Pass an out_dir "
-                "you can write to (a new folder is created), or fix the folder's permissions")
+        return (
+            f"cannot write the report to {str(out)!r}: {exc.strerror or exc}. Pass an out_dir "
+            "you can write to (a new folder is created), or fix the folder's permissions"
+        )
     return None
 
 
@@ -225,12 +277,17 @@ def _run_settings(q, model) -> Dict[str, Any]:
     if dist.is_active():
         t, _ = dist.reduce_sum(torch.tensor([samples, batches], dtype=torch.float64, device=obj.device), 0.0)
         samples, batches = float(t[0]), float(t[1])
-    return {"num_samples": int(samples), "num_batches": int(batches),
-            "reduction": reduction_text(obj.reduction, obj.loss_fn),
-            "dtype": str(obj.dtype).replace("torch.", ""), "device": str(obj.device),
-            "hvp_method": q.operator.method,
-            "model_training_mode": bool(model.training), "world_size": dist.world_size(),
-            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
+    return {
+        "num_samples": int(samples),
+        "num_batches": int(batches),
+        "reduction": reduction_text(obj.reduction, obj.loss_fn),
+        "dtype": str(obj.dtype).replace("torch.", ""),
+        "device": str(obj.device),
+        "hvp_method": q.operator.method,
+        "model_training_mode": bool(model.training),
+        "world_size": dist.world_size(),
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+    }
 
 
 def _data_uri(png: bytes) -> str:

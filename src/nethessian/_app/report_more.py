@@ -1,5 +1,7 @@
-"""The report's structure sections: per-block top eigenvalues, where the top eigenvectors live,
-GGN against Hessian, and the Hessian with respect to the inputs.
+"""The report's structure sections: block eigenvalues, eigenvector mass, GGN, input Hessian.
+
+Per-block top eigenvalues, where the top eigenvectors live, GGN against Hessian, and
+the Hessian with respect to the inputs.
 
 Every function takes the problem's one Hessian operator (``q.operator``) and, in dense
 mode, the formed matrix, so nothing is computed twice:
@@ -16,6 +18,7 @@ mode, the formed matrix, so nothing is computed twice:
   random unit vectors.
 * ``input-hessian``: ``nh.input_hessian``'s per-sample top eigenvalue and trace.
 """
+
 from __future__ import annotations
 
 import warnings
@@ -25,8 +28,17 @@ import torch
 
 from ..errors import InputError
 
-__all__ = ["BLOCK_DENSE_MAX", "NUM_RANDOM", "block_top_eigenvalues", "eigenvector_mass", "ggn_vs_hessian", "structure",
-           "input_hessian_section", "layer_of", "planned_extra"]
+__all__ = [
+    "BLOCK_DENSE_MAX",
+    "NUM_RANDOM",
+    "block_top_eigenvalues",
+    "eigenvector_mass",
+    "ggn_vs_hessian",
+    "structure",
+    "input_hessian_section",
+    "layer_of",
+    "planned_extra",
+]
 
 #: blocks up to this many entries are formed (n_b products) rather than run through Lanczos
 BLOCK_DENSE_MAX = 40
@@ -75,8 +87,8 @@ class BlockOperator:
         one = V.ndim == 1
         V = V[:, None] if one else V
         full = torch.zeros(self.op.shape[0], V.shape[1], dtype=self.op.dtype, device=self.op.device)
-        full[self.start:self.start + self.size] = V.to(full)
-        out = (self.op @ full)[self.start:self.start + self.size]
+        full[self.start : self.start + self.size] = V.to(full)
+        out = (self.op @ full)[self.start : self.start + self.size]
         return out[:, 0] if one else out
 
 
@@ -85,19 +97,32 @@ def block_top_eigenvalues(q, S: Dict[str, Any], dense_H: Optional[torch.Tensor])
     lay, out = q.layout, {}
     for name, start, n in zip(lay.names, lay.offsets, lay.numels):
         if dense_H is not None:
-            block = dense_H[start:start + n, start:start + n]
-            out[name] = {"numel": n, "top_eigenvalue": float(torch.linalg.eigvalsh(block.double())[-1]),
-                         "method": "dense block", "num_matvecs": 0}
+            block = dense_H[start : start + n, start : start + n]
+            out[name] = {
+                "numel": n,
+                "top_eigenvalue": float(torch.linalg.eigvalsh(block.double())[-1]),
+                "method": "dense block",
+                "num_matvecs": 0,
+            }
         elif n <= BLOCK_DENSE_MAX:
             B = BlockOperator(q.operator, start, n)
             M = B @ torch.eye(n, dtype=B.dtype, device=B.device)
-            out[name] = {"numel": n, "top_eigenvalue": float(torch.linalg.eigvalsh((0.5 * (M + M.T)).double())[-1]),
-                         "method": "formed block", "num_matvecs": n}
+            out[name] = {
+                "numel": n,
+                "top_eigenvalue": float(torch.linalg.eigvalsh((0.5 * (M + M.T)).double())[-1]),
+                "method": "formed block",
+                "num_matvecs": n,
+            }
         else:
             r = _lanczos(BlockOperator(q.operator, start, n), 1, "largest", S["seed"])
-            out[name] = {"numel": n, "top_eigenvalue": float(r.eigenvalues[0]), "method": "Lanczos",
-                         "num_matvecs": r.num_matvecs, "converged": bool(r.converged),
-                         "residual": float(r.residuals[0])}
+            out[name] = {
+                "numel": n,
+                "top_eigenvalue": float(r.eigenvalues[0]),
+                "method": "Lanczos",
+                "num_matvecs": r.num_matvecs,
+                "converged": bool(r.converged),
+                "residual": float(r.residuals[0]),
+            }
     return out
 
 
@@ -117,8 +142,10 @@ def eigenvector_mass(layout, vectors: torch.Tensor, values: torch.Tensor) -> Lis
     for i in range(V.shape[1]):
         v = V[:, i]
         total = float(v.square().sum()) or 1.0
-        by_param = {n: float(v[s:s + k].square().sum()) / total
-                    for n, s, k in zip(layout.names, layout.offsets, layout.numels)}
+        by_param = {
+            n: float(v[s : s + k].square().sum()) / total
+            for n, s, k in zip(layout.names, layout.offsets, layout.numels)
+        }
         by_layer: Dict[str, float] = {}
         for n, m in by_param.items():
             by_layer[layer_of(n)] = by_layer.get(layer_of(n), 0.0) + m
@@ -127,8 +154,9 @@ def eigenvector_mass(layout, vectors: torch.Tensor, values: torch.Tensor) -> Lis
 
 
 # ----------------------------------------------------------------------------- GGN
-def ggn_vs_hessian(problem, q, S: Dict[str, Any], top_H: torch.Tensor, top_vec: torch.Tensor,
-                   dense_H: Optional[torch.Tensor]) -> Dict[str, Any]:
+def ggn_vs_hessian(
+    problem, q, S: Dict[str, Any], top_H: torch.Tensor, top_vec: torch.Tensor, dense_H: Optional[torch.Tensor]
+) -> Dict[str, Any]:
     """Top eigenvalues of G and H and ``‖(H − G) v‖ / ‖H v‖`` on the top eigenvector and random vectors.
 
     ``top_H`` are H's largest eigenvalues (descending), ``top_vec`` its top eigenvector.
@@ -158,9 +186,14 @@ def ggn_vs_hessian(problem, q, S: Dict[str, Any], top_H: torch.Tensor, top_vec: 
         n_g = r.num_matvecs + V.shape[1]
     rel = ((HV - GV).norm(dim=0) / HV.norm(dim=0).clamp_min(1e-300)).tolist()
     names = ["top Hessian eigenvector"] + [f"random unit vector {i + 1}" for i in range(NUM_RANDOM)]
-    return {"method": method, "hessian_top": [float(x) for x in top_H], "ggn_top": [float(x) for x in top_G],
-            "residual": [{"vector": n, "relative": float(x)} for n, x in zip(names, rel)],
-            "ggn_matvecs": int(n_g), "ggn_engine": G.engine}
+    return {
+        "method": method,
+        "hessian_top": [float(x) for x in top_H],
+        "ggn_top": [float(x) for x in top_G],
+        "residual": [{"vector": n, "relative": float(x)} for n, x in zip(names, rel)],
+        "ggn_matvecs": int(n_g),
+        "ggn_engine": G.engine,
+    }
 
 
 # ----------------------------------------------------------------------------- inputs
@@ -189,11 +222,23 @@ def structure(q, S: Dict[str, Any], stages, ctx: Dict[str, Any], problem, R: Dic
     ``top_vectors`` (columns) and, in dense mode, the formed ``H``.
     """
     H = ctx.get("H")
-    R["blocks"] = stages("top eigenvalue of each diagonal block",
-                         lambda: block_top_eigenvalues(q, S, H)) if "blocks" in want else None
-    R["eigenvectors"] = eigenvector_mass(q.layout, ctx["top_vectors"], ctx["top_values"]) \
-        if "eigenvectors" in want else None
-    R["ggn"] = stages("GGN against Hessian", lambda: ggn_vs_hessian(
-        problem, q, S, ctx["top_values"], ctx["top_vectors"][:, 0], H)) if "ggn" in want else None
-    R["input_hessian"] = stages("Hessian w.r.t. the inputs", lambda: input_hessian_section(problem, q)) \
-        if "input-hessian" in want else None
+    R["blocks"] = (
+        stages("top eigenvalue of each diagonal block", lambda: block_top_eigenvalues(q, S, H))
+        if "blocks" in want
+        else None
+    )
+    R["eigenvectors"] = (
+        eigenvector_mass(q.layout, ctx["top_vectors"], ctx["top_values"]) if "eigenvectors" in want else None
+    )
+    R["ggn"] = (
+        stages(
+            "GGN against Hessian", lambda: ggn_vs_hessian(problem, q, S, ctx["top_values"], ctx["top_vectors"][:, 0], H)
+        )
+        if "ggn" in want
+        else None
+    )
+    R["input_hessian"] = (
+        stages("Hessian w.r.t. the inputs", lambda: input_hessian_section(problem, q))
+        if "input-hessian" in want
+        else None
+    )

@@ -13,6 +13,7 @@ When it is not, :func:`slope_reason` names the cause found *in the data*:
 * ``step range`` — at the largest steps the local slope is far from 3: higher-order
   terms dominate, the steps leave the region where the cubic term leads.
 """
+
 from __future__ import annotations
 
 import math
@@ -23,11 +24,34 @@ from torch import nn
 
 __all__ = ["NONSMOOTH", "ROUNDING_FACTOR", "nonsmooth_modules", "reduction_text", "slope_reason"]
 
-NONSMOOTH = (nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.PReLU, nn.RReLU, nn.Hardtanh, nn.Hardsigmoid, nn.Hardswish,
-             nn.Hardshrink, nn.Softshrink, nn.Threshold, nn.ELU, nn.SELU, nn.CELU,
-             nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d, nn.AdaptiveMaxPool1d, nn.AdaptiveMaxPool2d,
-             nn.AdaptiveMaxPool3d, nn.L1Loss, nn.SmoothL1Loss, nn.HuberLoss, nn.MultiMarginLoss,
-             nn.MarginRankingLoss, nn.HingeEmbeddingLoss)
+NONSMOOTH = (
+    nn.ReLU,
+    nn.ReLU6,
+    nn.LeakyReLU,
+    nn.PReLU,
+    nn.RReLU,
+    nn.Hardtanh,
+    nn.Hardsigmoid,
+    nn.Hardswish,
+    nn.Hardshrink,
+    nn.Softshrink,
+    nn.Threshold,
+    nn.ELU,
+    nn.SELU,
+    nn.CELU,
+    nn.MaxPool1d,
+    nn.MaxPool2d,
+    nn.MaxPool3d,
+    nn.AdaptiveMaxPool1d,
+    nn.AdaptiveMaxPool2d,
+    nn.AdaptiveMaxPool3d,
+    nn.L1Loss,
+    nn.SmoothL1Loss,
+    nn.HuberLoss,
+    nn.MultiMarginLoss,
+    nn.MarginRankingLoss,
+    nn.HingeEmbeddingLoss,
+)
 #: the smallest-step difference within this factor of u·|J| counts as rounding-limited
 ROUNDING_FACTOR = 1e4
 #: a slope within this of 3 (or 4) needs no explanation
@@ -65,7 +89,9 @@ def slope_reason(c: Dict[str, Any], value: float, eps: float, kinks: List[str]) 
 
     Args:
         c: the direction's ``alphas``, ``true``, ``model`` (lists) and ``slope``.
-        value: J at θ. eps: the unit roundoff of the cost's dtype. kinks: :func:`nonsmooth_modules`.
+        value: J at θ.
+        eps: the unit roundoff of the cost's dtype.
+        kinks: :func:`nonsmooth_modules`.
     """
     alphas = torch.tensor(c["alphas"], dtype=torch.float64)
     diff = torch.tensor(c["true"], dtype=torch.float64) - torch.tensor(c["model"], dtype=torch.float64)
@@ -76,24 +102,48 @@ def slope_reason(c: Dict[str, Any], value: float, eps: float, kinks: List[str]) 
     facts = {"small_end": small, "large_end": large, "smallest_difference_over_rounding": closest}
     s = c["slope"]
     if not math.isfinite(s):
-        return {**facts, "cause": "rounding", "text": "every difference is at the float rounding of J "
-                f"(u·|J| = {rounding:.2g}): the model is exact to rounding along this direction"}
+        return {
+            **facts,
+            "cause": "rounding",
+            "text": "every difference is at the float rounding of J "
+            f"(u·|J| = {rounding:.2g}): the model is exact to rounding along this direction",
+        }
     if min(abs(s - 3), abs(s - 4)) <= TOLERANCE:
-        return {**facts, "cause": None, "text": "as expected for a smooth cost" + (
-            " (≈ 4: the cubic term vanishes along d)" if abs(s - 4) < abs(s - 3) else "")}
+        return {
+            **facts,
+            "cause": None,
+            "text": "as expected for a smooth cost"
+            + (" (≈ 4: the cubic term vanishes along d)" if abs(s - 4) < abs(s - 3) else ""),
+        }
     if kinks and (s < 3 or small < 3 - 2 * TOLERANCE):  # a kink shows as a slope near 2 at small steps
-        return {**facts, "cause": "kinks", "text": f"non-smooth model: {', '.join(kinks[:3])}"
-                + (f" and {len(kinks) - 3} more" if len(kinks) > 3 else "")
-                + " — past a kink the error grows like α², a slope near 2"}
+        return {
+            **facts,
+            "cause": "kinks",
+            "text": f"non-smooth model: {', '.join(kinks[:3])}"
+            + (f" and {len(kinks) - 3} more" if len(kinks) > 3 else "")
+            + " — past a kink the error grows like α², a slope near 2",
+        }
     if closest < ROUNDING_FACTOR and abs(small - 3) > TOLERANCE:
-        return {**facts, "cause": "rounding", "text": f"float rounding: the smallest-step differences are "
-                f"{closest:.3g} × u·|J| (u·|J| = {rounding:.2g}), local slope {small:.2f} there"}
+        return {
+            **facts,
+            "cause": "rounding",
+            "text": f"float rounding: the smallest-step differences are "
+            f"{closest:.3g} × u·|J| (u·|J| = {rounding:.2g}), local slope {small:.2f} there",
+        }
     if math.isfinite(large) and abs(large - 3) > TOLERANCE:
-        return {**facts, "cause": "step range", "text": f"the largest steps leave the quadratic regime: "
-                f"local slope {large:.2f} at the largest |α| (higher-order terms), {small:.2f} at the smallest"}
-    return {**facts, "cause": "unknown", "text": "no kink, rounding or step-range cause found (local slopes "
-            f"{small:.2f} at the smallest and {large:.2f} at the largest steps)"
-            + ("; functional activations (F.relu) are not seen" if not kinks else "")}
+        return {
+            **facts,
+            "cause": "step range",
+            "text": f"the largest steps leave the quadratic regime: "
+            f"local slope {large:.2f} at the largest |α| (higher-order terms), {small:.2f} at the smallest",
+        }
+    return {
+        **facts,
+        "cause": "unknown",
+        "text": "no kink, rounding or step-range cause found (local slopes "
+        f"{small:.2f} at the smallest and {large:.2f} at the largest steps)"
+        + ("; functional activations (F.relu) are not seen" if not kinks else ""),
+    }
 
 
 def reduction_text(reduction, loss_fn) -> str:
@@ -102,7 +152,9 @@ def reduction_text(reduction, loss_fn) -> str:
         what = "the model's own loss" if loss_fn is None else "a plain function"
         return f"none known ({what}): one batch, its value as returned"
     if callable(reduction):
-        return f"a callable term count ({getattr(reduction, '__name__', type(reduction).__name__)}): " \
-               "batches weighted by the terms it counts"
+        return (
+            f"a callable term count ({getattr(reduction, '__name__', type(reduction).__name__)}): "
+            "batches weighted by the terms it counts"
+        )
     source = "inferred from the loss's .reduction" if getattr(loss_fn, "reduction", None) == reduction else "given"
     return f"{reduction} ({source})"

@@ -6,6 +6,7 @@ exact spectral density. Matrix-free mode: Lanczos extremes, Hutch++ by block, SL
 Both: the verdict and the quadratic model along three unit directions
 (``QuadraticModel.compare`` on a grid symmetric about α = 0).
 """
+
 from __future__ import annotations
 
 import math
@@ -20,8 +21,7 @@ Figures = Dict[str, Callable[[], bytes]]
 
 
 #: the sections whose numbers cost products; the others are always on the page
-COSTLY = ("hessian", "eigenvalues", "trace", "density", "quadratic", "blocks", "eigenvectors", "ggn",
-          "input-hessian")
+COSTLY = ("hessian", "eigenvalues", "trace", "density", "quadratic", "blocks", "eigenvectors", "ggn", "input-hessian")
 #: the sections computed only when asked for by name (``sections=[..., "input-hessian"]``)
 OFF_BY_DEFAULT = ("input-hessian",)
 #: the sections that need the dense Hessian in dense mode
@@ -48,14 +48,23 @@ def compute(q, S: Dict[str, Any], stages, progress: bool, problem=None) -> Tuple
     ctx: Dict[str, Any] = {}
     lam, top, trace, density, cond_note, figs = part(q, S, stages, progress, R, want, ctx)
     from .report_more import structure
+
     structure(q, S, stages, ctx, problem, R, want)
     R["verdict"] = _verdict(lam, q.gradient_norm, cond_note, dense) if "eigenvalues" in want else None
     R["trace"] = trace.to_dict() if trace is not None else None
-    R["density"] = None if density is None else {
-        "method": "exact eigenvalues, Gaussian broadening" if dense else "stochastic Lanczos quadrature",
-        "sigma": density.sigma, "num_probes": None if dense else S["density_probes"],
-        "lanczos_steps": None if dense else min(S["lanczos_steps"], P),
-        "num_matvecs": density.num_matvecs, "grid": density.grid.tolist(), "density": density.density.tolist()}
+    R["density"] = (
+        None
+        if density is None
+        else {
+            "method": "exact eigenvalues, Gaussian broadening" if dense else "stochastic Lanczos quadrature",
+            "sigma": density.sigma,
+            "num_probes": None if dense else S["density_probes"],
+            "lanczos_steps": None if dense else min(S["lanczos_steps"], P),
+            "num_matvecs": density.num_matvecs,
+            "grid": density.grid.tolist(),
+            "density": density.density.tolist(),
+        }
+    )
     R["quadratic"] = None
     if "quadratic" in want:
         lam_max = float(lam.max()) if lam is not None else None
@@ -69,8 +78,11 @@ def _verdict(lam, gradient_norm: float, cond_note: str, dense: bool) -> Dict[str
     from .._verdict import classify_point
 
     verdict = classify_point(lam, gradient_norm)
-    out = {**verdict.to_dict(), "condition_number_note": cond_note,
-           "condition_number_is_lower_bound": (not dense) and "lower bound" in cond_note}
+    out = {
+        **verdict.to_dict(),
+        "condition_number_note": cond_note,
+        "condition_number_is_lower_bound": (not dense) and "lower bound" in cond_note,
+    }
     if not dense:
         out["message"] = f"from the {len(lam) // 2} smallest and largest eigenvalues: " + verdict.message
     return out
@@ -78,21 +90,27 @@ def _verdict(lam, gradient_norm: float, cond_note: str, dense: bool) -> Dict[str
 
 def _figure(name: str, *args, **kwargs) -> Callable[[], bytes]:
     """A deferred PNG of ``_plots.<name>(*args, **kwargs)`` (drawn on rank 0 only)."""
+
     def draw() -> bytes:
         from .. import _plots as plots
+
         return plots.png_bytes(getattr(plots, name)(*args, **kwargs))
+
     return draw
 
 
 def _basics(q, dense: bool) -> Dict[str, Any]:
     lay, P = q.layout, q.layout.size
     g = lay.unflatten(q.gradient.detach().double().cpu())
-    return {"mode": "dense" if dense else "matrix-free", "num_parameters": P,
-            "parameters": [{"name": n, "shape": list(s), "numel": k}
-                           for n, s, k in zip(lay.names, lay.shapes, lay.numels)],
-            "cost": q.value, "gradient_norm": q.gradient_norm,
-            "gradient_norm_by_parameter": {n: float(t.norm()) for n, t in g.items()},
-            "gradient": {n: t.tolist() for n, t in g.items()} if P <= 200 else None}
+    return {
+        "mode": "dense" if dense else "matrix-free",
+        "num_parameters": P,
+        "parameters": [{"name": n, "shape": list(s), "numel": k} for n, s, k in zip(lay.names, lay.shapes, lay.numels)],
+        "cost": q.value,
+        "gradient_norm": q.gradient_norm,
+        "gradient_norm_by_parameter": {n: float(t.norm()) for n, t in g.items()},
+        "gradient": {n: t.tolist() for n, t in g.items()} if P <= 200 else None,
+    }
 
 
 class _Formed:
@@ -122,17 +140,29 @@ def _dense_part(q, S, stages, progress, R, want, ctx):
     labels, defs = _block_letters(lay.names)
     if "hessian" in want:
         small = P <= 200
-        R["hessian"] = {"asymmetry": H.asymmetry, "dense": H.symmetric().double().cpu().tolist() if small else None,
-                        "blocks": {k: {"of": d, "rows": r, "cols": c, "values": H[r, c].double().cpu().tolist()}
-                                   for k, (r, c, d) in defs.items()} if small else None}
-        figs["heatmap"] = _figure("hessian_heatmap", H, block_labels=labels,
-                                  title=f"Hessian ∇²J(θ), {P} × {P}, by parameter block",
-                                  caption="   ".join(f"{k} = {d}" for k, (_, _, d) in defs.items()) or None)
+        R["hessian"] = {
+            "asymmetry": H.asymmetry,
+            "dense": H.symmetric().double().cpu().tolist() if small else None,
+            "blocks": {
+                k: {"of": d, "rows": r, "cols": c, "values": H[r, c].double().cpu().tolist()}
+                for k, (r, c, d) in defs.items()
+            }
+            if small
+            else None,
+        }
+        figs["heatmap"] = _figure(
+            "hessian_heatmap",
+            H,
+            block_labels=labels,
+            title=f"Hessian ∇²J(θ), {P} × {P}, by parameter block",
+            caption="   ".join(f"{k} = {d}" for k, (_, _, d) in defs.items()) or None,
+        )
     if "eigenvalues" in want:
         R["eigenvalues"] = {"method": "dense (torch.linalg.eigh)", "all": lam.tolist()}
         figs["eigenvalues"] = _figure("eigenvalue_plot", lam, title=f"all {P} eigenvalues of H (dense)")
-    trace = stages("trace (exact)", lambda: trace_fn(_Formed(H), exact=True, by_block=True)) \
-        if "trace" in want else None
+    trace = (
+        stages("trace (exact)", lambda: trace_fn(_Formed(H), exact=True, by_block=True)) if "trace" in want else None
+    )
     density = exact_density(lam) if "density" in want else None
     top = vecs[:, -1].to(q.gradient)
     return lam, top, trace, density, "max|λ| / min|λ| over all eigenvalues", figs
@@ -157,18 +187,33 @@ def _matrix_free_part(q, S, stages, progress, R, want, ctx):
         lam = torch.cat([lo.eigenvalues, hi.eigenvalues]).cpu()
         R["eigenvalues"] = {"method": "thick-restart Lanczos", "largest": hi.to_dict(), "smallest": lo.to_dict()}
         v = classify_point(lam, q.gradient_norm)
-        cond_note = ("λ_max / λ_min from the Lanczos extremes" if v.num_negative == 0 or v.num_positive == 0 else
-                     "lower bound: max|λ| / min|λ| of the computed extremes; the eigenvalue nearest 0 "
-                     "is in the middle of the spectrum, which Lanczos did not compute")
-        figs["eigenvalues"] = _figure("eigenvalue_plot", hi.eigenvalues, smallest=lo.eigenvalues, k_label=f"{k}",
-                                      title=f"the {k} smallest and {k} largest eigenvalues of H (Lanczos)")
+        cond_note = (
+            "λ_max / λ_min from the Lanczos extremes"
+            if v.num_negative == 0 or v.num_positive == 0
+            else "lower bound: max|λ| / min|λ| of the computed extremes; the eigenvalue nearest 0 "
+            "is in the middle of the spectrum, which Lanczos did not compute"
+        )
+        figs["eigenvalues"] = _figure(
+            "eigenvalue_plot",
+            hi.eigenvalues,
+            smallest=lo.eigenvalues,
+            k_label=f"{k}",
+            title=f"the {k} smallest and {k} largest eigenvalues of H (Lanczos)",
+        )
     if "trace" in want:
-        trace = stages("trace (Hutch++)", lambda: trace_fn(op, method="hutch++", num_matvecs=S["trace_matvecs"],
-                                                           seed=S["seed"], by_block=True, progress=progress))
+        trace = stages(
+            "trace (Hutch++)",
+            lambda: trace_fn(
+                op, method="hutch++", num_matvecs=S["trace_matvecs"], seed=S["seed"], by_block=True, progress=progress
+            ),
+        )
     if "density" in want:
-        density = stages("spectral density (SLQ)", lambda: spectral_density(
-            op, num_probes=S["density_probes"], lanczos_steps=S["lanczos_steps"], seed=S["seed"],
-            progress=progress))
+        density = stages(
+            "spectral density (SLQ)",
+            lambda: spectral_density(
+                op, num_probes=S["density_probes"], lanczos_steps=S["lanczos_steps"], seed=S["seed"], progress=progress
+            ),
+        )
     return lam, top, trace, density, cond_note, figs
 
 
@@ -177,10 +222,12 @@ def _common_figures(trace, density, exact_lam, S, P) -> Figures:
     if trace is not None:
         figs["trace"] = _figure("block_trace_plot", trace)
     if density is not None:
-        title = ("eigenvalue density (exact eigenvalues, Gaussian broadening σ = %.2g)" % density.sigma
-                 if exact_lam is not None else
-                 f"eigenvalue density (SLQ: {S['density_probes']} probes × {min(S['lanczos_steps'], P)} steps, "
-                 f"σ = {density.sigma:.2g})")
+        title = (
+            "eigenvalue density (exact eigenvalues, Gaussian broadening σ = %.2g)" % density.sigma
+            if exact_lam is not None
+            else f"eigenvalue density (SLQ: {S['density_probes']} probes × {min(S['lanczos_steps'], P)} steps, "
+            f"σ = {density.sigma:.2g})"
+        )
         figs["density"] = _figure("density_plot", density, eigenvalues=exact_lam, title=title)
     return figs
 
@@ -253,8 +300,17 @@ def _quadratic(q, top: torch.Tensor, lam_max: float, S, problem=None):
         c = q.compare(d, alphas)
         cmps.append(c)
         lo, hi, r = float(c.model[0]), float(c.model[-1]), float(alphas[-1])
-        out.append({"direction": name, "label": label, "g_dot_d": (hi - lo) / (2 * r),
-                    "curvature_dHd": (hi + lo - 2 * q.value) / r ** 2, "slope": c.slope,
-                    "alphas": c.alphas.tolist(), "true": c.true.tolist(), "model": c.model.tolist()})
+        out.append(
+            {
+                "direction": name,
+                "label": label,
+                "g_dot_d": (hi - lo) / (2 * r),
+                "curvature_dHd": (hi + lo - 2 * q.value) / r**2,
+                "slope": c.slope,
+                "alphas": c.alphas.tolist(),
+                "true": c.true.tolist(),
+                "model": c.model.tolist(),
+            }
+        )
         out[-1]["slope_reason"] = slope_reason(out[-1], q.value, eps, kinks)
     return {"radius": radius, "cost": q.value, "directions": out}, cmps, [d[2] for d in dirs]

@@ -5,6 +5,7 @@ the checkpoint (even with ``--force``), a folder, and any existing file that is 
 a nethessian result unless ``--force``. The write is atomic (a uniquely named
 temporary file, then ``os.replace``) and the temporary file is removed on error.
 """
+
 from __future__ import annotations
 
 import datetime
@@ -34,9 +35,16 @@ def versions() -> Dict[str, str]:
     import scipy
 
     from .._version import __version__
-    return {"nethessian": __version__, "torch": torch.__version__, "numpy": numpy.__version__,
-            "scipy": scipy.__version__, "matplotlib": matplotlib.__version__,
-            "python": platform.python_version(), "platform": platform.platform()}
+
+    return {
+        "nethessian": __version__,
+        "torch": torch.__version__,
+        "numpy": numpy.__version__,
+        "scipy": scipy.__version__,
+        "matplotlib": matplotlib.__version__,
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+    }
 
 
 def jsonable(x: Any) -> Any:
@@ -107,24 +115,41 @@ def check_target(path: str, *, protected: Iterable[Optional[str]] = (), force: b
     path = os.fspath(path)
     for p in protected:
         if p and _same_file(path, os.fspath(p)):
-            raise InputError(f"--save {path!r} would overwrite {os.fspath(p)!r}, which this command reads "
-                             "(the problem file or the checkpoint); choose another file name")
+            raise InputError(
+                f"--save {path!r} would overwrite {os.fspath(p)!r}, which this command reads "
+                "(the problem file or the checkpoint); choose another file name"
+            )
     if os.path.isdir(path):
         raise InputError(f"--save {path!r} is a folder; give a file name, e.g. {os.path.join(path, 'result.json')!r}")
     folder = os.path.dirname(os.path.abspath(path))
     if not os.path.isdir(folder) or not os.access(folder, os.W_OK):
         raise InputError(f"cannot write {path!r}: folder {folder!r} is missing or not writable")
     if os.path.exists(path) and not force and not _is_result(path):
-        raise InputError(f"--save {path!r} exists and is not a nethessian result; choose another file name, "
-                         "or pass --force to overwrite it")
+        raise InputError(
+            f"--save {path!r} exists and is not a nethessian result; choose another file name, "
+            "or pass --force to overwrite it"
+        )
 
 
-def save_result(path: str, kind: str, result: Dict[str, Any], settings: Dict[str, Any], *,
-                protected: Iterable[Optional[str]] = (), force: bool = False) -> None:
+def save_result(
+    path: str,
+    kind: str,
+    result: Dict[str, Any],
+    settings: Dict[str, Any],
+    *,
+    protected: Iterable[Optional[str]] = (),
+    force: bool = False,
+) -> None:
     """Write ``result`` with its settings, versions and date to ``path`` (JSON), atomically."""
     check_target(path, protected=protected, force=force)
-    blob = {"magic": _MAGIC, "kind": kind, "result": result, "settings": settings,
-            "versions": versions(), "created": datetime.datetime.now(datetime.timezone.utc).isoformat()}
+    blob = {
+        "magic": _MAGIC,
+        "kind": kind,
+        "result": result,
+        "settings": settings,
+        "versions": versions(),
+        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(),
+    }
     write_atomic(path, to_json(blob, indent=None))
 
 

@@ -26,6 +26,7 @@ With as many steps as the dimension, the nodes are the eigenvalues exactly:
 >>> round(float(torch.trapezoid(sd.density, sd.grid)), 12)
 1.0
 """
+
 from __future__ import annotations
 
 import math
@@ -78,22 +79,31 @@ class SpectralDensity:
     memory_bytes: Optional[int] = None
     precision_note: Optional[str] = None
 
-    def plot(self, path: str | os.PathLike, *, log: bool = True, title: Optional[str] = None,
-             eigenvalues=None) -> str:
+    def plot(self, path: str | os.PathLike, *, log: bool = True, title: Optional[str] = None, eigenvalues=None) -> str:
         """Write the density as an image (format from the suffix) with ``nethessian._plots.density_plot``."""
         from .. import _plots
 
-        fig = _plots.density_plot(self, eigenvalues=eigenvalues, log=log, title=title or (
-            f"spectral density (SLQ: {self.nodes.shape[0]} probes, {self.nodes.shape[1]} steps, "
-            f"σ = {self.sigma:.3g})"))
+        fig = _plots.density_plot(
+            self,
+            eigenvalues=eigenvalues,
+            log=log,
+            title=title
+            or (
+                f"spectral density (SLQ: {self.nodes.shape[0]} probes, {self.nodes.shape[1]} steps, "
+                f"σ = {self.sigma:.3g})"
+            ),
+        )
         return os.fspath(_plots.save(fig, path))
 
     def __repr__(self) -> str:
         probes, steps = self.nodes.shape
-        return (f"SpectralDensity({probes} probes x {steps} Lanczos steps, nodes in "
-                f"[{float(self.nodes.min()):.4g}, {float(self.nodes.max()):.4g}], sigma={self.sigma:.3g}, "
-                f"grid of {self.grid.numel()} points, num_matvecs={self.num_matvecs}"
-                + (f", precision_note={self.precision_note!r}" if self.precision_note else "") + ")")
+        return (
+            f"SpectralDensity({probes} probes x {steps} Lanczos steps, nodes in "
+            f"[{float(self.nodes.min()):.4g}, {float(self.nodes.max()):.4g}], sigma={self.sigma:.3g}, "
+            f"grid of {self.grid.numel()} points, num_matvecs={self.num_matvecs}"
+            + (f", precision_note={self.precision_note!r}" if self.precision_note else "")
+            + ")"
+        )
 
     def to_dict(self) -> Dict[str, Any]:
         return {
@@ -163,15 +173,26 @@ def spectral_density(
     """
     A = as_operator(op)
     num_probes, steps, sigma, grid_size = _validate(A, num_probes, lanczos_steps, sigma, grid_size, grid)
-    distributed.check_same("spectral_density", num_probes=num_probes, lanczos_steps=steps,
-                           check_symmetry=bool(check_symmetry), reorthogonalize=bool(reorthogonalize),
-                           sigma=None if sigma is None else float(sigma), grid_size=grid_size,
-                           grid=None if grid is None else _grid_digest(grid))
+    distributed.check_same(
+        "spectral_density",
+        num_probes=num_probes,
+        lanczos_steps=steps,
+        check_symmetry=bool(check_symmetry),
+        reorthogonalize=bool(reorthogonalize),
+        sigma=None if sigma is None else float(sigma),
+        grid_size=grid_size,
+        grid=None if grid is None else _grid_digest(grid),
+    )
     s = size_of(A.dtype)
-    memory = check_memory("spectral_density", A.size * ((steps if reorthogonalize else 0) + 4) * s,
-                          max_memory, "lower lanczos_steps or pass reorthogonalize=False (O(P) memory)")
-    nodes, weights, spent = _quadrature(A, num_probes, steps, seed, checkpoint, progress, check_symmetry,
-                                        bool(reorthogonalize))
+    memory = check_memory(
+        "spectral_density",
+        A.size * ((steps if reorthogonalize else 0) + 4) * s,
+        max_memory,
+        "lower lanczos_steps or pass reorthogonalize=False (O(P) memory)",
+    )
+    nodes, weights, spent = _quadrature(
+        A, num_probes, steps, seed, checkpoint, progress, check_symmetry, bool(reorthogonalize)
+    )
     sigma = _default_sigma(nodes) if sigma is None else sigma
     if grid is None:
         lo, hi = float(nodes.min()) - _TAIL * sigma, float(nodes.max()) + _TAIL * sigma
@@ -203,11 +224,18 @@ def _validate(A: Operator, num_probes, lanczos_steps, sigma, grid_size, grid):
     return num_probes, min(steps, A.global_size), sigma, grid_size
 
 
-def _quadrature(A: Operator, num_probes: int, steps: int, seed, checkpoint, progress, check_symmetry,
-                reorthogonalize: bool = True):
+def _quadrature(
+    A: Operator, num_probes: int, steps: int, seed, checkpoint, progress, check_symmetry, reorthogonalize: bool = True
+):
     """Gauss quadrature nodes and weights of each probe, ``(num_probes, steps)`` float64."""
-    expect = {"kind": "spectral-density", "operator": A.fingerprint(), "size": A.size,
-              "num_probes": num_probes, "lanczos_steps": steps, "seed": seed}
+    expect = {
+        "kind": "spectral-density",
+        "operator": A.fingerprint(),
+        "size": A.size,
+        "num_probes": num_probes,
+        "lanczos_steps": steps,
+        "seed": seed,
+    }
     if not reorthogonalize:
         expect["reorthogonalize"] = False
     if A.sharded:
@@ -226,9 +254,17 @@ def _quadrature(A: Operator, num_probes: int, steps: int, seed, checkpoint, prog
             nodes[p], weights[p] = _gauss(A, randn(A, A.size, generator=gen), steps, reorthogonalize)
             bar.update(1)
             if checkpoint is not None and (p + 1 == num_probes or checkpoint.due()):
-                checkpoint.save({**expect, "done": p + 1, "nodes": nodes, "weights": weights,
-                                 "num_matvecs": before + A.num_matvecs, "generator": gen.get_state()},
-                                force=True)
+                checkpoint.save(
+                    {
+                        **expect,
+                        "done": p + 1,
+                        "nodes": nodes,
+                        "weights": weights,
+                        "num_matvecs": before + A.num_matvecs,
+                        "generator": gen.get_state(),
+                    },
+                    force=True,
+                )
     return nodes, weights, before + A.num_matvecs
 
 
@@ -240,8 +276,10 @@ def _loaded(state, num_probes: int, steps: int, gen, path: str):
     weights = loaded_tensor(state, "weights", (num_probes, steps), path).double().clone()
     sums = weights[:done].sum(dim=1)
     if bool((weights < 0).any()) or (done and not torch.allclose(sums, torch.ones_like(sums), atol=1e-6)):
-        raise CheckpointError(f"{path!r}: the saved quadrature weights are not a probability per probe; "
-                              "the file is damaged, delete it to start over")
+        raise CheckpointError(
+            f"{path!r}: the saved quadrature weights are not a probability per probe; "
+            "the file is damaged, delete it to start over"
+        )
     loaded_generator(state, gen, path)
     return done, before, nodes, weights
 
@@ -279,5 +317,6 @@ def _broaden(nodes: torch.Tensor, weights: torch.Tensor, sigma: float, grid: tor
 def _grid_digest(grid) -> str:
     """A short hash of a user grid, so ranks can compare it without sending it."""
     import hashlib
+
     g = torch.as_tensor(grid, dtype=torch.float64).detach().cpu().contiguous()
     return hashlib.sha256(g.numpy().tobytes()).hexdigest()[:16]

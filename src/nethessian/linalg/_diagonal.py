@@ -19,6 +19,7 @@ On a diagonal matrix both are exact (z ⊙ Dz = diag D for any sign vector z):
 >>> est.values.tolist(), est.stderr.tolist()
 ([1.0, -2.0, 3.0], [0.0, 0.0, 0.0])
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -38,7 +39,6 @@ from ._operator import Operator, as_operator, make_generator, rademacher
 from ._util import chunk_for, exact_engine, loaded_count, loaded_generator, loaded_tensor, resume
 
 __all__ = ["DiagonalEstimate", "diagonal"]
-
 
 
 @dataclass(frozen=True)
@@ -95,15 +95,21 @@ class DiagonalEstimate:
         """One line per parameter block: name, size, mean entry, the median entry's standard error, range."""
         if self.layout is None:
             return _row("all", self.values, self.stderr)
-        return "\n".join(_row(n, self.values[self.layout.slice(n)],
-                               None if self.stderr is None else self.stderr[self.layout.slice(n)])
-                          for n in self.layout.names)
+        return "\n".join(
+            _row(
+                n, self.values[self.layout.slice(n)], None if self.stderr is None else self.stderr[self.layout.slice(n)]
+            )
+            for n in self.layout.names
+        )
 
     def __repr__(self) -> str:
         v = self.values.double()
-        return (f"DiagonalEstimate({self.method}, P={v.numel()}, values in [{float(v.min()):.4g}, "
-                f"{float(v.max()):.4g}], sum={float(v.sum()):.6g}, num_matvecs={self.num_matvecs}"
-                + (f", precision_note={self.precision_note!r}" if self.precision_note else "") + ")")
+        return (
+            f"DiagonalEstimate({self.method}, P={v.numel()}, values in [{float(v.min()):.4g}, "
+            f"{float(v.max()):.4g}], sum={float(v.sum()):.6g}, num_matvecs={self.num_matvecs}"
+            + (f", precision_note={self.precision_note!r}" if self.precision_note else "")
+            + ")"
+        )
 
 
 def _row(name: str, values: torch.Tensor, stderr: Optional[torch.Tensor]) -> str:
@@ -111,8 +117,10 @@ def _row(name: str, values: torch.Tensor, stderr: Optional[torch.Tensor]) -> str
     mean = float(v.mean()) if v.numel() else 0.0
     # per-entry errors are correlated across entries: report the typical one, not a block error
     err = "exact" if stderr is None else f"(entry stderr, median {float(stderr.double().median()):.2e})"
-    return (f"{name}: {v.numel()} entries, mean {mean:.6g} {err}, "
-            f"range [{float(v.min()) if v.numel() else 0.0:.4g}, {float(v.max()) if v.numel() else 0.0:.4g}]")
+    return (
+        f"{name}: {v.numel()} entries, mean {mean:.6g} {err}, "
+        f"range [{float(v.min()) if v.numel() else 0.0:.4g}, {float(v.max()) if v.numel() else 0.0:.4g}]"
+    )
 
 
 def diagonal(
@@ -160,19 +168,31 @@ def diagonal(
         raise InputError(f"unknown diagonal method {method!r}; choose 'exact' or 'estimate'")
     if method == "exact":
         if A.sharded:
-            raise InputError("the exact diagonal multiplies identity columns and is not available on a "
-                             "sharded operator; use method='estimate'")
+            raise InputError(
+                "the exact diagonal multiplies identity columns and is not available on a "
+                "sharded operator; use method='estimate'"
+            )
         if num_matvecs is not None:
             raise InputError("num_matvecs applies to method='estimate' only; the exact diagonal takes P products")
         distributed.check_same("diagonal", method=method, chunk=chunk_for(A.size, A.size, chunk_size))
         structured, why = exact_engine(A.base, engine, checkpoint, "the exact diagonal")
         if structured is not None:
-            return DiagonalEstimate(structured.diagonal().to(A.dtype), None, 0, "exact", A.layout,
-                                    "structured", why, precision_note=A.precision_note)
-        values = exact_diagonal(A, chunk_size=chunk_for(A.size, A.size, chunk_size), progress=progress,
-                                checkpoint=checkpoint)
-        return DiagonalEstimate(values, None, A.size, "exact", A.layout, "autodiff", why,
-                                precision_note=A.precision_note)
+            return DiagonalEstimate(
+                structured.diagonal().to(A.dtype),
+                None,
+                0,
+                "exact",
+                A.layout,
+                "structured",
+                why,
+                precision_note=A.precision_note,
+            )
+        values = exact_diagonal(
+            A, chunk_size=chunk_for(A.size, A.size, chunk_size), progress=progress, checkpoint=checkpoint
+        )
+        return DiagonalEstimate(
+            values, None, A.size, "exact", A.layout, "autodiff", why, precision_note=A.precision_note
+        )
     if engine not in ("auto", "autodiff"):
         raise InputError(f"engine={engine!r} applies to method='exact' only; the estimate takes products")
     m = 100 if num_matvecs is None else as_int("num_matvecs", num_matvecs)
@@ -180,21 +200,41 @@ def diagonal(
         raise InputError(f"method='estimate' needs num_matvecs >= 2 for a standard error, got {m}")
     chunk = chunk_for(A.size, m, chunk_size)
     distributed.check_same("diagonal", method=method, num_matvecs=m, chunk=chunk)
-    memory = check_memory("diagonal(method='estimate')",
-                          A.size * (16 + min(chunk, m) * (2 * size_of(A.dtype) + 16)), max_memory,
-                          "lower chunk_size")
+    memory = check_memory(
+        "diagonal(method='estimate')",
+        A.size * (16 + min(chunk, m) * (2 * size_of(A.dtype) + 16)),
+        max_memory,
+        "lower chunk_size",
+    )
     mean, var = _bks(A, m, seed, chunk, progress, checkpoint)
     stderr = (var / m).sqrt()
-    return DiagonalEstimate(mean.to(A.dtype), stderr.to(A.dtype), m, "estimate", A.layout,
-                            memory_bytes=memory, precision_note=A.precision_note)
+    return DiagonalEstimate(
+        mean.to(A.dtype),
+        stderr.to(A.dtype),
+        m,
+        "estimate",
+        A.layout,
+        memory_bytes=memory,
+        precision_note=A.precision_note,
+    )
 
 
-def exact_diagonal(A: Operator, *, chunk_size: int, progress: Optional[bool] = None,
-                   checkpoint: Optional[Checkpoint] = None) -> torch.Tensor:
+def exact_diagonal(
+    A: Operator, *, chunk_size: int, progress: Optional[bool] = None, checkpoint: Optional[Checkpoint] = None
+) -> torch.Tensor:
     """``diag(A)`` from products with chunks of identity columns (``_columns.identity_columns``)."""
-    return identity_columns(A.matmul, A.size, dtype=A.dtype, device=A.device, chunk=chunk_size,
-                            keep="diagonal", checkpoint=checkpoint, identity={"operator": A.fingerprint()},
-                            progress=progress, desc="diagonal")
+    return identity_columns(
+        A.matmul,
+        A.size,
+        dtype=A.dtype,
+        device=A.device,
+        chunk=chunk_size,
+        keep="diagonal",
+        checkpoint=checkpoint,
+        identity={"operator": A.fingerprint()},
+        progress=progress,
+        desc="diagonal",
+    )
 
 
 def _bks(A: Operator, m: int, seed, chunk: int, progress: bool, checkpoint) -> tuple:
@@ -204,8 +244,7 @@ def _bks(A: Operator, m: int, seed, chunk: int, progress: bool, checkpoint) -> t
     which keeps the variance accurate when it is small next to the mean.
     """
     P = A.size
-    expect = {"kind": "diagonal-estimate", "operator": A.fingerprint(), "size": P, "num_matvecs": m,
-              "seed": seed}
+    expect = {"kind": "diagonal-estimate", "operator": A.fingerprint(), "size": P, "num_matvecs": m, "seed": seed}
     if A.sharded:
         expect.update(global_size=A.global_size, local_range=list(A.local_range))
     gen = make_generator(seed)
@@ -229,8 +268,9 @@ def _bks(A: Operator, m: int, seed, chunk: int, progress: bool, checkpoint) -> t
             n += c
             bar.update(c)
             if checkpoint is not None and (n == m or checkpoint.due()):
-                checkpoint.save({**expect, "done": n, "mean": mean.cpu(), "m2": m2.cpu(),
-                                 "generator": gen.get_state()}, force=True)
+                checkpoint.save(
+                    {**expect, "done": n, "mean": mean.cpu(), "m2": m2.cpu(), "generator": gen.get_state()}, force=True
+                )
     return mean, m2 / (m - 1)
 
 
@@ -240,7 +280,8 @@ def _loaded(state, P: int, m: int, gen, path: str):
     mean = loaded_tensor(state, "mean", (P,), path).double()
     m2 = loaded_tensor(state, "m2", (P,), path).double()
     if bool((m2 < 0).any()):
-        raise CheckpointError(f"{path!r}: the saved sums of squares are negative; the file is damaged, "
-                              "delete it to start over")
+        raise CheckpointError(
+            f"{path!r}: the saved sums of squares are negative; the file is damaged, delete it to start over"
+        )
     loaded_generator(state, gen, path)
     return n, mean, m2

@@ -1,4 +1,5 @@
 """``EigenResult``: the eigenpairs ``nh.eigenvalues`` returns, with JSON and text views."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -46,8 +47,10 @@ class EigenResult:
     def eigenvectors_by_name(self) -> List[Dict[str, torch.Tensor]]:
         """One ``{parameter name: tensor in its natural shape}`` dict per eigenvector."""
         if self.layout is None:
-            raise InputError("these eigenvectors have no parameter names: the operator was a plain "
-                             "matrix without a `layout`; use `.eigenvectors[:, i]` instead")
+            raise InputError(
+                "these eigenvectors have no parameter names: the operator was a plain "
+                "matrix without a `layout`; use `.eigenvectors[:, i]` instead"
+            )
         return [self.layout.unflatten(self.eigenvectors[:, i]) for i in range(self.eigenvectors.shape[1])]
 
     def to_dict(self, *, eigenvectors: bool = False) -> Dict[str, Any]:
@@ -91,7 +94,10 @@ class EigenResult:
         vals = self.eigenvalues.tolist()
         shown = ", ".join(f"{x:.6g}" for x in vals[:8]) + (f", ... ({len(vals)} in all)" if len(vals) > 8 else "")
         which = self.split() if self.which == "both" else f"which={self.which!r}"
-        return (f"EigenResult({which}, eigenvalues=[{shown}], max residual="
-                f"{float(self.residuals.max()) if len(vals) else 0.0:.2e}, "
-                f"num_matvecs={self.num_matvecs}, converged={self.converged}"
-                + (f", precision_note={self.precision_note!r}" if self.precision_note else "") + ")")
+        return (
+            f"EigenResult({which}, eigenvalues=[{shown}], max residual="
+            f"{float(self.residuals.max()) if len(vals) else 0.0:.2e}, "
+            f"num_matvecs={self.num_matvecs}, converged={self.converged}"
+            + (f", precision_note={self.precision_note!r}" if self.precision_note else "")
+            + ")"
+        )

@@ -6,6 +6,7 @@ float64 whatever the operator's dtype.
 
 Reference: C. Lanczos (1950); Golub & Van Loan, *Matrix Computations*, §10.1.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -40,8 +41,9 @@ class Tridiagonal:
         return T
 
 
-def lanczos_tridiag(op: Operator, v0: torch.Tensor, steps: int, *, keep_basis: bool = True,
-                    reorthogonalize: bool = True) -> Tridiagonal:
+def lanczos_tridiag(
+    op: Operator, v0: torch.Tensor, steps: int, *, keep_basis: bool = True, reorthogonalize: bool = True
+) -> Tridiagonal:
     """Run ``steps`` Lanczos steps from ``v0``, with full reorthogonalisation unless told.
 
     Stops early when the Krylov space becomes invariant (breakdown). Full

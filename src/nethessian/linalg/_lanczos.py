@@ -45,6 +45,7 @@ References:
     B. N. Parlett, *The Symmetric Eigenvalue Problem*, SIAM (1998), ch. 11
     (the r²/gap bound); G. H. Golub and R. Underwood (1977) for block Lanczos.
 """
+
 from __future__ import annotations
 
 import math
@@ -72,12 +73,24 @@ Which = Literal["largest", "smallest", "both", "magnitude"]
 _WHICH = ("largest", "smallest", "both", "magnitude")
 
 
-def eigenvalues(op: Any, k: int = 5, *, which: Which = "largest", tol: float = 1e-3,
-                seed: Optional[int] = 0, max_matvecs: Optional[int] = None, block_size: int = 1,
-                ncv: Optional[int] = None, check_symmetry: bool = True, checkpoint: Any = None,
-                progress: Optional[bool] = None, max_bytes: Optional[int] = None,
-                basis_dtype: Optional[torch.dtype] = None, basis_device: Any = None,
-                max_memory: Optional[int] = None) -> EigenResult:
+def eigenvalues(
+    op: Any,
+    k: int = 5,
+    *,
+    which: Which = "largest",
+    tol: float = 1e-3,
+    seed: Optional[int] = 0,
+    max_matvecs: Optional[int] = None,
+    block_size: int = 1,
+    ncv: Optional[int] = None,
+    check_symmetry: bool = True,
+    checkpoint: Any = None,
+    progress: Optional[bool] = None,
+    max_bytes: Optional[int] = None,
+    basis_dtype: Optional[torch.dtype] = None,
+    basis_device: Any = None,
+    max_memory: Optional[int] = None,
+) -> EigenResult:
     """``k`` extreme eigenpairs of a symmetric operator by thick-restart Lanczos.
 
     Stops when every wanted Ritz value ``θ`` has the error bound
@@ -144,17 +157,38 @@ def eigenvalues(op: Any, k: int = 5, *, which: Which = "largest", tol: float = 1
     max_matvecs = _budget(max_matvecs, ncv, k, b, check_symmetry)
     max_bytes = None if max_bytes is None else as_int("max_bytes", max_bytes, minimum=0)
     bdtype, bdevice = _basis_home(op, basis_dtype, basis_device)
-    distributed.check_same("eigenvalues", k=k, which=which, tol=float(tol), block_size=b, ncv=ncv, max_matvecs=max_matvecs,
-                           check_symmetry=bool(check_symmetry), dense=P < ncv + b)
+    distributed.check_same(
+        "eigenvalues",
+        k=k,
+        which=which,
+        tol=float(tol),
+        block_size=b,
+        ncv=ncv,
+        max_matvecs=max_matvecs,
+        check_symmetry=bool(check_symmetry),
+        dense=P < ncv + b,
+    )
     gen = make_generator(seed)
     if P < ncv + b:
         return _dense(op, k, which, gen, check_symmetry, checkpoint, progress, max_bytes)
-    memory = check_memory("eigenvalues", lanczos_bytes(op.size, ncv, b, k, op.dtype, bdtype, (
-        bdtype, bdevice) != (op.dtype, op.device)), max_memory,
+    memory = check_memory(
+        "eigenvalues",
+        lanczos_bytes(op.size, ncv, b, k, op.dtype, bdtype, (bdtype, bdevice) != (op.dtype, op.device)),
+        max_memory,
         "lower ncv (at least k + block_size), store the basis in a lower precision (basis_dtype=) "
-        "or on the CPU (basis_device='cpu')")
-    expect = {"kind": "lanczos", "operator": op.fingerprint(), "P": op.size, "k": k, "which": which,
-              "block_size": b, "ncv": ncv, "dtype": str(op.dtype), "seed": seed}
+        "or on the CPU (basis_device='cpu')",
+    )
+    expect = {
+        "kind": "lanczos",
+        "operator": op.fingerprint(),
+        "P": op.size,
+        "k": k,
+        "which": which,
+        "block_size": b,
+        "ncv": ncv,
+        "dtype": str(op.dtype),
+        "seed": seed,
+    }
     if op.sharded:
         expect.update(global_size=P, local_range=list(op.local_range))
     if bdtype != op.dtype:
@@ -178,12 +212,23 @@ def eigenvalues(op: Any, k: int = 5, *, which: Which = "largest", tol: float = 1
             f"eigenvalues(which={which!r}, k={k}) did not reach tol={tol:g} in {op.num_matvecs} "
             f"products (max_matvecs={max_matvecs}); the worst error bound from the recomputed residuals "
             f"is {bound:.3g}x the target. Raise max_matvecs or ncv, loosen tol, or use float64; "
-            "the residuals returned are the true ones.")
+            "the residuals returned are the true ones."
+        )
     return result
 
 
-def _iterate(kry: _Krylov, op: Operator, k: int, which: str, tol: float, ncv: int,
-             max_matvecs: int, checkpoint: Any, expect: Dict[str, Any], bar: Progress) -> _Ritz:
+def _iterate(
+    kry: _Krylov,
+    op: Operator,
+    k: int,
+    which: str,
+    tol: float,
+    ncv: int,
+    max_matvecs: int,
+    checkpoint: Any,
+    expect: Dict[str, Any],
+    bar: Progress,
+) -> _Ritz:
     """Expand, test, restart until the Krylov bound meets ``tol`` or the budget (less ``k``) is spent."""
     b = kry.b
     keep = min(k + max(b, (ncv - k) // 2), ncv - b)  # wanted + buffer kept at a restart
@@ -225,8 +270,9 @@ def _verified(ritz: _Ritz, op: Operator, k: int, tol: float, which: str):
     res = ritz.res.clone()
     res[idx] = true
     bound = ritz.worst_bound(k, tol, res)
-    return EigenResult(theta.clone(), X, true, op.num_matvecs, bound <= 1.0, op.layout, which,
-                       precision_note=op.precision_note), bound
+    return EigenResult(
+        theta.clone(), X, true, op.num_matvecs, bound <= 1.0, op.layout, which, precision_note=op.precision_note
+    ), bound
 
 
 def _validate(P: int, k, which: str, tol, block_size):
@@ -237,11 +283,14 @@ def _validate(P: int, k, which: str, tol, block_size):
     if k < 1 or k >= P:
         raise InputError(
             f"k={k!r} must be an integer with 1 <= k < P = {P} (the operator's size); for so small "
-            "a problem form the dense matrix and use torch.linalg.eigvalsh(A_dense)")
+            "a problem form the dense matrix and use torch.linalg.eigvalsh(A_dense)"
+        )
     tol = as_float("tol", tol, positive=True)
     if tol >= 1:
-        raise InputError(f"tol={tol:g} must be below 1: it is the relative accuracy of the eigenvalues "
-                         "(1e-3 = three digits); tol >= 1 accepts any number")
+        raise InputError(
+            f"tol={tol:g} must be below 1: it is the relative accuracy of the eigenvalues "
+            "(1e-3 = three digits); tol >= 1 accepts any number"
+        )
     return k, tol, as_int("block_size", block_size, minimum=1)
 
 
@@ -272,30 +321,53 @@ def _budget(max_matvecs, ncv: int, k: int, b: int, check_symmetry: bool) -> int:
     max_matvecs = as_int("max_matvecs", max_matvecs)
     least = -(-k // b) * b + k + (2 if check_symmetry else 0)
     if max_matvecs < least:
-        raise InputError(f"max_matvecs={max_matvecs} cannot even build and verify {k} Ritz pairs; "
-                         f"allow at least {least}")
+        raise InputError(
+            f"max_matvecs={max_matvecs} cannot even build and verify {k} Ritz pairs; allow at least {least}"
+        )
     return max_matvecs
 
 
-def _dense(op: Operator, k: int, which: str, gen, check_symmetry: bool, checkpoint, progress,
-           max_bytes) -> EigenResult:
+def _dense(op: Operator, k: int, which: str, gen, check_symmetry: bool, checkpoint, progress, max_bytes) -> EigenResult:
     """Small P (or k ≥ P/2): form the matrix with P products and solve it exactly."""
     P = op.size
     if op.sharded:
-        raise InputError(f"P = {op.global_size} is too small for Lanczos with ncv + block_size basis vectors "
-                         "and a sharded operator has no dense path: lower ncv or k, or run unsharded")
+        raise InputError(
+            f"P = {op.global_size} is too small for Lanczos with ncv + block_size basis vectors "
+            "and a sharded operator has no dense path: lower ncv or k, or run unsharded"
+        )
     check_dense_size(P, torch.float64, max_bytes)  # the float64 copy eigh works on
     if check_symmetry:
         check_symmetric(op, gen)
     spent = op.num_matvecs + P
-    A = identity_columns(op.matmul, P, dtype=op.dtype, device=op.device, chunk=column_chunk(P),
-                         checkpoint=checkpoint, identity={"operator": op.fingerprint()},
-                         progress=progress, desc="eigenvalues (dense)").cpu().double()
+    A = (
+        identity_columns(
+            op.matmul,
+            P,
+            dtype=op.dtype,
+            device=op.device,
+            chunk=column_chunk(P),
+            checkpoint=checkpoint,
+            identity={"operator": op.fingerprint()},
+            progress=progress,
+            desc="eigenvalues (dense)",
+        )
+        .cpu()
+        .double()
+    )
     A = (A + A.T) / 2
     theta, Y = torch.linalg.eigh(A)
     idx = _rank(theta, which)[:k]
     idx = idx[_final_order(theta[idx], which)]
     vals, vecs = theta[idx], Y[:, idx]
     res = (A @ vecs - vecs * vals).norm(dim=0)
-    return EigenResult(vals, _like(vecs, op), res, spent, True, op.layout, which,
-                       memory_bytes=P * P * 8, precision_note=op.precision_note)
+    return EigenResult(
+        vals,
+        _like(vecs, op),
+        res,
+        spent,
+        True,
+        op.layout,
+        which,
+        memory_bytes=P * P * 8,
+        precision_note=op.precision_note,
+    )

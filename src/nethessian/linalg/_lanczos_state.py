@@ -7,6 +7,7 @@ goes through ``Checkpoint.resume`` (refusing another operator, size or seed) and
 then checks shapes, finiteness and counts: a damaged file is a
 ``CheckpointError``, never a raw ``KeyError`` or a NaN returned as a result.
 """
+
 from __future__ import annotations
 
 from typing import Any, Dict, Optional, Tuple
@@ -21,23 +22,50 @@ from ._util import loaded_count, loaded_generator, loaded_tensor, resume
 __all__ = ["load_state", "save_state"]
 
 
-def save_state(checkpoint: Any, kry: _Krylov, expect: Dict[str, Any], op: Operator,
-               result: Optional[Tuple[EigenResult, float, int]] = None) -> None:
+def save_state(
+    checkpoint: Any,
+    kry: _Krylov,
+    expect: Dict[str, Any],
+    op: Operator,
+    result: Optional[Tuple[EigenResult, float, int]] = None,
+) -> None:
     """Write the Krylov state (throttled), or, with ``result``, the final state (always)."""
     if checkpoint is None or (result is None and not checkpoint.due()):
         return
-    state = {**expect, "V": kry.V.cpu(), "j": kry.j, "H": kry.H, "F": kry.F.cpu(), "S": kry.S,
-             "generator": kry.gen.get_state(), "num_matvecs": op.num_matvecs}
+    state = {
+        **expect,
+        "V": kry.V.cpu(),
+        "j": kry.j,
+        "H": kry.H,
+        "F": kry.F.cpu(),
+        "S": kry.S,
+        "generator": kry.gen.get_state(),
+        "num_matvecs": op.num_matvecs,
+    }
     if result is not None:
         res, tol, budget = result
-        state["result"] = {"eigenvalues": res.eigenvalues, "eigenvectors": res.eigenvectors.cpu(),
-                           "residuals": res.residuals, "converged": bool(res.converged),
-                           "num_matvecs": res.num_matvecs, "tol": tol, "max_matvecs": budget}
+        state["result"] = {
+            "eigenvalues": res.eigenvalues,
+            "eigenvectors": res.eigenvectors.cpu(),
+            "residuals": res.residuals,
+            "converged": bool(res.converged),
+            "num_matvecs": res.num_matvecs,
+            "tol": tol,
+            "max_matvecs": budget,
+        }
     checkpoint.save(state, force=True)
 
 
-def load_state(checkpoint: Any, expect: Dict[str, Any], op: Operator, gen: torch.Generator,
-               k: int, tol: float, max_matvecs: int, basis=None):
+def load_state(
+    checkpoint: Any,
+    expect: Dict[str, Any],
+    op: Operator,
+    gen: torch.Generator,
+    k: int,
+    tol: float,
+    max_matvecs: int,
+    basis=None,
+):
     """``(Krylov state or None, finished EigenResult or None)`` from ``checkpoint``."""
     state = resume(checkpoint, expect)
     if state is None:
@@ -64,5 +92,13 @@ def _finished(state, expect, op: Operator, k: int, tol: float, max_matvecs: int,
     vecs = loaded_tensor(done, "eigenvectors", (expect["P"], k), path)
     res = loaded_tensor(done, "residuals", (k,), path)
     spent = loaded_count(done, "num_matvecs", 0, 2**62, path)
-    return EigenResult(vals.double(), _like(vecs, op), res.double(), spent, bool(done.get("converged")),
-                       op.layout, expect["which"], precision_note=op.precision_note)
+    return EigenResult(
+        vals.double(),
+        _like(vecs, op),
+        res.double(),
+        spent,
+        bool(done.get("converged")),
+        op.layout,
+        expect["which"],
+        precision_note=op.precision_note,
+    )

@@ -20,6 +20,7 @@ configuration above it before a single product is spent.
 * diagonal estimate: ``n·(16 + c·(2s + 16))`` (mean, M2, a chunk with its products).
 * solve: CG ``n·6·s``, MINRES ``n·10·s``.
 """
+
 from __future__ import annotations
 
 from typing import Optional
@@ -37,8 +38,9 @@ def size_of(dtype: torch.dtype) -> int:
     return torch.empty((), dtype=dtype).element_size()
 
 
-def lanczos_bytes(n: int, ncv: int, b: int, k: int, dtype: torch.dtype, basis_dtype: torch.dtype,
-                  separate: bool) -> int:
+def lanczos_bytes(
+    n: int, ncv: int, b: int, k: int, dtype: torch.dtype, basis_dtype: torch.dtype, separate: bool
+) -> int:
     """Per-rank bound of ``eigenvalues`` (module docstring); ``separate``: basis in another dtype/device."""
     s = size_of(dtype)
     return int(n * ncv * size_of(basis_dtype) + n * (3 * b + 2 * k) * s + (n * 16 * s if separate else 0))
@@ -54,6 +56,8 @@ def check_memory(what: str, need: int, max_memory: Optional[int], advice: str) -
         return need
     limit = as_int("max_memory", max_memory, minimum=0)
     if need > limit:
-        raise InputError(f"{what} would hold {gib(need)} per rank beyond the products' own memory, above "
-                         f"max_memory = {limit:,} bytes; {advice}, or raise max_memory to {need}")
+        raise InputError(
+            f"{what} would hold {gib(need)} per rank beyond the products' own memory, above "
+            f"max_memory = {limit:,} bytes; {advice}, or raise max_memory to {need}"
+        )
     return need

@@ -34,6 +34,7 @@ Non-convergence convention of ``nethessian.linalg``: a result that carries a
 ``NotConvergedWarning`` is issued; a function that returns a bare tensor
 (``inverse_hvp``) raises ``NotConvergedError`` with the full result attached.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -100,8 +101,9 @@ class Operator:
         self._checks_itself = hasattr(base, "objective")
         self.num_matvecs = 0
         self._fingerprint: Optional[str] = None
-        self.precision_note: Optional[str] = None if isinstance(base, torch.Tensor) else \
-            getattr(base, "precision_note", None)
+        self.precision_note: Optional[str] = (
+            None if isinstance(base, torch.Tensor) else getattr(base, "precision_note", None)
+        )
         self._sharding(base)
 
     def _sharding(self, base: Any) -> None:
@@ -112,8 +114,10 @@ class Operator:
             return
         P, (lo, hi) = int(base.global_size), tuple(int(x) for x in base.local_range)
         if not 0 <= lo <= hi <= P or hi - lo != self.size:
-            raise InputError(f"a sharded operator's local_range {(lo, hi)} must lie in [0, global_size={P}] "
-                             f"and span its local shape {self.shape}")
+            raise InputError(
+                f"a sharded operator's local_range {(lo, hi)} must lie in [0, global_size={P}] "
+                f"and span its local shape {self.shape}"
+            )
         if not callable(getattr(base, "allreduce_", None)):
             raise InputError("a sharded operator needs allreduce_(t): the in-place sum over the ranks")
         self.global_size, self.local_range = P, (lo, hi)
@@ -124,8 +128,9 @@ class Operator:
         """Sum ``t`` over the ranks in place (sharded base), else return it unchanged."""
         return self.base.allreduce_(t) if self.sharded else t
 
-    def dot(self, X: torch.Tensor, Y: torch.Tensor, *, dtype: Optional[torch.dtype] = None,
-            reduce: bool = True) -> torch.Tensor:
+    def dot(
+        self, X: torch.Tensor, Y: torch.Tensor, *, dtype: Optional[torch.dtype] = None, reduce: bool = True
+    ) -> torch.Tensor:
         """``Xᵀ Y`` over the whole (global) vectors: the local part summed over the ranks.
 
         ``X``, ``Y`` are (n,) or (n, k) local slices; the product is taken in their
@@ -143,8 +148,7 @@ class Operator:
 
     def col_norms(self, X: torch.Tensor) -> torch.Tensor:
         """Euclidean norms of the (global) columns of ``X`` (n, k), float64 (k,) on the CPU."""
-        sq = X.to(torch.float64).square().sum(dim=0) if X.device.type != "mps" else \
-            X.cpu().double().square().sum(dim=0)
+        sq = X.to(torch.float64).square().sum(dim=0) if X.device.type != "mps" else X.cpu().double().square().sum(dim=0)
         return self.allreduce_(sq).sqrt().cpu()
 
     def norm(self, x: torch.Tensor) -> float:
@@ -153,8 +157,9 @@ class Operator:
 
     # ---------------------------------------------------------------- random vectors
 
-    def draw(self, kind: str, k: Optional[int], generator: torch.Generator,
-             dtype: Optional[torch.dtype] = None) -> torch.Tensor:
+    def draw(
+        self, kind: str, k: Optional[int], generator: torch.Generator, dtype: Optional[torch.dtype] = None
+    ) -> torch.Tensor:
         """This rank's slice of ``k`` global random columns (``k=None``: one (n,) vector).
 
         ``kind`` is ``"normal"`` or ``"rademacher"``. See ``draw_columns``: the
@@ -184,7 +189,8 @@ class Operator:
         if not self._checks_itself and not all_finite(out):
             raise NonFiniteError(
                 f"matrix-vector product {step} returned NaN or Inf; the operator (model, loss "
-                "or data) is not finite at this point")
+                "or data) is not finite at this point"
+            )
         return out
 
     matmul = __matmul__
@@ -245,19 +251,19 @@ def draw_columns(kind: str, P: int, local_range, k: int, generator: torch.Genera
             else:
                 raise ValueError(f"unknown random kind {kind!r}")
             s, e = max(a, lo), min(b, hi)
-            out[s - lo:e - lo, j] = piece[s - a:e - a]
+            out[s - lo : e - lo, j] = piece[s - a : e - a]
     return out
 
 
-def randn(op: Operator, n: int, k: Optional[int] = None, *, generator: torch.Generator,
-          dtype=None) -> torch.Tensor:
+def randn(op: Operator, n: int, k: Optional[int] = None, *, generator: torch.Generator, dtype=None) -> torch.Tensor:
     """Standard normal columns (``op.draw``); ``n`` must be the operator's (local) size."""
     assert n == op.size
     return op.draw("normal", k, generator, dtype)
 
 
-def rademacher(op: Operator, n: int, k: Optional[int] = None, *, generator: torch.Generator,
-               dtype=None) -> torch.Tensor:
+def rademacher(
+    op: Operator, n: int, k: Optional[int] = None, *, generator: torch.Generator, dtype=None
+) -> torch.Tensor:
     """Random signs ±1 (``op.draw``); ``n`` must be the operator's (local) size."""
     assert n == op.size
     return op.draw("rademacher", k, generator, dtype)
@@ -282,13 +288,16 @@ def check_symmetric(op: Operator, generator: torch.Generator, *, rtol: Optional[
         raise NotSymmetricError(
             f"the operator is not symmetric: u·(A v) = {float(a):.6g} but v·(A u) = {float(b):.6g} "
             f"(relative difference {rel:.2e} > {rtol:.0e}); Lanczos and CG need a symmetric operator"
-            + _distributed_hint())
+            + _distributed_hint()
+        )
     return rel
 
 
 def _distributed_hint() -> str:
     if not distributed.is_active():
         return ""
-    return (f". Under torch.distributed ({distributed.world_size()} ranks) an asymmetry also appears when "
-            "the ranks multiply different vectors: a seed=None that was not drawn once and broadcast "
-            "(nh.distributed.common_seed), or ranks holding different weights or data")
+    return (
+        f". Under torch.distributed ({distributed.world_size()} ranks) an asymmetry also appears when "
+        "the ranks multiply different vectors: a seed=None that was not drawn once and broadcast "
+        "(nh.distributed.common_seed), or ranks holding different weights or data"
+    )

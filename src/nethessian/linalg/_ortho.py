@@ -15,6 +15,7 @@ transient memory stays ``P x _COLS`` in the working dtype.
   the second pass is done. A column whose norm after projection is at most
   ``tiny`` is set to 0 (its row of ``R`` is 0): the caller decides what to put there.
 """
+
 from __future__ import annotations
 
 from typing import Tuple
@@ -36,8 +37,7 @@ def _vt_w(op: Operator, V: torch.Tensor, W: torch.Tensor) -> torch.Tensor:
     """``Vᵀ W`` summed over the ranks, in ``W``'s dtype and on its device."""
     if _same_home(V, W):
         return op.dot(V, W)
-    parts = [op.dot(V[:, a:a + _COLS].to(W.device, W.dtype), W, reduce=False)
-             for a in range(0, V.shape[1], _COLS)]
+    parts = [op.dot(V[:, a : a + _COLS].to(W.device, W.dtype), W, reduce=False) for a in range(0, V.shape[1], _COLS)]
     return op.allreduce_(torch.cat(parts, dim=0).contiguous())
 
 
@@ -48,12 +48,11 @@ def basis_matmul(V: torch.Tensor, Y: torch.Tensor, like: torch.Tensor) -> torch.
         return V @ Y
     out = torch.zeros(V.shape[0], *Y.shape[1:], dtype=like.dtype, device=like.device)
     for a in range(0, V.shape[1], _COLS):
-        out += V[:, a:a + _COLS].to(like.device, like.dtype) @ Y[a:a + _COLS]
+        out += V[:, a : a + _COLS].to(like.device, like.dtype) @ Y[a : a + _COLS]
     return out
 
 
-def project_out(op: Operator, V: torch.Tensor, W: torch.Tensor, passes: int = 2
-                ) -> Tuple[torch.Tensor, torch.Tensor]:
+def project_out(op: Operator, V: torch.Tensor, W: torch.Tensor, passes: int = 2) -> Tuple[torch.Tensor, torch.Tensor]:
     """``W − V (VᵀW)`` repeated ``passes`` times; returns it and the summed coefficients (float64, CPU)."""
     C = torch.zeros(V.shape[1], *W.shape[1:], dtype=torch.float64)
     if V.shape[1] == 0:
@@ -65,8 +64,9 @@ def project_out(op: Operator, V: torch.Tensor, W: torch.Tensor, passes: int = 2
     return W, C
 
 
-def orthonormal_columns(op: Operator, W: torch.Tensor, tiny: float = 0.0, rtol: float = 0.0
-                        ) -> Tuple[torch.Tensor, torch.Tensor]:
+def orthonormal_columns(
+    op: Operator, W: torch.Tensor, tiny: float = 0.0, rtol: float = 0.0
+) -> Tuple[torch.Tensor, torch.Tensor]:
     """``W = Q R`` by column-wise two-pass Gram-Schmidt; ``R`` float64 (k x k) upper triangular on the CPU.
 
     ``R`` has a non-negative diagonal; a column whose norm after projection is

@@ -9,6 +9,7 @@ products and gives the same numbers as an uninterrupted one. The saved state is
 checked on load: operator fingerprint, sizes and seed through
 ``Checkpoint.resume``, then labels, shapes and finiteness (``CheckpointError``).
 """
+
 from __future__ import annotations
 
 from typing import Any, Callable, Dict, Optional
@@ -64,8 +65,14 @@ class Products:
             raise self._damaged(f"block {label!r} contains NaN or Inf")
         return got.double()
 
-    def run(self, label: str, n: int, rows: int, draw: Callable[[int, int], torch.Tensor],
-            reduce: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]) -> torch.Tensor:
+    def run(
+        self,
+        label: str,
+        n: int,
+        rows: int,
+        draw: Callable[[int, int], torch.Tensor],
+        reduce: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+    ) -> torch.Tensor:
         """``reduce(V, A V)`` for columns ``0..n`` of ``V``, as a ``(rows, n)`` float64 tensor.
 
         ``draw(start, stop)`` returns those columns of ``V`` (it is also called for

@@ -4,6 +4,7 @@
 holds the eigenpairs of ``H`` with their residuals ``‖S y‖`` and the error
 bound of the stopping rule (see ``_lanczos``'s module docstring for the maths).
 """
+
 from __future__ import annotations
 
 import math
@@ -19,7 +20,7 @@ __all__: list = []
 # Daniel-Gragg-Kaufman-Stewart (1976): a Gram-Schmidt pass that keeps more than
 # 1/√2 of a vector's norm leaves it orthogonal to rounding; only a larger
 # cancellation calls for a second pass ("twice is enough").
-_ETA = 2 ** -0.5
+_ETA = 2**-0.5
 
 
 def _rank(theta: torch.Tensor, which: str) -> torch.Tensor:
@@ -40,8 +41,9 @@ def _final_order(values: torch.Tensor, which: str) -> torch.Tensor:
     return _rank(values, which if which in ("largest", "magnitude") else "smallest")
 
 
-def _orthonormalize(op: Operator, W: torch.Tensor, V: torch.Tensor, gen: torch.Generator,
-                    scale: float, checked: bool = False):
+def _orthonormalize(
+    op: Operator, W: torch.Tensor, V: torch.Tensor, gen: torch.Generator, scale: float, checked: bool = False
+):
     """``W = F B`` with ``F`` orthonormal and ⟂ ``V`` (W already ⟂ V), B float64 upper triangular.
 
     Columns that vanish (rank deficiency: an invariant subspace or a repeated
@@ -83,20 +85,22 @@ class _Krylov:
         self.dtype = F.dtype if dtype is None else dtype  # the operator's: rounding of the products
 
     @classmethod
-    def start(cls, op: Operator, ncv: int, b: int, gen: torch.Generator, basis_dtype=None,
-              basis_device=None) -> "_Krylov":
+    def start(
+        cls, op: Operator, ncv: int, b: int, gen: torch.Generator, basis_dtype=None, basis_device=None
+    ) -> "_Krylov":
         V = torch.zeros(op.size, ncv, dtype=basis_dtype or op.dtype, device=basis_device or op.device)
         X = randn(op, op.size, b, generator=gen)
         F, _ = _orthonormalize(op, X, V[:, :0], gen, op.norm(X))
-        return cls(V, 0, torch.zeros(0, 0, dtype=torch.float64), F, torch.zeros(b, 0, dtype=torch.float64),
-                   gen, op.dtype)
+        return cls(
+            V, 0, torch.zeros(0, 0, dtype=torch.float64), F, torch.zeros(b, 0, dtype=torch.float64), gen, op.dtype
+        )
 
     def expand(self, op: Operator) -> None:
         """Append ``F`` to the basis: one block product, one Gram-Schmidt pass (two under cancellation)."""
         j, b = self.j, self.b
-        self.V[:, j:j + b] = self.F.to(self.V.device, self.V.dtype)
+        self.V[:, j : j + b] = self.F.to(self.V.device, self.V.dtype)
         if self.V.dtype != self.F.dtype:  # multiply what the basis holds, so A V = V H + F S stays true
-            self.F = self.V[:, j:j + b].to(self.F.device, self.F.dtype)
+            self.F = self.V[:, j : j + b].to(self.F.device, self.F.dtype)
         W = op @ self.F
         C = torch.zeros(j + b, b, dtype=torch.float64)
         exact = W.dtype != torch.float64 and W.device.type != "mps"  # MPS has no float64
@@ -117,7 +121,7 @@ class _Krylov:
         H[j:, :j] = C[:j].T
         H[j:, j:] = (C[j:] + C[j:].T) / 2
         scale = float(H.abs().sum(0).max())
-        self.F, B = _orthonormalize(op, W, self.V[:, :j + b], self.gen, scale, checked=True)
+        self.F, B = _orthonormalize(op, W, self.V[:, : j + b], self.gen, scale, checked=True)
         self.S = torch.cat([torch.zeros(b, j, dtype=torch.float64), B], dim=1)
         self.H, self.j = H, j + b
 
@@ -129,8 +133,8 @@ class _Krylov:
         work = torch.float64 if V.dtype == torch.float64 else torch.float32
         rows = max(1, (1 << 24) // max(1, j))  # row blocks: transient rows x j, not P x keep
         for a in range(0, V.shape[0], rows):
-            blk = V[a:a + rows, :j].to(work) @ Y.to(V.device, work)
-            V[a:a + rows, :keep] = blk.to(V.dtype)
+            blk = V[a : a + rows, :j].to(work) @ Y.to(V.device, work)
+            V[a : a + rows, :keep] = blk.to(V.dtype)
         self.H = torch.diag(ritz.theta[idx])
         self.S = self.S @ Y
         self.j, self.filled = keep, True
@@ -177,12 +181,10 @@ class _Ritz:
         """The ``k`` wanted pairs in the order returned: indices into ``theta`` and unit vectors ``X``."""
         idx = self.order[:k]
         idx = idx[_final_order(self.theta[idx], self.which)]
-        X = basis_matmul(self.kry.V[:, :self.kry.j], self.Y[:, idx], self.kry.F)
+        X = basis_matmul(self.kry.V[:, : self.kry.j], self.Y[:, idx], self.kry.F)
         return idx, X
 
 
 def _like(x: torch.Tensor, ref: Any) -> torch.Tensor:
     """``x`` in ``ref``'s dtype, then on its device (cast on the host: MPS has no float64)."""
     return x.to(ref.dtype).to(ref.device)
-
-

@@ -22,6 +22,7 @@ Non-convergence (the linalg convention): ``solve`` returns its ``SolveResult``
 with ``converged=False`` and issues a ``NotConvergedWarning``; ``inverse_hvp``,
 which returns a bare tensor, raises ``NotConvergedError`` with the result attached.
 """
+
 from __future__ import annotations
 
 import math
@@ -82,10 +83,12 @@ class SolveResult:
         return d
 
     def __repr__(self) -> str:
-        return (f"SolveResult({self.method}, status={self.status!r}, converged={self.converged}, "
-                f"final_residual={self.final_residual:.3e}, tol={self.tol:.1e}, iterations={self.iterations}, "
-                f"num_matvecs={self.num_matvecs}, damping={self.damping:g}, x=<({self.x.numel()},) "
-                f"{str(self.x.dtype).replace('torch.', '')}>)")
+        return (
+            f"SolveResult({self.method}, status={self.status!r}, converged={self.converged}, "
+            f"final_residual={self.final_residual:.3e}, tol={self.tol:.1e}, iterations={self.iterations}, "
+            f"num_matvecs={self.num_matvecs}, damping={self.damping:g}, x=<({self.x.numel()},) "
+            f"{str(self.x.dtype).replace('torch.', '')}>)"
+        )
 
 
 def _dotter(op: Operator) -> Callable[[torch.Tensor, torch.Tensor], float]:
@@ -115,8 +118,10 @@ def _flat(op: Operator, v: Any, name: str) -> torch.Tensor:
     out = v.to(device=op.device, dtype=op.dtype)
     if out.dtype != v.dtype and not all_finite(out):  # finite before, not after the cast: overflow
         bad = int((~torch.isfinite(out)).sum())
-        raise NonFiniteError(f"{name} has {bad} non-finite (overflowing) entries in the operator's dtype "
-                             f"{op.dtype}; scale it down or use a float64 operator")
+        raise NonFiniteError(
+            f"{name} has {bad} non-finite (overflowing) entries in the operator's dtype "
+            f"{op.dtype}; scale it down or use a float64 operator"
+        )
     return out
 
 
@@ -177,19 +182,27 @@ def _message(status, method, rel, tol, it, maxiter, damping, dtype, detail=None)
     if status == "converged":
         return f"{method} converged in {it} iterations: {res} ≤ tol = {tol:.1e}"
     if status == "maxiter":
-        return (f"{method} did not converge in maxiter = {maxiter} iterations: {res} > tol = {tol:.1e}; "
-                "raise maxiter, add damping (better conditioning) or loosen tol")
+        return (
+            f"{method} did not converge in maxiter = {maxiter} iterations: {res} > tol = {tol:.1e}; "
+            "raise maxiter, add damping (better conditioning) or loosen tol"
+        )
     if status == "negative_curvature":
-        return (f"cg met non-positive curvature pᵀ(A + λI)p/‖p‖² = {detail:.3e} at iteration {it + 1}: "
-                f"A + λI (λ = {damping:g}) is not positive definite; use method='minres' for symmetric "
-                f"indefinite systems or a larger damping. x is the last iterate before that direction ({res})")
+        return (
+            f"cg met non-positive curvature pᵀ(A + λI)p/‖p‖² = {detail:.3e} at iteration {it + 1}: "
+            f"A + λI (λ = {damping:g}) is not positive definite; use method='minres' for symmetric "
+            f"indefinite systems or a larger damping. x is the last iterate before that direction ({res})"
+        )
     if detail == "invariant":
-        return (f"minres: the Krylov space became invariant (Lanczos breakdown) after {it} iterations with "
-                f"{res} > tol = {tol:.1e}: A + λI (λ = {damping:g}) is singular and b is not in its range; "
-                "add damping")
-    return (f"{method}: the recurrence reached tol but the {res} stayed above tol = {tol:.1e} after "
-            f"{_MAX_RESTARTS} restarts: the attainable accuracy in {dtype} is reached; loosen tol, use "
-            "float64 or add damping")
+        return (
+            f"minres: the Krylov space became invariant (Lanczos breakdown) after {it} iterations with "
+            f"{res} > tol = {tol:.1e}: A + λI (λ = {damping:g}) is singular and b is not in its range; "
+            "add damping"
+        )
+    return (
+        f"{method}: the recurrence reached tol but the {res} stayed above tol = {tol:.1e} after "
+        f"{_MAX_RESTARTS} restarts: the attainable accuracy in {dtype} is reached; loosen tol, use "
+        "float64 or add damping"
+    )
 
 
 def _solve(op, b, *, damping, method, tol, maxiter, x0, callback) -> SolveResult:
@@ -214,9 +227,22 @@ def _solve(op, b, *, damping, method, tol, maxiter, x0, callback) -> SolveResult
 
     def result(x, rels, status, rel, it, detail=None, direction=None):
         msg = _message(status, method, rel, tol, it, maxiter, damping, op.dtype, detail)
-        return SolveResult(x, status == "converged", torch.tensor(rels, dtype=torch.float64), rel,
-                           op.num_matvecs, it, status, msg, method, damping, tol, direction,
-                           op.size * (6 if method == "cg" else 10) * x.element_size(), op.precision_note)
+        return SolveResult(
+            x,
+            status == "converged",
+            torch.tensor(rels, dtype=torch.float64),
+            rel,
+            op.num_matvecs,
+            it,
+            status,
+            msg,
+            method,
+            damping,
+            tol,
+            direction,
+            op.size * (6 if method == "cg" else 10) * x.element_size(),
+            op.precision_note,
+        )
 
     bnorm = math.sqrt(_dot(b, b))
     if bnorm == 0:  # the solution of a non-singular system with b = 0 is 0
@@ -232,7 +258,8 @@ def _solve(op, b, *, damping, method, tol, maxiter, x0, callback) -> SolveResult
         if it >= maxiter:
             return result(x, rels, "maxiter", rel, it)
         event, exhausted = None, True
-        for x, est, event in kernel(apply, x, r, eps, _dot):
+        for x_new, est, event in kernel(apply, x, r, eps, _dot):
+            x = x_new
             if event is not None:
                 break
             it += 1
@@ -254,9 +281,17 @@ def _solve(op, b, *, damping, method, tol, maxiter, x0, callback) -> SolveResult
                 return result(x, rels, "breakdown", rel, it, "stagnation")
 
 
-def solve(op: Any, b: Vector, *, damping: float = 0.0, method: Literal["cg", "minres"] = "cg",
-          tol: float = 1e-6, maxiter: Optional[int] = None, x0: Optional[Vector] = None,
-          callback: Optional[Callable[[int, torch.Tensor, float], Any]] = None) -> SolveResult:
+def solve(
+    op: Any,
+    b: Vector,
+    *,
+    damping: float = 0.0,
+    method: Literal["cg", "minres"] = "cg",
+    tol: float = 1e-6,
+    maxiter: Optional[int] = None,
+    x0: Optional[Vector] = None,
+    callback: Optional[Callable[[int, torch.Tensor, float], Any]] = None,
+) -> SolveResult:
     """Solve ``(A + λI) x = b`` matrix-free, with ``λ = damping``.
 
     Args:
@@ -297,8 +332,15 @@ def solve(op: Any, b: Vector, *, damping: float = 0.0, method: Literal["cg", "mi
     return res
 
 
-def inverse_hvp(op: Any, v: Vector, *, damping: float = 0.0, method: Literal["cg", "minres"] = "cg",
-                tol: float = 1e-8, maxiter: Optional[int] = None) -> torch.Tensor:
+def inverse_hvp(
+    op: Any,
+    v: Vector,
+    *,
+    damping: float = 0.0,
+    method: Literal["cg", "minres"] = "cg",
+    tol: float = 1e-8,
+    maxiter: Optional[int] = None,
+) -> torch.Tensor:
     """``(A + λI)⁻¹ v``, the inverse-Hessian-vector product of influence functions.
 
     Koh & Liang (2017), "Understanding black-box predictions via influence functions", ICML:
@@ -320,12 +362,15 @@ def inverse_hvp(op: Any, v: Vector, *, damping: float = 0.0, method: Literal["cg
     if not res.converged:
         raise NotConvergedError(
             f"inverse_hvp failed ({res.status}): {res.message}. Remedies: increase damping "
-            "(conditioning), increase maxiter, or use method='minres' for an indefinite H", res)
+            "(conditioning), increase maxiter, or use method='minres' for an indefinite H",
+            res,
+        )
     return res.x
 
 
 def _digest(t: torch.Tensor) -> str:
     """A short hash of a vector's bytes, so ranks can compare it without sending it."""
     import hashlib
+
     c = t.detach().cpu().contiguous()
     return hashlib.sha256(c.view(torch.uint8).numpy().tobytes()).hexdigest()[:16]

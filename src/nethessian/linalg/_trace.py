@@ -45,6 +45,7 @@ Rademacher probes make Hutchinson exact on a diagonal matrix (zᵀDz = tr D):
 >>> est.value, est.stderr, est.num_matvecs
 (10.0, 0.0, 6)
 """
+
 from __future__ import annotations
 
 import math
@@ -126,8 +127,10 @@ class TraceEstimate:
     def __repr__(self) -> str:
         blocks = "" if self.blocks is None else f", {len(self.blocks)} blocks (see .table())"
         note = f", precision_note={self.precision_note!r}" if self.precision_note else ""
-        return (f"TraceEstimate({self.value:.6g} ± {self.stderr:.2g}, method={self.method!r}, "
-                f"num_matvecs={self.num_matvecs}{blocks}{note})")
+        return (
+            f"TraceEstimate({self.value:.6g} ± {self.stderr:.2g}, method={self.method!r}, "
+            f"num_matvecs={self.num_matvecs}{blocks}{note})"
+        )
 
 
 def trace(
@@ -185,30 +188,49 @@ def trace(
         structured, why = exact_engine(A.base, engine, checkpoint, "the exact trace")
         if structured is not None:  # second-order backpropagation: no products
             values = structured.diagonal().to(A.dtype)
-            return replace(_summarise(_reduce(A, values[:, None], layout), 0, "exact", layout),
-                           engine="structured", engine_reason=why, precision_note=A.precision_note)
-        values = exact_diagonal(A, chunk_size=chunk_for(A.size, A.size, chunk_size), progress=progress,
-                                checkpoint=checkpoint)
-        return replace(_summarise(_reduce(A, values[:, None], layout), A.size, "exact", layout),
-                       engine_reason=why, precision_note=A.precision_note)
+            return replace(
+                _summarise(_reduce(A, values[:, None], layout), 0, "exact", layout),
+                engine="structured",
+                engine_reason=why,
+                precision_note=A.precision_note,
+            )
+        values = exact_diagonal(
+            A, chunk_size=chunk_for(A.size, A.size, chunk_size), progress=progress, checkpoint=checkpoint
+        )
+        return replace(
+            _summarise(_reduce(A, values[:, None], layout), A.size, "exact", layout),
+            engine_reason=why,
+            precision_note=A.precision_note,
+        )
     if engine not in ("auto", "autodiff"):
         raise InputError(f"engine={engine!r} applies to exact=True only; estimates take products")
     m = _budget(method, num_matvecs)
     chunk = chunk_for(A.size, m, chunk_size)
     distributed.check_same("trace", method=method, num_matvecs=m, by_block=bool(by_block), chunk=chunk)
-    memory = check_memory(f"trace(method={method!r})", _trace_bytes(method, A.size, m, chunk, size_of(A.dtype)),
-                          max_memory, "lower num_matvecs or chunk_size")
+    memory = check_memory(
+        f"trace(method={method!r})",
+        _trace_bytes(method, A.size, m, chunk, size_of(A.dtype)),
+        max_memory,
+        "lower num_matvecs or chunk_size",
+    )
     gen = make_generator(seed)
-    expect = {"kind": f"trace-{method}", "operator": A.fingerprint(), "size": A.size, "num_matvecs": m,
-              "seed": seed, "by_block": bool(by_block)}
+    expect = {
+        "kind": f"trace-{method}",
+        "operator": A.fingerprint(),
+        "size": A.size,
+        "num_matvecs": m,
+        "seed": seed,
+        "by_block": bool(by_block),
+    }
     if A.sharded:
         expect.update(global_size=A.global_size, local_range=list(A.local_range))
     spend = 2 * (m // 2) if method == "xtrace" else m
     with Progress(spend, f"trace ({method})", enabled=progress) as bar:
         prods = Products(A, chunk, checkpoint, expect, bar)
         sums = _SAMPLES[method](A, m, gen, prods, layout)
-    return replace(_summarise(sums, prods.num_matvecs, method, layout), memory_bytes=memory,
-                   precision_note=A.precision_note)
+    return replace(
+        _summarise(sums, prods.num_matvecs, method, layout), memory_bytes=memory, precision_note=A.precision_note
+    )
 
 
 def _trace_bytes(method: str, n: int, m: int, c: int, s: int) -> int:
@@ -224,8 +246,10 @@ def _trace_bytes(method: str, n: int, m: int, c: int, s: int) -> int:
 
 def _unsharded(A: Operator, what: str) -> None:
     if A.sharded:
-        raise InputError(f"{what} multiplies identity columns and is not available on a sharded operator; "
-                         "use an estimate (method='hutch++', 'hutchinson' or 'xtrace')")
+        raise InputError(
+            f"{what} multiplies identity columns and is not available on a sharded operator; "
+            "use an estimate (method='hutch++', 'hutchinson' or 'xtrace')"
+        )
 
 
 def _budget(method: str, num_matvecs: Optional[int]) -> int:
@@ -233,17 +257,16 @@ def _budget(method: str, num_matvecs: Optional[int]) -> int:
         raise InputError(f"unknown trace method {method!r}; choose one of {', '.join(map(repr, _MIN_MATVECS))}")
     m = 90 if num_matvecs is None else as_int("num_matvecs", num_matvecs)
     if m < _MIN_MATVECS[method]:
-        raise InputError(
-            f"method={method!r} needs num_matvecs >= {_MIN_MATVECS[method]} "
-            f"({_WHY_MIN[method]}), got {m}"
-        )
+        raise InputError(f"method={method!r} needs num_matvecs >= {_MIN_MATVECS[method]} ({_WHY_MIN[method]}), got {m}")
     return m
 
 
 def _block_layout(A: Operator) -> ParamLayout:
     if A.sharded:
-        raise InputError("by_block=True is not available on a sharded operator (each rank holds a slice "
-                         "of the parameter blocks); ask for the total trace")
+        raise InputError(
+            "by_block=True is not available on a sharded operator (each rank holds a slice "
+            "of the parameter blocks); ask for the total trace"
+        )
     layout = A.layout
     if layout is None:
         raise InputError(
@@ -287,7 +310,9 @@ def _hutchpp_samples(A: Operator, m: int, gen, prods: Products, layout) -> torch
     g = m - 2 * k
     S = rademacher(A, A.size, k, generator=gen)
     G = rademacher(A, A.size, g, generator=gen).double()
-    Q, _ = orthonormal_columns(A, _products(prods, "sketch", S), rtol=_RANK_RTOL * k)  # a vanished column stays 0: QQᵀ a projector
+    Q, _ = orthonormal_columns(
+        A, _products(prods, "sketch", S), rtol=_RANK_RTOL * k
+    )  # a vanished column stays 0: QQᵀ a projector
     AQ = _products(prods, "basis", Q.to(A.dtype))
     exact_rows = (Q * AQ).sum(dim=1)  # diag(A QQᵀ); sums to tr(QᵀAQ)
     Gt = G - Q @ A.dot(Q, G)

@@ -1,4 +1,5 @@
 """Helpers shared by the estimators: column chunks, loaded-state checks, the non-convergence warning."""
+
 from __future__ import annotations
 
 import warnings
@@ -12,7 +13,15 @@ from ..errors import CheckpointError, InputError
 from ..structured import select as select_engine
 from ._operator import NotConvergedWarning
 
-__all__ = ["chunk_for", "exact_engine", "loaded_count", "loaded_generator", "loaded_tensor", "resume", "warn_not_converged"]
+__all__ = [
+    "chunk_for",
+    "exact_engine",
+    "loaded_count",
+    "loaded_generator",
+    "loaded_tensor",
+    "resume",
+    "warn_not_converged",
+]
 
 
 def chunk_for(P: int, k: int, chunk_size: Any) -> int:
@@ -30,12 +39,16 @@ def exact_engine(base: Any, engine: str, checkpoint: Any, what: str):
     says so, and ``"structured"`` is refused rather than the checkpoint ignored.
     """
     if checkpoint is not None and engine == "structured":
-        raise InputError(f"{what}: engine='structured' computes it in one pass and takes no checkpoint; "
-                         "drop the checkpoint, or use engine='autodiff' (column by column, resumable)")
+        raise InputError(
+            f"{what}: engine='structured' computes it in one pass and takes no checkpoint; "
+            "drop the checkpoint, or use engine='autodiff' (column by column, resumable)"
+        )
     if checkpoint is not None and engine == "auto":
         select_engine(base, "autodiff")  # validates the name the same way
-        return None, ("autodiff: a checkpoint was given, and only the column-by-column engine "
-                      "resumes from one (the structured engine runs in one pass)")
+        return None, (
+            "autodiff: a checkpoint was given, and only the column-by-column engine "
+            "resumes from one (the structured engine runs in one pass)"
+        )
     return select_engine(base, engine)
 
 
@@ -45,8 +58,9 @@ def warn_not_converged(message: str, stacklevel: int = 3) -> None:
 
 
 def _damaged(path: str, what: str) -> CheckpointError:
-    return CheckpointError(f"{path!r}: {what}; the file is damaged or not from this computation, "
-                           "delete it to start over")
+    return CheckpointError(
+        f"{path!r}: {what}; the file is damaged or not from this computation, delete it to start over"
+    )
 
 
 def loaded_count(state: Dict[str, Any], key: str, lo: int, hi: int, path: str) -> int:
@@ -57,8 +71,9 @@ def loaded_count(state: Dict[str, Any], key: str, lo: int, hi: int, path: str) -
     return value
 
 
-def loaded_tensor(state: Dict[str, Any], key: str, shape: Sequence[int], path: str,
-                  finite: bool = True) -> torch.Tensor:
+def loaded_tensor(
+    state: Dict[str, Any], key: str, shape: Sequence[int], path: str, finite: bool = True
+) -> torch.Tensor:
     """``state[key]`` as a tensor of ``shape`` (finite unless told), or ``CheckpointError``."""
     value = state.get(key)
     if not isinstance(value, torch.Tensor) or tuple(value.shape) != tuple(shape):

@@ -8,6 +8,7 @@ column), one finiteness check of every result, ``to_dense`` through
 ``_columns.identity_columns`` (checkpoints carry the operator's fingerprint),
 ``to_scipy``, ``fingerprint()`` and ``at(theta)``.
 """
+
 from __future__ import annotations
 
 import copy
@@ -69,10 +70,24 @@ class CurvatureOperator:
         chunk_size: columns per product.
     """
 
-    def __init__(self, model, loss_fn, data, params=None, *, reduction=None,
-                 allow_random: bool = False, dtype=None, chunk_size: Optional[int] = None, _objective=None):
-        self.objective = _objective if _objective is not None else Objective(
-            model, loss_fn, data, params, reduction=reduction, allow_random=allow_random, dtype=dtype)
+    def __init__(
+        self,
+        model,
+        loss_fn,
+        data,
+        params=None,
+        *,
+        reduction=None,
+        allow_random: bool = False,
+        dtype=None,
+        chunk_size: Optional[int] = None,
+        _objective=None,
+    ):
+        self.objective = (
+            _objective
+            if _objective is not None
+            else Objective(model, loss_fn, data, params, reduction=reduction, allow_random=allow_random, dtype=dtype)
+        )
         self.layout = self.objective.layout
         P = self.layout.size
         self.shape = (P, P)
@@ -177,7 +192,7 @@ class CurvatureOperator:
             self.batched, self.batched_reason = choose_batched(self._engine, V)
         run = self._engine.run if k == 1 or self.batched else (lambda W: loop_columns(self._engine.run, W))
         c = self.chunk_size
-        out = run(V) if k <= c else torch.cat([run(V[:, i:i + c]) for i in range(0, k, c)], dim=1)
+        out = run(V) if k <= c else torch.cat([run(V[:, i : i + c]) for i in range(0, k, c)], dim=1)
         if not all_finite(out):
             raise NonFiniteError(self._nonfinite_culprit())
         return out
@@ -189,17 +204,22 @@ class CurvatureOperator:
         for batch in obj.data:
             with torch.enable_grad():
                 loss, _ = obj.batch_loss(named, batch)
-                g, = torch.autograd.grad(loss, theta, allow_unused=True)
+                (g,) = torch.autograd.grad(loss, theta, allow_unused=True)
             if not torch.isfinite(loss) or (g is not None and not torch.isfinite(g).all()):
                 what = "loss" if not torch.isfinite(loss) else "gradient"
-                return (f"the product is NaN or Inf: batch {batch.index} has a non-finite {what} "
-                        f"(loss = {float(loss.detach())}); check that batch's data and the loss (log of 0, overflow)")
-        return ("the product is NaN or Inf although every batch's loss and gradient are finite: the "
-                f"second derivative overflows in {str(self.dtype).replace('torch.', '')}; try float64")
+                return (
+                    f"the product is NaN or Inf: batch {batch.index} has a non-finite {what} "
+                    f"(loss = {float(loss.detach())}); check that batch's data and the loss (log of 0, overflow)"
+                )
+        return (
+            "the product is NaN or Inf although every batch's loss and gradient are finite: the "
+            f"second derivative overflows in {str(self.dtype).replace('torch.', '')}; try float64"
+        )
 
     # -- exports ------------------------------------------------------------------------------
-    def to_dense(self, *, max_bytes: Optional[int] = None, progress: Optional[bool] = None,
-                 checkpoint=None) -> torch.Tensor:
+    def to_dense(
+        self, *, max_bytes: Optional[int] = None, progress: Optional[bool] = None, checkpoint=None
+    ) -> torch.Tensor:
         """The dense matrix, column chunk by column chunk (memory checked first).
 
         The memory check counts the matrix and one chunk of products. ``checkpoint`` (a
@@ -213,8 +233,16 @@ class CurvatureOperator:
         work = c * (P * self.dtype.itemsize * 2 + self.bytes_per_column)
         check_dense_size(P, self.dtype, max_bytes, work)
         identity = {"operator": self.fingerprint()} if checkpoint is not None else None
-        return identity_columns(self._product, P, dtype=self.dtype, device=self.device, chunk=c,
-                                checkpoint=checkpoint, identity=identity, progress=progress)
+        return identity_columns(
+            self._product,
+            P,
+            dtype=self.dtype,
+            device=self.device,
+            chunk=c,
+            checkpoint=checkpoint,
+            identity=identity,
+            progress=progress,
+        )
 
     def to_scipy(self):
         """A ``scipy.sparse.linalg.LinearOperator`` (float64 numpy in and out) for SciPy solvers."""
@@ -250,6 +278,8 @@ class CurvatureOperator:
         return new
 
     def __repr__(self) -> str:
-        return (f"{type(self).__name__}(P={self.shape[0]}, params={len(self.layout.names)}, "
-                f"dtype={str(self.dtype).replace('torch.', '')}, device={self.device}, "
-                f"engine={self.engine!r})")
+        return (
+            f"{type(self).__name__}(P={self.shape[0]}, params={len(self.layout.names)}, "
+            f"dtype={str(self.dtype).replace('torch.', '')}, device={self.device}, "
+            f"engine={self.engine!r})"
+        )

@@ -13,6 +13,7 @@ which balances the two errors. Richardson's ``R = (4 D(h/2) − D(h)) / 3`` is t
 reference, and ``|D(h) − D(h/2)|`` (about the truncation error of ``D(h)``) plus the
 rounding term bound its error.
 """
+
 from __future__ import annotations
 
 from typing import Callable, Optional, Tuple
@@ -26,8 +27,9 @@ __all__ = ["central_difference", "verify_jv"]
 JV = Callable[[torch.Tensor], torch.Tensor]  # direction (P,) -> J v with the outputs' shape
 
 
-def central_difference(f: Callable[[torch.Tensor], torch.Tensor], theta: torch.Tensor,
-                       v: torch.Tensor) -> Tuple[torch.Tensor, float]:
+def central_difference(
+    f: Callable[[torch.Tensor], torch.Tensor], theta: torch.Tensor, v: torch.Tensor
+) -> Tuple[torch.Tensor, float]:
     """Richardson-extrapolated central difference of ``f`` along ``v`` and a bound on its error."""
     u = torch.finfo(theta.dtype).eps
     h = u ** (1 / 3) * max(1.0, float(theta.abs().max())) / max(float(v.abs().max()), 1e-300)
@@ -42,8 +44,15 @@ def central_difference(f: Callable[[torch.Tensor], torch.Tensor], theta: torch.T
     return (4 * d2 - d1) / 3, float((d1 - d2).norm()) + rounding
 
 
-def verify_jv(jv: JV, f: Callable[[torch.Tensor], torch.Tensor], theta: torch.Tensor,
-              exact: Optional[JV] = None, *, what: str = "double backward", seed: int = 0) -> None:
+def verify_jv(
+    jv: JV,
+    f: Callable[[torch.Tensor], torch.Tensor],
+    theta: torch.Tensor,
+    exact: Optional[JV] = None,
+    *,
+    what: str = "double backward",
+    seed: int = 0,
+) -> None:
     """Raise ``EngineRejected`` when ``jv`` disagrees with forward mode or finite differences.
 
     Args:
@@ -71,11 +80,12 @@ def verify_jv(jv: JV, f: Callable[[torch.Tensor], torch.Tensor], theta: torch.Te
         ref, err = central_difference(f, theta, v)
         route = route if exact is not None else "finite differences"
     scale = max(float(ref.norm()), float(got.norm()))
-    tol = 10 * err + (u ** 0.5 if err else 1e3 * u) * scale + torch.finfo(theta.dtype).tiny
+    tol = 10 * err + (u**0.5 if err else 1e3 * u) * scale + torch.finfo(theta.dtype).tiny
     gap = float((got - ref).norm())
     if gap > tol:
         raise EngineRejected(
             f"{what} disagrees with {route}: J v off by {gap / max(scale, 1e-300):.1%} of its norm "
             "(an op whose backward is @once_differentiable cuts the double-backward graph silently, "
             "or the model recomputes activations during backward with its own weights, as activation "
-            "checkpointing does, so nethessian's parameter values never reach the recomputation)")
+            "checkpointing does, so nethessian's parameter values never reach the recomputation)"
+        )

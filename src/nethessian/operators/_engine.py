@@ -17,6 +17,7 @@ included) and running out of memory always propagate unchanged.
 New engines (finite-difference products, structured second-order backprop) plug in
 as one more ``Engine`` in an operator's candidate list.
 """
+
 from __future__ import annotations
 
 import time
@@ -28,13 +29,21 @@ import torch
 from .. import distributed as dist
 from ..errors import InputError, NetHessianError
 
-__all__ = ["Engine", "EngineRejected", "choose_batched", "choose_engine", "describe", "graph_bytes",
-           "is_ad_gap", "loop_columns"]
+__all__ = [
+    "Engine",
+    "EngineRejected",
+    "choose_batched",
+    "choose_engine",
+    "describe",
+    "graph_bytes",
+    "is_ad_gap",
+    "loop_columns",
+]
 
 Run = Callable[[torch.Tensor], torch.Tensor]  # (P, k) block -> (P, k) product over the whole data set
 
 _OOM_WORDS = ("out of memory", "can't allocate memory", "cannot allocate memory")
-TRIAL_COLUMNS = 4       # columns of the batched-vs-loop timing trial (bounded cost on any model)
+TRIAL_COLUMNS = 4  # columns of the batched-vs-loop timing trial (bounded cost on any model)
 MEASURABLY_FASTER = 0.8  # batching is kept only when its time per column is below 0.8 x the loop's
 
 
@@ -124,10 +133,13 @@ def _choose_local(candidates: Sequence[Engine]) -> Tuple[int, str, Optional[str]
             if not last:
                 continue
             if rejected:
-                raise InputError("no engine computes this operator correctly: " + "; ".join(failures)
-                                 + ". Give the custom op a forward-mode rule (jvp) or a twice-"
-                                 "differentiable backward (no @once_differentiable), or use "
-                                 "for the Hessian, method='finite-difference' (products from gradients)") from exc
+                raise InputError(
+                    "no engine computes this operator correctly: "
+                    + "; ".join(failures)
+                    + ". Give the custom op a forward-mode rule (jvp) or a twice-"
+                    "differentiable backward (no @once_differentiable), or use "
+                    "for the Hessian, method='finite-difference' (products from gradients)"
+                ) from exc
             if len(failures) > 1 and hasattr(exc, "add_note"):  # Python >= 3.11
                 exc.add_note("nethessian tried: " + "; ".join(failures))
             raise
@@ -139,7 +151,7 @@ def _choose_local(candidates: Sequence[Engine]) -> Tuple[int, str, Optional[str]
 
 def loop_columns(run: Run, V: torch.Tensor) -> torch.Tensor:
     """``run`` one column at a time (no vectorisation)."""
-    return torch.cat([run(V[:, j:j + 1]) for j in range(V.shape[1])], dim=1)
+    return torch.cat([run(V[:, j : j + 1]) for j in range(V.shape[1])], dim=1)
 
 
 def choose_batched(engine: Engine, V: torch.Tensor) -> Tuple[bool, str]:
@@ -171,8 +183,10 @@ def choose_batched(engine: Engine, V: torch.Tensor) -> Tuple[bool, str]:
     batched = best(lambda: engine.run(W))
     loop = best(lambda: loop_columns(engine.run, W))
     faster = dist.common_value(bool(batched < MEASURABLY_FASTER * loop))  # rank 0 decides for all
-    return faster, (f"{W.shape[1]} columns batched took {batched:.3g} s, looped {loop:.3g} s: "
-                    + ("batched" if faster else "loop (batching not measurably faster)"))
+    return faster, (
+        f"{W.shape[1]} columns batched took {batched:.3g} s, looped {loop:.3g} s: "
+        + ("batched" if faster else "loop (batching not measurably faster)")
+    )
 
 
 def graph_bytes(fn: Callable[[], object]) -> int:

@@ -30,6 +30,7 @@ estimate of ‖(H̃ − H) v̂‖ for the unit direction v̂). Where truncation 
 the order-4 result); where rounding dominates it is the difference of two roughly
 independent noises, hence the factor 2.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -134,7 +135,7 @@ class FDProducts:
             return self.step
         if self._norm is None:
             theta0 = self.objective.theta0
-            sq, = self.access.reduce([float(theta0.double().pow(2).sum())])
+            (sq,) = self.access.reduce([float(theta0.double().pow(2).sum())])
             size = getattr(self.objective, "global_size", theta0.numel())
             self._norm = default_step(theta0.dtype, theta0, self.order, (sq / size) ** 0.5 if size else 0.0)
         return self._norm
@@ -151,8 +152,8 @@ class FDProducts:
 
     def _column(self, v: torch.Tensor):
         """One column and its error estimate; norms over the whole vector (``access.reduce``)."""
-        sq, = self.access.reduce([float(v.double().pow(2).sum())])
-        nv = sq ** 0.5
+        (sq,) = self.access.reduce([float(v.double().pow(2).sum())])
+        nv = sq**0.5
         if nv == 0.0:
             return torch.zeros_like(v), 0.0
         theta0 = self.objective.theta0
@@ -167,34 +168,39 @@ class FDProducts:
         bad = 0.0 if all_finite(hv) else 1.0
         diff, bad = self.access.reduce([diff, bad])
         if bad and getattr(self.access, "collective", False):  # on every rank, not only where it is NaN
-            raise NonFiniteError(f"a finite-difference product is NaN or Inf on {int(bad)} rank(s): the "
-                                 "gradient overflows at θ ± h v; pass a smaller fd_step")
-        est = SAFETY * diff ** 0.5 / nv
+            raise NonFiniteError(
+                f"a finite-difference product is NaN or Inf on {int(bad)} rank(s): the "
+                "gradient overflows at θ ± h v; pass a smaller fd_step"
+            )
+        est = SAFETY * diff**0.5 / nv
         if self.step is not None and len(D) == 2:
             self._check_user_step(est, hv, nv)
         return hv, est
 
     def _check_displacement(self, made: torch.Tensor, meant: torch.Tensor) -> None:
         """Refuse a step that rounding swallows: θ ± h v must really move θ by about 2 h v."""
-        off, size = self.access.reduce([float((made - meant).double().pow(2).sum()),
-                                        float(meant.double().pow(2).sum())])
-        if size == 0.0 or off > 1e-2 ** 2 * size:
+        off, size = self.access.reduce(
+            [float((made - meant).double().pow(2).sum()), float(meant.double().pow(2).sum())]
+        )
+        if size == 0.0 or off > 1e-2**2 * size:
             raise InputError(
                 f"fd_step={self._step_norm():.3g} is too small for {str(self.objective.theta0.dtype)[6:]}: "
                 f"θ ± h v rounds to a displacement {(off / max(size, 1e-300)) ** 0.5:.0%} off the one meant, "
                 "so the difference of gradients would be noise (or zero). Leave fd_step=None (the step "
-                "is chosen from the dtype and θ), or use a larger one")
+                "is chosen from the dtype and θ), or use a larger one"
+            )
 
     def _check_user_step(self, est: float, hv: torch.Tensor, nv: float) -> None:
         """A user's ``fd_step`` whose two step sizes disagree by more than 10 % of the product is refused."""
-        norm, = self.access.reduce([float(hv.double().pow(2).sum())])
-        scale = norm ** 0.5 / nv
+        (norm,) = self.access.reduce([float(hv.double().pow(2).sum())])
+        scale = norm**0.5 / nv
         if est > 0.1 * scale and est > 0.0:
             raise InputError(
                 f"fd_step={self.step:.3g} gives products whose estimated error ({est:.2g} per unit ‖v‖) is "
                 f"{est / max(scale, 1e-300):.0%} of the product itself (truncation or rounding): the numbers "
                 "would not be a Hessian's. Leave fd_step=None (chosen from the dtype and θ) or pick a step "
-                "between the two regimes")
+                "between the two regimes"
+            )
 
 
 class PlainAccess:
@@ -270,8 +276,10 @@ def _backward_pass(obj, steps: int) -> float:
                 continue
             loss = obj.loss_fn(out, batch.targets)
             if not torch.isfinite(loss.detach()).all():
-                raise NonFiniteError(f"batch {batch.index}: the loss is NaN or Inf at a finite-difference "
-                                     "step; pass a smaller fd_step, or check that batch's data")
+                raise NonFiniteError(
+                    f"batch {batch.index}: the loss is NaN or Inf at a finite-difference "
+                    "step; pass a smaller fd_step, or check that batch's data"
+                )
             (loss * c if mean else loss).backward()
             n += c
         for _ in range(steps - done):
@@ -282,10 +290,12 @@ def _backward_pass(obj, steps: int) -> float:
 def check_options(order, step, error) -> None:
     """Refuse bad ``fd_order`` / ``fd_step`` / ``fd_error`` values with what to pass instead."""
     if order not in (2, 4) or isinstance(order, bool):
-        raise InputError(f"fd_order must be 2 (central difference, 2 gradients) or 4 (4-point stencil, "
-                         f"4 gradients), got {order!r}")
+        raise InputError(
+            f"fd_order must be 2 (central difference, 2 gradients) or 4 (4-point stencil, 4 gradients), got {order!r}"
+        )
     if step is not None:
         from .._checks import as_float
+
         as_float("fd_step", step, positive=True)
     if not isinstance(error, bool):
         raise InputError(f"fd_error must be True or False, got {error!r}")
@@ -294,4 +304,3 @@ def check_options(order, step, error) -> None:
 def fd_options(order: int, step: Optional[float]) -> Dict[str, object]:
     """The finite-difference options that change the numbers (for the fingerprint)."""
     return {"method": "finite-difference", "fd_order": order, "fd_step": step}
-

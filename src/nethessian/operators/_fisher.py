@@ -22,6 +22,7 @@ A "sample" n is an index along the outputs' first dimension (the whole output
 for an unbatched 1-D cross-entropy input); its gradient g_n spans all of f_n,
 e.g. every position of a sequence.
 """
+
 from __future__ import annotations
 
 from typing import Optional
@@ -31,13 +32,11 @@ from torch.nn import functional as F
 
 from .._checks import as_int
 from ..errors import InputError
-from ._ggn import JacobianSandwich, Method, class_dim, exact_output_fisher, likelihood_of, loss_scale, \
-    term_mask
+from ._ggn import JacobianSandwich, Method, class_dim, exact_output_fisher, likelihood_of, loss_scale, term_mask
 
 __all__ = ["FisherOperator", "EmpiricalFisherOperator"]
 
-SUPPORTED = ("CrossEntropyLoss (without class weights)", "MSELoss",
-             "BCEWithLogitsLoss (without weight / pos_weight)")
+SUPPORTED = ("CrossEntropyLoss (without class weights)", "MSELoss", "BCEWithLogitsLoss (without weight / pos_weight)")
 
 
 def _num_samples(loss_fn, out: torch.Tensor) -> int:
@@ -57,19 +56,20 @@ def outer_op(G: torch.Tensor, scale: float, samples: int):
         Ur = U.reshape(U.shape[0], samples, -1)
         coef = torch.einsum("mnd,knd->kmn", Gr, Ur)
         return (scale * torch.einsum("kmn,mnd->knd", coef, Gr)).reshape(U.shape)
+
     return apply
 
 
-def sample_output_grads(kind: str, loss_fn, out: torch.Tensor, targets: torch.Tensor, m: int,
-                        generator: torch.Generator) -> torch.Tensor:
+def sample_output_grads(
+    kind: str, loss_fn, out: torch.Tensor, targets: torch.Tensor, m: int, generator: torch.Generator
+) -> torch.Tensor:
     """``m`` draws per term of the unscaled output gradient ``∇_f ℓ(f, ŷ)``, ``ŷ ~ p(·|f)``: ``(m, *out)``.
 
     categorical: ``softmax(f) − onehot(ŷ)`` (zero for ignored targets); gaussian:
     ``2 (f − ŷ)`` with ``ŷ ~ N(f, ½)``, i.e. ``√2 z``; bernoulli: ``σ(f) − ŷ``.
     """
     if kind == "gaussian":
-        return 2 ** 0.5 * torch.randn((m, *out.shape), generator=generator, dtype=out.dtype,
-                                      device=out.device)
+        return 2**0.5 * torch.randn((m, *out.shape), generator=generator, dtype=out.dtype, device=out.device)
     if kind == "bernoulli":
         sig = torch.sigmoid(out)
         return sig - torch.bernoulli(sig.expand(m, *out.shape), generator=generator)
@@ -112,10 +112,23 @@ class FisherOperator(JacobianSandwich):
     True
     """
 
-    def __init__(self, model, loss_fn, data, params=None, *, mc_samples: Optional[int] = None,
-                 seed: int = 0, method: Method = "auto", cache="auto", reduction=None,
-                 allow_random: bool = False, dtype=None, chunk_size: Optional[int] = None,
-                 _objective=None):
+    def __init__(
+        self,
+        model,
+        loss_fn,
+        data,
+        params=None,
+        *,
+        mc_samples: Optional[int] = None,
+        seed: int = 0,
+        method: Method = "auto",
+        cache="auto",
+        reduction=None,
+        allow_random: bool = False,
+        dtype=None,
+        chunk_size: Optional[int] = None,
+        _objective=None,
+    ):
         self.kind = likelihood_of(loss_fn)
         if self.kind is None:
             raise InputError(
@@ -123,13 +136,24 @@ class FisherOperator(JacobianSandwich):
                 f"supported losses: {', '.join(SUPPORTED)}. Use GGNOperator (any loss) or "
                 "EmpiricalFisherOperator instead"
             )
-        if mc_samples is not None and (isinstance(mc_samples, bool) or not isinstance(mc_samples, int)
-                                       or mc_samples < 1):
+        if mc_samples is not None and (
+            isinstance(mc_samples, bool) or not isinstance(mc_samples, int) or mc_samples < 1
+        ):
             raise InputError(f"mc_samples must be None (exact) or a positive integer, got {mc_samples!r}")
         self.mc_samples, self.seed = mc_samples, as_int("seed", seed)
-        super().__init__(model, loss_fn, data, params, method=method, cache=cache, reduction=reduction,
-                         allow_random=allow_random, dtype=dtype, chunk_size=chunk_size,
-                         _objective=_objective)
+        super().__init__(
+            model,
+            loss_fn,
+            data,
+            params,
+            method=method,
+            cache=cache,
+            reduction=reduction,
+            allow_random=allow_random,
+            dtype=dtype,
+            chunk_size=chunk_size,
+            _objective=_objective,
+        )
 
     def _matrix_options(self):
         return {"mc_samples": self.mc_samples, "seed": self.seed}
@@ -178,12 +202,34 @@ class EmpiricalFisherOperator(JacobianSandwich):
     True
     """
 
-    def __init__(self, model, loss_fn, data, params=None, *, method: Method = "auto", cache="auto",
-                 reduction=None, allow_random: bool = False, dtype=None, chunk_size: Optional[int] = None,
-                 _objective=None):
-        super().__init__(model, loss_fn, data, params, method=method, cache=cache, reduction=reduction,
-                         allow_random=allow_random, dtype=dtype, chunk_size=chunk_size,
-                         _objective=_objective)
+    def __init__(
+        self,
+        model,
+        loss_fn,
+        data,
+        params=None,
+        *,
+        method: Method = "auto",
+        cache="auto",
+        reduction=None,
+        allow_random: bool = False,
+        dtype=None,
+        chunk_size: Optional[int] = None,
+        _objective=None,
+    ):
+        super().__init__(
+            model,
+            loss_fn,
+            data,
+            params,
+            method=method,
+            cache=cache,
+            reduction=reduction,
+            allow_random=allow_random,
+            dtype=dtype,
+            chunk_size=chunk_size,
+            _objective=_objective,
+        )
         if getattr(loss_fn, "reduction", None) is None and self.objective.reduction is None:
             raise InputError(
                 "the empirical Fisher needs to know how the loss reduces over samples, and loss_fn has no "
@@ -197,7 +243,7 @@ class EmpiricalFisherOperator(JacobianSandwich):
             return None
         o = out.detach().requires_grad_(True)
         with torch.enable_grad():
-            A, = torch.autograd.grad(obj.loss_fn(o, t), o, allow_unused=True)
+            (A,) = torch.autograd.grad(obj.loss_fn(o, t), o, allow_unused=True)
         if A is None:
             return None
         return outer_op(A.detach()[None] / s, s, _num_samples(obj.loss_fn, out))

@@ -25,6 +25,7 @@ References:
     J. Martens, "New insights and perspectives on the natural gradient method",
     JMLR 21(146), 2020.
 """
+
 from __future__ import annotations
 
 from typing import Callable, List, Literal, Optional
@@ -113,6 +114,7 @@ def exact_output_fisher(kind: str, loss_fn, out: torch.Tensor, targets: torch.Te
     def apply(U):
         pU = p * U
         return w * (pU - p * pU.sum(dim=cd + 1, keepdim=True))
+
     return apply
 
 
@@ -123,11 +125,12 @@ def _batched_grad(outputs, inputs, grads, like):
     without a batching rule raises here, and the engine policy then loops over columns.
     """
     if grads.shape[0] == 1:
-        res, = torch.autograd.grad(outputs, inputs, grads[0], retain_graph=True, allow_unused=True)
+        (res,) = torch.autograd.grad(outputs, inputs, grads[0], retain_graph=True, allow_unused=True)
         res = None if res is None else res[None]
     else:
-        res, = torch.autograd.grad(outputs, inputs, grads, retain_graph=True, is_grads_batched=True,
-                                   allow_unused=True)
+        (res,) = torch.autograd.grad(
+            outputs, inputs, grads, retain_graph=True, is_grads_batched=True, allow_unused=True
+        )
     if res is None:
         return torch.zeros((grads.shape[0], *like.shape), dtype=like.dtype, device=like.device)
     return res
@@ -141,13 +144,14 @@ def autograd_loss_hessian(loss_fn, out: torch.Tensor, targets: torch.Tensor) -> 
     """
     o = out.detach().requires_grad_(True)
     with torch.enable_grad():
-        g, = torch.autograd.grad(loss_fn(o, targets), o, create_graph=True)
+        (g,) = torch.autograd.grad(loss_fn(o, targets), o, create_graph=True)
     if not g.requires_grad:  # the loss is at most linear in the outputs
         return torch.zeros_like
 
     def apply(U):
         with torch.enable_grad():
             return _batched_grad(g, o, U, o).detach()
+
     return apply
 
 
@@ -167,7 +171,7 @@ def verify_loss_hessian(loss_fn, out: torch.Tensor, targets: torch.Tensor, M: Ou
     def grad_f(f):
         f = f.detach().requires_grad_(True)
         with torch.enable_grad():
-            gr, = torch.autograd.grad(loss_fn(f, targets), f, allow_unused=True)
+            (gr,) = torch.autograd.grad(loss_fn(f, targets), f, allow_unused=True)
         return torch.zeros_like(f) if gr is None else gr.detach()
 
     ref, err = central_difference(grad_f, f0, u)
@@ -179,7 +183,8 @@ def verify_loss_hessian(loss_fn, out: torch.Tensor, targets: torch.Tensor, M: Ou
             f"the loss's second derivative from autograd disagrees with differences of its gradient "
             f"(off by {gap / max(scale, 1e-300):.0%}): its backward is probably @once_differentiable or "
             "detaches its input, so the GGN would be wrong. Give the loss a twice-differentiable backward, "
-            "or use nh.HessianOperator(..., method='finite-difference')")
+            "or use nh.HessianOperator(..., method='finite-difference')"
+        )
 
 
 # -- the sandwich --------------------------------------------------------------------------
@@ -195,16 +200,39 @@ class JacobianSandwich(CurvatureOperator):
     rebuilt per product). ``op.method`` is ``"forward"`` or ``"reverse"``.
     """
 
-    def __init__(self, model, loss_fn, data, params=None, *, method: Method = "auto", cache="auto",
-                 reduction=None, allow_random: bool = False, dtype=None, chunk_size: Optional[int] = None,
-                 _objective=None):
+    def __init__(
+        self,
+        model,
+        loss_fn,
+        data,
+        params=None,
+        *,
+        method: Method = "auto",
+        cache="auto",
+        reduction=None,
+        allow_random: bool = False,
+        dtype=None,
+        chunk_size: Optional[int] = None,
+        _objective=None,
+    ):
         if method not in ("auto", "forward", "reverse"):
             raise InputError(f"unknown method {method!r}; valid: auto, forward, reverse")
         if cache != "auto" and bool(cache) and method == "forward":
-            raise InputError("cache=True keeps a reverse-mode graph, which method='forward' does not use; "
-                             "pass cache=False, or method='auto' / 'reverse'")
-        super().__init__(model, loss_fn, data, params, reduction=reduction,
-                         allow_random=allow_random, dtype=dtype, chunk_size=chunk_size, _objective=_objective)
+            raise InputError(
+                "cache=True keeps a reverse-mode graph, which method='forward' does not use; "
+                "pass cache=False, or method='auto' / 'reverse'"
+            )
+        super().__init__(
+            model,
+            loss_fn,
+            data,
+            params,
+            reduction=reduction,
+            allow_random=allow_random,
+            dtype=dtype,
+            chunk_size=chunk_size,
+            _objective=_objective,
+        )
         if cache == "auto":
             cache = self.objective.data.in_memory and method != "forward"
         self._requested = (method, bool(cache))
@@ -222,16 +250,29 @@ class JacobianSandwich(CurvatureOperator):
 
     def _engines(self) -> List[Engine]:
         method, cache = self._requested
-        forward = Engine("forward", self._forward_run, trial=self._forward_trial,
-                         why="J V by forward mode (jvp), Jᵀ by reverse mode, per batch")
+        forward = Engine(
+            "forward",
+            self._forward_run,
+            trial=self._forward_trial,
+            why="J V by forward mode (jvp), Jᵀ by reverse mode, per batch",
+        )
         check = self._verify_reverse
         if cache:
-            kept = Engine("kept-graph", lambda V: self._reverse_run(V, keep=True), trial=check,
-                          why="data in memory: graphs kept, one double-vjp and one vjp per product",
-                          keeps_graph=True, timed_batching=True)
+            kept = Engine(
+                "kept-graph",
+                lambda V: self._reverse_run(V, keep=True),
+                trial=check,
+                why="data in memory: graphs kept, one double-vjp and one vjp per product",
+                keeps_graph=True,
+                timed_batching=True,
+            )
             return [kept, forward] if method == "auto" else [kept]
-        reverse = Engine("reverse", lambda V: self._reverse_run(V, keep=False), trial=check,
-                         why="J V by double backward (double-vjp), per batch")
+        reverse = Engine(
+            "reverse",
+            lambda V: self._reverse_run(V, keep=False),
+            trial=check,
+            why="J V by double backward (double-vjp), per batch",
+        )
         if method == "auto":
             return [forward, reverse]
         chosen = forward if method == "forward" else reverse
@@ -252,6 +293,7 @@ class JacobianSandwich(CurvatureOperator):
                     if out.requires_grad:
                         u = torch.zeros_like(out, requires_grad=True)
                         torch.autograd.grad(out, theta, u, create_graph=True)
+
         return float(graph_bytes(build))
 
     # -- forward mode ---------------------------------------------------------------------
@@ -299,7 +341,7 @@ class JacobianSandwich(CurvatureOperator):
             u = g = None
             if M is not None and out.requires_grad:
                 u = torch.zeros_like(out, requires_grad=True)
-                g, = torch.autograd.grad(out, theta, u, create_graph=True)
+                (g,) = torch.autograd.grad(out, theta, u, create_graph=True)
         state = (theta, out, u, g, M, count)
         if keep:
             self._kept[batch.index] = state
@@ -310,8 +352,11 @@ class JacobianSandwich(CurvatureOperator):
         if g is None:
             return torch.zeros_like(V), count
         with torch.enable_grad():
-            JV = _batched_grad(g, u, V.T, out) if g.requires_grad else torch.zeros(
-                (V.shape[1], *out.shape), dtype=out.dtype, device=out.device)
+            JV = (
+                _batched_grad(g, u, V.T, out)
+                if g.requires_grad
+                else torch.zeros((V.shape[1], *out.shape), dtype=out.dtype, device=out.device)
+            )
             JtW = _batched_grad(out, theta, M(JV.detach()), theta)
         return JtW.T.detach(), count
 
@@ -333,7 +378,7 @@ class JacobianSandwich(CurvatureOperator):
                 if not out.requires_grad:
                     return torch.zeros_like(out)
                 u = torch.zeros_like(out, requires_grad=True)
-                g, = torch.autograd.grad(out, theta, u, create_graph=True)
+                (g,) = torch.autograd.grad(out, theta, u, create_graph=True)
                 if not g.requires_grad:
                     return torch.zeros_like(out)
                 return torch.autograd.grad(g, u, v)[0]
@@ -380,16 +425,39 @@ class GGNOperator(JacobianSandwich):
     True
     """
 
-    def __init__(self, model, loss_fn, data, params=None, *,
-                 loss_hessian: Literal["auto", "autograd"] = "auto", method: Method = "auto",
-                 cache="auto", reduction=None, allow_random: bool = False, dtype=None,
-                 chunk_size: Optional[int] = None, _objective=None):
+    def __init__(
+        self,
+        model,
+        loss_fn,
+        data,
+        params=None,
+        *,
+        loss_hessian: Literal["auto", "autograd"] = "auto",
+        method: Method = "auto",
+        cache="auto",
+        reduction=None,
+        allow_random: bool = False,
+        dtype=None,
+        chunk_size: Optional[int] = None,
+        _objective=None,
+    ):
         if loss_hessian not in ("auto", "autograd"):
             raise InputError(f"unknown loss_hessian {loss_hessian!r}; valid: auto, autograd")
         self.loss_hessian = loss_hessian
         self._loss_hessian_checked = False
-        super().__init__(model, loss_fn, data, params, method=method, cache=cache, reduction=reduction,
-                         allow_random=allow_random, dtype=dtype, chunk_size=chunk_size, _objective=_objective)
+        super().__init__(
+            model,
+            loss_fn,
+            data,
+            params,
+            method=method,
+            cache=cache,
+            reduction=reduction,
+            allow_random=allow_random,
+            dtype=dtype,
+            chunk_size=chunk_size,
+            _objective=_objective,
+        )
 
     def _matrix_options(self):
         return {"loss_hessian": self.loss_hessian}

@@ -17,6 +17,7 @@ central differences of the model's own gradients (``_finite_difference``) — fo
 with no second derivative (fused kernels, ``torch.compile``) and for models sharded
 with FSDP (DTensor parameters, ``_sharded``), where it is the only method.
 """
+
 from __future__ import annotations
 
 from typing import List, Literal, Optional
@@ -85,32 +86,65 @@ class HessianOperator(ShardedVectors, CurvatureOperator):
 
     _cross_check = True  # double-backward engines are verified at construction
 
-    def __init__(self, model, loss_fn, data, params=None, *, method: Method = "auto",
-                 cache="auto", reduction=None, allow_random: bool = False, dtype=None,
-                 chunk_size: Optional[int] = None, fd_order: int = 2, fd_step: Optional[float] = None,
-                 fd_error: bool = True, vectors: Optional[str] = None, _objective=None):
+    def __init__(
+        self,
+        model,
+        loss_fn,
+        data,
+        params=None,
+        *,
+        method: Method = "auto",
+        cache="auto",
+        reduction=None,
+        allow_random: bool = False,
+        dtype=None,
+        chunk_size: Optional[int] = None,
+        fd_order: int = 2,
+        fd_step: Optional[float] = None,
+        fd_error: bool = True,
+        vectors: Optional[str] = None,
+        _objective=None,
+    ):
         if method not in _METHODS:
             raise InputError(f"unknown method {method!r}; valid: {', '.join(_METHODS)}")
         if cache != "auto" and bool(cache) and method in ("forward-over-reverse", FD):
-            raise InputError(f"cache=True keeps a double-backward graph, which method={method!r} "
-                             "does not use; pass cache=False, or method='auto' / 'double-backward'")
+            raise InputError(
+                f"cache=True keeps a double-backward graph, which method={method!r} "
+                "does not use; pass cache=False, or method='auto' / 'double-backward'"
+            )
         check_options(fd_order, fd_step, fd_error)
-        if method == FD and dtype is not None and isinstance(model, torch.nn.Module) and any(
-                p.dtype != dtype for p in model.parameters()):
-            raise InputError(f"method='finite-difference' runs the model's own forward and backward in its own "
-                             f"dtype, so dtype={dtype} cannot be honoured; convert the model (e.g. "
-                             "model.double()) and leave dtype=None")
+        if (
+            method == FD
+            and dtype is not None
+            and isinstance(model, torch.nn.Module)
+            and any(p.dtype != dtype for p in model.parameters())
+        ):
+            raise InputError(
+                f"method='finite-difference' runs the model's own forward and backward in its own "
+                f"dtype, so dtype={dtype} cannot be honoured; convert the model (e.g. "
+                "model.double()) and leave dtype=None"
+            )
         objective = _objective  # from_objective: an existing Objective, shared
         if objective is None and isinstance(model, torch.nn.Module) and is_sharded(model):
             if method != FD:
                 raise InputError(f"method={method!r} is not possible: " + NO_DOUBLE_BACKWARD)
-            objective = ShardedObjective(model, loss_fn, data, params, reduction=reduction,
-                                         allow_random=allow_random, vectors=vectors)
+            objective = ShardedObjective(
+                model, loss_fn, data, params, reduction=reduction, allow_random=allow_random, vectors=vectors
+            )
         elif objective is None:
             check_vectors(vectors, sharded=False)
         self._fd_options = (fd_order, None if fd_step is None else float(fd_step), fd_error)
-        super().__init__(model, loss_fn, data, params, reduction=reduction,
-                         allow_random=allow_random, dtype=dtype, chunk_size=chunk_size, _objective=objective)
+        super().__init__(
+            model,
+            loss_fn,
+            data,
+            params,
+            reduction=reduction,
+            allow_random=allow_random,
+            dtype=dtype,
+            chunk_size=chunk_size,
+            _objective=objective,
+        )
         if cache == "auto":
             cache = self.objective.data.in_memory and method not in ("forward-over-reverse", FD)
         self._requested = (method, bool(cache))
@@ -152,29 +186,47 @@ class HessianOperator(ShardedVectors, CurvatureOperator):
 
     def _nonfinite_culprit(self) -> str:
         if self.engine == FD:  # every batch's loss was finite (checked in the pass)
-            return ("a finite-difference product is NaN or Inf although every batch's loss is finite: "
-                    "the gradient overflows at θ ± h v; pass a smaller fd_step")
+            return (
+                "a finite-difference product is NaN or Inf although every batch's loss is finite: "
+                "the gradient overflows at θ ± h v; pass a smaller fd_step"
+            )
         return super()._nonfinite_culprit()
 
     def _engines(self) -> List[Engine]:
         method, cache = self._requested
         if method == FD:
             order = self._fd_options[0]
-            return [Engine(FD, self._fd_run, why=f"method='finite-difference' requested: order-{order} "
-                           "central differences of the model's own gradients")]
+            return [
+                Engine(
+                    FD,
+                    self._fd_run,
+                    why=f"method='finite-difference' requested: order-{order} "
+                    "central differences of the model's own gradients",
+                )
+            ]
         streaming = {
-            "forward-over-reverse": Engine("forward-over-reverse", lambda V: self._streaming(V, True),
-                                           trial=lambda: self._trial(True),
-                                           why="streaming: jvp(grad) per batch"),
-            "double-backward": Engine("double-backward", lambda V: self._streaming(V, False),
-                                      trial=self._verify_double_backward,
-                                      why="streaming: double backward per batch"),
+            "forward-over-reverse": Engine(
+                "forward-over-reverse",
+                lambda V: self._streaming(V, True),
+                trial=lambda: self._trial(True),
+                why="streaming: jvp(grad) per batch",
+            ),
+            "double-backward": Engine(
+                "double-backward",
+                lambda V: self._streaming(V, False),
+                trial=self._verify_double_backward,
+                why="streaming: double backward per batch",
+            ),
         }
         if cache:  # double backward can be silently wrong (@once_differentiable): cross-checked first
-            kept = Engine("kept-graph", self._kept_run, trial=lambda: self._verify_double_backward(self._kept_run),
-                          keeps_graph=True,
-                          why="data in memory: the gradient graph is kept, one backward per product",
-                          timed_batching=True)
+            kept = Engine(
+                "kept-graph",
+                self._kept_run,
+                trial=lambda: self._verify_double_backward(self._kept_run),
+                keeps_graph=True,
+                why="data in memory: the gradient graph is kept, one backward per product",
+                timed_batching=True,
+            )
             return [kept, streaming["forward-over-reverse"]] if method == "auto" else [kept]
         if method == "auto":
             return [streaming["forward-over-reverse"], streaming["double-backward"]]
@@ -197,6 +249,7 @@ class HessianOperator(ShardedVectors, CurvatureOperator):
             with torch.enable_grad():
                 loss, _ = obj.batch_loss(named, batch)
                 torch.autograd.grad(loss, theta, create_graph=True, allow_unused=True)
+
         return float(graph_bytes(build))
 
     # -- kept graph ---------------------------------------------------------------------
@@ -214,7 +267,7 @@ class HessianOperator(ShardedVectors, CurvatureOperator):
 
                 with torch.enable_grad():
                     J, n = obj.local_sum(fn)
-                    g, = torch.autograd.grad(J, theta, create_graph=True, allow_unused=True)
+                    (g,) = torch.autograd.grad(J, theta, create_graph=True, allow_unused=True)
                 built["graph"] = (theta, g, n)
 
             nbytes = graph_bytes(build)
@@ -226,11 +279,12 @@ class HessianOperator(ShardedVectors, CurvatureOperator):
         if g is None or not g.requires_grad:  # J is at most linear in θ: H = 0
             return self.objective.finish(torch.zeros_like(V), n)
         if V.shape[1] == 1:
-            hv, = torch.autograd.grad(g, theta, V[:, 0], retain_graph=True, allow_unused=True)
+            (hv,) = torch.autograd.grad(g, theta, V[:, 0], retain_graph=True, allow_unused=True)
             out = _zeros_if_none(hv, theta)[:, None]
         else:
-            hv, = torch.autograd.grad(g, theta, V.T.contiguous(), retain_graph=True, is_grads_batched=True,
-                                      allow_unused=True)
+            (hv,) = torch.autograd.grad(
+                g, theta, V.T.contiguous(), retain_graph=True, is_grads_batched=True, allow_unused=True
+            )
             out = _zeros_if_none(hv, V.T).T
         return self.objective.finish(out.detach(), n)
 
@@ -260,13 +314,13 @@ class HessianOperator(ShardedVectors, CurvatureOperator):
         theta, named = obj.leaf()
         with torch.enable_grad():
             loss, out = obj.batch_loss(named, batch)
-            g, = torch.autograd.grad(loss, theta, create_graph=True, allow_unused=True)
+            (g,) = torch.autograd.grad(loss, theta, create_graph=True, allow_unused=True)
             if g is None or not g.requires_grad:
                 hv = torch.zeros_like(V)
             elif V.shape[1] == 1:
                 hv = _zeros_if_none(torch.autograd.grad(g, theta, V[:, 0], allow_unused=True)[0], theta)[:, None]
             else:
-                hv, = torch.autograd.grad(g, theta, V.T.contiguous(), is_grads_batched=True, allow_unused=True)
+                (hv,) = torch.autograd.grad(g, theta, V.T.contiguous(), is_grads_batched=True, allow_unused=True)
                 hv = _zeros_if_none(hv, V.T).T
         count = obj.count(out, batch.targets)
         if count != 0 or obj.reduction in (None, "sum"):  # an all-ignored mean batch is 0/0 and weighs 0
@@ -291,22 +345,32 @@ class HessianOperator(ShardedVectors, CurvatureOperator):
         obj = self.objective
         if obj.data.in_memory:  # every batch (a bad op may be hit by some batches only), once
             run = run or (lambda V: self._streaming(V, False))  # the engine's own product (kept graph)
-            verify_jv(lambda v: run(v[:, None])[:, 0], lambda th: obj.gradient(th).detach(), obj.theta0,
-                      exact=lambda v: self._streaming(v[:, None], True)[:, 0], what="double backward (H v)")
+            verify_jv(
+                lambda v: run(v[:, None])[:, 0],
+                lambda th: obj.gradient(th).detach(),
+                obj.theta0,
+                exact=lambda v: self._streaming(v[:, None], True)[:, 0],
+                what="double backward (H v)",
+            )
             return
         batch = obj.data.first()
 
         def grad_at(theta):
             leaf, named = obj.leaf(theta)
             with torch.enable_grad():
-                g, = torch.autograd.grad(obj.batch_loss(named, batch)[0], leaf, allow_unused=True)
+                (g,) = torch.autograd.grad(obj.batch_loss(named, batch)[0], leaf, allow_unused=True)
             return torch.zeros_like(leaf) if g is None else g.detach()
 
         def at_v(per_batch):
             return lambda v: per_batch(batch, v[:, None])[0][:, 0]
 
-        verify_jv(at_v(self._batch_double_backward), grad_at, obj.theta0,
-                  exact=at_v(self._batch_forward_over_reverse), what="double backward (H v)")
+        verify_jv(
+            at_v(self._batch_double_backward),
+            grad_at,
+            obj.theta0,
+            exact=at_v(self._batch_forward_over_reverse),
+            what="double backward (H v)",
+        )
 
     def _trial(self, forward: bool) -> None:
         """One column on the first batch: raises where the engine has an AD gap on this model."""

@@ -16,6 +16,7 @@ trace and spectral density of H; eigenvectors map back to named parameters with
 **The protocol** (read by ``linalg``'s adapter): ``sharded`` (True), ``global_size``,
 ``local_range``, ``allreduce_(t)`` (in-place sum of a small tensor over the ranks).
 """
+
 from __future__ import annotations
 
 import math
@@ -38,11 +39,15 @@ def check_vectors(vectors: Optional[str], sharded: bool) -> str:
     if vectors is None:
         return "local" if sharded else "replicated"
     if vectors not in VECTORS:
-        raise InputError(f"vectors must be 'local' (each rank its shard of the vectors) or 'replicated' "
-                         f"(the full vector on every rank), got {vectors!r}")
+        raise InputError(
+            f"vectors must be 'local' (each rank its shard of the vectors) or 'replicated' "
+            f"(the full vector on every rank), got {vectors!r}"
+        )
     if vectors == "local" and not sharded:
-        raise InputError("vectors='local' needs a model sharded with fully_shard (DTensor parameters); "
-                         "this model's parameters are plain tensors: leave vectors unset")
+        raise InputError(
+            "vectors='local' needs a model sharded with fully_shard (DTensor parameters); "
+            "this model's parameters are plain tensors: leave vectors unset"
+        )
     return vectors
 
 
@@ -66,24 +71,30 @@ class ShardTable:
 
     def __init__(self, names: Tuple[str, ...], full_shapes: Tuple[Tuple[int, ...], ...], params: list):
         from ._sharded import _local_index
+
         mine = []
         for name, p in zip(names, params):
             local = tuple(p.to_local().shape)
             index = _local_index(p)
             if tuple(s.stop - s.start for s in index) != local:
-                raise InputError(f"parameter {name!r}: its local shard has shape {local} but its placement "
-                                 f"{tuple(p.placements)} says {tuple(s.stop - s.start for s in index)}")
+                raise InputError(
+                    f"parameter {name!r}: its local shard has shape {local} but its placement "
+                    f"{tuple(p.placements)} says {tuple(s.stop - s.start for s in index)}"
+                )
             mine.append((local, tuple((s.start, s.stop) for s in index)))
         gathered: List[list] = [None] * dist.world_size()
-        dist._collective(lambda: torch.distributed.all_gather_object(gathered, mine),
-                         "the all-gather of the shard table")
+        dist._collective(
+            lambda: torch.distributed.all_gather_object(gathered, mine), "the all-gather of the shard table"
+        )
         self.names, self.full_shapes, self.ranks = names, full_shapes, gathered
         self.sizes = [sum(math.prod(shape) for shape, _ in r) for r in gathered]
         P = sum(math.prod(s) for s in full_shapes)
         if sum(self.sizes) != P:
-            raise InputError(f"the ranks' local shards hold {sum(self.sizes)} values but the parameters have "
-                             f"{P}: a parameter is replicated (HSDP or Replicate placements). vectors='local' "
-                             "needs every value on exactly one rank: pass vectors='replicated'")
+            raise InputError(
+                f"the ranks' local shards hold {sum(self.sizes)} values but the parameters have "
+                f"{P}: a parameter is replicated (HSDP or Replicate placements). vectors='local' "
+                "needs every value on exactly one rank: pass vectors='replicated'"
+            )
 
     @property
     def global_size(self) -> int:
@@ -97,20 +108,22 @@ class ShardTable:
         """Full named tensors from every rank's local vector (``(n_r,)`` or ``(n_r, k)``)."""
         tail = () if k is None else (k,)
         ref = chunks[0]
-        out = {n: torch.zeros(s + tail, dtype=ref.dtype, device=ref.device)
-               for n, s in zip(self.names, self.full_shapes)}
+        out = {
+            n: torch.zeros(s + tail, dtype=ref.dtype, device=ref.device) for n, s in zip(self.names, self.full_shapes)
+        }
         for chunk, shards in zip(chunks, self.ranks):
             at = 0
             for name, (shape, index) in zip(self.names, shards):
                 n = math.prod(shape)
-                piece = chunk[at:at + n].reshape(tuple(shape) + tail)
+                piece = chunk[at : at + n].reshape(tuple(shape) + tail)
                 out[name][tuple(slice(a, b) for a, b in index)] = piece
                 at += n
         return out
 
 
-def gather_vector(op, x: torch.Tensor, dst: int = 0, *,
-                  max_bytes: Optional[int] = None) -> Optional[Dict[str, torch.Tensor]]:
+def gather_vector(
+    op, x: torch.Tensor, dst: int = 0, *, max_bytes: Optional[int] = None
+) -> Optional[Dict[str, torch.Tensor]]:
     """Gather a sharded vector into full tensors keyed by parameter name, on rank ``dst``.
 
     Every rank must call it (a collective). ``x`` is this rank's local vector ``(n_r,)``
@@ -138,25 +151,29 @@ def gather_vector(op, x: torch.Tensor, dst: int = 0, *,
     table: ShardTable = obj.shards
     lo, hi = obj.local_range
     if x.ndim not in (1, 2) or x.shape[0] != hi - lo:
-        raise InputError(f"x must be this rank's local vector ({hi - lo},) or block ({hi - lo}, k), "
-                         f"got shape {tuple(x.shape)}")
+        raise InputError(
+            f"x must be this rank's local vector ({hi - lo},) or block ({hi - lo}, k), got shape {tuple(x.shape)}"
+        )
     k = None if x.ndim == 1 else int(x.shape[1])
     dist.check_same("gather_vector", dst=dst, columns=k, dtype=str(x.dtype))
     need = table.global_size * (k or 1) * x.element_size()
     limit = DEFAULT_MAX_GATHER_BYTES if max_bytes is None else as_int("max_bytes", max_bytes, minimum=0)
     if need > limit:
-        raise InputError(f"the gathered vector needs {need:,} bytes on rank {dst}, above max_bytes={limit:,}; "
-                         "keep it sharded (save each rank's local vector) or pass a larger max_bytes")
+        raise InputError(
+            f"the gathered vector needs {need:,} bytes on rank {dst}, above max_bytes={limit:,}; "
+            "keep it sharded (save each rank's local vector) or pass a larger max_bytes"
+        )
     width = max(table.sizes) * (k or 1)
     dev = dist._comm_device(x.device)
     mine = torch.zeros(width, dtype=x.dtype, device=dev)
-    mine[:x.numel()] = x.detach().reshape(-1).to(dev)
+    mine[: x.numel()] = x.detach().reshape(-1).to(dev)
     bufs = [torch.empty_like(mine) for _ in range(dist.world_size())] if dist.rank() == dst else None
     dist._collective(lambda: torch.distributed.gather(mine, bufs, dst=dst), "the gather of a sharded vector")
     if dist.rank() != dst:
         return None
-    chunks = [b[:n * (k or 1)].reshape((n,) + (() if k is None else (k,))).to(x.device)
-              for b, n in zip(bufs, table.sizes)]
+    chunks = [
+        b[: n * (k or 1)].reshape((n,) + (() if k is None else (k,))).to(x.device) for b, n in zip(bufs, table.sizes)
+    ]
     return table.to_named(chunks, k)
 
 

@@ -17,6 +17,7 @@ FSDP averages gradients over the ranks (reduce-scatter divided by the world size
 the gradient of ``J = Σ_b c_b L_b / Σ_b c_b`` over every rank's batches is therefore
 ``world · ḡ / Σ c`` with the count all-reduced.
 """
+
 from __future__ import annotations
 
 import copy
@@ -39,12 +40,14 @@ NO_DOUBLE_BACKWARD = (
     "the model is sharded with FSDP (its parameters are DTensors), and FSDP does not support double "
     "backward (torch.autograd.grad with create_graph=True on sharded parameters fails), nor torch.func "
     "transforms: only method='finite-difference' computes its Hessian products, from the model's own "
-    "gradients. Pass method='finite-difference' (and fd_order=4 in float32)")
+    "gradients. Pass method='finite-difference' (and fd_order=4 in float32)"
+)
 
 
 def _dtensor_type():
     try:
         from torch.distributed.tensor import DTensor
+
         return DTensor
     except ImportError:  # pragma: no cover - torch without distributed tensors
         return None
@@ -64,6 +67,7 @@ def fully_shard_blocks(model: nn.Module, **fsdp_kwargs) -> int:
     on this rank's device. Returns the number of blocks sharded separately.
     """
     from torch.distributed.fsdp import fully_shard
+
     if not dist.is_active():
         raise InputError("fully_shard needs torch.distributed: run under torchrun (init_from_env first)")
     blocks = [child for m in model.modules() if isinstance(m, nn.ModuleList) for child in m.children()]
@@ -76,6 +80,7 @@ def fully_shard_blocks(model: nn.Module, **fsdp_kwargs) -> int:
 def reshard(model: nn.Module) -> None:
     """Put every FSDP module's parameters back in sharded form (a root keeps them unsharded after forward)."""
     from torch.distributed.fsdp import FSDPModule
+
     for m in model.modules():
         if isinstance(m, FSDPModule):
             m.reshard()
@@ -84,19 +89,22 @@ def reshard(model: nn.Module) -> None:
 def _local_index(p) -> tuple:
     """The index of ``p``'s local shard inside its full (global) tensor."""
     from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+
     shape, offset = compute_local_shape_and_global_offset(p.shape, p.device_mesh, p.placements)
     return tuple(slice(o, o + s) for o, s in zip(offset, shape))
 
 
 def _check_placements(named) -> None:
     from torch.distributed.tensor import Replicate, Shard
+
     for name, p in named.items():
         bad = [pl for pl in p.placements if not isinstance(pl, (Shard, Replicate))]
         if bad or p.device_mesh.ndim != 1 or p.device_mesh.size() != dist.world_size():
             raise InputError(
                 f"parameter {name!r} is placed {tuple(p.placements)} on a mesh of shape "
                 f"{tuple(p.device_mesh.shape)}; nethessian supports fully_shard over all "
-                f"{dist.world_size()} ranks (a 1-D mesh of Shard/Replicate placements)")
+                f"{dist.world_size()} ranks (a 1-D mesh of Shard/Replicate placements)"
+            )
 
 
 class ShardedObjective:
@@ -110,11 +118,22 @@ class ShardedObjective:
     ``global_size``, ``local_range``, ``allreduce_``; ``shards`` is every rank's ``ShardTable``.
     """
 
-    def __init__(self, model: nn.Module, loss_fn, data, params: Optional[Sequence[str]] = None, *,
-                 reduction=None, allow_random: bool = False, vectors: Optional[str] = None):
+    def __init__(
+        self,
+        model: nn.Module,
+        loss_fn,
+        data,
+        params: Optional[Sequence[str]] = None,
+        *,
+        reduction=None,
+        allow_random: bool = False,
+        vectors: Optional[str] = None,
+    ):
         if not dist.is_active():
-            raise InputError("the model's parameters are DTensors but torch.distributed is not initialised; "
-                             "run under torchrun (or init_process_group) as the model was sharded")
+            raise InputError(
+                "the model's parameters are DTensors but torch.distributed is not initialised; "
+                "run under torchrun (or init_process_group) as the model was sharded"
+            )
         if not callable(loss_fn):
             raise InputError("loss_fn must be callable as loss_fn(outputs, targets) -> scalar")
         self.model, self.loss_fn = model, loss_fn
@@ -123,13 +142,20 @@ class ShardedObjective:
         first = next(iter(chosen.values()))
         self.dtype, self.device = first.dtype, first.device
         if self.dtype in (torch.float16, torch.bfloat16):
-            raise InputError("parameters are half floats: finite differences of their gradients drown in "
-                             "rounding; keep float32 parameters (FSDP's MixedPrecisionPolicy can still "
-                             "compute in bfloat16, at the cost of the error estimate op.fd_error)")
+            raise InputError(
+                "parameters are half floats: finite differences of their gradients drown in "
+                "rounding; keep float32 parameters (FSDP's MixedPrecisionPolicy can still "
+                "compute in bfloat16, at the cost of the error estimate op.fd_error)"
+            )
         self.vectors = check_vectors(vectors, sharded=True)
         self.full_layout = ParamLayout.from_tensors(chosen)
-        dist.check_same("the sharded model", names=str(self.full_layout.names),
-                        shapes=str(self.full_layout.shapes), dtype=str(self.dtype), vectors=self.vectors)
+        dist.check_same(
+            "the sharded model",
+            names=str(self.full_layout.names),
+            shapes=str(self.full_layout.shapes),
+            dtype=str(self.dtype),
+            vectors=self.vectors,
+        )
         self._set_vectors(chosen)
         self.data = Batches(data, self.device, self.dtype)
         self.reduction = resolve_reduction(loss_fn=loss_fn, reduction=reduction, multi_batch=True)
@@ -168,9 +194,11 @@ class ShardedObjective:
             a, b = (model_output(self.model, batch.inputs) for _ in range(2))
         reshard(self.model)
         if not torch.equal(a, b):
-            raise RandomModelError("the model's forward pass draws random numbers (dropout in train mode?): "
-                                   "every gradient would be of another cost. Call model.eval(), or pass "
-                                   "allow_random=True")
+            raise RandomModelError(
+                "the model's forward pass draws random numbers (dropout in train mode?): "
+                "every gradient would be of another cost. Call model.eval(), or pass "
+                "allow_random=True"
+            )
 
     @property
     def size(self) -> int:
@@ -239,8 +267,11 @@ class ShardedAccess:
         for p in self.params:
             g = p.grad
             if g is None:
-                parts.append(torch.zeros((p.to_local() if self.local else p).numel(), dtype=p.dtype,
-                                         device=self.objective.device))
+                parts.append(
+                    torch.zeros(
+                        (p.to_local() if self.local else p).numel(), dtype=p.dtype, device=self.objective.device
+                    )
+                )
             else:
                 parts.append((g.to_local() if self.local else g.full_tensor()).reshape(-1))
         return torch.cat(parts)
@@ -277,6 +308,7 @@ class ShardedAccess:
 
             def fail():
                 raise err
+
             dist._collective(fail, "a gradient of the sharded model (FSDP's all-gathers and reduce-scatters)")
             raise  # pragma: no cover - _collective always raises here
 

@@ -5,6 +5,7 @@ for second derivatives runs backwards per sample (``_backprop``), starting from 
 loss's per-sample Hessian (``_loss``). ``select`` decides, per call, between this
 engine and autodiff (``engine="auto" | "structured" | "autodiff"``).
 """
+
 from ._engine import StructuredEngine
 from ._graph import Unsupported
 from ._select import ENGINES, select

@@ -23,6 +23,7 @@ module-by-module recursion keeps, and why it stops at ``nn.Sequential``).
 For a chain (``nn.Sequential``) F is one tensor and this is Bishop's (1992)
 recursion; the δ terms of ``docs/two-layer-hessian.md`` are its entries.
 """
+
 from __future__ import annotations
 
 from typing import Dict, List, Optional
@@ -82,15 +83,16 @@ def _add_residual(XX: torch.Tensor, R, offset: int) -> None:
     if R is None:
         return
     d = R.shape[1]
-    block = XX[:, offset:offset + d, offset:offset + d]
+    block = XX[:, offset : offset + d, offset : offset + d]
     if R.ndim == 2:
         block.diagonal(dim1=1, dim2=2).add_(R)
     else:
         block.add_(R)
 
 
-def undo_step(fr: Frontier, step, env: Dict[str, torch.Tensor], state, needs: Dict[str, bool],
-              out: "Accumulator") -> None:
+def undo_step(
+    fr: Frontier, step, env: Dict[str, torch.Tensor], state, needs: Dict[str, bool], out: "Accumulator"
+) -> None:
     """Replace ``step``'s output by its inputs on the frontier; hand its parameter rows to ``out``."""
     ys = fr.index(step.name)
     if ys is None:
@@ -107,10 +109,12 @@ def undo_step(fr: Frontier, step, env: Dict[str, torch.Tensor], state, needs: Di
         if K is not None:
             HJ = Hyy @ J
             top = torch.cat([K[:, rest], Hry @ J], dim=2)
-            bottom = torch.cat([pull.apply(K[:, ys].transpose(1, 2)).transpose(1, 2),
-                                pull.apply(HJ.transpose(1, 2)).transpose(1, 2)], dim=2)
+            bottom = torch.cat(
+                [pull.apply(K[:, ys].transpose(1, 2)).transpose(1, 2), pull.apply(HJ.transpose(1, 2)).transpose(1, 2)],
+                dim=2,
+            )
             if wrt:
-                bottom[:, :, K.shape[2]:] += mixed(step, xs, state, wrt, step.params, gy)
+                bottom[:, :, K.shape[2] :] += mixed(step, xs, state, wrt, step.params, gy)
             newK = torch.cat([top, bottom], dim=1)
             fr.done = fr.done + list(step.params)
     elif K is not None:
@@ -119,11 +123,12 @@ def undo_step(fr: Frontier, step, env: Dict[str, torch.Tensor], state, needs: Di
     if wrt and step.kind != "linear":
         _add_residual(XX, residual(step, xs, state, gy), 0)
     RX = pull.apply(Hry)
-    H = torch.cat([torch.cat([fr.H[:, rest][:, :, rest], RX], dim=2),
-                   torch.cat([RX.transpose(1, 2), XX], dim=2)], dim=1)
+    H = torch.cat(
+        [torch.cat([fr.H[:, rest][:, :, rest], RX], dim=2), torch.cat([RX.transpose(1, 2), XX], dim=2)], dim=1
+    )
     g = torch.cat([fr.g[:, rest], pull.apply(gy[:, None, :])[:, 0]], dim=1)
     k = fr.names.index(step.name)
-    rest_names, rest_sizes = fr.names[:k] + fr.names[k + 1:], fr.sizes[:k] + fr.sizes[k + 1:]
+    rest_names, rest_sizes = fr.names[:k] + fr.names[k + 1 :], fr.sizes[:k] + fr.sizes[k + 1 :]
     _merge(fr, rest_names, rest_sizes, [step.inputs[i] for i in wrt], pull.sizes, H, g, newK)
 
 
@@ -145,6 +150,7 @@ class Accumulator:
     def parameters(self, step, xs, state, Hyy, Ky, y) -> Optional[torch.Tensor]:
         """Add the step's rows; return its per-sample ``J_θ`` (None in the Linear diagonal fast path)."""
         from ._linear import linear_diagonal  # the closed form for nn.Linear
+
         idx = self.layout.indices(list(step.params)).to(self.diag.device)
         if self.mode == "diagonal":
             fast = linear_diagonal(step, xs, Hyy, y)

@@ -16,6 +16,7 @@ CNN. Branching graphs, LayerNorm/softmax, blocks and the dense Hessian keep the 
 joint frontier (cross terms between branches, mixed ``K`` blocks). Measured in
 ``benchmarks/bench_structured.py``.
 """
+
 from __future__ import annotations
 
 from typing import Dict, Tuple
@@ -30,7 +31,7 @@ from ._loss import loss_derivatives, loss_reason
 
 __all__ = ["StructuredEngine", "WORK_BYTES"]
 
-WORK_BYTES = 512 * 2 ** 20  # per-chunk working memory the sample chunks are sized to
+WORK_BYTES = 512 * 2**20  # per-chunk working memory the sample chunks are sized to
 
 
 def _needs(plan: Plan) -> Dict[str, bool]:
@@ -55,8 +56,9 @@ class StructuredEngine:
         self.work_bytes = work_bytes
         first = next(iter(objective.data.iterate(None)))
         if not isinstance(first.inputs, torch.Tensor):
-            raise Unsupported(f"the inputs are a {type(first.inputs).__name__}; the structured engine takes "
-                              "one input tensor")
+            raise Unsupported(
+                f"the inputs are a {type(first.inputs).__name__}; the structured engine takes one input tensor"
+            )
         self._per_sample = self._sample_bytes(first.inputs[:1])
 
     def _state(self) -> Dict[str, torch.Tensor]:
@@ -80,11 +82,13 @@ class StructuredEngine:
                 jac_diag = max(jac_diag, size[step.name] * P_step)
         item = torch.empty((), dtype=self.objective.dtype).element_size()
         P = self.objective.size
-        base = 4 * widest ** 2 + 3 * jac
-        diagonal = (factor_bytes(self.plan, env, self.objective.layout, item) if self.chain
-                    else item * (4 * widest ** 2 + 3 * jac_diag))
-        return {"diagonal": diagonal, "blocks": item * base,
-                "dense": item * (base + 4 * widest * P)}
+        base = 4 * widest**2 + 3 * jac
+        diagonal = (
+            factor_bytes(self.plan, env, self.objective.layout, item)
+            if self.chain
+            else item * (4 * widest**2 + 3 * jac_diag)
+        )
+        return {"diagonal": diagonal, "blocks": item * base, "dense": item * (base + 4 * widest * P)}
 
     def check_memory(self, mode: str) -> None:
         """Raise ``Unsupported`` when even one sample's matrices exceed the working-memory budget.
@@ -95,9 +99,11 @@ class StructuredEngine:
         """
         need = self._per_sample[mode]
         if need > self.work_bytes:
-            raise Unsupported(f"one sample's per-layer Hessians ({mode}) need about {need / 2 ** 30:.2f} GiB, "
-                              f"above the structured engine's working budget of {self.work_bytes / 2 ** 30:.2f} "
-                              "GiB (wide activations such as convolution outputs)")
+            raise Unsupported(
+                f"one sample's per-layer Hessians ({mode}) need about {need / 2**30:.2f} GiB, "
+                f"above the structured engine's working budget of {self.work_bytes / 2**30:.2f} "
+                "GiB (wide activations such as convolution outputs)"
+            )
 
     def work_estimate(self, mode: str, n: int) -> float:
         """Bytes of working memory for ``n`` samples at once (the per-sample matrices)."""
@@ -116,11 +122,11 @@ class StructuredEngine:
         N, step = out.shape[0], self.chunk(mode)
         for s in range(0, N, step):
             acc.start_chunk()
-            envc = {k: v[s:s + step] for k, v in env.items()}
+            envc = {k: v[s : s + step] for k, v in env.items()}
             if mode == "diagonal" and self.chain:
-                factor_diagonal(self.plan, envc, g[s:s + step], H[s:s + step], state, ob.layout, acc.diag)
+                factor_diagonal(self.plan, envc, g[s : s + step], H[s : s + step], state, ob.layout, acc.diag)
                 continue
-            fr = Frontier(self.plan.output, g[s:s + step], H[s:s + step], dense=mode == "dense")
+            fr = Frontier(self.plan.output, g[s : s + step], H[s : s + step], dense=mode == "dense")
             for st in reversed(self.plan.steps):
                 if self.needs[st.name]:
                     undo_step(fr, st, envc, state, self.needs, acc)
@@ -132,6 +138,7 @@ class StructuredEngine:
         def fn(batch):
             acc, count = self._batch(mode, batch, state)
             return pack(acc), count
+
         total, n = self.objective.local_sum(fn, what=f"structured Hessian ({mode})")
         return self.objective.finish(total, n)
 
@@ -149,12 +156,18 @@ class StructuredEngine:
         sizes = [sum(self.objective.layout.numels[self.objective.layout.index(p)] for p in k) for k in keys]
 
         def pack(acc):
-            return torch.cat([acc.blocks.get(tuple(k), torch.zeros(m, m, dtype=acc.diag.dtype,
-                                                                    device=acc.diag.device)).reshape(-1)
-                              for k, m in zip(keys, sizes)])
+            return torch.cat(
+                [
+                    acc.blocks.get(tuple(k), torch.zeros(m, m, dtype=acc.diag.dtype, device=acc.diag.device)).reshape(
+                        -1
+                    )
+                    for k, m in zip(keys, sizes)
+                ]
+            )
+
         flat = self._run("blocks", pack)
         out, start = {}, 0
         for k, m in zip(keys, sizes):
-            out[tuple(k)] = flat[start:start + m * m].reshape(m, m)
+            out[tuple(k)] = flat[start : start + m * m].reshape(m, m)
             start += m * m
         return out

@@ -30,6 +30,7 @@ ConvTranspose: every Jacobian entry is one weight). Parameter diagonals:
 ``Σ_k λ_k (J_θᵀ v_k)² + (J_θ ⊙ J_θ)ᵀ d`` with per-sample, per-factor VJPs in θ and
 the last term as the θ-VJP at squared inputs (Linear, Conv: entries of J_θ are inputs).
 """
+
 from __future__ import annotations
 
 from typing import Dict, List, Optional
@@ -42,10 +43,20 @@ from ._unfold import conv_factor_grads, transpose_many
 
 __all__ = ["Factors", "chain_reason", "factor_diagonal", "factor_bytes"]
 
-WEIGHTED = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d,
-            nn.ConvTranspose3d)
-SELECTION = (nn.Flatten, nn.Unflatten, nn.Identity, nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d,
-             nn.AlphaDropout, nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d)
+WEIGHTED = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
+SELECTION = (
+    nn.Flatten,
+    nn.Unflatten,
+    nn.Identity,
+    nn.Dropout,
+    nn.Dropout1d,
+    nn.Dropout2d,
+    nn.Dropout3d,
+    nn.AlphaDropout,
+    nn.MaxPool1d,
+    nn.MaxPool2d,
+    nn.MaxPool3d,
+)
 DIAGONAL_J = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
 FLAT = (nn.ReLU, nn.LeakyReLU)  # piecewise linear: no residual term
 _RANK = {None: 0, "diag": 1, "full": 2}
@@ -84,8 +95,7 @@ def levels(steps, env: Dict[str, torch.Tensor]) -> List[Optional[str]]:
     """Per step, what of its output's Hessian the steps below need: None, "diag" or "full"."""
     out, below = [], None
     for step in steps:
-        pull = None if below is None else (below if jacobian_class(step) in ("diagonal", "selection")
-                                           else "full")
+        pull = None if below is None else (below if jacobian_class(step) in ("diagonal", "selection") else "full")
         own = _param_level(step, env[step.inputs[0]])
         below = max(pull, own, key=_RANK.__getitem__)
         out.append(below)
@@ -140,6 +150,7 @@ def _theta_vjp(step, x: torch.Tensor, state, cot: torch.Tensor) -> torch.Tensor:
         st = dict(state)
         st.update(zip(names, ths))
         return step.fn([x], st)
+
     y, pull = vjp(f, *[state[p] for p in names])
     return torch.cat([t.reshape(-1) for t in pull(cot.reshape(y.shape))])
 
@@ -162,9 +173,11 @@ def _per_factor_theta(step, x: torch.Tensor, state, V: torch.Tensor) -> torch.Te
             st = dict(state)
             st.update(zip(names, ths))
             return step.fn([x_n.unsqueeze(0)], st)[0]
+
         y, pull = vjp(f, *[state[p] for p in names])
         grads = vmap(pull)(V_n.reshape(V_n.shape[0], *y.shape))
         return torch.cat([t.reshape(V_n.shape[0], -1) for t in grads], dim=1)
+
     return vmap(one)(x, V)
 
 
@@ -212,10 +225,10 @@ def _diagonal_derivatives(step, x: torch.Tensor, state, curved: bool):
     with torch.enable_grad():
         xg = x.detach().requires_grad_(True)
         y = step.fn([xg], state)
-        s1, = torch.autograd.grad(y, xg, torch.ones_like(y), create_graph=curved)
+        (s1,) = torch.autograd.grad(y, xg, torch.ones_like(y), create_graph=curved)
         s2 = None
         if curved and s1.requires_grad:
-            s2, = torch.autograd.grad(s1.sum(), xg, allow_unused=True)
+            (s2,) = torch.autograd.grad(s1.sum(), xg, allow_unused=True)
     return s1.detach().reshape(n, -1), (None if s2 is None else s2.reshape(n, -1))
 
 
@@ -267,8 +280,9 @@ def pull_factors(fac: Factors, step, x: torch.Tensor, state, g_y: torch.Tensor, 
     return out, g_x
 
 
-def factor_diagonal(plan, env: Dict[str, torch.Tensor], g: torch.Tensor, H: torch.Tensor, state,
-                    layout, diag: torch.Tensor) -> None:
+def factor_diagonal(
+    plan, env: Dict[str, torch.Tensor], g: torch.Tensor, H: torch.Tensor, state, layout, diag: torch.Tensor
+) -> None:
     """Add the chunk's exact parameter diagonal (a chain plan) into ``diag`` (layout order)."""
     steps = plan.steps
     lv = levels(steps, env)
@@ -288,8 +302,11 @@ def factor_diagonal(plan, env: Dict[str, torch.Tensor], g: torch.Tensor, H: torc
 
 
 def _curved(step) -> bool:
-    return step.kind == "elementwise" and not isinstance(step.module, FLAT) and \
-        step.label.split(" ")[0] not in ("relu", "leaky_relu")
+    return (
+        step.kind == "elementwise"
+        and not isinstance(step.module, FLAT)
+        and step.label.split(" ")[0] not in ("relu", "leaky_relu")
+    )
 
 
 def factor_bytes(plan, env: Dict[str, torch.Tensor], layout, item: int) -> float:

@@ -11,6 +11,7 @@ A ``Step`` evaluates its node on given input tensors and a name → tensor state
 (fixed parameters, buffers and the chosen parameters), so the same function serves
 the forward pass and every derivative (``torch.func``).
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -68,10 +69,13 @@ class Unsupported(Exception):
 
 def _substitute(node: fx.Node, order: Dict[str, int]) -> Callable:
     """``(args, kwargs)`` of ``node`` with activation nodes → ``xs[i]`` and get_attr → ``state``."""
+
     def fill(xs, state):
         def one(a: fx.Node):
             return state[a.target] if a.op == "get_attr" else xs[order[a.name]]
+
         return fx.node.map_arg(node.args, one), fx.node.map_arg(node.kwargs, one)
+
     return fill
 
 
@@ -86,16 +90,20 @@ def _function_of(node: fx.Node, model: nn.Module, order: Dict[str, int]) -> Call
             args, kwargs = fill(xs, state)
             local = {k: state[prefix + k] for k in keys}
             return functional_call(module, local, args, kwargs)
+
         return fn
     if node.op == "call_method":
+
         def fn(xs, state):
             args, kwargs = fill(xs, state)
             return getattr(args[0], node.target)(*args[1:], **kwargs)
+
         return fn
 
     def fn(xs, state):
         args, kwargs = fill(xs, state)
         return node.target(*args, **kwargs)
+
     return fn
 
 
@@ -137,8 +145,16 @@ def _step(node: fx.Node, model: nn.Module, chosen: Sequence[str]) -> Step:
         raise Unsupported(f"{_label(node)}: a non-linear map of several inputs has no rule")
     module = model.get_submodule(node.target) if node.op == "call_module" else None
     prefix = f"{node.target}." if node.op == "call_module" and node.target else ""
-    return Step(node.name, _label(node), kind, tuple(a.name for a in acts),
-                tuple(p for p in owned if p in chosen), _function_of(node, model, order), module, prefix)
+    return Step(
+        node.name,
+        _label(node),
+        kind,
+        tuple(a.name for a in acts),
+        tuple(p for p in owned if p in chosen),
+        _function_of(node, model, order),
+        module,
+        prefix,
+    )
 
 
 def build_plan(model: nn.Module, chosen: Sequence[str]) -> Plan:
@@ -146,8 +162,10 @@ def build_plan(model: nn.Module, chosen: Sequence[str]) -> Plan:
     try:
         graph = fx.symbolic_trace(model).graph
     except Exception as exc:  # fx raises many types for untraceable Python
-        raise Unsupported(f"torch.fx cannot trace the model's forward ({type(exc).__name__}: "
-                          f"{str(exc).splitlines()[0] if str(exc) else ''})") from None
+        raise Unsupported(
+            f"torch.fx cannot trace the model's forward ({type(exc).__name__}: "
+            f"{str(exc).splitlines()[0] if str(exc) else ''})"
+        ) from None
     unique = {id(p): n for n, p in model.named_parameters()}
     for name, p in model.named_parameters(remove_duplicate=False):
         if unique[id(p)] != name:

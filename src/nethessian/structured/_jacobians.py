@@ -11,6 +11,7 @@ For a step ``y = f(x_1, …, x_m; θ)`` evaluated on a chunk of samples:
   per-sample dense (smooth); see ``_rules``.
 * ``mixed``: ``∂²(gᵀf)/∂x∂θ`` per sample, ``(n, D_X, P_θ)``: the bilinear cross term.
 """
+
 from __future__ import annotations
 
 from typing import Dict, List, Sequence
@@ -56,6 +57,7 @@ def _per_sample(step, state, names):
         st = dict(state)
         st.update(zip(names, thetas))
         return step.fn([x.unsqueeze(0) for x in x_n], st).reshape(-1)
+
     return f
 
 
@@ -76,14 +78,15 @@ def residual(step, xs, state, g_y: torch.Tensor):
         with torch.enable_grad():
             x = xs[0].detach().requires_grad_(True)
             y = step.fn([x], state)
-            s, = torch.autograd.grad((g_y.reshape(y.shape) * y).sum(), x, create_graph=True)
+            (s,) = torch.autograd.grad((g_y.reshape(y.shape) * y).sum(), x, create_graph=True)
             if not s.requires_grad:  # piecewise linear (ReLU): σ'' = 0
                 return None
-            d, = torch.autograd.grad(s.sum(), x, allow_unused=True)
+            (d,) = torch.autograd.grad(s.sum(), x, allow_unused=True)
         return None if d is None else d.reshape(n, -1)
 
     def one(x_n, g_n):
         return hessian(lambda x: (g_n * step.fn([x.unsqueeze(0)], state).reshape(-1)).sum())(x_n)
+
     Hs = vmap(one)(xs[0], g_y)
     return Hs.reshape(n, xs[0][0].numel(), -1)
 
@@ -96,6 +99,7 @@ def mixed(step, xs, state, wrt: Sequence[int], names: Sequence[str], g_y: torch.
     def inner(ths, g_n, *x_n):
         def scal(*d):
             return (g_n * f(ths, *_with(x_n, wrt, d))).sum()
+
         return jacrev(scal, argnums=tuple(range(len(wrt))))(*[x_n[i] for i in wrt])
 
     per = vmap(jacrev(inner, argnums=0), in_dims=(None, 0) + (0,) * len(xs))(thetas, g_y, *xs)

@@ -9,6 +9,7 @@ Then ``∂y_{t,j}/∂W_{j',i} = δ_{jj'} x_{t,i}``, so
 without leading dimensions this is ``Σ_n H_{y,n}[j,j] x_{n,i}²`` — one matrix
 product of diag(H_y) with the squared inputs (Dangel et al. 2020, DiagHessian).
 """
+
 from __future__ import annotations
 
 from typing import Optional
@@ -25,10 +26,10 @@ def linear_diagonal(step, xs, Hyy: torch.Tensor, y: torch.Tensor) -> Optional[to
     if not isinstance(module, nn.Linear):
         return None
     x = xs[0]
-    n, O = x.shape[0], module.out_features
+    n, C_out = x.shape[0], module.out_features
     xt = x.reshape(n, -1, module.in_features)
     T = xt.shape[1]
-    Hd = torch.diagonal(Hyy.reshape(n, T, O, T, O), dim1=2, dim2=4)  # (n, T, T, O)
+    Hd = torch.diagonal(Hyy.reshape(n, T, C_out, T, C_out), dim1=2, dim2=4)  # (n, T, T, C_out)
     if T == 1:
         Hj = Hd[:, 0, 0, :]
         wdiag = Hj.T @ xt[:, 0, :].square()

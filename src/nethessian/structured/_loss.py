@@ -11,6 +11,7 @@ so every setting of these losses (class weights, ``ignore_index``, label smoothi
 Only losses known to be sums over samples are accepted: for any other, the
 blocks would silently miss the coupling between samples.
 """
+
 from __future__ import annotations
 
 from typing import Optional, Tuple
@@ -26,11 +27,14 @@ _SEPARABLE = (nn.MSELoss, nn.CrossEntropyLoss, nn.NLLLoss, nn.BCEWithLogitsLoss)
 def loss_reason(loss_fn) -> Optional[str]:
     """None when the loss is a supported sum over samples, else why not."""
     from ..examples import HalfSumSquaredError  # a plain sum over samples
+
     if isinstance(loss_fn, HalfSumSquaredError):
         return None
     if not isinstance(loss_fn, _SEPARABLE):
-        return (f"loss {type(loss_fn).__name__} is not one the structured engine knows to be a sum over "
-                "samples (MSELoss, CrossEntropyLoss, NLLLoss, BCEWithLogitsLoss)")
+        return (
+            f"loss {type(loss_fn).__name__} is not one the structured engine knows to be a sum over "
+            "samples (MSELoss, CrossEntropyLoss, NLLLoss, BCEWithLogitsLoss)"
+        )
     if getattr(loss_fn, "reduction", "mean") not in ("mean", "sum"):
         return f"loss reduction {loss_fn.reduction!r}: needs 'mean' or 'sum'"
     return None
@@ -41,12 +45,12 @@ def loss_derivatives(loss_fn, outputs: torch.Tensor, targets) -> Tuple[torch.Ten
     N = outputs.shape[0]
     with torch.enable_grad():
         z = outputs.detach().requires_grad_(True)
-        g, = torch.autograd.grad(loss_fn(z, targets), z, create_graph=True)
+        (g,) = torch.autograd.grad(loss_fn(z, targets), z, create_graph=True)
         gf = g.reshape(N, -1)
         D = gf.shape[1]
         eye = torch.eye(D, dtype=gf.dtype, device=gf.device)[:, None, :].expand(D, N, D)
         if g.requires_grad:
-            rows, = torch.autograd.grad(gf, z, grad_outputs=eye, is_grads_batched=True)
+            (rows,) = torch.autograd.grad(gf, z, grad_outputs=eye, is_grads_batched=True)
             H = rows.reshape(D, N, D).permute(1, 0, 2)
         else:  # a loss linear in the outputs
             H = torch.zeros(N, D, D, dtype=gf.dtype, device=gf.device)

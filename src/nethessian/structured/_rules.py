@@ -29,6 +29,7 @@ ConvTranspose, BatchNorm/LayerNorm affine, Embedding, ``x @ W``), so
 ``∇²_θ f = 0`` and the block is ``H_θθ = Σ_n J_θ,nᵀ H_y,n J_θ,n``; with the
 input, ``∂²(gᵀf)/∂x∂θ`` is the bilinear cross term (Linear: ``g_j δ_ii'``).
 """
+
 from __future__ import annotations
 
 import operator
@@ -40,24 +41,78 @@ from torch import nn
 
 __all__ = ["classify_module", "classify_function", "ELEMENTWISE_MODULES"]
 
-LINEAR_MODULES = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d,
-                  nn.ConvTranspose3d, nn.Flatten, nn.Unflatten, nn.Identity, nn.AvgPool1d, nn.AvgPool2d,
-                  nn.AvgPool3d, nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.AdaptiveAvgPool3d,
-                  nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d, nn.Embedding)
-ELEMENTWISE_MODULES = (nn.Tanh, nn.Sigmoid, nn.Softplus, nn.ReLU, nn.LeakyReLU, nn.ELU, nn.SELU, nn.GELU,
-                       nn.SiLU, nn.LogSigmoid)
+LINEAR_MODULES = (
+    nn.Linear,
+    nn.Conv1d,
+    nn.Conv2d,
+    nn.Conv3d,
+    nn.ConvTranspose1d,
+    nn.ConvTranspose2d,
+    nn.ConvTranspose3d,
+    nn.Flatten,
+    nn.Unflatten,
+    nn.Identity,
+    nn.AvgPool1d,
+    nn.AvgPool2d,
+    nn.AvgPool3d,
+    nn.AdaptiveAvgPool1d,
+    nn.AdaptiveAvgPool2d,
+    nn.AdaptiveAvgPool3d,
+    nn.MaxPool1d,
+    nn.MaxPool2d,
+    nn.MaxPool3d,
+    nn.Embedding,
+)
+ELEMENTWISE_MODULES = (
+    nn.Tanh,
+    nn.Sigmoid,
+    nn.Softplus,
+    nn.ReLU,
+    nn.LeakyReLU,
+    nn.ELU,
+    nn.SELU,
+    nn.GELU,
+    nn.SiLU,
+    nn.LogSigmoid,
+)
 SMOOTH_MODULES = (nn.LayerNorm, nn.LogSoftmax, nn.Softmax)
-EVAL_ONLY = {nn.Dropout: "draws random masks", nn.Dropout1d: "draws random masks",
-             nn.Dropout2d: "draws random masks", nn.AlphaDropout: "draws random masks",
-             nn.BatchNorm1d: "normalises with batch statistics (samples are not independent)",
-             nn.BatchNorm2d: "normalises with batch statistics (samples are not independent)",
-             nn.BatchNorm3d: "normalises with batch statistics (samples are not independent)"}
+EVAL_ONLY = {
+    nn.Dropout: "draws random masks",
+    nn.Dropout1d: "draws random masks",
+    nn.Dropout2d: "draws random masks",
+    nn.AlphaDropout: "draws random masks",
+    nn.BatchNorm1d: "normalises with batch statistics (samples are not independent)",
+    nn.BatchNorm2d: "normalises with batch statistics (samples are not independent)",
+    nn.BatchNorm3d: "normalises with batch statistics (samples are not independent)",
+}
 
-_LINEAR_FUNCTIONS = {operator.add, torch.add, operator.sub, torch.sub, torch.flatten, operator.neg,
-                     torch.neg, operator.matmul, torch.matmul, F.linear}
-_ELEMENTWISE_FUNCTIONS = {torch.tanh, torch.sigmoid, torch.relu, F.relu, F.softplus, F.leaky_relu, F.elu,
-                          F.selu, F.gelu, F.silu, F.logsigmoid, torch.nn.functional.tanh,
-                          torch.nn.functional.sigmoid}
+_LINEAR_FUNCTIONS = {
+    operator.add,
+    torch.add,
+    operator.sub,
+    torch.sub,
+    torch.flatten,
+    operator.neg,
+    torch.neg,
+    operator.matmul,
+    torch.matmul,
+    F.linear,
+}
+_ELEMENTWISE_FUNCTIONS = {
+    torch.tanh,
+    torch.sigmoid,
+    torch.relu,
+    F.relu,
+    F.softplus,
+    F.leaky_relu,
+    F.elu,
+    F.selu,
+    F.gelu,
+    F.silu,
+    F.logsigmoid,
+    torch.nn.functional.tanh,
+    torch.nn.functional.sigmoid,
+}
 _SMOOTH_FUNCTIONS = {F.log_softmax, torch.log_softmax, F.softmax, torch.softmax, F.layer_norm}
 _LINEAR_METHODS = {"flatten", "add", "sub", "neg", "__add__", "__sub__"}
 _ELEMENTWISE_METHODS = {"tanh", "sigmoid", "relu"}
@@ -85,13 +140,19 @@ def classify_module(module: nn.Module) -> tuple:
 def classify_function(target, is_method: bool) -> Optional[str]:
     """The kind of a ``call_function`` / ``call_method`` node's target, or None."""
     if is_method:
-        for kind, names in (("linear", _LINEAR_METHODS), ("elementwise", _ELEMENTWISE_METHODS),
-                            ("smooth", _SMOOTH_METHODS)):
+        for kind, names in (
+            ("linear", _LINEAR_METHODS),
+            ("elementwise", _ELEMENTWISE_METHODS),
+            ("smooth", _SMOOTH_METHODS),
+        ):
             if target in names:
                 return kind
         return None
-    for kind, table in (("linear", _LINEAR_FUNCTIONS), ("elementwise", _ELEMENTWISE_FUNCTIONS),
-                        ("smooth", _SMOOTH_FUNCTIONS)):
+    for kind, table in (
+        ("linear", _LINEAR_FUNCTIONS),
+        ("elementwise", _ELEMENTWISE_FUNCTIONS),
+        ("smooth", _SMOOTH_FUNCTIONS),
+    ):
         if target in table:
             return kind
     return None

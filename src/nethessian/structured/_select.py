@@ -7,6 +7,7 @@ callable returning one — how ``HessianOperator`` will expose it); until then a
 ``HessianOperator`` on a plain ``Objective`` is recognised here. Any other base (a
 GGN or Fisher operator, a plain matrix, a sharded model) runs on autodiff.
 """
+
 from __future__ import annotations
 
 from typing import Any, Optional, Tuple
@@ -40,9 +41,9 @@ def _offered(base: Any) -> Tuple[Optional[StructuredEngine], str]:
         return engine, "" if engine is not None else "the operator offers no structured engine"
     from .._objective import Objective
     from ..operators._hessian import HessianOperator
+
     if not isinstance(base, HessianOperator):
-        return None, (f"the structured engine computes the Hessian; {type(base).__name__} is "
-                      "another matrix")
+        return None, (f"the structured engine computes the Hessian; {type(base).__name__} is another matrix")
     if type(base.objective) is not Objective:
         return None, f"the objective is a {type(base.objective).__name__} (sharded or custom)"
     return StructuredEngine(base.objective), ""
@@ -66,14 +67,24 @@ def select(base: Any, engine: str, mode: str = "diagonal") -> Tuple[Optional[Str
     else:
         found, reason = _engine_for(base, mode)
         if found is None and engine == "structured":
-            raise InputError(f"engine='structured' cannot run: {reason}. Use engine='auto' (falls back to "
-                             "autodiff) or engine='autodiff'")
+            raise InputError(
+                f"engine='structured' cannot run: {reason}. Use engine='auto' (falls back to "
+                "autodiff) or engine='autodiff'"
+            )
         chosen = found
-        why = ("structured: every node of the model and the loss has a second-order backpropagation rule"
-               if found is not None else f"autodiff: {reason}")
+        why = (
+            "structured: every node of the model and the loss has a second-order backpropagation rule"
+            if found is not None
+            else f"autodiff: {reason}"
+        )
         if found is not None and engine == "auto" and mode == "dense":
-            chosen, why = None, ("autodiff: the model is supported, but the structured dense Hessian is "
-                                 "slower than Hessian-vector products today (benchmarks/bench_structured.py); "
-                                 "engine='structured' forces it")
+            chosen, why = (
+                None,
+                (
+                    "autodiff: the model is supported, but the structured dense Hessian is "
+                    "slower than Hessian-vector products today (benchmarks/bench_structured.py); "
+                    "engine='structured' forces it"
+                ),
+            )
     distributed.check_same("engine", engine="structured" if chosen is not None else "autodiff")
     return chosen, why

@@ -12,6 +12,7 @@ convolution is the adjoint of a convolution with the same kernel settings, so it
 weight gradient ``G[c, o, κ] = Σ_q x[c, q] V[o, κ, q]`` unfolds the cotangent instead
 (``output_padding`` only appends output positions no input reaches).
 """
+
 from __future__ import annotations
 
 from typing import Optional
@@ -35,15 +36,18 @@ def unfold(x: torch.Tensor, kernel, stride, padding, dilation) -> torch.Tensor:
     x = F.pad(x, pad)
     for i in range(m):
         span = (kernel[i] - 1) * dilation[i] + 1
-        x = x.unfold(2 + i, span, stride[i])[..., ::dilation[i]]  # window appended last
+        x = x.unfold(2 + i, span, stride[i])[..., :: dilation[i]]  # window appended last
     # now (B, C, *out, *k)
     order = [0, 1] + [2 + m + i for i in range(m)] + [2 + i for i in range(m)]
     return x.permute(order)
 
 
 def _supported(module: nn.Module) -> bool:
-    return (isinstance(module, _CONV + _TRANSPOSED) and module.padding_mode == "zeros"
-            and not isinstance(module.padding, str))
+    return (
+        isinstance(module, _CONV + _TRANSPOSED)
+        and module.padding_mode == "zeros"
+        and not isinstance(module.padding, str)
+    )
 
 
 def conv_factor_grads(step, x: torch.Tensor, V: torch.Tensor) -> Optional[torch.Tensor]:
@@ -60,12 +64,12 @@ def conv_factor_grads(step, x: torch.Tensor, V: torch.Tensor) -> Optional[torch.
     if isinstance(module, _CONV):
         Xu = unfold(x, *args).reshape(n, g, module.in_channels // g, _prod(module.kernel_size), -1)
         Vg = Vr.reshape(n, K, g, module.out_channels // g, -1)
-        weight = torch.einsum("nkgop,ngcqp->nkgocq", Vg, Xu)      # (n, K, g, O/g, C/g, κ)
+        weight = torch.einsum("nkgop,ngcqp->nkgocq", Vg, Xu)  # (n, K, g, O/g, C/g, κ)
     else:
-        Vu = unfold(Vr.reshape(n * K, *y_shape), *args)           # (nK, O, *k, *in)
+        Vu = unfold(Vr.reshape(n * K, *y_shape), *args)  # (nK, O, *k, *in)
         Vu = Vu.reshape(n, K, g, module.out_channels // g, _prod(module.kernel_size), -1)
         Xg = x.reshape(n, g, module.in_channels // g, -1)
-        weight = torch.einsum("ngcp,nkgoqp->nkgcoq", Xg, Vu)      # (n, K, g, C/g, O/g, κ)
+        weight = torch.einsum("ngcp,nkgoqp->nkgcoq", Xg, Vu)  # (n, K, g, C/g, O/g, κ)
     parts = {"weight": weight.reshape(n, K, -1)}
     if module.bias is not None:
         parts["bias"] = Vr.reshape(n, K, module.out_channels, -1).sum(-1)
@@ -87,8 +91,15 @@ def transpose_many(step, x: torch.Tensor, state, C: torch.Tensor) -> Optional[to
     if isinstance(module, _POOL):
         m = x.ndim - 2
         pool = getattr(F, f"max_pool{m}d")
-        _, idx = pool(x, module.kernel_size, module.stride, module.padding, module.dilation,
-                      ceil_mode=module.ceil_mode, return_indices=True)
+        _, idx = pool(
+            x,
+            module.kernel_size,
+            module.stride,
+            module.padding,
+            module.dilation,
+            ceil_mode=module.ceil_mode,
+            return_indices=True,
+        )
         idx = idx.reshape(n, 1, idx.shape[1], -1).expand(n, K, -1, -1)
         out = C.new_zeros(n, K, x.shape[1], x[0, 0].numel())
         return out.scatter_add_(3, idx, C.reshape(idx.shape)).reshape(n, K, -1)
@@ -119,7 +130,7 @@ def _prod(t) -> int:
 def _shape(module, x: torch.Tensor):
     """The output's spatial size (default ``output_size`` for transposed convolutions)."""
     m = len(module.kernel_size)
-    S = x.shape[2:2 + m]
+    S = x.shape[2 : 2 + m]
     out = []
     for i in range(m):
         k, s, p, d = module.kernel_size[i], module.stride[i], module.padding[i], module.dilation[i]
