@@ -27,6 +27,7 @@ from .errors import (
     RandomModelError,
 )
 from ._check import CheckReport, Comparison, check
+from ._verdict import Verdict, classify_point
 from .linalg._density import SpectralDensity, spectral_density
 from .linalg._lanczos import EigenResult, eigenvalues
 from .linalg._diagonal import DiagonalEstimate, diagonal
@@ -70,6 +71,8 @@ __all__ = [
     "check",
     "CheckReport",
     "Comparison",
+    "Verdict",
+    "classify_point",
     # estimators
     "eigenvalues",
     "EigenResult",
