@@ -10,7 +10,8 @@ mode, a counter in eval mode) cannot change the next one.
 ``Objective.at(θ)`` is the same objective at other parameters (nothing
 re-validated); ``fingerprint()`` is a sha256 of everything the numbers depend on
 (checkpoints refuse another one). Construction-time checks live in
-``_validate.py``.
+``_validate.py``; small helpers on batches and model outputs in
+``_objective_helpers.py``.
 
 ``sum_over_batches`` is the single place where per-batch quantities combine
 into whole-data-set ones (batch weights, and the data-parallel all-reduce);
@@ -30,11 +31,12 @@ from . import distributed as dist
 from ._checks import all_finite, check_vector
 from ._data import Batch, Batches, resolve_reduction, term_count
 from ._fingerprint import Hasher, _name, loss_description
+from ._objective_helpers import _output_tensor, _widen, _with_labels
 from ._validate import check_model_state, validate
 from .errors import InputError, NonFiniteError
 from ._params import ParamLayout, select_parameters
 from ._precision import choose_dtype, precision_note
-from .losses import ModelLoss, logits_of
+from .losses import ModelLoss
 
 __all__ = ["Objective", "math_attention"]
 
@@ -58,34 +60,6 @@ _ALL_IGNORED = (
     "every target is ignored (zero loss terms): the mean cost is undefined; check "
     "ignore_index and the targets (or use reduction='sum')"
 )
-
-
-def _output_tensor(raw: Any) -> Any:
-    """The tensor a loss takes: the output itself, or its ``.logits`` (a Hugging Face model output)."""
-    if isinstance(raw, torch.Tensor):
-        return raw
-    try:
-        return logits_of(raw)
-    except InputError:
-        return raw
-
-
-def _widen(value):
-    """A half-precision batch value in float32, so that batches are weighed and summed in float32."""
-    if isinstance(value, torch.Tensor) and value.dtype in (torch.float16, torch.bfloat16):
-        return value.float()
-    return value
-
-
-def _with_labels(batch: Batch) -> Dict[str, Any]:
-    """The keyword inputs plus ``labels=`` targets, for a model that computes its own loss."""
-    if not isinstance(batch.inputs, dict):
-        raise InputError(
-            f"loss_fn is None, so the model must compute its loss from labels=, but batch {batch.index}'s "
-            f"inputs are a {type(batch.inputs).__name__}, not keyword arguments: pass Hugging Face-style "
-            "batches ({'input_ids': ..., 'labels': ...}) or a loss_fn"
-        )
-    return {**batch.inputs, "labels": batch.targets}
 
 
 _ELEMENTWISE = (

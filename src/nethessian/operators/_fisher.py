@@ -32,7 +32,8 @@ from torch.nn import functional as F
 
 from .._checks import as_int
 from ..errors import InputError
-from ._ggn import JacobianSandwich, Method, class_dim, exact_output_fisher, likelihood_of, loss_scale, term_mask
+from ._ggn import JacobianSandwich, Method
+from ._output_space import class_dim, exact_output_fisher, likelihood_of, loss_scale, term_mask
 
 __all__ = ["FisherOperator", "EmpiricalFisherOperator"]
 
