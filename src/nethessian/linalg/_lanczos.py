@@ -178,21 +178,7 @@ def eigenvalues(
         "lower ncv (at least k + block_size), store the basis in a lower precision (basis_dtype=) "
         "or on the CPU (basis_device='cpu')",
     )
-    expect = {
-        "kind": "lanczos",
-        "operator": op.fingerprint(),
-        "P": op.size,
-        "k": k,
-        "which": which,
-        "block_size": b,
-        "ncv": ncv,
-        "dtype": str(op.dtype),
-        "seed": seed,
-    }
-    if op.sharded:
-        expect.update(global_size=P, local_range=list(op.local_range))
-    if bdtype != op.dtype:
-        expect["basis_dtype"] = str(bdtype)
+    expect = _checkpoint_settings(op, k, which, b, ncv, seed, bdtype)
     kry, done = load_state(checkpoint, expect, op, gen, k, tol, max_matvecs, (bdtype, bdevice))
     if done is not None:
         return replace(done, memory_bytes=memory)
@@ -215,6 +201,26 @@ def eigenvalues(
             "the residuals returned are the true ones."
         )
     return result
+
+
+def _checkpoint_settings(op: Operator, k: int, which: str, b: int, ncv: int, seed, bdtype) -> Dict[str, Any]:
+    """What a checkpoint of this run must have been made with (``load_state`` compares it)."""
+    expect = {
+        "kind": "lanczos",
+        "operator": op.fingerprint(),
+        "P": op.size,
+        "k": k,
+        "which": which,
+        "block_size": b,
+        "ncv": ncv,
+        "dtype": str(op.dtype),
+        "seed": seed,
+    }
+    if op.sharded:
+        expect.update(global_size=op.global_size, local_range=list(op.local_range))
+    if bdtype != op.dtype:
+        expect["basis_dtype"] = str(bdtype)
+    return expect
 
 
 def _iterate(

@@ -205,8 +205,8 @@ def _message(status, method, rel, tol, it, maxiter, damping, dtype, detail=None)
     )
 
 
-def _solve(op, b, *, damping, method, tol, maxiter, x0, callback) -> SolveResult:
-    op = as_operator(op)
+def _solve_options(op, method, damping, tol, maxiter, callback):
+    """The checked ``(damping, tol, maxiter)`` of a solve, compared across ranks."""
     if method not in METHODS:
         raise InputError(f"unknown method {method!r}; valid methods: {', '.join(map(repr, METHODS))}")
     damping, tol = as_float("damping", damping), as_float("tol", tol)
@@ -216,14 +216,11 @@ def _solve(op, b, *, damping, method, tol, maxiter, x0, callback) -> SolveResult
     distributed.check_same("solve", method=method, maxiter=maxiter, damping=damping, tol=tol)
     if callback is not None and not callable(callback):
         raise InputError(f"callback must be callable as callback(iteration, x, residual), got {callback!r}")
-    b = _flat(op, b, "b")
-    x = torch.zeros_like(b) if x0 is None else _flat(op, x0, "x0")
-    if not op.sharded:  # the same system on every rank (a sharded b differs by design)
-        distributed.check_same("solve", b=_digest(b), x0=None if x0 is None else _digest(x))
-    _dot = _dotter(op)
+    return damping, tol, maxiter
 
-    def apply(v):
-        return op @ v + damping * v if damping else op @ v
+
+def _result_maker(op, method, damping, tol, maxiter):
+    """``result(x, rels, status, rel, it, detail, direction)``: the ``SolveResult`` of a solve that ends now."""
 
     def result(x, rels, status, rel, it, detail=None, direction=None):
         msg = _message(status, method, rel, tol, it, maxiter, damping, op.dtype, detail)
@@ -243,6 +240,22 @@ def _solve(op, b, *, damping, method, tol, maxiter, x0, callback) -> SolveResult
             op.size * (6 if method == "cg" else 10) * x.element_size(),
             op.precision_note,
         )
+
+    return result
+
+
+def _solve(op, b, *, damping, method, tol, maxiter, x0, callback) -> SolveResult:
+    op = as_operator(op)
+    damping, tol, maxiter = _solve_options(op, method, damping, tol, maxiter, callback)
+    b = _flat(op, b, "b")
+    x = torch.zeros_like(b) if x0 is None else _flat(op, x0, "x0")
+    if not op.sharded:  # the same system on every rank (a sharded b differs by design)
+        distributed.check_same("solve", b=_digest(b), x0=None if x0 is None else _digest(x))
+    _dot = _dotter(op)
+    result = _result_maker(op, method, damping, tol, maxiter)
+
+    def apply(v):
+        return op @ v + damping * v if damping else op @ v
 
     bnorm = math.sqrt(_dot(b, b))
     if bnorm == 0:  # the solution of a non-singular system with b = 0 is 0
