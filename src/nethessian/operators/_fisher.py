@@ -32,7 +32,7 @@ from torch.nn import functional as F
 
 from .._checks import as_int
 from ..errors import InputError
-from ._ggn import JacobianSandwich, Method
+from ._ggn import JacobianSandwich
 from ._output_space import class_dim, exact_output_fisher, likelihood_of, loss_scale, term_mask
 
 __all__ = ["FisherOperator", "EmpiricalFisherOperator"]
@@ -99,7 +99,8 @@ class FisherOperator(JacobianSandwich):
             CrossEntropyLoss (no class weights), MSELoss, BCEWithLogitsLoss (no weights).
         mc_samples: None for the exact Fisher, or the number of sampled labels per sample.
         seed: seed of the label sampling.
-        method, cache, reduction, allow_random, chunk_size: see ``GGNOperator``.
+        **options: ``method``, ``cache``, ``reduction``, ``allow_random``, ``dtype``,
+            ``chunk_size`` (see ``GGNOperator``).
 
     Raises:
         InputError: for another loss, or an invalid ``mc_samples``.
@@ -114,21 +115,7 @@ class FisherOperator(JacobianSandwich):
     """
 
     def __init__(
-        self,
-        model,
-        loss_fn,
-        data,
-        params=None,
-        *,
-        mc_samples: Optional[int] = None,
-        seed: int = 0,
-        method: Method = "auto",
-        cache="auto",
-        reduction=None,
-        allow_random: bool = False,
-        dtype=None,
-        chunk_size: Optional[int] = None,
-        _objective=None,
+        self, model, loss_fn, data, params=None, *, mc_samples: Optional[int] = None, seed: int = 0, **options
     ):
         self.kind = likelihood_of(loss_fn)
         if self.kind is None:
@@ -142,19 +129,7 @@ class FisherOperator(JacobianSandwich):
         ):
             raise InputError(f"mc_samples must be None (exact) or a positive integer, got {mc_samples!r}")
         self.mc_samples, self.seed = mc_samples, as_int("seed", seed)
-        super().__init__(
-            model,
-            loss_fn,
-            data,
-            params,
-            method=method,
-            cache=cache,
-            reduction=reduction,
-            allow_random=allow_random,
-            dtype=dtype,
-            chunk_size=chunk_size,
-            _objective=_objective,
-        )
+        super().__init__(model, loss_fn, data, params, **options)
 
     def _matrix_options(self):
         return {"mc_samples": self.mc_samples, "seed": self.seed}
@@ -188,7 +163,8 @@ class EmpiricalFisherOperator(JacobianSandwich):
 
     Args:
         model, loss_fn, data, params: the problem (see ``Objective``).
-        method, cache, reduction, allow_random, chunk_size: see ``GGNOperator``.
+        **options: ``method``, ``cache``, ``reduction``, ``allow_random``, ``dtype``,
+            ``chunk_size`` (see ``GGNOperator``).
 
     Raises:
         InputError: when the loss's reduction cannot be known (pass ``reduction=``).
@@ -203,34 +179,8 @@ class EmpiricalFisherOperator(JacobianSandwich):
     True
     """
 
-    def __init__(
-        self,
-        model,
-        loss_fn,
-        data,
-        params=None,
-        *,
-        method: Method = "auto",
-        cache="auto",
-        reduction=None,
-        allow_random: bool = False,
-        dtype=None,
-        chunk_size: Optional[int] = None,
-        _objective=None,
-    ):
-        super().__init__(
-            model,
-            loss_fn,
-            data,
-            params,
-            method=method,
-            cache=cache,
-            reduction=reduction,
-            allow_random=allow_random,
-            dtype=dtype,
-            chunk_size=chunk_size,
-            _objective=_objective,
-        )
+    def __init__(self, model, loss_fn, data, params=None, **options):
+        super().__init__(model, loss_fn, data, params, **options)
         if getattr(loss_fn, "reduction", None) is None and self.objective.reduction is None:
             raise InputError(
                 "the empirical Fisher needs to know how the loss reduces over samples, and loss_fn has no "

@@ -80,21 +80,8 @@ class JacobianSandwich(CurvatureOperator):
     rebuilt per product). ``op.method`` is ``"forward"`` or ``"reverse"``.
     """
 
-    def __init__(
-        self,
-        model,
-        loss_fn,
-        data,
-        params=None,
-        *,
-        method: Method = "auto",
-        cache="auto",
-        reduction=None,
-        allow_random: bool = False,
-        dtype=None,
-        chunk_size: Optional[int] = None,
-        _objective=None,
-    ):
+    def __init__(self, model, loss_fn, data, params=None, *, method: Method = "auto", cache="auto", **options):
+        """``options``: ``reduction``, ``allow_random``, ``dtype``, ``chunk_size`` (see ``CurvatureOperator``)."""
         if method not in ("auto", "forward", "reverse"):
             raise InputError(f"unknown method {method!r}; valid: auto, forward, reverse")
         if cache != "auto" and bool(cache) and method == "forward":
@@ -102,17 +89,7 @@ class JacobianSandwich(CurvatureOperator):
                 "cache=True keeps a reverse-mode graph, which method='forward' does not use; "
                 "pass cache=False, or method='auto' / 'reverse'"
             )
-        super().__init__(
-            model,
-            loss_fn,
-            data,
-            params,
-            reduction=reduction,
-            allow_random=allow_random,
-            dtype=dtype,
-            chunk_size=chunk_size,
-            _objective=_objective,
-        )
+        super().__init__(model, loss_fn, data, params, **options)
         if cache == "auto":
             cache = self.objective.data.in_memory and method != "forward"
         self._requested = (method, bool(cache))
@@ -283,6 +260,10 @@ class GGNOperator(JacobianSandwich):
         loss_hessian: ``"auto"`` uses closed forms for ``CrossEntropyLoss`` (class-index
             targets), ``MSELoss`` and ``BCEWithLogitsLoss`` without weights, and double
             backward on the outputs for any other loss; ``"autograd"`` always the latter.
+        **options: ``method`` and ``cache`` (below), and ``reduction``, ``allow_random``,
+            ``dtype``, ``chunk_size`` (see ``CurvatureOperator``).
+
+    Options:
         method: ``"auto"`` (kept graph with the data in memory, else forward mode for J v,
             falling back to reverse mode where an op lacks a forward-mode rule), ``"forward"``
             or ``"reverse"``. Reverse mode gets ``J v`` by double backward, which an op with an
@@ -294,7 +275,6 @@ class GGNOperator(JacobianSandwich):
             across products (``"auto"``: when the data is in memory and the method is not
             ``"forward"``). A product then costs one double-vjp and one vjp through the kept
             graph. ``cache=True`` with ``method="forward"`` is refused (forward mode keeps no graph).
-        reduction, allow_random, chunk_size: see ``CurvatureOperator``.
 
     >>> import torch
     >>> from nethessian.operators._ggn import GGNOperator
@@ -306,38 +286,13 @@ class GGNOperator(JacobianSandwich):
     """
 
     def __init__(
-        self,
-        model,
-        loss_fn,
-        data,
-        params=None,
-        *,
-        loss_hessian: Literal["auto", "autograd"] = "auto",
-        method: Method = "auto",
-        cache="auto",
-        reduction=None,
-        allow_random: bool = False,
-        dtype=None,
-        chunk_size: Optional[int] = None,
-        _objective=None,
+        self, model, loss_fn, data, params=None, *, loss_hessian: Literal["auto", "autograd"] = "auto", **options
     ):
         if loss_hessian not in ("auto", "autograd"):
             raise InputError(f"unknown loss_hessian {loss_hessian!r}; valid: auto, autograd")
         self.loss_hessian = loss_hessian
         self._loss_hessian_checked = False
-        super().__init__(
-            model,
-            loss_fn,
-            data,
-            params,
-            method=method,
-            cache=cache,
-            reduction=reduction,
-            allow_random=allow_random,
-            dtype=dtype,
-            chunk_size=chunk_size,
-            _objective=_objective,
-        )
+        super().__init__(model, loss_fn, data, params, **options)
 
     def _matrix_options(self):
         return {"loss_hessian": self.loss_hessian}
