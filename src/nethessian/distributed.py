@@ -396,3 +396,16 @@ def gather_vector(op, x, dst: int = 0, *, max_bytes=None):
     from .operators._shard_vectors import gather_vector as _gather
 
     return _gather(op, x, dst, max_bytes=max_bytes)
+
+
+def finish() -> None:
+    """End a distributed run cleanly: a barrier, then the process group's teardown.
+
+    Without the barrier a rank that finished first can tear gloo down while another
+    is still in its last collective, and gloo aborts the process. No-op without
+    torch.distributed.
+    """
+    if not is_active():
+        return
+    _collective(torch.distributed.barrier, "the final barrier")
+    torch.distributed.destroy_process_group()

@@ -225,8 +225,12 @@ def main(argv: Optional[List[str]] = None) -> int:
     try:
         if not args.dist_timeout > 0:
             raise InputError(f"--dist-timeout must be a positive number of seconds, got {args.dist_timeout}")
-        dist.init_from_env(timeout_s=args.dist_timeout)
-        return args.func(args)
+        was_active = dist.is_active()
+        started = dist.init_from_env(timeout_s=args.dist_timeout) and not was_active
+        code = args.func(args)
+        if started:
+            dist.finish()  # every rank done before gloo is torn down
+        return code
     except BrokenPipeError:  # the reader went away (e.g. `nethessian demo | head`)
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0
