@@ -34,6 +34,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import torch
 
 from ._checks import as_float, as_int, as_seed
+from ._shard_data import shard_batches
 from ._state_facts import plain, state_facts
 from .errors import DistributedError, InputError
 
@@ -325,18 +326,6 @@ def check_state(objective) -> None:
         _compare(state_facts(objective), "the model, its state or the loss", _SAME_MODEL, objective.device)
 
 
-class _Sharded:
-    """Every ``world_size``-th batch of a re-iterable, starting at ``rank``."""
-
-    def __init__(self, data, rank: int, world: int):
-        self.data, self.rank, self.world = data, rank, world
-
-    def __iter__(self):
-        for i, b in enumerate(self.data):
-            if i % self.world == self.rank:
-                yield b
-
-
 def shard(data, rank_: Optional[int] = None, world: Optional[int] = None):
     """This rank's part of ``data``, so that the parts over all ranks are the whole data set.
 
@@ -352,27 +341,7 @@ def shard(data, rank_: Optional[int] = None, world: Optional[int] = None):
     r = rank() if rank_ is None else as_int("rank", rank_, minimum=0)
     if not 0 <= r < w:
         raise InputError(f"rank {r} is not in [0, {w})")
-    if isinstance(data, (tuple, list)) and len(data) == 2 and isinstance(data[1], torch.Tensor):
-        n = data[1].shape[0]
-        if n < w:
-            raise InputError(f"{n} samples cannot be shared by {w} ranks: every rank needs one")
-        lo, hi = r * n // w, (r + 1) * n // w
-        return (_slice(data[0], lo, hi), data[1][lo:hi])
-    if isinstance(data, (tuple, list)):
-        if len(data) < w:
-            raise InputError(f"{len(data)} batches cannot be shared by {w} ranks: every rank needs one")
-        return list(data[r::w])
-    return _Sharded(data, r, w)
-
-
-def _slice(x, lo, hi):
-    if isinstance(x, torch.Tensor):
-        return x[lo:hi]
-    if isinstance(x, (tuple, list)):
-        return type(x)(_slice(t, lo, hi) for t in x)
-    if isinstance(x, dict):
-        return {k: _slice(v, lo, hi) for k, v in x.items()}
-    raise InputError(f"cannot shard inputs of type {type(x).__name__}")
+    return shard_batches(data, r, w)
 
 
 def init_from_env(timeout_s: float = 300.0, backend: Optional[str] = None) -> bool:
