@@ -142,44 +142,25 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+_BUDGETS = (  # the report's sizes: (flag, build_report keyword, metavar, help)
+    (
+        "--dense-max-params",
+        "dense_max_params",
+        "P",
+        "form the dense Hessian up to this many parameters, matrix-free above",
+    ),
+    ("--num-eigs", "num_eigs", "K", "matrix-free: K largest and K smallest eigenvalues"),
+    ("--trace-matvecs", "trace_matvecs", "M", "matrix-free: Hutch++ products"),
+    ("--density-probes", "density_probes", "N", "matrix-free: SLQ probes"),
+    ("--lanczos-steps", "lanczos_steps", "S", "matrix-free: Lanczos steps per SLQ probe"),
+)
+
+
 def _report_options(p: argparse.ArgumentParser) -> None:
     from .report import DEFAULTS, SECTIONS
 
-    p.add_argument(
-        "--dense-max-params",
-        type=int,
-        default=DEFAULTS["dense_max_params"],
-        metavar="P",
-        help="form the dense Hessian up to this many parameters, matrix-free above (default %(default)s)",
-    )
-    p.add_argument(
-        "--num-eigs",
-        type=int,
-        default=DEFAULTS["num_eigs"],
-        metavar="K",
-        help="matrix-free: K largest and K smallest eigenvalues (default %(default)s)",
-    )
-    p.add_argument(
-        "--trace-matvecs",
-        type=int,
-        default=DEFAULTS["trace_matvecs"],
-        metavar="M",
-        help="matrix-free: Hutch++ products (default %(default)s)",
-    )
-    p.add_argument(
-        "--density-probes",
-        type=int,
-        default=DEFAULTS["density_probes"],
-        metavar="N",
-        help="matrix-free: SLQ probes (default %(default)s)",
-    )
-    p.add_argument(
-        "--lanczos-steps",
-        type=int,
-        default=DEFAULTS["lanczos_steps"],
-        metavar="S",
-        help="matrix-free: Lanczos steps per SLQ probe (default %(default)s)",
-    )
+    for flag, key, metavar, text in _BUDGETS:
+        p.add_argument(flag, type=int, default=DEFAULTS[key], metavar=metavar, help=f"{text} (default %(default)s)")
     p.add_argument(
         "--sections",
         nargs="+",

@@ -197,7 +197,7 @@ def eig(args) -> int:
         seed=args.seed,
         checkpoint=_checkpoint(args, settings),
         progress=_progress(),
-        max_memory=args.max_memory,
+        **_memory(args),
     )
     result = res.to_dict(eigenvectors=bool(args.save))  # --save keeps whole eigenpairs
     lines = [

@@ -53,44 +53,14 @@ class ReportPaths:
     json: pathlib.Path
 
 
-def build_report(
-    model,
-    loss_fn,
-    data,
-    out_dir,
-    *,
-    params: Optional[Sequence[str]] = None,
-    seed: int = 0,
-    title: str = "nethessian report",
-    dense_max_params: int = 2000,
-    num_eigs: int = 5,
-    trace_matvecs: int = 90,
-    density_probes: int = 8,
-    lanczos_steps: int = 80,
-    problem_name: Optional[str] = None,
-    quadratic_radius: Optional[float] = None,
-    sections: Optional[Sequence[str]] = None,
-    progress: Optional[bool] = False,
-) -> ReportPaths:
+def build_report(model, loss_fn, data, out_dir, *, problem_name: Optional[str] = None, **options) -> ReportPaths:
     """The report of a problem given as Python objects; ``problem_name`` names it on the page.
 
-    Every other argument is :func:`report_problem`'s.
+    ``options`` are :func:`report_problem`'s (``params``, ``seed``, ``title``, the budgets
+    ``dense_max_params``, ``num_eigs``, ``trace_matvecs``, ``density_probes``,
+    ``lanczos_steps``, and ``quadratic_radius``, ``sections``, ``progress``).
     """
-    return report_problem(
-        Problem(model, loss_fn, data, name=problem_name),
-        out_dir,
-        params=params,
-        seed=seed,
-        title=title,
-        dense_max_params=dense_max_params,
-        num_eigs=num_eigs,
-        trace_matvecs=trace_matvecs,
-        density_probes=density_probes,
-        lanczos_steps=lanczos_steps,
-        quadratic_radius=quadratic_radius,
-        sections=sections,
-        progress=progress,
-    )
+    return report_problem(Problem(model, loss_fn, data, name=problem_name), out_dir, **options)
 
 
 def report_problem(

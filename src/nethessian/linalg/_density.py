@@ -38,6 +38,7 @@ import torch
 
 from .. import distributed
 from .._checkpoint import Checkpoint
+from .._fingerprint import Hasher
 from .._checks import as_float, as_int
 from .._progress import Progress
 from ..errors import CheckpointError, InputError
@@ -181,7 +182,7 @@ def spectral_density(
         reorthogonalize=bool(reorthogonalize),
         sigma=None if sigma is None else float(sigma),
         grid_size=grid_size,
-        grid=None if grid is None else _grid_digest(grid),
+        grid=None if grid is None else Hasher().tensor(torch.as_tensor(grid, dtype=torch.float64)).hexdigest(),
     )
     s = size_of(A.dtype)
     memory = check_memory(
@@ -312,11 +313,3 @@ def _broaden(nodes: torch.Tensor, weights: torch.Tensor, sigma: float, grid: tor
         z = (grid[:, None] - theta[None, :]) / sigma
         density += norm * (torch.exp(-0.5 * z.square()) @ tau)
     return density / nodes.shape[0]
-
-
-def _grid_digest(grid) -> str:
-    """A short hash of a user grid, so ranks can compare it without sending it."""
-    import hashlib
-
-    g = torch.as_tensor(grid, dtype=torch.float64).detach().cpu().contiguous()
-    return hashlib.sha256(g.numpy().tobytes()).hexdigest()[:16]

@@ -37,22 +37,16 @@ Non-convergence convention of ``nethessian.linalg``: a result that carries a
 
 from __future__ import annotations
 
-import hashlib
 from typing import Any, Optional
 
 import torch
 
 from .. import distributed
+from .._fingerprint import Hasher
 from .._checks import all_finite, as_seed, check_vector
 from ..errors import InputError, NonFiniteError, NotConvergedWarning, NotSymmetricError
 
 __all__ = ["NotConvergedWarning", "Operator", "as_operator", "check_symmetric", "make_generator"]
-
-
-def _tensor_hash(h, t: torch.Tensor) -> None:
-    t = t.detach().cpu().contiguous()
-    h.update(f"{tuple(t.shape)}|{t.dtype}|".encode())
-    h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
 
 
 def fingerprint_of(base: Any) -> str:
@@ -65,16 +59,15 @@ def fingerprint_of(base: Any) -> str:
     own = getattr(base, "fingerprint", None)
     if callable(own) and not isinstance(base, torch.Tensor):
         return str(own())
-    h = hashlib.sha256()
     if isinstance(base, torch.Tensor):
-        _tensor_hash(h, base)
-        return h.hexdigest()
-    h.update(f"{type(base).__qualname__}|{tuple(base.shape)}|{base.dtype}|".encode())
-    for name, value in sorted(vars(base).items()) if hasattr(base, "__dict__") else ():
-        if isinstance(value, torch.Tensor):
-            h.update(name.encode())
-            _tensor_hash(h, value)
-    return h.hexdigest()
+        return Hasher().tensor(base).hexdigest()
+    h = Hasher().text(f"{type(base).__qualname__}|{tuple(base.shape)}|{base.dtype}")
+    tensors = (
+        sorted((n, v) for n, v in vars(base).items() if isinstance(v, torch.Tensor))
+        if hasattr(base, "__dict__")
+        else []
+    )
+    return h.named(tensors).hexdigest()
 
 
 class Operator:

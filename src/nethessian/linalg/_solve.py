@@ -32,6 +32,7 @@ from typing import Any, Callable, Dict, Literal, Mapping, Optional, Union
 import torch
 
 from .. import distributed
+from .._fingerprint import Hasher
 from .._checks import all_finite, as_float, as_int, check_vector
 from ..errors import InputError, NonFiniteError, NotConvergedError
 from ._operator import Operator, as_operator
@@ -250,7 +251,9 @@ def _solve(op, b, *, damping, method, tol, maxiter, x0, callback) -> SolveResult
     b = _flat(op, b, "b")
     x = torch.zeros_like(b) if x0 is None else _flat(op, x0, "x0")
     if not op.sharded:  # the same system on every rank (a sharded b differs by design)
-        distributed.check_same("solve", b=_digest(b), x0=None if x0 is None else _digest(x))
+        distributed.check_same(
+            "solve", b=Hasher().tensor(b).hexdigest(), x0=None if x0 is None else Hasher().tensor(x).hexdigest()
+        )
     _dot = _dotter(op)
     result = _result_maker(op, method, damping, tol, maxiter)
 
@@ -379,11 +382,3 @@ def inverse_hvp(
             res,
         )
     return res.x
-
-
-def _digest(t: torch.Tensor) -> str:
-    """A short hash of a vector's bytes, so ranks can compare it without sending it."""
-    import hashlib
-
-    c = t.detach().cpu().contiguous()
-    return hashlib.sha256(c.view(torch.uint8).numpy().tobytes()).hexdigest()[:16]
