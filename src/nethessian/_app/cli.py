@@ -2,7 +2,9 @@
 
 Exit codes: 0 done, 2 usage error, 1 computation error (one line on stderr;
 the traceback only with ``--debug``). A problem file is executed as Python code:
-run only files you trust.
+run only files you trust. Under ``torchrun`` every rank takes its shard of the data;
+with ``--fsdp`` (eig, trace, density) the model is sharded with FSDP2 too and the
+products are finite differences of its gradients (see ``_app/fsdp.py``).
 """
 
 from __future__ import annotations
@@ -52,8 +54,28 @@ def _common_parser() -> argparse.ArgumentParser:
         metavar="FILE",
         help="resume long work from FILE (hessian, eig, trace, diag, density)",
     )
+    _fsdp_flags(common)
     _shared_flags(common)
     return common
+
+
+def _fsdp_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--fsdp",
+        action="store_true",
+        help="eig, trace, density under torchrun (2+ processes): shard the model with FSDP2 "
+        "(fully_shard per block of every nn.ModuleList, then the root) and the data over the ranks; "
+        "Hessian products are finite differences of the model's own gradients, with their "
+        "estimated error printed. Run: torchrun --nproc-per-node N -m nethessian eig problem.py --fsdp",
+    )
+    p.add_argument(
+        "--fd-order",
+        type=int,
+        default=None,
+        choices=[2, 4],
+        help="with --fsdp: the finite-difference stencil, 2 or 4 points (default: 4 for float32 "
+        "parameters, 2 for float64); every product costs 4 gradients with the error estimate",
+    )
 
 
 def _shared_flags(p: argparse.ArgumentParser, defaults: bool = False) -> None:

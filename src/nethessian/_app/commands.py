@@ -3,7 +3,8 @@
 Every checkpointed command puts the operator's fingerprint (weights, buffers,
 train/eval modes, loss settings, data; ``op.fingerprint()``) into the
 checkpoint's settings, so a checkpoint of another model or other data is refused,
-never resumed into this one.
+never resumed into this one. ``--fsdp`` (eig, trace, density under torchrun): see
+``_app/fsdp.py``.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import torch
 
 from .. import distributed as dist
 from ..errors import InputError
+from . import fsdp
 from .problem import Problem, load_problem
 from .saving import check_target, save_result, to_json
 
@@ -46,12 +48,22 @@ def _no_checkpoint(args, command: str) -> None:
 
 
 def _problem(args) -> Problem:
-    """The problem, loaded once; ``--save`` is checked before any work so a long run cannot fail at the end."""
-    problem = load_problem(
-        args.problem, seed=args.seed, dtype=args.dtype, device=args.device, batch_size=args.batch_size
-    )
+    """The problem, loaded once; ``--save`` is checked before any work so a long run cannot fail at the end.
+
+    Under torchrun each rank takes its shard of the data (``nh.shard``); with ``--fsdp`` the
+    model is sharded too and products are finite differences (``fsdp.shard_problem``).
+    """
+    sharded = getattr(args, "fsdp", False)
+    if sharded:
+        fsdp.check_args(args)
+    elif getattr(args, "fd_order", None) is not None:
+        raise InputError("--fd-order applies with --fsdp only (finite-difference products); drop it or add --fsdp")
+    device = fsdp.device(args) if sharded else args.device
+    problem = load_problem(args.problem, seed=args.seed, dtype=args.dtype, device=device, batch_size=args.batch_size)
     if dist.world_size() > 1:
         problem.data = dist.shard(problem.data)
+    if sharded:
+        fsdp.shard_problem(problem, args)
     if args.save:
         check_target(args.save, protected=_protected(args, problem), force=args.force)
     return problem
@@ -79,6 +91,8 @@ def _settings(args, problem: Problem, **extra) -> Dict[str, Any]:
         "world_size": dist.world_size(),
         **extra,
     }
+    if problem.operator_options:
+        s["fsdp"], s["operator_options"] = True, dict(problem.operator_options)
     if args.checkpoint or args.save:
         s["operator"] = problem.fingerprint(args.params)
     return s
@@ -89,8 +103,23 @@ def _operator(args, problem: Problem):
     from .cost import announce
 
     op = problem.operator(args.params)
-    announce(args, op)
+    announce(args, op, problem.operator_options)
     return op
+
+
+def _fd_facts(op, problem: Problem, result: Dict[str, Any], lines: list, per_probe: bool = False) -> None:
+    """With finite-difference products: their error estimate into ``result`` and the printed lines.
+
+    ``per_probe``: also ``P · fd_error``, about how far one probe's ``zᵀHz`` (``‖z‖² = P``) can be off.
+    """
+    facts, more = fsdp.fd_summary(op, problem.operator_options)
+    if not facts:
+        return
+    if per_probe and facts["fd_error"] is not None:
+        facts["probe_fd_error"] = facts["fd_error"] * facts["global_size"]
+        more.append(f"  one probe's zᵀHz (‖z‖² = P) is off by about ≤ P · that = {facts['probe_fd_error']:.2e}")
+    result["finite_difference"] = facts
+    lines += more
 
 
 def _checkpoint(args, settings):
@@ -189,6 +218,9 @@ def eig(args) -> int:
     problem = _problem(args)
     op = _operator(args, problem)
     settings = _settings(args, problem, k=args.k, which=args.which, tol=args.tol)
+    gather = op.sharded and bool(args.save)
+    if gather:
+        fsdp.check_gather(op, args.k)
     res = eigenvalues(
         op,
         k=args.k,
@@ -199,15 +231,18 @@ def eig(args) -> int:
         progress=_progress(),
         **_memory(args),
     )
-    result = res.to_dict(eigenvectors=bool(args.save))  # --save keeps whole eigenpairs
+    result = res.to_dict(eigenvectors=bool(args.save) and not gather)  # --save keeps whole eigenpairs
+    if gather:  # each rank holds its slice: the whole vectors on rank 0, in parameter-name order
+        result["eigenvectors"] = fsdp.gathered_eigenvectors(op, res)
     lines = [
-        f"{args.k} {args.which} eigenvalues of the Hessian (P = {op.shape[0]}, {res.num_matvecs} products, "
+        f"{args.k} {args.which} eigenvalues of the Hessian (P = {op.global_size}, {res.num_matvecs} products, "
         f"{'converged' if res.converged else 'NOT converged'})"
     ]
     lines += [
         f"  λ{i + 1} = {float(v):+.8e}   residual {float(r):.1e}"
         for i, (v, r) in enumerate(zip(res.eigenvalues, res.residuals))
     ]
+    _fd_facts(op, problem, result, lines)
     return _finish(args, problem, "eigenvalues", result, settings, "\n".join(lines))
 
 
@@ -233,7 +268,9 @@ def trace(args) -> int:
     lines = [f"trace of the Hessian ({res.method}, {res.num_matvecs} products): {res.value:.6e} ± {res.stderr:.2e}"]
     for name, b in (res.blocks or {}).items():
         lines.append(f"  {name:<30} {b.value:+.6e} ± {b.stderr:.2e}")
-    return _finish(args, problem, "trace", res.to_dict(), settings, "\n".join(lines))
+    result = res.to_dict()
+    _fd_facts(op, problem, result, lines, per_probe=True)
+    return _finish(args, problem, "trace", result, settings, "\n".join(lines))
 
 
 def diag(args) -> int:
@@ -273,16 +310,19 @@ def density(args) -> int:
         progress=_progress(),
         **_memory(args),
     )
-    text = (
-        f"spectral density (SLQ: {args.probes} probes × {args.steps} Lanczos steps, {res.num_matvecs} products)"
-        f"\n  support ≈ [{float(res.nodes.min()):.4e}, {float(res.nodes.max()):.4e}]"
-    )
+    lines = [
+        f"spectral density (SLQ: {args.probes} probes × {args.steps} Lanczos steps, {res.num_matvecs} products)",
+        f"  support ≈ [{float(res.nodes.min()):.4e}, {float(res.nodes.max()):.4e}]",
+    ]
+    result = res.to_dict()
+    _fd_facts(op, problem, result, lines)
+    text = "\n".join(lines)
     if args.output and dist.is_main():
         from .._plots import density_plot, save as save_figure
 
         save_figure(density_plot(res), args.output)
         text += f"\n  wrote {args.output}"
-    return _finish(args, problem, "density", res.to_dict(), settings, text)
+    return _finish(args, problem, "density", result, settings, text)
 
 
 def check(args) -> int:

@@ -9,13 +9,13 @@ from __future__ import annotations
 
 import sys
 import time
-from typing import Optional, Tuple
+from typing import Any, Dict, Optional, Tuple
 
 import torch
 
 from .. import distributed as dist
 
-__all__ = ["ANNOUNCE_ABOVE_S", "announce", "command_products", "estimate_line", "product_time"]
+__all__ = ["ANNOUNCE_ABOVE_S", "announce", "command_products", "estimate_line", "product_kind", "product_time"]
 
 #: a CLI command whose planned work (at most) exceeds this many seconds prints its estimate on stderr
 ANNOUNCE_ABOVE_S = 30.0
@@ -78,19 +78,32 @@ def _default_matvecs(args) -> int:
     return _budget(args.method, None) if args.command == "trace" else 100
 
 
-def announce(args, op) -> Optional[str]:
+def product_kind(options: Optional[Dict[str, Any]]) -> Optional[str]:
+    """``"finite-difference, order 4: 4 gradients per product"`` for the operator's options; None when exact."""
+    if not options or options.get("method") != "finite-difference":
+        return None
+    from .fsdp import gradients_per_product
+
+    order = options.get("fd_order", 2)
+    grads = gradients_per_product(order, options.get("fd_error", True))
+    return f"finite-difference, order {order}: {grads} gradients per product"
+
+
+def announce(args, op, options: Optional[Dict[str, Any]] = None) -> Optional[str]:
     """On rank 0, print the estimate on stderr when the run may take more than ``ANNOUNCE_ABOVE_S``.
 
     Returns the line (``None`` when nothing was printed). The measurement costs one product,
-    taken on every rank (under torch.distributed a product is a collective).
+    taken on every rank (under torch.distributed a product is a collective). ``options``:
+    the operator's keywords (finite-difference products are said so, with their gradients).
+    P is the whole vector's size (``global_size``: the sum of the ranks' shards when sharded).
     """
-    P = op.shape[0]
+    P = getattr(op, "global_size", op.shape[0])
     products = command_products(args, P)
     if products is None:
         return None
     t = product_time(op)
     if not dist.is_main() or products[1] * t < ANNOUNCE_ABOVE_S:
         return None
-    line = f"nethessian {args.command}: {estimate_line(P, None, products, t)}"
+    line = f"nethessian {args.command}: {estimate_line(P, product_kind(options), products, t)}"
     print(line, file=sys.stderr, flush=True)
     return line

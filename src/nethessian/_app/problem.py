@@ -39,6 +39,8 @@ class Problem:
         builtin: the built-in's name (``"two-layer"``, ``"mlp"``, ``"cnn"``), else ``None``.
         description: a paragraph about the problem, when known.
         seed: the seed the built-in's weights were drawn with.
+        operator_options: keywords of every ``HessianOperator`` built by :meth:`operator`
+            (``--fsdp``: ``method="finite-difference"``, ``fd_order``, ``fd_error``).
     """
 
     model: Any
@@ -49,15 +51,16 @@ class Problem:
     builtin: Optional[str] = None
     description: Optional[str] = None
     seed: int = 0
+    operator_options: Dict[str, Any] = field(default_factory=dict)
     _operators: Dict[Optional[Tuple[str, ...]], Any] = field(default_factory=dict, repr=False)
 
     def operator(self, params: Optional[Sequence[str]] = None):
-        """The Hessian operator for ``params``, built (and validated) once and then reused."""
+        """The Hessian operator for ``params`` (with :attr:`operator_options`), built (and validated) once."""
         from ..operators._hessian import HessianOperator
 
         key = None if params is None else tuple(params)
         if key not in self._operators:
-            self._operators[key] = HessianOperator(self.model, self.loss_fn, self.data, params)
+            self._operators[key] = HessianOperator(self.model, self.loss_fn, self.data, params, **self.operator_options)
         return self._operators[key]
 
     def quadratic(self, params: Optional[Sequence[str]] = None):
