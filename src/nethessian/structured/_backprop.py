@@ -26,13 +26,14 @@ recursion; the δ terms of ``docs/two-layer-hessian.md`` are its entries.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Dict, List, Optional
 
 import torch
 
 from ._jacobians import Pull, mixed, param_jacobian, residual
 
-__all__ = ["Frontier", "undo_step"]
+__all__ = ["Accumulator", "Frontier", "Undo", "undo_step"]
 
 
 class Frontier:
@@ -43,7 +44,6 @@ class Frontier:
         self.sizes: List[int] = [g.shape[1]]
         self.g, self.H = g, H
         self.K = H.new_zeros(H.shape[0], H.shape[1], 0) if dense else None
-        self.done: List[str] = []
 
     def index(self, name: str) -> Optional[torch.Tensor]:
         if name not in self.names:
@@ -90,10 +90,39 @@ def _add_residual(XX: torch.Tensor, R, offset: int) -> None:
         block.add_(R)
 
 
-def undo_step(
-    fr: Frontier, step, env: Dict[str, torch.Tensor], state, needs: Dict[str, bool], out: "Accumulator"
-) -> None:
-    """Replace ``step``'s output by its inputs on the frontier; hand its parameter rows to ``out``."""
+@dataclass
+class Undo:
+    """What a parameterised step hands its accumulator while it is undone (one chunk).
+
+    ``Hyy``/``Hry``/``gy``: the frontier's Hessian blocks and gradient at the step's
+    output y (R: the other live tensors); ``HJ = H_yy Jₓ`` (n, D_y, D_X); ``Ky``: the
+    carried columns' rows at y (dense mode) or None; ``pull``: the step's ``Jₓᵀ``.
+    """
+
+    step: object
+    xs: List[torch.Tensor]
+    state: Dict[str, torch.Tensor]
+    wrt: List[int]
+    pull: Pull
+    Hyy: torch.Tensor
+    Hry: torch.Tensor
+    HJ: torch.Tensor
+    gy: torch.Tensor
+    Ky: Optional[torch.Tensor]
+    y: torch.Tensor
+
+
+def _pull_columns(pull: Pull, C: torch.Tensor) -> torch.Tensor:
+    """Rows of ``C`` (n, D_y, W) pulled back: ``Jₓᵀ C`` (n, D_X, W)."""
+    return pull.apply(C.transpose(1, 2)).transpose(1, 2)
+
+
+def undo_step(fr: Frontier, step, env: Dict[str, torch.Tensor], state, needs: Dict[str, bool], out) -> None:
+    """Replace ``step``'s output by its inputs on the frontier; hand its parameter rows to ``out``.
+
+    ``out.parameters(Undo)`` accumulates the step's Hessian rows and returns the new
+    columns the frontier carries for it (rows: R then X), or None.
+    """
     ys = fr.index(step.name)
     if ys is None:
         return
@@ -102,24 +131,16 @@ def undo_step(
     xs = [env[i] for i in step.inputs]
     wrt = [i for i, nm in enumerate(step.inputs) if needs.get(nm) and xs[i].is_floating_point()]
     pull = Pull(step, xs, state, wrt)
-    K = fr.K
-    newK = None
+    HJ = pull.apply(Hyy)  # H_yy Jₓ (H_yy symmetric)
+    K, newK = fr.K, None
+    Ky = None if K is None else K[:, ys]
+    if K is not None:
+        newK = torch.cat([K[:, rest], _pull_columns(pull, Ky)], dim=1)
     if step.params:
-        J = out.parameters(step, xs, state, Hyy, None if K is None else K[:, ys], env[step.name])
-        if K is not None:
-            HJ = Hyy @ J
-            top = torch.cat([K[:, rest], Hry @ J], dim=2)
-            bottom = torch.cat(
-                [pull.apply(K[:, ys].transpose(1, 2)).transpose(1, 2), pull.apply(HJ.transpose(1, 2)).transpose(1, 2)],
-                dim=2,
-            )
-            if wrt:
-                bottom[:, :, K.shape[2] :] += mixed(step, xs, state, wrt, step.params, gy)
-            newK = torch.cat([top, bottom], dim=1)
-            fr.done = fr.done + list(step.params)
-    elif K is not None:
-        newK = torch.cat([K[:, rest], pull.apply(K[:, ys].transpose(1, 2)).transpose(1, 2)], dim=1)
-    XX = pull.apply(pull.apply(Hyy).transpose(1, 2))
+        cols = out.parameters(Undo(step, xs, state, wrt, pull, Hyy, Hry, HJ, gy, Ky, env[step.name]))
+        if cols is not None and newK is not None:
+            newK = torch.cat([newK, cols], dim=2)
+    XX = pull.apply(HJ.transpose(1, 2))
     if wrt and step.kind != "linear":
         _add_residual(XX, residual(step, xs, state, gy), 0)
     RX = pull.apply(Hry)
@@ -133,7 +154,11 @@ def undo_step(
 
 
 class Accumulator:
-    """Collects the parameter rows: ``mode`` is "diagonal", "blocks" or "dense"."""
+    """Collects the parameter rows from per-sample ``J_θ``: ``mode`` is "diagonal", "blocks" or "dense".
+
+    In dense mode the carried columns are ``K = ∂²ℓ/∂F∂θ_done`` themselves (the
+    generic path; ``_kron`` carries them factored for Linear layers).
+    """
 
     def __init__(self, mode: str, layout, dtype, device):
         self.mode, self.layout = mode, layout
@@ -147,29 +172,37 @@ class Accumulator:
         """A new chunk's frontier starts with no parameters undone (K has no columns)."""
         self.done_idx = self.done_idx[:0]
 
-    def parameters(self, step, xs, state, Hyy, Ky, y) -> Optional[torch.Tensor]:
-        """Add the step's rows; return its per-sample ``J_θ`` (None in the Linear diagonal fast path)."""
+    def parameters(self, u: Undo) -> Optional[torch.Tensor]:
+        """Add the step's rows; in dense mode return its K columns ``[H_Ry J_θ ; Jₓᵀ H_yy J_θ + mixed]``."""
         from ._linear import linear_diagonal  # the closed form for nn.Linear
 
+        step = u.step
         idx = self.layout.indices(list(step.params)).to(self.diag.device)
         if self.mode == "diagonal":
-            fast = linear_diagonal(step, xs, Hyy, y)
+            fast = linear_diagonal(step, u.xs, u.Hyy, u.y)
             if fast is not None:
                 self.diag[idx] += fast
                 return None
-        J = param_jacobian(step, xs, state, step.params)
-        HJ = Hyy @ J
+        J = param_jacobian(step, u.xs, u.state, step.params)
+        HJ = u.Hyy @ J
         if self.mode == "diagonal":
             self.diag[idx] += (J * HJ).sum(dim=(0, 1))
-            return J
+            return None
         block = torch.einsum("nap,naq->pq", J, HJ)
         if self.mode == "blocks":
             key = tuple(step.params)
             self.blocks[key] = self.blocks.get(key, 0) + block
-            return J
+            return None
         self.dense[idx[:, None], idx[None, :]] += block
-        cross = torch.einsum("nap,nad->pd", J, Ky)
+        cross = torch.einsum("nap,nad->pd", J, u.Ky)
         self.dense[idx[:, None], self.done_idx[None, :]] += cross
         self.dense[self.done_idx[:, None], idx[None, :]] += cross.T
         self.done_idx = torch.cat([self.done_idx, idx])
-        return J
+        bottom = _pull_columns(u.pull, HJ)
+        if u.wrt:
+            bottom = bottom + mixed(step, u.xs, u.state, u.wrt, step.params, u.gy)
+        return torch.cat([u.Hry @ J, bottom], dim=1)
+
+    def result(self) -> torch.Tensor:
+        """The dense matrix of this batch (dense mode)."""
+        return self.dense

@@ -13,8 +13,12 @@ with signs as weights, plus a diagonal that becomes factors only where a
 non-diagonal Jacobian needs it, and only the diagonal below the last layer that
 needs more): K = number of outputs per sample with ReLU, MiB per sample for the small
 CNN. Branching graphs, LayerNorm/softmax, blocks and the dense Hessian keep the dense
-joint frontier (cross terms between branches, mixed ``K`` blocks). Measured in
-``benchmarks/bench_structured.py``.
+joint frontier (cross terms between branches, mixed ``K`` blocks).
+
+The dense Hessian of a graph whose chosen parameters all sit in ``nn.Linear`` layers
+carries ``K`` in Kronecker factors and contracts over samples with one GEMM per pair
+of layers (``_kron``: N·P² multiply-adds); other models carry ``K`` itself, built from
+per-sample parameter Jacobians. Measured in ``benchmarks/bench_structured.py``.
 """
 
 from __future__ import annotations
@@ -27,11 +31,13 @@ from torch import nn
 from ._backprop import Accumulator, Frontier, undo_step
 from ._factors import chain_reason, factor_bytes, factor_diagonal
 from ._graph import Plan, Unsupported, build_plan, run_forward
+from ._kron import KroneckerAccumulator, kron_reason, kron_sizes
 from ._loss import loss_derivatives, loss_reason
 
 __all__ = ["StructuredEngine", "WORK_BYTES"]
 
 WORK_BYTES = 512 * 2**20  # per-chunk working memory the sample chunks are sized to
+KRON_FLOOR = 32 * 2**20  # the Kronecker dense path's chunks: at most the matrix's own size, at least this
 
 
 def _needs(plan: Plan) -> Dict[str, bool]:
@@ -53,6 +59,8 @@ class StructuredEngine:
         self.plan = build_plan(objective.model, objective.layout.names)
         self.needs = _needs(self.plan)
         self.chain = chain_reason(self.plan) is None  # diagonal by factors (``_factors``)
+        self.kron_reason = kron_reason(self.plan)  # None: the dense Hessian by Kronecker factors (``_kron``)
+        self.kron = self.kron_reason is None
         self.work_bytes = work_bytes
         first = next(iter(objective.data.iterate(None)))
         if not isinstance(first.inputs, torch.Tensor):
@@ -80,7 +88,7 @@ class StructuredEngine:
             jac = max(jac, size[step.name] * P_step)
             if not isinstance(step.module, nn.Linear):  # Linear diagonals need no per-sample J_θ
                 jac_diag = max(jac_diag, size[step.name] * P_step)
-        item = torch.empty((), dtype=self.objective.dtype).element_size()
+        item = self.item
         P = self.objective.size
         base = 4 * widest**2 + 3 * jac
         diagonal = (
@@ -88,7 +96,24 @@ class StructuredEngine:
             if self.chain
             else item * (4 * widest**2 + 3 * jac_diag)
         )
-        return {"diagonal": diagonal, "blocks": item * base, "dense": item * (base + 4 * widest * P)}
+        self._fixed = {"diagonal": 0.0, "blocks": 0.0, "dense": 0.0}
+        dense = item * (base + 4 * widest * P)
+        if self.kron:
+            cols, k_sample, block = kron_sizes(self.plan, env)
+            dense = item * (4 * widest**2 + 3 * widest * cols + 2 * k_sample)
+            self._fixed["dense"] = float(item * 2 * block)
+        return {"diagonal": diagonal, "blocks": item * base, "dense": dense}
+
+    @property
+    def item(self) -> int:
+        return torch.empty((), dtype=self.objective.dtype).element_size()
+
+    def _budget(self, mode: str) -> float:
+        """Working memory a chunk may use; the Kronecker dense path stays within the matrix's own size."""
+        if mode == "dense" and self.kron:
+            own = self.item * float(self.objective.size) ** 2
+            return min(self.work_bytes, max(own, KRON_FLOOR))
+        return self.work_bytes
 
     def check_memory(self, mode: str) -> None:
         """Raise ``Unsupported`` when even one sample's matrices exceed the working-memory budget.
@@ -97,7 +122,7 @@ class StructuredEngine:
         wide feature maps (a convolution's output) can be out of reach where the
         matrix-free autodiff path is not.
         """
-        need = self._per_sample[mode]
+        need = self.work_estimate(mode, 1)
         if need > self.work_bytes:
             raise Unsupported(
                 f"one sample's per-layer Hessians ({mode}) need about {need / 2**30:.2f} GiB, "
@@ -106,19 +131,23 @@ class StructuredEngine:
             )
 
     def work_estimate(self, mode: str, n: int) -> float:
-        """Bytes of working memory for ``n`` samples at once (the per-sample matrices)."""
-        return self._per_sample[mode] * n
+        """Bytes of working memory for ``n`` samples at once (the per-sample matrices, one block)."""
+        return self._per_sample[mode] * n + self._fixed[mode]
 
     def chunk(self, mode: str) -> int:
-        """Samples per chunk: as many as fit ``work_bytes`` (at least one)."""
-        return max(1, int(self.work_bytes // max(self._per_sample[mode], 1.0)))
+        """Samples per chunk: as many as fit the working budget (at least one)."""
+        room = self._budget(mode) - self._fixed[mode]
+        return max(1, int(room // max(self._per_sample[mode], 1.0)))
 
     def _batch(self, mode: str, batch, state) -> Tuple[Accumulator, float]:
         ob = self.objective
         env = run_forward(self.plan, state, batch.inputs)
         out = env[self.plan.output]
         g, H = loss_derivatives(ob.loss_fn, out, batch.targets)
-        acc = Accumulator(mode, ob.layout, ob.dtype, ob.device)
+        if mode == "dense" and self.kron:
+            acc = KroneckerAccumulator(ob.layout, ob.dtype, ob.device)
+        else:
+            acc = Accumulator(mode, ob.layout, ob.dtype, ob.device)
         N, step = out.shape[0], self.chunk(mode)
         for s in range(0, N, step):
             acc.start_chunk()
@@ -148,7 +177,7 @@ class StructuredEngine:
 
     def dense(self) -> torch.Tensor:
         """The exact dense Hessian ``(P, P)``, cross-layer blocks included."""
-        return self._run("dense", lambda acc: acc.dense)
+        return self._run("dense", lambda acc: acc.result())
 
     def blocks(self) -> Dict[Tuple[str, ...], torch.Tensor]:
         """Each step's dense block (its chosen parameters side by side, e.g. weight then bias)."""

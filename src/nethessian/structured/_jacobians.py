@@ -4,7 +4,8 @@ For a step ``y = f(x_1, …, x_m; θ)`` evaluated on a chunk of samples:
 
 * ``Pull.apply(C)``: ``Cᵢ ↦ Jₓᵀ cᵢ`` for many cotangents per sample — ``C`` is
   ``(n, K, D_y)``, the result ``(n, K, D_X)`` (the differentiated inputs side by side).
-  One ``vjp`` of the whole chunk is exact per sample because the step is per-sample.
+  One ``vjp`` of the whole chunk is exact per sample because the step is per-sample;
+  ``nn.Linear`` and element-wise steps use their Jacobians' closed forms instead.
   Since every H is symmetric, ``apply(H_yy)`` is ``H_yy Jₓ`` (row a: ``Jₓᵀ H_yy e_a``).
 * ``param_jacobian``: ``J_θ`` per sample, ``(n, D_y, P_θ)`` (vmap of jacrev).
 * ``residual``: ``Σ_k g_k ∇²_x f_k`` — zero (linear), a diagonal (element-wise) or
@@ -17,6 +18,7 @@ from __future__ import annotations
 from typing import Dict, List, Sequence
 
 import torch
+from torch import nn
 from torch.func import hessian, jacrev, vjp, vmap
 
 __all__ = ["Pull", "param_jacobian", "residual", "mixed"]
@@ -30,14 +32,26 @@ def _with(xs: Sequence[torch.Tensor], wrt: Sequence[int], diff) -> List[torch.Te
 
 
 class Pull:
-    """Jacobian-transpose products of one step on a chunk, w.r.t. the inputs ``wrt``."""
+    """Jacobian-transpose products of one step on a chunk, w.r.t. the inputs ``wrt``.
+
+    Closed forms where the Jacobian is known: ``nn.Linear`` (``c ↦ c W`` at every
+    leading position) and element-wise maps (``c ↦ c ⊙ σ'(x)``, σ' from one VJP of
+    ones); any other step pulls each column through its own VJP (vmapped).
+    """
 
     def __init__(self, step, xs: Sequence[torch.Tensor], state: Dict[str, torch.Tensor], wrt: Sequence[int]):
         self.n, self.wrt = xs[0].shape[0], list(wrt)
         self.sizes = [xs[i][0].numel() for i in wrt]
-        if self.wrt:
-            y, self._pull = vjp(lambda *d: step.fn(_with(xs, wrt, d), state), *[xs[i] for i in wrt])
-            self.y_shape = tuple(y.shape)
+        self._weight = self._scale = None
+        if not self.wrt:
+            return
+        y, self._pull = vjp(lambda *d: step.fn(_with(xs, wrt, d), state), *[xs[i] for i in wrt])
+        self.y_shape = tuple(y.shape)
+        if isinstance(step.module, nn.Linear) and self.wrt == [0]:
+            self._weight = state[step.prefix + "weight"]
+        elif step.kind == "elementwise" and self.wrt == [0]:
+            (d,) = self._pull(torch.ones_like(y))
+            self._scale = d.reshape(self.n, 1, -1)
 
     @property
     def width(self) -> int:
@@ -48,6 +62,11 @@ class Pull:
         n, K = C.shape[0], C.shape[1]
         if not self.wrt or K == 0:
             return C.new_zeros(n, K, self.width)
+        if self._weight is not None:
+            W = self._weight
+            return (C.reshape(n, K, -1, W.shape[0]) @ W).reshape(n, K, -1)
+        if self._scale is not None:
+            return C * self._scale
         outs = vmap(self._pull, in_dims=1, out_dims=1)(C.reshape(n, K, *self.y_shape[1:]))
         return torch.cat([o.reshape(n, K, -1) for o in outs], dim=2)
 
