@@ -9,7 +9,7 @@ import torch
 
 from .._checks import all_finite, as_int
 from .._columns import column_chunk
-from ..errors import CheckpointError, InputError
+from ..errors import CheckpointError
 from ..structured import select as select_engine
 from ._operator import NotConvergedWarning
 
@@ -36,20 +36,10 @@ def exact_engine(base: Any, engine: str, checkpoint: Any, what: str):
 
     A checkpoint belongs to the column-by-column loop (the structured engine runs in
     one pass and has nothing to resume): with one, ``"auto"`` takes the column loop and
-    says so, and ``"structured"`` is refused rather than the checkpoint ignored.
+    says so, and ``"structured"`` is refused rather than the checkpoint ignored
+    (``structured.select``).
     """
-    if checkpoint is not None and engine == "structured":
-        raise InputError(
-            f"{what}: engine='structured' computes it in one pass and takes no checkpoint; "
-            "drop the checkpoint, or use engine='autodiff' (column by column, resumable)"
-        )
-    if checkpoint is not None and engine == "auto":
-        select_engine(base, "autodiff")  # validates the name the same way
-        return None, (
-            "autodiff: a checkpoint was given, and only the column-by-column engine "
-            "resumes from one (the structured engine runs in one pass)"
-        )
-    return select_engine(base, engine)
+    return select_engine(base, engine, checkpoint=checkpoint, what=what)
 
 
 def warn_not_converged(message: str, stacklevel: int = 3) -> None:

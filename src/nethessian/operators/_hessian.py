@@ -173,6 +173,27 @@ class HessianOperator(ShardedVectors, CurvatureOperator):
     def _fresh_state(self) -> None:
         self._graph = None
         self._fd = None
+        self._structured = None  # (engine or None, reason), built on first use of ``structured``
+
+    @property
+    def structured(self):
+        """This Hessian's second-order backpropagation engine, built once (None: ``structured_reason``).
+
+        ``nethessian.structured.select`` asks only this; ``at(θ)`` builds a new one.
+        """
+        return self._structured_offer()[0]
+
+    @property
+    def structured_reason(self) -> str:
+        """Why ``structured`` is None, naming the first unsupported module ("" for an engine)."""
+        return self._structured_offer()[1]
+
+    def _structured_offer(self):
+        if self._structured is None:
+            from ..structured import offer  # the engine's own rules decide; built once
+
+            self._structured = offer(self.objective)
+        return self._structured
 
     def _matrix_options(self):
         return fd_options(*self._fd_options[:2]) if self._requested[0] == FD else {}
