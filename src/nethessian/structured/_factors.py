@@ -37,9 +37,10 @@ from typing import Dict, List, Optional
 
 import torch
 from torch import nn
-from torch.func import functional_call, vjp, vmap
+from torch.func import vjp, vmap
 
-from ._unfold import conv_factor_grads, transpose_many
+from ._transpose import Transpose, curved, squared_input_pull
+from ._unfold import conv_factor_grads, dense
 
 __all__ = ["Factors", "chain_reason", "factor_diagonal", "factor_bytes"]
 
@@ -58,7 +59,6 @@ SELECTION = (
     nn.MaxPool3d,
 )
 DIAGONAL_J = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
-FLAT = (nn.ReLU, nn.LeakyReLU)  # piecewise linear: no residual term
 _RANK = {None: 0, "diag": 1, "full": 2}
 
 
@@ -102,44 +102,68 @@ def levels(steps, env: Dict[str, torch.Tensor]) -> List[Optional[str]]:
     return out
 
 
-class Factors:
-    """``H = Σ_k λ_k v_k v_kᵀ + diag(d)`` per sample (V None: K = 0; d None: zero)."""
+def weighted_squares(W: torch.Tensor, A: torch.Tensor) -> torch.Tensor:
+    """``Σ_{k,l} W_kl a_k ⊙ a_l`` per sample (``W`` (n, K, K)) or ``Σ_k w_k a_k²`` (``W`` (n, K)).
 
-    def __init__(self, V: Optional[torch.Tensor], lam: Optional[torch.Tensor], d: Optional[torch.Tensor]):
-        self.V, self.lam, self.d = V, lam, d
+    ``A`` is ``(n, K, m)``; the result ``(n, m)``.
+    """
+    if W.ndim == 2:
+        return torch.einsum("nk,nkm->nm", W, A * A)
+    return ((W @ A) * A).sum(1)
+
+
+class Factors:
+    """``H = Vᵀ W V + diag(d)`` per sample (V None: K = 0; d None: zero).
+
+    ``V`` is (n, K, D); the weights ``W`` are (n, K) (diagonal) or (n, K, K) (symmetric).
+
+    The loss's Hessian enters as ``V = I`` with ``W = H_out`` (no eigendecomposition: a
+    batched ``eigh`` of N small matrices costs more than a gradient of the MLP). Only
+    where the diagonal must become factors (``absorb_diagonal``) are the weights
+    diagonalised, ``W = Q Λ Qᵀ`` → ``V ↦ Qᵀ V``, ``W ↦ Λ`` (exact).
+    """
+
+    def __init__(self, V: Optional[torch.Tensor], W: Optional[torch.Tensor], d: Optional[torch.Tensor]):
+        self.V, self.W, self.d = V, W, d
 
     @classmethod
     def of_matrices(cls, H: torch.Tensor) -> "Factors":
-        """From dense per-sample Hessians ``(n, D, D)`` by ``eigh`` (exact, signs kept in λ)."""
-        lam, Q = torch.linalg.eigh(H)
-        return cls(Q.transpose(1, 2), lam, None)
+        """From dense per-sample Hessians ``(n, D, D)``: ``V = I``, ``W = H``."""
+        n, D = H.shape[0], H.shape[1]
+        return cls(torch.eye(D, dtype=H.dtype, device=H.device).expand(n, D, D), H, None)
 
     def diagonal(self, n: int, D: int, like: torch.Tensor) -> torch.Tensor:
         out = like.new_zeros(n, D) if self.d is None else self.d.clone()
         if self.V is not None:
-            out += torch.einsum("nk,nkd->nd", self.lam, self.V.square())
+            out += weighted_squares(self.W, dense(self.V))
         return out
+
+    def eigen(self) -> "Factors":
+        """The same H with diagonal weights (``eigh`` of ``W`` when it is a matrix)."""
+        if self.V is None or self.W.ndim == 2:
+            return self
+        lam, Q = torch.linalg.eigh(self.W)
+        return Factors(Q.transpose(1, 2) @ dense(self.V), lam, self.d)
 
     def absorb_diagonal(self) -> "Factors":
         """The diagonal as D unit-vector factors with weights d (exact; n·D² memory)."""
         if self.d is None:
             return self
+        fac = self.eigen()
         n, D = self.d.shape
         eye = torch.eye(D, dtype=self.d.dtype, device=self.d.device).expand(n, D, D)
-        V = eye if self.V is None else torch.cat([self.V, eye], dim=1)
-        lam = self.d if self.lam is None else torch.cat([self.lam, self.d], dim=1)
-        return Factors(V, lam, None)
+        V = eye if fac.V is None else torch.cat([dense(fac.V), eye], dim=1)
+        W = self.d if fac.W is None else torch.cat([fac.W, self.d], dim=1)
+        return Factors(V, W, None)
 
 
-def _local(step, state) -> Dict[str, torch.Tensor]:
-    return {k: state[step.prefix + k] for k, _ in step.module.named_parameters()}
-
-
-def _squared_input_pull(step, x: torch.Tensor, state, d: torch.Tensor) -> torch.Tensor:
-    """``(J ⊙ J)ᵀ d`` for Linear/Conv/ConvTranspose: the input VJP with squared weights, no bias."""
-    local = {k: (v.square() if k == "weight" else torch.zeros_like(v)) for k, v in _local(step, state).items()}
-    y, pull = vjp(lambda x_: functional_call(step.module, local, (x_,)), x)
-    return pull(d.reshape(y.shape))[0].reshape(x.shape[0], -1)
+def _squared_theta(step, x: torch.Tensor, state, d: torch.Tensor) -> Optional[torch.Tensor]:
+    """``Σ_n (J_θ,n ⊙ J_θ,n)ᵀ d_n`` where every entry of J_θ is one input (or 0/1); else None."""
+    if isinstance(step.module, WEIGHTED):
+        return _theta_vjp(step, x * x, state, d)
+    if isinstance(step.module, nn.Embedding):
+        return _theta_vjp(step, x, state, d)
+    return None
 
 
 def _theta_vjp(step, x: torch.Tensor, state, cot: torch.Tensor) -> torch.Tensor:
@@ -153,15 +177,6 @@ def _theta_vjp(step, x: torch.Tensor, state, cot: torch.Tensor) -> torch.Tensor:
 
     y, pull = vjp(f, *[state[p] for p in names])
     return torch.cat([t.reshape(-1) for t in pull(cot.reshape(y.shape))])
-
-
-def _squared_theta(step, x: torch.Tensor, state, d: torch.Tensor) -> Optional[torch.Tensor]:
-    """``Σ_n (J_θ,n ⊙ J_θ,n)ᵀ d_n`` where every entry of J_θ is one input (or 0/1); else None."""
-    if isinstance(step.module, WEIGHTED):
-        return _theta_vjp(step, x * x, state, d)
-    if isinstance(step.module, nn.Embedding):
-        return _theta_vjp(step, x, state, d)
-    return None
 
 
 def _per_factor_theta(step, x: torch.Tensor, state, V: torch.Tensor) -> torch.Tensor:
@@ -181,57 +196,6 @@ def _per_factor_theta(step, x: torch.Tensor, state, V: torch.Tensor) -> torch.Te
     return vmap(one)(x, V)
 
 
-class _Transpose:
-    """``C ↦ Jₓᵀ C`` for one step on a chunk, ``(n, K, D_y) -> (n, K, D_x)``, and its curvature.
-
-    Closed forms where the Jacobian is known: a diagonal J (element-wise maps and
-    BatchNorm in eval) multiplies by ``σ'(x)`` — with ``σ''(x)`` for the residual from the
-    same double-backward pass; ``nn.Linear`` multiplies by W. Any other step runs its
-    own VJP on each sample's input repeated K times (one batched call, per-sample steps).
-    """
-
-    def __init__(self, step, x: torch.Tensor, state, cls: str):
-        self.step, self.x, self.state, self.cls = step, x, state, cls
-        self.n, self.width = x.shape[0], x[0].numel()
-        self.s1 = self.s2 = self.W = None
-        if cls == "diagonal":
-            self.s1, self.s2 = _diagonal_derivatives(step, x, state, _curved(step))
-        elif isinstance(step.module, nn.Linear):
-            self.W = state[step.prefix + "weight"]
-
-    def __call__(self, C: torch.Tensor) -> torch.Tensor:
-        n, K = C.shape[0], C.shape[1]
-        if K == 0:
-            return C.new_zeros(n, 0, self.width)
-        if self.s1 is not None:
-            return C * self.s1[:, None, :]
-        if self.W is not None:
-            return (C.reshape(n, K, -1, self.W.shape[0]) @ self.W).reshape(n, K, -1)
-        fast = transpose_many(self.step, self.x, self.state, C)
-        if fast is not None:
-            return fast
-        xr = self.x.repeat_interleave(K, dim=0)
-        y, back = vjp(lambda x_: self.step.fn([x_], self.state), xr)
-        return back(C.reshape(y.shape))[0].reshape(n, K, -1)
-
-
-def _diagonal_derivatives(step, x: torch.Tensor, state, curved: bool):
-    """``σ'(x)`` and (curved maps) ``σ''(x)``, flattened per sample, for a diagonal Jacobian.
-
-    ``σ'`` is the VJP of ones (J diagonal); the derivative of ``Σ_i σ'_i`` is ``σ''``
-    because ``∂σ'_i/∂x_j = 0`` for i ≠ j.
-    """
-    n = x.shape[0]
-    with torch.enable_grad():
-        xg = x.detach().requires_grad_(True)
-        y = step.fn([xg], state)
-        (s1,) = torch.autograd.grad(y, xg, torch.ones_like(y), create_graph=curved)
-        s2 = None
-        if curved and s1.requires_grad:
-            (s2,) = torch.autograd.grad(s1.sum(), xg, allow_unused=True)
-    return s1.detach().reshape(n, -1), (None if s2 is None else s2.reshape(n, -1))
-
-
 def param_diagonal(step, x: torch.Tensor, state, fac: Factors, D_y: int) -> torch.Tensor:
     """The diagonal of the step's chosen parameters (layout order within the step)."""
     n = x.shape[0]
@@ -248,19 +212,22 @@ def param_diagonal(step, x: torch.Tensor, state, fac: Factors, D_y: int) -> torc
     if fac.V is not None:
         G = conv_factor_grads(step, x, fac.V)
         if G is None:
-            G = _per_factor_theta(step, x, state, fac.V)
-        out = out + torch.einsum("nk,nkp->p", fac.lam, G.square())
+            G = _per_factor_theta(step, x, state, dense(fac.V))
+        out = out + weighted_squares(fac.W, G).sum(0)
     return out
 
 
-def pull_factors(fac: Factors, step, x: torch.Tensor, state, g_y: torch.Tensor, target: str):
-    """``(factors of the input Hessian, g_x)`` (``target="diag"``: the diagonal only)."""
+def pull_factors(fac: Factors, step, x: torch.Tensor, state, g_y: torch.Tensor, target: str, y=None):
+    """``(factors of the input Hessian, g_x)`` (``target="diag"``: the diagonal only).
+
+    ``y`` is the step's output from the forward pass (closed-form activation derivatives).
+    """
     cls, n = jacobian_class(step), x.shape[0]
     squared = target == "diag" and cls == "weighted"
     if fac.d is not None and cls in ("weighted", "other") and not squared:
         fac = fac.absorb_diagonal()
-    T = _Transpose(step, x, state, cls)
-    V = None if fac.V is None else T(fac.V)
+    T = Transpose(step, x, state, cls, y)
+    V = None if fac.V is None else T.factors(fac.V)
     g_x = T(g_y[:, None, :])[:, 0]
     d = fac.d
     if d is not None:
@@ -269,12 +236,12 @@ def pull_factors(fac: Factors, step, x: torch.Tensor, state, g_y: torch.Tensor, 
         elif cls == "selection":
             d = T(d[:, None, :])[:, 0]
         else:
-            d = _squared_input_pull(step, x, state, d)
+            d = squared_input_pull(step, x, state, d)
     if T.s2 is not None:
         r = g_y * T.s2  # the residual diag(g ⊙ σ''); exactly zero for ReLU adds nothing
         if bool(r.any()):
             d = r if d is None else d + r
-    out = Factors(V, fac.lam if V is not None else None, d)
+    out = Factors(V, fac.W if V is not None else None, d)
     if target == "diag" and V is not None:
         out = Factors(None, None, out.diagonal(n, T.width, x))
     return out, g_x
@@ -298,15 +265,7 @@ def factor_diagonal(
         below = lv[i - 1] if i > 0 else None
         if below is None:
             break
-        fac, g = pull_factors(fac, step, x, state, g, below)
-
-
-def _curved(step) -> bool:
-    return (
-        step.kind == "elementwise"
-        and not isinstance(step.module, FLAT)
-        and step.label.split(" ")[0] not in ("relu", "leaky_relu")
-    )
+        fac, g = pull_factors(fac, step, x, state, g, below, env.get(step.name))
 
 
 def factor_bytes(plan, env: Dict[str, torch.Tensor], layout, item: int) -> float:
@@ -329,8 +288,8 @@ def factor_bytes(plan, env: Dict[str, torch.Tensor], layout, item: int) -> float
         cls = jacobian_class(step)
         if has_d and cls in ("weighted", "other") and not (below == "diag" and cls == "weighted"):
             K, has_d = K + D_y, False
-        worst = max(worst, 3 * K * (D_y + D_x) + 4 * (D_y + D_x))
-        has_d = has_d or _curved(step)
+        worst = max(worst, 3 * K * (D_y + D_x) + 4 * (D_y + D_x) + 2 * K * K)
+        has_d = has_d or curved(step)
         if below == "diag":
             K = 0
     return float(item * worst)
