@@ -31,7 +31,7 @@ from torch import nn
 from ._backprop import Accumulator, Frontier, undo_step
 from ._factors import chain_reason, factor_bytes, factor_diagonal
 from ._graph import Plan, Unsupported, build_plan, run_forward
-from ._kron import KroneckerAccumulator, kron_reason, kron_sizes
+from ._kron import KroneckerAccumulator, kron_sizes, linear_forms
 from ._loss import loss_derivatives, loss_reason
 
 __all__ = ["StructuredEngine", "WORK_BYTES"]
@@ -59,7 +59,7 @@ class StructuredEngine:
         self.plan = build_plan(objective.model, objective.layout.names)
         self.needs = _needs(self.plan)
         self.chain = chain_reason(self.plan) is None  # diagonal by factors (``_factors``)
-        self.kron_reason = kron_reason(self.plan)  # None: the dense Hessian by Kronecker factors (``_kron``)
+        self.forms, self.kron_reason = linear_forms(self.plan, objective.model)  # dense by Kronecker factors
         self.kron = self.kron_reason is None
         self.work_bytes = work_bytes
         first = next(iter(objective.data.iterate(None)))
@@ -99,7 +99,7 @@ class StructuredEngine:
         self._fixed = {"diagonal": 0.0, "blocks": 0.0, "dense": 0.0}
         dense = item * (base + 4 * widest * P)
         if self.kron:
-            cols, k_sample, block = kron_sizes(self.plan, env)
+            cols, k_sample, block = kron_sizes(self.plan, env, self.forms)
             dense = item * (4 * widest**2 + 3 * widest * cols + 2 * k_sample)
             self._fixed["dense"] = float(item * 2 * block)
         return {"diagonal": diagonal, "blocks": item * base, "dense": dense}
@@ -145,7 +145,7 @@ class StructuredEngine:
         out = env[self.plan.output]
         g, H = loss_derivatives(ob.loss_fn, out, batch.targets)
         if mode == "dense" and self.kron:
-            acc = KroneckerAccumulator(ob.layout, ob.dtype, ob.device)
+            acc = KroneckerAccumulator(ob.layout, ob.dtype, ob.device, self.forms)
         else:
             acc = Accumulator(mode, ob.layout, ob.dtype, ob.device)
         N, step = out.shape[0], self.chunk(mode)

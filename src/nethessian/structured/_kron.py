@@ -1,10 +1,11 @@
-"""The dense Hessian when every chosen parameter sits in an ``nn.Linear``: Kronecker factors.
+"""The dense Hessian when every chosen parameter sits in a dense layer: Kronecker factors.
 
-**Setting.** A Linear step computes ``z_{t,i} = Σ_p W[i,p] a_{t,p} + b_i`` at every
-leading position t of a sample (T positions; ``a``: its input, ``z``: its output).
-With a 1 appended to the input, ``ā = [a, 1]``, and ``Θ = [W | b]`` (the chosen
-columns only), ``∂z_{t,i}/∂Θ[i',p] = δ_{ii'} ā_{t,p}``: the parameter Jacobian is
-``I ⊗ āᵀ`` and never needs to be formed.
+**Setting.** A dense layer computes ``z_{t,i} = Σ_p W[i,p] a_{t,p} + b_i`` at every
+leading position t of a sample (T positions; ``a``: its input, ``z``: its output):
+``nn.Linear`` and ``F.linear``, or ``x @ W`` with the weight stored transposed
+(``W[p,i]``, no bias). With a 1 appended to the input, ``ā = [a, 1]``, and
+``Θ = [W | b]`` (the chosen columns only), ``∂z_{t,i}/∂Θ[i',p] = δ_{ii'} ā_{t,p}``: the
+parameter Jacobian is ``I ⊗ āᵀ`` and never needs to be formed.
 
 **One block.** ``_backprop`` undoes the steps backwards and, when it undoes a
 parameterised step l (frontier at ``z_l``), adds ``Σ_n J_θ,nᵀ K_n`` to the rows of Θ_l,
@@ -44,37 +45,87 @@ activation's second derivative enters through the frontier's Hessian.
 
 from __future__ import annotations
 
+import operator
 from dataclasses import dataclass
-from typing import List, Optional, Set, Tuple
+from typing import Dict, List, Optional, Set, Tuple
 
 import torch
-from torch import nn
+import torch.nn.functional as F
+from torch import fx, nn
 
-__all__ = ["KroneckerAccumulator", "kron_reason", "kron_sizes"]
+__all__ = ["Form", "KroneckerAccumulator", "linear_forms", "kron_sizes"]
+
+_MATMUL = (operator.matmul, torch.matmul)
 
 
-def kron_reason(plan) -> Optional[str]:
-    """None when every step with chosen parameters is a one-input ``nn.Linear``, else why not."""
-    for step in plan.steps:
-        if step.params and not (isinstance(step.module, nn.Linear) and len(step.inputs) == 1):
-            return f"{step.label} has chosen parameters and is not an nn.Linear"
+@dataclass(frozen=True)
+class Form:
+    """A step ``z = a Wᵀ + b`` (``transposed``: ``z = a W``, as in ``x @ self.W``) with its chosen names."""
+
+    weight: Optional[str]
+    bias: Optional[str]
+    transposed: bool
+    d_in: int
+    d_out: int
+
+
+def _attr(node) -> Optional[str]:
+    return node.target if isinstance(node, fx.Node) and node.op == "get_attr" else None
+
+
+def _function_form(node: fx.Node, model: nn.Module, params) -> Optional[Form]:
+    """``x @ W`` (W a 2-D parameter) or ``F.linear(x, W, b)`` on get_attr parameters; else None."""
+    args = list(node.args) + [node.kwargs.get(k) for k in ("weight", "bias") if k in node.kwargs]
+    if len(args) < 2 or _attr(args[0]) is not None or _attr(args[1]) is None:
+        return None
+    W = model.get_parameter(_attr(args[1])) if _attr(args[1]) in dict(model.named_parameters()) else None
+    if W is None or W.ndim != 2:
+        return None
+    weight = _attr(args[1]) if _attr(args[1]) in params else None
+    if node.target in _MATMUL and len(args) == 2:
+        return Form(weight, None, True, W.shape[0], W.shape[1])
+    if node.target is F.linear:
+        bias = _attr(args[2]) if len(args) > 2 else None
+        return Form(weight, bias if bias in params else None, False, W.shape[1], W.shape[0])
     return None
 
 
-def _chosen(step) -> Tuple[bool, bool]:
-    return step.prefix + "weight" in step.params, step.prefix + "bias" in step.params
+def linear_forms(plan, model: nn.Module) -> Tuple[Dict[str, Form], Optional[str]]:
+    """Every parameterised step's ``Form``, or ``({}, why not)`` when one is not a dense layer.
 
-
-def kron_sizes(plan, env) -> Tuple[int, int, int]:
-    """From a one-sample forward: ``(carried columns, largest K per sample, largest block)`` in entries."""
-    layers = []
+    ``nn.Linear`` modules are read off the plan; ``x @ W`` and ``F.linear`` need the
+    traced node's arguments (which operand is the parameter), so the model is traced
+    again only when such a step has chosen parameters.
+    """
+    forms, nodes = {}, None
     for step in plan.steps:
         if not step.params:
             continue
         m = step.module
-        T = env[step.inputs[0]][0].numel() // m.in_features
-        w, b = _chosen(step)
-        layers.append((T, m.out_features, m.in_features if w else 0, (m.in_features if w else 0) + int(b)))
+        if isinstance(m, nn.Linear) and len(step.inputs) == 1:
+            w, b = step.prefix + "weight", step.prefix + "bias"
+            forms[step.name] = Form(
+                w if w in step.params else None, b if b in step.params else None, False, m.in_features, m.out_features
+            )
+            continue
+        if m is None and nodes is None:
+            nodes = {n.name: n for n in fx.symbolic_trace(model).graph.nodes}
+        form = None if m is not None else _function_form(nodes[step.name], model, step.params)
+        if form is None:
+            return {}, f"{step.label} has chosen parameters and is not a dense layer (nn.Linear, x @ W, F.linear)"
+        forms[step.name] = form
+    return forms, None
+
+
+def kron_sizes(plan, env, forms: Dict[str, Form]) -> Tuple[int, int, int]:
+    """From a one-sample forward: ``(carried columns, largest K per sample, largest block)`` in entries."""
+    layers = []
+    for step in plan.steps:
+        if step.name in forms:
+            f = forms[step.name]
+            T = env[step.inputs[0]][0].numel() // f.d_in
+            a = f.d_in if f.weight else 0
+            layers.append((T, f.d_out, a, a + int(f.bias is not None)))
     cols = sum(T * d + T * a for T, d, a, _ in layers)
     k_per_sample = max((Tl * dl * dk * pk for Tl, dl, _, _ in layers for _, dk, _, pk in layers), default=0)
     block = max((dl * pl * dk * pk for _, dl, _, pl in layers for _, dk, _, pk in layers), default=0)
@@ -83,9 +134,9 @@ def kron_sizes(plan, env) -> Tuple[int, int, int]:
 
 @dataclass
 class _Layer:
-    """One Linear layer on a chunk: its chosen parts, ``ā`` (n, T, p), ``g`` (n, T, d) and carried columns."""
+    """One dense layer on a chunk: chosen parts (name, ā columns, transposed), ``ā`` (n, T, p), ``g`` (n, T, d)."""
 
-    parts: List[Tuple[str, slice]]
+    parts: List[Tuple[str, slice, bool]]
     a: torch.Tensor
     g: torch.Tensor
     d_in: int
@@ -93,29 +144,35 @@ class _Layer:
     G: Optional[slice] = None
 
 
-def _layer(u) -> _Layer:
-    step, x = u.step, u.xs[0]
-    m = step.module
-    n, (w, b) = x.shape[0], _chosen(step)
-    xt = x.reshape(n, -1, m.in_features)
+def _layer(u, f: Form) -> _Layer:
+    x = u.xs[0]
+    n = x.shape[0]
+    xt = x.reshape(n, -1, f.d_in)
     parts, feats = [], []
-    if w:
-        parts.append((step.prefix + "weight", slice(0, m.in_features)))
+    if f.weight:
+        parts.append((f.weight, slice(0, f.d_in), f.transposed))
         feats.append(xt)
-    if b:
-        off = m.in_features if w else 0
-        parts.append((step.prefix + "bias", slice(off, off + 1)))
+    if f.bias:
+        off = f.d_in if f.weight else 0
+        parts.append((f.bias, slice(off, off + 1), False))
         feats.append(xt.new_ones(n, xt.shape[1], 1))
-    return _Layer(
-        parts, torch.cat(feats, dim=2), u.gy.reshape(n, xt.shape[1], m.out_features), m.in_features if w else 0
-    )
+    return _Layer(parts, torch.cat(feats, dim=2), u.gy.reshape(n, xt.shape[1], f.d_out), f.d_in if f.weight else 0)
+
+
+def _oriented(block: torch.Tensor, rows_t: bool, cols_t: bool) -> torch.Tensor:
+    """``(j, q, i, p)`` → the parameters' own index order (a transposed weight is stored ``(q, j)``)."""
+    if rows_t:
+        block = block.transpose(0, 1)
+    if cols_t:
+        block = block.transpose(2, 3)
+    return block
 
 
 class KroneckerAccumulator:
     """The dense Hessian of one batch from factored columns (see the module docstring)."""
 
-    def __init__(self, layout, dtype, device):
-        self.layout = layout
+    def __init__(self, layout, dtype, device, forms: Dict[str, Form]):
+        self.layout, self.forms = layout, forms
         self.dense = torch.zeros(layout.size, layout.size, dtype=dtype, device=device)
         self.done: List[_Layer] = []
         self.width = 0
@@ -127,7 +184,7 @@ class KroneckerAccumulator:
 
     def parameters(self, u) -> torch.Tensor:
         """Blocks of this layer with itself and every layer undone before; its new columns R, G."""
-        cur = _layer(u)
+        cur = _layer(u, self.forms[u.step.name])
         for k in self.done:
             self._block(cur, k, u.Ky[:, :, k.r], None if k.G is None else u.Ky[:, :, k.G])
         self._block(cur, cur, u.Hyy, None)
@@ -154,10 +211,10 @@ class KroneckerAccumulator:
             K[..., : k.d_in] += torch.einsum("nsjtp,nti->jnsip", G5, k.g)
         A = cur.a.reshape(n * T_l, p_l).T
         block = torch.matmul(A, K.reshape(d_l, n * T_l, d_k * p_k)).reshape(d_l, p_l, d_k, p_k)
-        for rname, rq in cur.parts:
-            for cname, cp in k.parts:
-                dst = self.dense[self.layout.slice(rname), self.layout.slice(cname)]
-                dst.view(d_l, rq.stop - rq.start, d_k, cp.stop - cp.start).add_(block[:, rq, :, cp])
+        for rname, rq, rt in cur.parts:
+            for cname, cp, ct in k.parts:
+                src = _oriented(block[:, rq, :, cp], rt, ct)
+                self.dense[self.layout.slice(rname), self.layout.slice(cname)].view(src.shape).add_(src)
                 if k is not cur:
                     self.mirror.add((rname, cname))
 

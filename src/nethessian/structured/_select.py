@@ -23,7 +23,7 @@ ENGINES = ("auto", "structured", "autodiff")
 _ABSENT = object()
 STRUCTURED = "structured: every node of the model and the loss has a second-order backpropagation rule"
 KRON = (
-    "; every chosen parameter sits in an nn.Linear, so the dense Hessian comes from Kronecker "
+    "; every chosen parameter sits in a dense layer (nn.Linear, x @ W), so the dense Hessian comes from Kronecker "
     "factors (one GEMM over the samples per pair of layers)"
 )
 
@@ -101,7 +101,7 @@ def select(
 
     ``mode`` (``"diagonal"``, ``"blocks"``, ``"dense"``) sets the memory it must fit. For
     ``"dense"``, ``"auto"`` takes the structured engine when every chosen parameter sits
-    in an ``nn.Linear`` (Kronecker factors, ``_kron``: faster than Hessian-vector
+    in a dense layer (Kronecker factors, ``_kron``: faster than Hessian-vector
     products); other supported models keep autodiff (per-sample parameter Jacobians
     are slower), and ``"structured"`` forces them. A ``checkpoint`` belongs to the
     column-by-column loop: ``"auto"`` takes that loop and says so, ``"structured"`` is
