@@ -237,21 +237,28 @@ def _iterate(
 ) -> _Ritz:
     """Expand, test, restart until the Krylov bound meets ``tol`` or the budget (less ``k``) is spent."""
     b = kry.b
-    keep = min(k + max(b, (ncv - k) // 2), ncv - b)  # wanted + buffer kept at a restart
+    keep = _kept(k, b, ncv)
     history = []
     while True:
-        ritz = _Ritz(kry, which)
-        bound = ritz.worst_bound(k, tol)
         full = kry.filled or kry.j + b > ncv  # a basis never filled may have missed the wanted end
-        if (bound <= 1.0 and full) or op.num_matvecs + b + k > max_matvecs:
-            return ritz
-        if kry.j + b > ncv:
-            kry.restart(ritz, keep)
-            save_state(checkpoint, kry, expect, op)
-            history.append((op.num_matvecs, bound))
-            bar.set_total(_expected_total(history, k, b, max_matvecs))
+        spent = op.num_matvecs + b + k > max_matvecs
+        if full or spent:  # before the basis first fills, the Ritz pairs cannot stop the run
+            ritz = _Ritz(kry, which)
+            bound = ritz.worst_bound(k, tol)
+            if (bound <= 1.0 and full) or spent:
+                return ritz
+            if kry.j + b > ncv:
+                kry.restart(ritz, keep)
+                save_state(checkpoint, kry, expect, op)
+                history.append((op.num_matvecs, bound))
+                bar.set_total(_expected_total(history, k, b, max_matvecs))
         kry.expand(op)
         bar.update(b)
+
+
+def _kept(k: int, b: int, ncv: int) -> int:
+    """Ritz vectors kept at a thick restart: the wanted ``k`` and a buffer of their neighbours."""
+    return min(k + max(b, (ncv - k) // 2), ncv - b)
 
 
 def _expected_total(history, k: int, b: int, max_matvecs: int) -> int:

@@ -34,7 +34,7 @@ def save_state(
         return
     state = {
         **expect,
-        "V": kry.V.cpu(),
+        "V": kry.V.cpu().contiguous(),  # row-major on disk (the live basis is stored by columns)
         "j": kry.j,
         "H": kry.H,
         "F": kry.F.cpu(),

@@ -9,6 +9,11 @@ transient memory stays ``P x _COLS`` in the working dtype.
 
 * ``project_out``: classical Gram-Schmidt against ``V``, ``W ← W − V (Vᵀ W)``,
   one all-reduce per pass.
+* ``norms`` / ``exact_dot``: column norms and a few inner products accumulated in
+  float64 without float64 copies of the long vectors (the Krylov scalars' precision
+  at the cost of one pass over the vectors).
+* ``column_major``: the basis stored by columns, so a leading block of it is one
+  contiguous stretch of memory (a Gram-Schmidt pass reads ``n·j``, not ``n·ncv``, entries).
 * ``orthonormal_columns``: column-by-column classical Gram-Schmidt with two passes
   ("twice is enough", Giraud, Langou, Rozložník 2005) — a Gram-based QR that
   needs only all-reduced inner products, as stable as Householder QR once
@@ -24,7 +29,7 @@ import torch
 
 from ._operator import Operator
 
-__all__ = ["basis_matmul", "orthonormal_columns", "project_out"]
+__all__ = ["basis_matmul", "column_major", "exact_dot", "norms", "orthonormal_columns", "project_out"]
 
 _COLS = 16  # basis columns brought to the working dtype/device at a time
 
@@ -39,6 +44,43 @@ def _vt_w(op: Operator, V: torch.Tensor, W: torch.Tensor) -> torch.Tensor:
         return op.dot(V, W)
     parts = [op.dot(V[:, a : a + _COLS].to(W.device, W.dtype), W, reduce=False) for a in range(0, V.shape[1], _COLS)]
     return op.allreduce_(torch.cat(parts, dim=0).contiguous())
+
+
+def column_major(V: torch.Tensor) -> torch.Tensor:
+    """``V`` (n x m) with each column contiguous (strides ``(1, n)``), copied only when it is not.
+
+    A Krylov basis is read a leading block of columns at a time (``V[:, :j]``): stored by
+    columns, that block is one contiguous stretch of memory, so ``V[:, :j]ᵀ W`` and
+    ``V[:, :j] c`` read ``n·j`` entries instead of the whole ``n·m`` array.
+    """
+    if V.dim() == 2 and V.stride() == (1, max(1, V.shape[0])):
+        return V
+    return V.T.contiguous().T
+
+
+def norms(op: Operator, X: torch.Tensor) -> torch.Tensor:
+    """Euclidean norms of the (global) columns of ``X`` (n, k) or of a vector, float64 (k,) on the CPU.
+
+    Accumulated in float64 (like ``Operator.col_norms``) but without a float64 copy of ``X``.
+    """
+    X = X.reshape(-1, 1) if X.dim() == 1 else X
+    if X.device.type == "mps" or X.dtype == torch.float64:
+        return op.col_norms(X)
+    sq = torch.linalg.vector_norm(X, dim=0, dtype=torch.float64).square()
+    return op.allreduce_(sq).sqrt().cpu()
+
+
+def exact_dot(op: Operator, X: torch.Tensor, Y: torch.Tensor) -> torch.Tensor:
+    """``Xᵀ Y`` (b x m, float64, on ``Y``'s device) with float64 accumulation, for a few columns ``X``.
+
+    Each product ``x_i y_i`` is rounded once in the working dtype (a relative ``eps`` per
+    term, random in sign) and the sum is taken in float64: as accurate as a float64
+    copy of both blocks at the cost of ``b`` elementwise passes (no float64 copy).
+    """
+    if X.device.type == "mps" or (X.dtype == torch.float64 and Y.dtype == torch.float64):
+        return op.dot(X, Y)
+    rows = [(X[:, i : i + 1] * Y).sum(0, dtype=torch.float64) for i in range(X.shape[1])]
+    return op.allreduce_(torch.stack(rows).contiguous())
 
 
 def basis_matmul(V: torch.Tensor, Y: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
@@ -77,11 +119,11 @@ def orthonormal_columns(
     k = W.shape[1]
     Q = torch.zeros_like(W)
     R = torch.zeros(k, k, dtype=torch.float64)
-    before = op.col_norms(W) if rtol > 0 else torch.zeros(k, dtype=torch.float64)
+    before = norms(op, W) if rtol > 0 else torch.zeros(k, dtype=torch.float64)
     for i in range(k):
         w, c = project_out(op, Q[:, :i], W[:, i])
         R[:i, i] = c
-        r = op.norm(w)
+        r = float(norms(op, w)[0])
         if r > tiny and r > rtol * float(before[i]) and r > 0:
             Q[:, i] = w / r
             R[i, i] = r

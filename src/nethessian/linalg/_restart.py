@@ -10,16 +10,21 @@ from __future__ import annotations
 import math
 from typing import Any, Optional
 
+import numpy as np
 import torch
 
 from ._operator import Operator, randn
-from ._ortho import basis_matmul, orthonormal_columns, project_out
+from ._ortho import basis_matmul, column_major, exact_dot, norms, orthonormal_columns, project_out
 
 __all__: list = []
 
+
 # Daniel-Gragg-Kaufman-Stewart (1976): a Gram-Schmidt pass that keeps more than
 # 1/√2 of a vector's norm leaves it orthogonal to rounding; only a larger
-# cancellation calls for a second pass ("twice is enough").
+# cancellation calls for a second pass ("twice is enough"). The bound is sharp for
+# a Krylov basis: a pass keeping a fraction 1/κ leaves the basis's own loss of
+# orthogonality ω multiplied by about √(κ² − 1) in the new vector, so any laxer
+# test lets ω grow geometrically from step to step.
 _ETA = 2**-0.5
 
 
@@ -42,7 +47,13 @@ def _final_order(values: torch.Tensor, which: str) -> torch.Tensor:
 
 
 def _orthonormalize(
-    op: Operator, W: torch.Tensor, V: torch.Tensor, gen: torch.Generator, scale: float, checked: bool = False
+    op: Operator,
+    W: torch.Tensor,
+    V: torch.Tensor,
+    gen: torch.Generator,
+    scale: float,
+    checked: bool = False,
+    known: Optional[torch.Tensor] = None,
 ):
     """``W = F B`` with ``F`` orthonormal and ⟂ ``V`` (W already ⟂ V), B float64 upper triangular.
 
@@ -53,9 +64,12 @@ def _orthonormalize(
     the Krylov residuals claim more than the products support. Inner products
     go through the adapter (``_ortho``), so this is the same on every rank of a
     sharded operator. ``checked``: ``W`` was projected against ``V`` until the
-    DGKS test passed, so unless a column vanished no further pass is needed.
+    cancellation test passed, so unless a column vanished no further pass is needed;
+    ``known``: the column norms of ``W``, already computed (spares a pass for ``b = 1``).
     """
     tiny = torch.finfo(op.dtype).eps * max(scale, torch.finfo(torch.float64).tiny)
+    if checked and known is not None and W.shape[1] == 1 and float(known[0]) > tiny:
+        return W / float(known[0]), known.reshape(1, 1).clone()
     F, B = orthonormal_columns(op, W, tiny)
     bad = B.diagonal() == 0
     if checked and not bool(bad.any()):
@@ -78,7 +92,7 @@ class _Krylov:
     """
 
     def __init__(self, V, j, H, F, S, gen, dtype=None):
-        self.V, self.j, self.H, self.F, self.S, self.gen = V, j, H, F, S, gen
+        self.V, self.j, self.H, self.F, self.S, self.gen = column_major(V), j, H, F, S, gen
         self.b = F.shape[1]
         # the basis has been full once (a restart happened; a saved state with j > 0 is one)
         self.filled = j > 0
@@ -88,7 +102,7 @@ class _Krylov:
     def start(
         cls, op: Operator, ncv: int, b: int, gen: torch.Generator, basis_dtype=None, basis_device=None
     ) -> "_Krylov":
-        V = torch.zeros(op.size, ncv, dtype=basis_dtype or op.dtype, device=basis_device or op.device)
+        V = torch.zeros(ncv, op.size, dtype=basis_dtype or op.dtype, device=basis_device or op.device).T
         X = randn(op, op.size, b, generator=gen)
         F, _ = _orthonormalize(op, X, V[:, :0], gen, op.norm(X))
         return cls(
@@ -96,23 +110,34 @@ class _Krylov:
         )
 
     def expand(self, op: Operator) -> None:
-        """Append ``F`` to the basis: one block product, one Gram-Schmidt pass (two under cancellation)."""
+        """Append ``F`` to the basis: one block product, the known couplings, one Gram-Schmidt pass.
+
+        By the Krylov relation the coefficients of ``A F`` on ``V`` are ``Sᵀ`` (the
+        three-term recurrence; after a restart the whole kept block), so ``A F − V Sᵀ``
+        is formed first from the few columns ``S`` touches, then the new block's own
+        coefficients are taken off in float64 (``H``'s diagonal block). What remains
+        is nearly ⟂ ``V``: one classical Gram-Schmidt pass against the stored basis
+        (two matrix-vector products with ``V[:, :j + b]``) removes the rounding, and the
+        DGKS test rarely asks for a second. Done the other way round (the full pass
+        first), the pass itself cancels most of ``A F`` and needs the second pass
+        nearly every step.
+        """
         j, b = self.j, self.b
         self.V[:, j : j + b] = self.F.to(self.V.device, self.V.dtype)
         if self.V.dtype != self.F.dtype:  # multiply what the basis holds, so A V = V H + F S stays true
             self.F = self.V[:, j : j + b].to(self.F.device, self.F.dtype)
         W = op @ self.F
         C = torch.zeros(j + b, b, dtype=torch.float64)
-        exact = W.dtype != torch.float64 and W.device.type != "mps"  # MPS has no float64
-        before = op.col_norms(W)
-        for sweep in range(2):  # block Gram-Schmidt, a second pass only when needed (DGKS)
-            W, c_old = project_out(op, self.V[:, :j], W, passes=1)  # the old basis, as stored
-            c = op.dot(self.F, W, dtype=torch.float64 if sweep == 0 and exact else None)
-            W = W - self.F @ c.to(W.dtype)  # the new block (in float64 the first time: H's diagonal block)
-            C[:j] += c_old
-            C[j:] += c.cpu().double()
-            after = op.col_norms(W)
-            if bool((after > _ETA * before).all()):  # no cancellation: W ⟂ V to rounding already
+        W = self._known_couplings(W, C)
+        c = exact_dot(op, self.F, W)
+        W = W - self.F @ c.to(W.dtype)
+        C[j:] += c.cpu().double()
+        before = norms(op, W)
+        for _sweep in range(2):  # classical Gram-Schmidt, a second pass only under cancellation (DGKS)
+            W, c_all = project_out(op, self.V[:, : j + b], W, passes=1)  # the basis as stored
+            C += c_all
+            after = norms(op, W)
+            if bool((after > _ETA * before).all()):
                 break
             before = after
         H = torch.zeros(j + b, j + b, dtype=torch.float64)
@@ -121,20 +146,30 @@ class _Krylov:
         H[j:, :j] = C[:j].T
         H[j:, j:] = (C[j:] + C[j:].T) / 2
         scale = float(H.abs().sum(0).max())
-        self.F, B = _orthonormalize(op, W, self.V[:, : j + b], self.gen, scale, checked=True)
+        self.F, B = _orthonormalize(op, W, self.V[:, : j + b], self.gen, scale, checked=True, known=after)
         self.S = torch.cat([torch.zeros(b, j, dtype=torch.float64), B], dim=1)
         self.H, self.j = H, j + b
 
+    def _known_couplings(self, W: torch.Tensor, C: torch.Tensor) -> torch.Tensor:
+        """``W − V Sᵀ`` over the columns where ``S`` is not zero (``Sᵀ`` added to ``C``)."""
+        nz = torch.nonzero(self.S.abs().sum(dim=0)).flatten()
+        if nz.numel() == 0:
+            return W
+        lo = int(nz[0])
+        St = self.S[:, lo : self.j].T.contiguous()
+        C[lo : self.j] += St
+        return W - basis_matmul(self.V[:, lo : self.j], St, W)
+
     def restart(self, ritz: "_Ritz", keep: int) -> None:
-        """Thick restart: keep the ``keep`` most wanted Ritz vectors (``V ← V Y``, in row blocks)."""
+        """Thick restart: keep the ``keep`` most wanted Ritz vectors (``V ← V Y``, by blocks of rows)."""
         idx = ritz.order[:keep]
         Y = ritz.Y[:, idx]
-        V, j = self.V, self.j
-        work = torch.float64 if V.dtype == torch.float64 else torch.float32
-        rows = max(1, (1 << 24) // max(1, j))  # row blocks: transient rows x j, not P x keep
-        for a in range(0, V.shape[0], rows):
-            blk = V[a : a + rows, :j].to(work) @ Y.to(V.device, work)
-            V[a : a + rows, :keep] = blk.to(V.dtype)
+        Vt, j = self.V.T, self.j  # (ncv, P): the basis stored by columns is this, by rows
+        work = torch.float64 if Vt.dtype == torch.float64 else torch.float32
+        Yt = Y.T.to(Vt.device, work).contiguous()
+        cols = max(1, (1 << 24) // max(1, j))  # column blocks: transient j x cols, not P x keep
+        for a in range(0, Vt.shape[1], cols):
+            Vt[:keep, a : a + cols] = (Yt @ Vt[:j, a : a + cols].to(work)).to(Vt.dtype)
         self.H = torch.diag(ritz.theta[idx])
         self.S = self.S @ Y
         self.j, self.filled = keep, True
@@ -157,24 +192,24 @@ class _Ritz:
         yet (eigenvalues may hide there), so that gap counts as 0 and the bound is ``r``.
         ``res`` replaces the Krylov residuals (e.g. by recomputed true ones).
         """
-        res = self.res if res is None else res
-        t, j = self.theta, self.theta.numel()
+        res = (self.res if res is None else res).numpy()  # numpy: ~10x less overhead at this size
+        t, j = self.theta.numpy(), self.theta.numel()
         if j < k:
             return math.inf
-        idx = self.order[:k]
-        wanted = torch.zeros(j, dtype=torch.bool)
+        idx = self.order[:k].numpy()
+        wanted = np.zeros(j, dtype=bool)
         wanted[idx] = True
-        edge = torch.zeros(j, dtype=torch.bool)  # theta is ascending
+        edge = np.zeros(j, dtype=bool)  # theta is ascending
         edge[1:] |= ~wanted[:-1]
         edge[:-1] |= ~wanted[1:]
-        gap = ((t[idx, None] - t[None, :]).abs() - res[None, :]).clamp(min=0.0)
-        gap[torch.arange(k), idx] = math.inf
-        gap = gap.min(dim=1).values
-        gap[edge[idx] | torch.isinf(gap)] = 0.0  # a lone Ritz value knows no gap
+        gap = np.clip(np.abs(t[idx, None] - t[None, :]) - res[None, :], 0.0, None)
+        gap[np.arange(k), idx] = math.inf
+        gap = gap.min(axis=1)
+        gap[edge[idx] | np.isinf(gap)] = 0.0  # a lone Ritz value knows no gap
         r = res[idx]
-        err = torch.where(gap > 0, torch.minimum(r, r * r / gap.clamp(min=1e-300)), r)
-        floor = math.sqrt(torch.finfo(self.kry.dtype).eps) * float(t.abs().max())
-        target = tol * torch.clamp(t[idx].abs(), min=max(floor, torch.finfo(torch.float64).tiny))
+        err = np.where(gap > 0, np.minimum(r, r * r / np.maximum(gap, 1e-300)), r)
+        floor = math.sqrt(torch.finfo(self.kry.dtype).eps) * float(np.abs(t).max())
+        target = tol * np.maximum(np.abs(t[idx]), max(floor, torch.finfo(torch.float64).tiny))
         return float((err / target).max())
 
     def wanted(self, k: int):
