@@ -99,9 +99,8 @@ class StructuredEngine:
         self._fixed = {"diagonal": 0.0, "blocks": 0.0, "dense": 0.0}
         dense = item * (base + 4 * widest * P)
         if self.kron:
-            cols, k_sample, block = kron_sizes(self.plan, env, self.forms)
-            dense = item * (4 * widest**2 + 3 * widest * cols + 2 * k_sample)
-            self._fixed["dense"] = float(item * 2 * block)
+            cols, k_sample = kron_sizes(self.plan, env, self.forms)
+            dense = item * (4 * widest**2 + 3 * widest * cols + k_sample)
         return {"diagonal": diagonal, "blocks": item * base, "dense": dense}
 
     @property

@@ -117,55 +117,100 @@ def linear_forms(plan, model: nn.Module) -> Tuple[Dict[str, Form], Optional[str]
     return forms, None
 
 
-def kron_sizes(plan, env, forms: Dict[str, Form]) -> Tuple[int, int, int]:
-    """From a one-sample forward: ``(carried columns, largest K per sample, largest block)`` in entries."""
+def kron_sizes(plan, env, forms: Dict[str, Form]) -> Tuple[int, int]:
+    """From a one-sample forward, in entries: ``(carried columns, K per sample)``.
+
+    K (the largest pair's weight columns) is written once per pair into a reused
+    buffer; with leading dimensions ``einsum`` makes up to three such tensors. The
+    GEMMs write straight into the dense matrix (no output buffer).
+    """
     layers = []
     for step in plan.steps:
         if step.name in forms:
             f = forms[step.name]
             T = env[step.inputs[0]][0].numel() // f.d_in
             a = f.d_in if f.weight else 0
-            layers.append((T, f.d_out, a, a + int(f.bias is not None)))
-    cols = sum(T * d + T * a for T, d, a, _ in layers)
-    k_per_sample = max((Tl * dl * dk * pk for Tl, dl, _, _ in layers for _, dk, _, pk in layers), default=0)
-    block = max((dl * pl * dk * pk for _, dl, _, pl in layers for _, dk, _, pk in layers), default=0)
-    return cols, k_per_sample, block
+            layers.append((T, f.d_out, a))
+    cols = sum(T * (d + a) for T, d, a in layers)
+    copies = 1 if all(T == 1 for T, _, _ in layers) else 3
+    k_sample = max((copies * Tl * dl * Tk * dk * (ak + 1) for Tl, dl, _ in layers for Tk, dk, ak in layers), default=0)
+    return cols, k_sample
 
 
 @dataclass
 class _Layer:
-    """One dense layer on a chunk: chosen parts (name, ā columns, transposed), ``ā`` (n, T, p), ``g`` (n, T, d)."""
+    """One dense layer on a chunk: its form, input ``x`` (n, T, d_in), ``g = ∂ℓ/∂z`` (n, T, d_out), columns."""
 
-    parts: List[Tuple[str, slice, bool]]
-    a: torch.Tensor
+    f: Form
+    x: torch.Tensor
     g: torch.Tensor
-    d_in: int
     r: Optional[slice] = None
     G: Optional[slice] = None
 
 
 def _layer(u, f: Form) -> _Layer:
-    x = u.xs[0]
-    n = x.shape[0]
-    xt = x.reshape(n, -1, f.d_in)
-    parts, feats = [], []
-    if f.weight:
-        parts.append((f.weight, slice(0, f.d_in), f.transposed))
-        feats.append(xt)
-    if f.bias:
-        off = f.d_in if f.weight else 0
-        parts.append((f.bias, slice(off, off + 1), False))
-        feats.append(xt.new_ones(n, xt.shape[1], 1))
-    return _Layer(parts, torch.cat(feats, dim=2), u.gy.reshape(n, xt.shape[1], f.d_out), f.d_in if f.weight else 0)
+    n = u.xs[0].shape[0]
+    x = u.xs[0].reshape(n, -1, f.d_in)
+    return _Layer(f, x, u.gy.reshape(n, x.shape[1], f.d_out))
 
 
-def _oriented(block: torch.Tensor, rows_t: bool, cols_t: bool) -> torch.Tensor:
-    """``(j, q, i, p)`` → the parameters' own index order (a transposed weight is stored ``(q, j)``)."""
-    if rows_t:
-        block = block.transpose(0, 1)
-    if cols_t:
-        block = block.transpose(2, 3)
-    return block
+def _weight_k(d_l: int, k: _Layer, R: torch.Tensor, G: Optional[torch.Tensor], scratch) -> torch.Tensor:
+    """``K[j, n, i, p] = R[n, j, i] x_k[n, p] + G[n, j, p] g_k[n, i]`` (one position), ``(p, i)`` if transposed.
+
+    Written into ``scratch(numel)``, a buffer reused across pairs and chunks (no fresh
+    pages per chunk), in the GEMM's layout.
+    """
+    n, _, d_in = k.x.shape
+    d_k = k.g.shape[2]
+    tr = k.f.transposed
+    K = scratch(d_l * n * d_in * d_k).view((d_l, n, d_in, d_k) if tr else (d_l, n, d_k, d_in))
+    Rj = R.reshape(n, d_l, d_k).transpose(0, 1)  # (j, n, i)
+    x, g = k.x.reshape(1, n, d_in), k.g.reshape(1, n, d_k)
+    if tr:
+        torch.mul(Rj[:, :, None, :], x[..., None], out=K)
+    else:
+        torch.mul(Rj[..., None], x[:, :, None, :], out=K)
+    if G is not None:
+        Gj = G.reshape(n, d_l, d_in).transpose(0, 1)  # (j, n, p)
+        if tr:
+            K.addcmul_(Gj[..., None], g[:, :, None, :])
+        else:
+            K.addcmul_(Gj[:, :, None, :], g[..., None])
+    return K
+
+
+def _columns(cur: _Layer, k: _Layer, R: torch.Tensor, G: Optional[torch.Tensor], scratch):
+    """``[(name, K (d_l, n·T_l, cols))]`` per chosen part of layer k, columns in the parameter's layout order.
+
+    ``K_{z_cur, k}[(s,j), (i,p)] = Σ_t R[(s,j),(t,i)] x_k[t,p] + Σ_t G[(s,j),(t,p)] g_k[t,i]`` for the
+    weight, ``Σ_t R[(s,j),(t,i)]`` for the bias (its feature is the constant 1).
+    """
+    n, T_l, d_l = cur.g.shape
+    _, T_k, d_k = k.g.shape
+    R5 = R.reshape(n, T_l, d_l, T_k, d_k)
+    out = []
+    if k.f.weight and T_l == T_k == 1:
+        out.append((k.f.weight, _weight_k(d_l, k, R, G, scratch).reshape(d_l, n, -1)))
+    elif k.f.weight:
+        spec = "jnspi" if k.f.transposed else "jnsip"
+        K = torch.einsum(f"nsjti,ntp->{spec}", R5, k.x)
+        if G is not None:
+            K = K + torch.einsum(f"nsjtp,nti->{spec}", G.reshape(n, T_l, d_l, T_k, -1), k.g)
+        out.append((k.f.weight, K.reshape(d_l, n * T_l, -1)))
+    if k.f.bias:
+        out.append((k.f.bias, R5.sum(3).permute(2, 0, 1, 3).reshape(d_l, n * T_l, d_k)))
+    return out
+
+
+def _rows(cur: _Layer):
+    """``[(name, A (q, n·T), transposed)]``: each chosen part's features (the input; 1 for the bias)."""
+    n, T, d_in = cur.x.shape
+    out = []
+    if cur.f.weight:
+        out.append((cur.f.weight, cur.x.reshape(n * T, d_in).T, cur.f.transposed))
+    if cur.f.bias:
+        out.append((cur.f.bias, cur.x.new_ones(1, n * T), False))
+    return out
 
 
 class KroneckerAccumulator:
@@ -177,6 +222,8 @@ class KroneckerAccumulator:
         self.done: List[_Layer] = []
         self.width = 0
         self.mirror: Set[Tuple[str, str]] = set()
+        self.triangles: Set[Tuple[str, int, int]] = set()
+        self._buffer: Optional[torch.Tensor] = None
 
     def start_chunk(self) -> None:
         """A new chunk's frontier carries no columns yet."""
@@ -192,7 +239,7 @@ class KroneckerAccumulator:
         cols = [torch.cat([u.Hry, u.HJ.transpose(1, 2)], dim=1)]
         cur.r = slice(self.width, self.width + Dy)
         self.width += Dy
-        if cur.d_in and u.wrt:
+        if cur.f.weight and u.wrt:
             eye = torch.eye(Dx, dtype=u.HJ.dtype, device=u.HJ.device).expand(n, Dx, Dx)
             cols.append(torch.cat([u.Hry.new_zeros(n, u.Hry.shape[1], Dx), eye], dim=1))
             cur.G = slice(self.width, self.width + Dx)
@@ -201,28 +248,43 @@ class KroneckerAccumulator:
         return torch.cat(cols, dim=2)
 
     def _block(self, cur: _Layer, k: _Layer, R: torch.Tensor, G: Optional[torch.Tensor]) -> None:
-        """``H[Θ_cur, Θ_k] += Σ_{n,s} ā_cur ⊗ K`` with ``K`` from the factors ``R``, ``G`` at z_cur."""
-        n, T_l, d_l = cur.g.shape
-        _, T_k, d_k = k.g.shape
-        p_l, p_k = cur.a.shape[2], k.a.shape[2]
-        K = torch.einsum("nsjti,ntp->jnsip", R.reshape(n, T_l, d_l, T_k, d_k), k.a).contiguous()
-        if G is not None:
-            G5 = G.reshape(n, T_l, d_l, T_k, k.d_in)
-            K[..., : k.d_in] += torch.einsum("nsjtp,nti->jnsip", G5, k.g)
-        A = cur.a.reshape(n * T_l, p_l).T
-        block = torch.matmul(A, K.reshape(d_l, n * T_l, d_k * p_k)).reshape(d_l, p_l, d_k, p_k)
-        for rname, rq, rt in cur.parts:
-            for cname, cp, ct in k.parts:
-                src = _oriented(block[:, rq, :, cp], rt, ct)
-                self.dense[self.layout.slice(rname), self.layout.slice(cname)].view(src.shape).add_(src)
+        """``H[Θ_cur, Θ_k] += Σ_{n,s} features_cur ⊗ K``: GEMMs straight into the dense matrix.
+
+        A parameter's own block gets its upper block-triangle only (rows j, columns i ≥ j
+        of the output units); ``result`` copies the rest from it.
+        """
+        d_l = cur.g.shape[2]
+        for cname, K in _columns(cur, k, R, G, self._scratch):
+            for rname, A, rt in _rows(cur):
+                q = A.shape[0]
+                out = self.dense[self.layout.slice(rname), self.layout.slice(cname)]
+                out = out.view(q, d_l, -1).transpose(0, 1) if rt else out.view(d_l, q, -1)
+                if rname == cname and not rt:
+                    for j in range(d_l):
+                        out[j, :, j * q :].addmm_(A, K[j, :, j * q :])
+                    self.triangles.add((rname, d_l, q))
+                else:
+                    out.baddbmm_(A.expand(d_l, *A.shape), K)
                 if k is not cur:
                     self.mirror.add((rname, cname))
 
+    def _scratch(self, numel: int) -> torch.Tensor:
+        if self._buffer is None or self._buffer.numel() < numel:
+            self._buffer = None
+            self._buffer = self.dense.new_empty(numel)
+        return self._buffer[:numel]
+
     def result(self) -> torch.Tensor:
-        """The batch's dense matrix: the blocks below the diagonal copied from above it."""
+        """The batch's dense matrix: lower block-triangles and the blocks below the diagonal by symmetry."""
+        for name, d, q in self.triangles:
+            V = self.dense[self.layout.slice(name), self.layout.slice(name)].view(d, q, d, q)
+            for j in range(1, d):
+                V[j, :, :j, :] = V[:j, :, j, :].permute(2, 0, 1)
         for r, c in self.mirror:
             self.dense[self.layout.slice(c), self.layout.slice(r)] = self.dense[
                 self.layout.slice(r), self.layout.slice(c)
             ].T
         self.mirror.clear()
+        self.triangles.clear()
+        self._buffer = None
         return self.dense
