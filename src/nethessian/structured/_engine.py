@@ -96,7 +96,6 @@ class StructuredEngine:
             if self.chain
             else item * (4 * widest**2 + 3 * jac_diag)
         )
-        self._fixed = {"diagonal": 0.0, "blocks": 0.0, "dense": 0.0}
         dense = item * (base + 4 * widest * P)
         if self.kron:
             cols, k_sample = kron_sizes(self.plan, env, self.forms)
@@ -130,13 +129,12 @@ class StructuredEngine:
             )
 
     def work_estimate(self, mode: str, n: int) -> float:
-        """Bytes of working memory for ``n`` samples at once (the per-sample matrices, one block)."""
-        return self._per_sample[mode] * n + self._fixed[mode]
+        """Bytes of working memory for ``n`` samples at once (the per-sample matrices)."""
+        return self._per_sample[mode] * n
 
     def chunk(self, mode: str) -> int:
         """Samples per chunk: as many as fit the working budget (at least one)."""
-        room = self._budget(mode) - self._fixed[mode]
-        return max(1, int(room // max(self._per_sample[mode], 1.0)))
+        return max(1, int(self._budget(mode) // max(self._per_sample[mode], 1.0)))
 
     def _batch(self, mode: str, batch, state) -> Tuple[Accumulator, float]:
         ob = self.objective
