@@ -22,6 +22,12 @@ module-by-module recursion keeps, and why it stops at ``nn.Sequential``).
 
 For a chain (``nn.Sequential``) F is one tensor and this is Bishop's (1992)
 recursion; the δ terms of ``docs/two-layer-hessian.md`` are its entries.
+
+The frontier carries K as *columns* whose rows follow F: every step maps them by
+``K_F' = [K_R ; Jᵀ K_y]`` and a parameterised step's accumulator appends its own.
+``Accumulator`` appends K itself (P_θ columns from per-sample ``J_θ``);
+``_kron.KroneckerAccumulator`` appends, for a dense layer, two narrow factors from
+which K is rebuilt per pair of layers (far fewer columns, no ``J_θ``).
 """
 
 from __future__ import annotations
