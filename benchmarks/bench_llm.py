@@ -36,6 +36,9 @@ import torch
 W5 = dict(vocab_size=50257, n_layer=12, n_embd=768, n_head=12, n_positions=1024, batch=4, tokens=128)
 TINY = dict(vocab_size=97, n_layer=2, n_embd=32, n_head=2, n_positions=32, batch=2, tokens=16)
 ENGINES = {"kept-graph": True, "streaming": False}
+# Lanczos basis sizes: at P = 124M one float32 vector is 0.5 GB, so the default ncv = 20 would hold
+# 10 GB of basis; a user of a model this size sets ncv (the result states its memory bound).
+NCV = {1: 8, 5: 12}
 
 
 def problem(cfg):
@@ -60,6 +63,17 @@ def problem(cfg):
     return model, causal_lm(), {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids}
 
 
+def machine() -> dict:
+    """When and where: date, torch version, threads, load averages (the machine is shared)."""
+    import os
+
+    return {
+        "date": time.strftime("%Y-%m-%d %H:%M:%S"),
+        "torch": torch.__version__,
+        "loadavg": os.getloadavg(),
+    }
+
+
 def _maxrss() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
@@ -82,14 +96,24 @@ def _task(name, model, loss, data):
         k = int(what[3:])
 
         def eig():
-            r = nh.eigenvalues(op, k=k, tol=1e-2)
-            return {"eigenvalues": [float(x) for x in r.eigenvalues], "products": r.num_matvecs}
+            r = nh.eigenvalues(op, k=k, tol=1e-2, ncv=NCV[k])
+            return {
+                "eigenvalues": [float(x) for x in r.eigenvalues],
+                "products": r.num_matvecs,
+                "converged": bool(r.converged),
+                "stated_bound_bytes": r.memory_bytes,
+            }
 
         return eig
 
     def tr():
         t = nh.trace(op, method="hutch++", num_matvecs=30)
-        return {"trace": t.value, "stderr": t.stderr, "products": t.num_matvecs}
+        return {
+            "trace": t.value,
+            "stderr": t.stderr,
+            "products": t.num_matvecs,
+            "stated_bound_bytes": getattr(t, "memory_bytes", None),
+        }
 
     return tr
 
@@ -120,22 +144,37 @@ def main(argv=None):
     ap.add_argument("--tiny", action="store_true", help="smoke run on a 2-layer, width-32 GPT-2")
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--out", default=None, help="write the results as JSON here")
+    ap.add_argument(
+        "--runs",
+        default=None,
+        help="comma-separated subset of runs, e.g. 'gradient,kept-graph:hvp,streaming:hvp' (default: all)",
+    )
     args = ap.parse_args(argv)
     cfg = dict(TINY if args.tiny else W5, threads=args.threads)
     names = ["gradient"] + [f"{e}:{w}" for e in ENGINES for w in ("hvp", "top1", "top5", "hutch++30")]
-    rows = {n: measure(cfg, n) for n in names}
-    grad = rows["gradient"]
-    print(f"{'run':22s} {'time':>9s} {'÷grad':>7s} {'peak MiB':>9s} {'÷grad':>7s}  extra")
-    for n, r in rows.items():
+    if args.runs:
+        wanted = args.runs.split(",")
+        unknown = sorted(set(wanted) - set(names))
+        if unknown:
+            ap.error(f"unknown runs {unknown}; choose from {names}")
+        names = ["gradient"] + [n for n in names if n in wanted and n != "gradient"]
+    rows = {}
+    print(f"{'run':22s} {'time':>9s} {'÷grad':>7s} {'peak MiB':>9s} {'÷grad':>7s}  extra", flush=True)
+    for n in names:  # each row printed and saved as soon as it is measured (a W5 run takes long)
+        r = rows[n] = measure(cfg, n)
+        grad = rows["gradient"]
         extras = {k: v for k, v in r.items() if k not in ("name", "time_s", "extra_peak_bytes")}
         print(
             f"{n:22s} {r['time_s']:9.3f} {r['time_s'] / grad['time_s']:7.2f} "
             f"{r['extra_peak_bytes'] / 2**20:9.1f} {r['extra_peak_bytes'] / max(grad['extra_peak_bytes'], 1):7.2f}"
-            f"  {extras}"
+            f"  {extras}",
+            flush=True,
         )
-    if args.out:
-        with open(args.out, "w") as f:
-            json.dump({"config": cfg, "tiny": args.tiny, "rows": rows}, f, indent=1)
+        if args.out:
+            with open(args.out, "w") as f:
+                json.dump(
+                    {"config": cfg, "tiny": args.tiny, "ncv": NCV, "machine": machine(), "rows": rows}, f, indent=1
+                )
     return 0
 
 
