@@ -100,6 +100,7 @@ DENSE_CASES = {
     ),
     "residual-graph": lambda: (_seeded(Residual), nn.MSELoss(), (_x(5, 3), _x(5, 2, seed=3)), None),
     "functional-linear-and-matmul": lambda: (Functional(), nn.MSELoss(), (_x(6, 3), _x(6, 2, seed=3)), None),
+    "functional-3d-inputs": lambda: (Functional(), nn.MSELoss(), (_x(4, 5, 3), _x(4, 5, 2, seed=3)), None),
 }
 
 
