@@ -151,3 +151,43 @@ def test_precision_note_is_carried_and_shown():
         assert "bfloat16" in repr(r), type(r).__name__
     plain = eigenvalues(sym(spectrum(), seed=5), k=2)
     assert plain.precision_note is None and "precision_note" not in repr(plain)
+
+
+@pytest.mark.parametrize("estimator", ["trace", "density", "diagonal"])
+def test_a_bound_above_the_free_memory_is_refused_before_any_product(monkeypatch, estimator):
+    """No max_memory: a bound above what the device has free now is refused up front, with advice;
+    an explicit max_memory replaces that check (the caller's own limit)."""
+    from nethessian.linalg import _memory
+
+    class Counting:
+        shape, dtype, device = (40, 40), torch.float64, torch.device("cpu")
+
+        def __init__(self):
+            self.M, self.calls = sym(torch.linspace(-1.0, 2.0, 40, dtype=torch.float64), seed=2), 0
+
+        def __matmul__(self, v):
+            self.calls += 1
+            return self.M @ v
+
+    A = Counting()
+    run = {
+        "trace": lambda **kw: trace(A, method="hutch++", num_matvecs=12, **kw),
+        "density": lambda **kw: spectral_density(A, num_probes=2, lanczos_steps=10, **kw),
+        "diagonal": lambda **kw: diagonal(A, method="estimate", num_matvecs=4, **kw),
+    }[estimator]
+    monkeypatch.setattr(_memory, "available_bytes", lambda device: 100)
+    with pytest.raises(InputError, match="available now on cpu"):
+        run()
+    assert A.calls == 0
+    monkeypatch.setattr(_memory, "available_bytes", lambda device: 10**12)
+    assert run() is not None
+    monkeypatch.setattr(_memory, "available_bytes", lambda device: 100)
+    assert run(max_memory=10**9) is not None
+
+
+def test_available_bytes_reads_the_machine():
+    from nethessian.linalg._memory import available_bytes
+
+    free = available_bytes(torch.device("cpu"))
+    assert free is None or free > 0
+    assert available_bytes(torch.device("meta")) is None

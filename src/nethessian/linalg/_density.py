@@ -190,6 +190,7 @@ def spectral_density(
         A.size * ((steps if reorthogonalize else 0) + 4) * s,
         max_memory,
         "lower lanczos_steps or pass reorthogonalize=False (O(P) memory)",
+        A.device,
     )
     nodes, weights, spent = _quadrature(
         A, num_probes, steps, seed, checkpoint, progress, check_symmetry, bool(reorthogonalize)

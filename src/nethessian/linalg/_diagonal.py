@@ -205,6 +205,7 @@ def diagonal(
         A.size * (16 + min(chunk, m) * (2 * size_of(A.dtype) + 16)),
         max_memory,
         "lower chunk_size",
+        A.device,
     )
     mean, var = _bks(A, m, seed, chunk, progress, checkpoint)
     stderr = (var / m).sqrt()

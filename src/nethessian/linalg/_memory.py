@@ -19,6 +19,12 @@ configuration above it before a single product is spent.
   products); XTrace ``n·(s + 64)·q`` for its ``q`` probes (ten float64 (n, q) tables).
 * diagonal estimate: ``n·(16 + c·(2s + 16))`` (mean, M2, a chunk with its products).
 * solve: CG ``n·6·s``, MINRES ``n·10·s``.
+
+Without ``max_memory`` a bound above the memory available *now* on the operator's
+device (``MemAvailable`` of ``/proc/meminfo`` on the CPU, ``torch.cuda.mem_get_info``
+on a GPU) is refused the same way, before any product: a run that cannot fit would
+otherwise end in the out-of-memory killer, or crawl, after minutes of products. An
+explicit ``max_memory`` replaces that check (the caller knows better).
 """
 
 from __future__ import annotations
@@ -30,7 +36,7 @@ import torch
 from .._checks import as_int
 from ..errors import InputError
 
-__all__ = ["check_memory", "lanczos_bytes", "size_of"]
+__all__ = ["available_bytes", "check_memory", "lanczos_bytes", "size_of"]
 
 
 def size_of(dtype: torch.dtype) -> int:
@@ -50,9 +56,38 @@ def gib(nbytes: float) -> str:
     return f"{nbytes / 2**30:.3g} GiB ({int(nbytes):,} bytes)"
 
 
-def check_memory(what: str, need: int, max_memory: Optional[int], advice: str) -> int:
-    """Refuse ``need`` bytes above ``max_memory`` (``None``: no limit); returns ``need``."""
+def available_bytes(device: Optional[torch.device]) -> Optional[int]:
+    """Memory free now on ``device`` (``None`` when it cannot be told)."""
+    device = torch.device("cpu") if device is None else torch.device(device)
+    if device.type == "cuda":
+        return int(torch.cuda.mem_get_info(device)[0])
+    if device.type != "cpu":
+        return None
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        return None
+    return None
+
+
+def check_memory(
+    what: str, need: int, max_memory: Optional[int], advice: str, device: Optional[torch.device] = None
+) -> int:
+    """Refuse ``need`` bytes above ``max_memory``, or when it is ``None`` above what ``device`` has free.
+
+    Returns ``need``.
+    """
     if max_memory is None:
+        free = available_bytes(device)
+        if free is not None and need > free:
+            raise InputError(
+                f"{what} would hold {gib(need)} per rank beyond the products' own memory, more than the "
+                f"{gib(free)} available now on {torch.device('cpu') if device is None else device}; {advice}, "
+                "or pass max_memory= (bytes) to run anyway up to that limit"
+            )
         return need
     limit = as_int("max_memory", max_memory, minimum=0)
     if need > limit:

@@ -212,6 +212,7 @@ def trace(
         _trace_bytes(method, A.size, m, chunk, size_of(A.dtype)),
         max_memory,
         "lower num_matvecs or chunk_size",
+        A.device,
     )
     gen = make_generator(seed)
     expect = {
