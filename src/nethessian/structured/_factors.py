@@ -3,32 +3,40 @@
 For a model that is a chain ``z_0 → f_1 → z_1 → … → f_L → z_L`` (``nn.Sequential``
 and its fx equivalent), the per-sample Hessian of ℓ with respect to a node is kept as
 
-    H_z = Σ_k λ_k v_k v_kᵀ + diag(d)        (per sample; V: (n, K, D), λ: (n, K), d: (n, D)),
+    H_z = Vᵀ W V + diag(d) = Σ_{k,l} W_kl v_k v_lᵀ + diag(d)
+          (per sample; V: (n, K, D), W: (n, K, K) or diagonal (n, K), d: (n, D)),
 
-starting from the loss's eigen-decomposition ``H_out = Σ_k λ_k v_k v_kᵀ`` (K = number
-of outputs, exact for every loss setting; BackPACK writes the same as square-root
-factors ``± s sᵀ``, the weights λ avoid the square roots of negative entries). Undoing
-a step ``z = f(x)`` with ``J = ∂z/∂x`` and ``g = ∂ℓ/∂z``:
+starting from the loss's Hessian itself, ``V = I``, ``W = H_out`` (K = number of
+outputs, exact for every loss setting). BackPACK starts from square-root factors
+``± s sᵀ``; an eigendecomposition would give diagonal weights, but a batched ``eigh`` of
+N small matrices costs about a gradient of the MLP, more than the K×K weight products
+it saves. Undoing a step ``z = f(x)`` with ``J = ∂z/∂x`` and ``g = ∂ℓ/∂z``:
 
-* factors: ``v ↦ Jᵀ v`` (one vector-Jacobian product per factor);
+* factors: ``v ↦ Jᵀ v`` (``_transpose.Transpose``: closed forms for element-wise
+  maps, Linear, convolutions and max-pools, else one vector-Jacobian product per
+  factor); W is unchanged. Below a max-pool the factors stay as their values at the
+  maxima (``_unfold.Scattered``) through element-wise maps and into a convolution's
+  weight gradient, so the zeros are never formed where nothing else needs them;
 * diagonal part: for a diagonal J (element-wise maps, BatchNorm in eval)
   ``Jᵀ diag(d) J = diag(J² d)``, plus the residual ``diag(g ⊙ σ'')`` of a curved
   element-wise map; for a selection J (Flatten, Identity, Dropout in eval, MaxPool:
   every output copies one input) ``Jᵀ diag(d) J = diag(Jᵀ d)``; for any other J the
-  diagonal becomes D new factors ``e_j`` with weights ``d_j`` (exact, and the only
-  place the factor count grows — with ReLU it never does).
+  diagonal becomes D new factors ``e_j`` with weights ``d_j`` after W is made diagonal
+  (``W = Q Λ Qᵀ``, ``V ↦ Qᵀ V``; exact, and the only place the factor count grows —
+  with ReLU it never does).
 
 Only as much is kept as the layers below need (the *level* of each node): a
 ``Linear`` on 2-D inputs needs only ``diag(H_z)`` for its weights, so below the last
 layer whose input needs more, only the diagonal travels:
 
-    diag(Jᵀ H J) = Σ_k λ_k (Jᵀ v_k)² + (J ⊙ J)ᵀ d,
+    diag(Jᵀ H J) = Σ_{k,l} W_kl (Jᵀ v_k) ⊙ (Jᵀ v_l) + (J ⊙ J)ᵀ d,
 
 with ``(J ⊙ J)ᵀ d`` the VJP of the layer with squared weights (Linear, Conv,
 ConvTranspose: every Jacobian entry is one weight). Parameter diagonals:
 ``Linear`` (2-D input) ``diag(H_W) = diag(H_z)ᵀ (x ⊙ x)``; any other layer
-``Σ_k λ_k (J_θᵀ v_k)² + (J_θ ⊙ J_θ)ᵀ d`` with per-sample, per-factor VJPs in θ and
-the last term as the θ-VJP at squared inputs (Linear, Conv: entries of J_θ are inputs).
+``Σ_{k,l} W_kl (J_θᵀ v_k) ⊙ (J_θᵀ v_l) + (J_θ ⊙ J_θ)ᵀ d`` with per-sample, per-factor
+VJPs in θ and the last term as the θ-VJP at squared inputs (Linear, Conv: entries of
+J_θ are inputs).
 """
 
 from __future__ import annotations

@@ -65,11 +65,16 @@ class Scattered:
         self.vals, self.idx, self.S = vals, idx, S  # (n, K, C, Q), (n, C, Q), positions per channel
         n, K, C = vals.shape[:3]
         self.shape = (n, K, C * S)
+        self._dense: Optional[torch.Tensor] = None
 
     def dense(self) -> torch.Tensor:
-        n, K, C, Q = self.vals.shape
-        out = self.vals.new_zeros(n, K, C, self.S)
-        return out.scatter_add_(3, self.idx[:, None].expand(n, K, C, Q), self.vals).reshape(self.shape)
+        """The plain ``(n, K, C·S)`` tensor (made once: a conv's weights and its input pull both read it)."""
+        if self._dense is None:
+            n, K, C, Q = self.vals.shape
+            out = self.vals.new_zeros(n, K, C, self.S)
+            out.scatter_add_(3, self.idx[:, None].expand(n, K, C, Q), self.vals)
+            self._dense = out.reshape(self.shape)
+        return self._dense
 
     def scaled(self, s: torch.Tensor) -> "Scattered":
         """``diag(s) · dense()`` for per-sample ``s`` (n, C·S), on the values only."""
