@@ -58,12 +58,12 @@ from .. import distributed
 from .._checks import as_float, as_int
 from .._columns import column_chunk, identity_columns
 from .._progress import Progress
-from ..errors import InputError
+from ..errors import InputError, NotSymmetricError
 from ..operators._base import check_dense_size
 from ._eigen_result import EigenResult
 from ._lanczos_state import load_state, save_state
 from ._memory import check_memory, lanczos_bytes
-from ._operator import Operator, as_operator, check_symmetric, make_generator
+from ._operator import Operator, _distributed_hint, as_operator, check_symmetric, make_generator
 from ._restart import _final_order, _Krylov, _like, _rank, _Ritz
 from ._util import warn_not_converged
 
@@ -128,7 +128,10 @@ def eigenvalues(
             GPU); it is brought to the operator 16 columns at a time.
         max_memory: refuse, before any product, a run whose memory bound (``memory_bytes``
             of the result, see ``_memory``) exceeds this many bytes.
-        check_symmetry: spend 2 products checking ``uᵀ(Av) = vᵀ(Au)`` (not when resuming).
+        check_symmetry: check ``uᵀ(Av) = vᵀ(Au)`` on the first two Lanczos blocks, from
+            coefficients the iteration computes anyway (no product; 2 products on the dense
+            path, with a ``basis_dtype`` other than the operator's, or when the run ends after
+            one block; not when resuming).
         checkpoint: a ``nethessian.Checkpoint``; resumed from at the start (after
             checking it was made for this operator, ``"operator": fingerprint``),
             written after every restart and at the end.
@@ -182,12 +185,14 @@ def eigenvalues(
     kry, done = load_state(checkpoint, expect, op, gen, k, tol, max_matvecs, (bdtype, bdevice))
     if done is not None:
         return replace(done, memory_bytes=memory)
+    symmetry = bool(check_symmetry) and kry is None  # not when resuming
+    if symmetry and bdtype != op.dtype:  # a rounded basis blurs the free test (_check_symmetry)
+        check_symmetric(op, gen)
+        symmetry = False
     if kry is None:
-        if check_symmetry:
-            check_symmetric(op, gen)
         kry = _Krylov.start(op, ncv, b, gen, bdtype, bdevice)
     with Progress(max_matvecs, f"eigenvalues ({which})", enabled=progress, initial=op.num_matvecs) as bar:
-        ritz = _iterate(kry, op, k, which, tol, ncv, max_matvecs, checkpoint, expect, bar)
+        ritz = _iterate(kry, op, k, which, tol, ncv, max_matvecs, checkpoint, expect, bar, symmetry)
         result, bound = _verified(ritz, op, k, tol, which)
         result = replace(result, memory_bytes=memory)
         bar.update(k)
@@ -234,8 +239,13 @@ def _iterate(
     checkpoint: Any,
     expect: Dict[str, Any],
     bar: Progress,
+    symmetry: bool = False,
 ) -> _Ritz:
-    """Expand, test, restart until the Krylov bound meets ``tol`` or the budget (less ``k``) is spent."""
+    """Expand, test, restart until the Krylov bound meets ``tol`` or the budget (less ``k``) is spent.
+
+    ``symmetry``: test the operator's symmetry on the first two blocks (``_check_symmetry``), or
+    with 2 products of its own when the run ends before a second block.
+    """
     b = kry.b
     keep = _kept(k, b, ncv)
     history = []
@@ -246,6 +256,8 @@ def _iterate(
             ritz = _Ritz(kry, which)
             bound = ritz.worst_bound(k, tol)
             if (bound <= 1.0 and full) or spent:
+                if symmetry:
+                    check_symmetric(op, kry.gen)
                 return ritz
             if kry.j + b > ncv:
                 kry.restart(ritz, keep)
@@ -254,6 +266,31 @@ def _iterate(
                 bar.set_total(_expected_total(history, k, b, max_matvecs))
         kry.expand(op)
         bar.update(b)
+        if symmetry and kry.j > b:
+            _check_symmetry(kry, op)
+            symmetry = False
+
+
+def _check_symmetry(kry: _Krylov, op: Operator) -> None:
+    """Refuse a non-symmetric operator from the second block's Gram-Schmidt coefficients (no product).
+
+    By the Krylov relation the first block's Lanczos vectors ``u`` and the second's ``v``
+    have ``vᵀ(A u)`` in ``S`` already, and the Gram-Schmidt pass measures ``uᵀ(A v)``: the
+    pass's coefficients on the old block are ``uᵀ(A − Aᵀ)v`` (zero up to rounding when ``A``
+    is symmetric; for ``A = S + K``, ``K`` skew, they contain ``−‖K u‖²``, so the test
+    cannot miss a skew part that moves ``u``). Same tolerance as ``check_symmetric``. Only for
+    a basis kept in the operator's dtype: rounding it to a lower precision perturbs the
+    relation by that precision's epsilon (``check_symmetric`` runs instead).
+    """
+    rtol = 1e-8 if op.dtype == torch.float64 else 1e-3
+    scale = max(float(kry.H.abs().sum(0).max()), torch.finfo(torch.float64).tiny)
+    rel = kry.asymmetry / scale
+    if rel > rtol:
+        raise NotSymmetricError(
+            f"the operator is not symmetric: for two Lanczos vectors u, v, u·(A v) − v·(A u) = "
+            f"{kry.asymmetry:.3g}, relative to ‖A‖ ≈ {scale:.3g} that is {rel:.2e} > {rtol:.0e}; "
+            "Lanczos needs a symmetric operator" + _distributed_hint()
+        )
 
 
 def _kept(k: int, b: int, ncv: int) -> int:

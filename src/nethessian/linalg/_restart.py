@@ -97,6 +97,7 @@ class _Krylov:
         # the basis has been full once (a restart happened; a saved state with j > 0 is one)
         self.filled = j > 0
         self.dtype = F.dtype if dtype is None else dtype  # the operator's: rounding of the products
+        self.asymmetry = 0.0  # max |Vᵀ(A − Aᵀ)F| seen by the last expansion (see ``expand``)
 
     @classmethod
     def start(
@@ -133,9 +134,11 @@ class _Krylov:
         W = W - self.F @ c.to(W.dtype)
         C[j:] += c.cpu().double()
         before = norms(op, W)
-        for _sweep in range(2):  # classical Gram-Schmidt, a second pass only under cancellation (DGKS)
+        for sweep in range(2):  # classical Gram-Schmidt, a second pass only under cancellation (DGKS)
             W, c_all = project_out(op, self.V[:, : j + b], W, passes=1)  # the basis as stored
             C += c_all
+            if sweep == 0:  # Vᵀ A F − S ᵀ = Vᵀ (A − Aᵀ) F up to rounding: a free symmetry test
+                self.asymmetry = float(c_all[:j].abs().max()) if j else 0.0
             after = norms(op, W)
             if bool((after > _ETA * before).all()):
                 break
