@@ -102,19 +102,21 @@ def _gathered_weight_grads(module, x: torch.Tensor, V: Scattered, args) -> torch
 def conv_factor_grads(step, x: torch.Tensor, V) -> Optional[torch.Tensor]:
     """``J_θ,nᵀ v_{n,k}`` for a (transposed) convolution: ``(n, K, P_step)``; None if not one.
 
-    ``V`` is a tensor or a ``Scattered``; the latter is used as it is (patches gathered
-    at the maxima) when the gathered patches are no larger than the dense factors.
+    ``V`` is a tensor or a ``Scattered``; the latter is used as it is (input patches
+    gathered at the maxima: ``S/Q`` times fewer products) when the gathered patches,
+    ``O·C/g·κ·Q`` per sample, fit the ``2K(P + D_y)`` that ``_factors.factor_bytes``
+    allots to a layer's per-factor gradients.
     """
     module = step.module
     if not _supported(module):
         return None
-    n, K, g = x.shape[0], V.shape[1], module.groups
+    n, K = x.shape[0], V.shape[1]
     y_shape = (module.out_channels, *_shape(module, x))
     if _prod(y_shape) != V.shape[2]:
         return None
     args = (module.kernel_size, module.stride, module.padding, module.dilation)
-    ck = module.in_channels // g * _prod(module.kernel_size)
-    if isinstance(V, Scattered) and isinstance(module, _CONV) and ck * V.vals.shape[3] <= K * V.S:
+    P_w = module.weight.numel()
+    if isinstance(V, Scattered) and isinstance(module, _CONV) and P_w * V.vals.shape[3] <= 2 * K * (P_w + V.shape[2]):
         weight = _gathered_weight_grads(module, x, V, args)
         bias = V.vals.sum(-1)
     else:
