@@ -109,7 +109,8 @@ def one_run(model, loss_fn, X, y, seed, k, tol, b, extra):
             r = nh.eigenvalues(op, k=k, tol=tol, seed=seed, block_size=b, **extra)
         total = time.perf_counter() - t0
     prod = sum(v for n, v in clock.t.items() if n.startswith("products:"))
-    own = {p: clock.t[p] - clock.t["~products_in:" + p] for p in ("expand", "restart", "ritz", "verify", "start")}
+    phases = ("expand", "restart", "ritz", "verify", "start", "symmetry")
+    own = {p: clock.t[p] - clock.t["~products_in:" + p] for p in phases}
     return {
         "total": total,
         "matvecs": r.num_matvecs,
@@ -142,9 +143,11 @@ def eigsh_run(model, loss_fn, X, y, seed, k, tol):
     return {"total": time.perf_counter() - t0, "matvecs": count[0], "eigenvalues": sorted(w.tolist())[::-1]}
 
 
-def bare_product(model, loss_fn, X, y, reps=10):
+def bare_product(model, loss_fn, X, y, columns=1, reps=10):
+    """Mean seconds of one kept-graph product of ``columns`` columns (after a warm-up)."""
     op = nh.HessianOperator(model, loss_fn, (X, y))
-    v = torch.randn(op.shape[0], dtype=X.dtype)
+    v = torch.randn(op.shape[0], columns, dtype=X.dtype)
+    v = v[:, 0] if columns == 1 else v
     op @ v
     t0 = time.perf_counter()
     for _ in range(reps):
@@ -178,8 +181,12 @@ def main(argv=None):
     args = parse(argv)
     torch.set_num_threads(args.threads)
     model, loss_fn, X, y = make_workload(args.workload)
-    t1 = bare_product(model, loss_fn, X, y)
-    print(f"{args.workload}: one bare kept-graph product {t1 * 1e3:.2f} ms; load {os.getloadavg()[0]:.2f}")
+    t1 = {c: bare_product(model, loss_fn, X, y, c) for c in (1, 2, 5)}
+    print(
+        f"{args.workload}: bare kept-graph product "
+        + ", ".join(f"{c} column{'s' if c > 1 else ''} {t * 1e3:.2f} ms" for c, t in t1.items())
+        + f"; {torch.get_num_threads()} threads; load average {os.getloadavg()[0]:.2f}"
+    )
     one_run(model, loss_fn, X, y, 99, args.k, args.tol, 1, {})  # warm-up
     settings = _settings(args)
     runs = defaultdict(list)

@@ -131,8 +131,7 @@ def test_one_gram_schmidt_pass_per_step(monkeypatch):
 
 
 # Product counts of fixed problems (k=5, tol=1e-3, seed 0, defaults otherwise; the symmetry test free),
-# measured when the
-# scheme was written; a change that needs more products is a regression of this file's purpose.
+# measured when the scheme was written: a change that needs more products is a regression.
 COUNTS = {"clustered": 53, "mlp-like": 37}
 
 
