@@ -25,7 +25,15 @@ class EigenResult:
             with real products (true up to the rounding of one product, about
             ``eps·‖A‖`` in the operator's dtype).
         num_matvecs: every product with the operator, the symmetry check included.
-        converged: whether every pair met ``tol``.
+        converged: whether every pair met ``tol`` on its recomputed residual: the bound
+            ``min(r, r²/δ) ≤ tol · max(|θ|, √eps · max|θ|)``. What it guarantees: every
+            returned ``θ`` is within ``r`` (its ``residuals`` entry) of an eigenvalue of the
+            operator (for a symmetric matrix and a unit vector ``v``, some eigenvalue lies in
+            ``[θ − ‖Av − θv‖, θ + ‖Av − θv‖]``; this part assumes nothing). The quadratic
+            ``r²/δ`` is used only between two wanted Ritz values, with ``δ`` the distance to
+            the neighbouring Ritz intervals ``θ_j ± r_j`` — it assumes no eigenvalue hides
+            between them (the assumption of every Krylov "top-k"); at the edge of the wanted
+            set it is never used, so there ``r ≤ tol·|θ|`` itself is required.
         layout: the operator's ``ParamLayout``, or ``None`` for a plain matrix.
         which: the end of the spectrum that was asked for.
         memory_bytes: the per-rank memory bound the run kept (basis and work vectors,

@@ -13,6 +13,16 @@ their neighbours, ``V ← V Y``, ``H ← diag(θ)``, ``S ← S Y``; the relation
 holds and the Krylov space grows again from ``F`` (thick restart). Blocks of
 ``b`` vectors go through the operator in one ``A @ F`` call.
 
+Own work per step (``_restart._Krylov.expand``): the couplings the relation already
+knows (``A F − V Sᵀ``: the three-term recurrence, the whole kept block after a restart),
+the new block's coefficients in float64, then one classical Gram-Schmidt pass against
+the basis — two matrix-vector products with ``V[:, :j]``, stored by columns so that only
+``j`` columns are read; the DGKS test (a second pass when a column loses more than
+1/√2 of its norm) rarely fires once the known couplings are gone. The basis stays
+orthogonal to rounding (a laxer test lets the loss of orthogonality grow geometrically).
+The same pass measures ``uᵀ(A − Aᵀ)v`` on the first two blocks: the symmetry check
+costs no product.
+
 Stopping rule. A Ritz value ``θ`` with residual ``r`` is within ``r`` of an
 eigenvalue, and within ``r²/δ`` when the rest of the spectrum is at least ``δ``
 away (Parlett, ch. 11). ``δ`` is estimated as the distance to the nearest other
@@ -55,12 +65,13 @@ from typing import Any, Dict, Literal, Optional
 import torch
 
 from .. import distributed
-from .._checks import as_float, as_int
+from .._checks import as_int
 from .._columns import column_chunk, identity_columns
 from .._progress import Progress
 from ..errors import InputError, NotSymmetricError
 from ..operators._base import check_dense_size
 from ._eigen_result import EigenResult
+from ._lanczos_options import _basis_home, _basis_size, _budget, _checkpoint_settings, _validate
 from ._lanczos_state import load_state, save_state
 from ._memory import check_memory, lanczos_bytes
 from ._operator import Operator, _distributed_hint, as_operator, check_symmetric, make_generator
@@ -70,7 +81,6 @@ from ._util import warn_not_converged
 __all__ = ["EigenResult", "eigenvalues"]
 
 Which = Literal["largest", "smallest", "both", "magnitude"]
-_WHICH = ("largest", "smallest", "both", "magnitude")
 
 
 def eigenvalues(
@@ -208,26 +218,6 @@ def eigenvalues(
     return result
 
 
-def _checkpoint_settings(op: Operator, k: int, which: str, b: int, ncv: int, seed, bdtype) -> Dict[str, Any]:
-    """What a checkpoint of this run must have been made with (``load_state`` compares it)."""
-    expect = {
-        "kind": "lanczos",
-        "operator": op.fingerprint(),
-        "P": op.size,
-        "k": k,
-        "which": which,
-        "block_size": b,
-        "ncv": ncv,
-        "dtype": str(op.dtype),
-        "seed": seed,
-    }
-    if op.sharded:
-        expect.update(global_size=op.global_size, local_range=list(op.local_range))
-    if bdtype != op.dtype:
-        expect["basis_dtype"] = str(bdtype)
-    return expect
-
-
 def _iterate(
     kry: _Krylov,
     op: Operator,
@@ -323,58 +313,6 @@ def _verified(ritz: _Ritz, op: Operator, k: int, tol: float, which: str):
     return EigenResult(
         theta.clone(), X, true, op.num_matvecs, bound <= 1.0, op.layout, which, precision_note=op.precision_note
     ), bound
-
-
-def _validate(P: int, k, which: str, tol, block_size):
-    """``k``, ``tol`` and ``block_size`` as numbers, after refusing bad values with the fix."""
-    if which not in _WHICH:
-        raise InputError(f"unknown which={which!r}; choose one of {', '.join(map(repr, _WHICH))}")
-    k = as_int("k", k)
-    if k < 1 or k >= P:
-        raise InputError(
-            f"k={k!r} must be an integer with 1 <= k < P = {P} (the operator's size); for so small "
-            "a problem form the dense matrix and use torch.linalg.eigvalsh(A_dense)"
-        )
-    tol = as_float("tol", tol, positive=True)
-    if tol >= 1:
-        raise InputError(
-            f"tol={tol:g} must be below 1: it is the relative accuracy of the eigenvalues "
-            "(1e-3 = three digits); tol >= 1 accepts any number"
-        )
-    return k, tol, as_int("block_size", block_size, minimum=1)
-
-
-def _basis_home(op: Operator, basis_dtype, basis_device):
-    """The basis's dtype and device, after refusing a non-floating dtype."""
-    dtype = op.dtype if basis_dtype is None else basis_dtype
-    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point or dtype.is_complex:
-        raise InputError(f"basis_dtype={basis_dtype!r} must be a real floating torch.dtype, e.g. torch.float32")
-    try:
-        device = op.device if basis_device is None else torch.device(basis_device)
-    except (RuntimeError, TypeError):
-        raise InputError(f"basis_device={basis_device!r} is not a torch device (e.g. 'cpu', 'cuda:0')") from None
-    return dtype, device
-
-
-def _basis_size(P: int, k: int, b: int, ncv) -> int:
-    if ncv is None:
-        return max(2 * k + 1, 20, k + 6 * b)
-    ncv = as_int("ncv", ncv)
-    if ncv < k + b:
-        raise InputError(f"ncv={ncv} is too small: it must be at least k + block_size = {k + b}")
-    return ncv
-
-
-def _budget(max_matvecs, ncv: int, k: int, b: int, check_symmetry: bool) -> int:
-    if max_matvecs is None:
-        return 20 * ncv
-    max_matvecs = as_int("max_matvecs", max_matvecs)
-    least = -(-k // b) * b + k + (2 if check_symmetry else 0)
-    if max_matvecs < least:
-        raise InputError(
-            f"max_matvecs={max_matvecs} cannot even build and verify {k} Ritz pairs; allow at least {least}"
-        )
-    return max_matvecs
 
 
 def _dense(op: Operator, k: int, which: str, gen, check_symmetry: bool, checkpoint, progress, max_bytes) -> EigenResult:
