@@ -153,7 +153,7 @@ def test_trace_fsdp_equals_single_process_hutchpp_within_fd_error(problem_file, 
 
 
 def test_density_fsdp_runs_and_its_support_brackets_the_spectrum(problem_file, exact):
-    r = _torchrun("density", problem_file, "--fsdp", "--probes", "2", "--steps", "25", "--json")
+    r = _torchrun("density", problem_file, "--fsdp", "--probes", "1", "--steps", "25", "--json")
     fd = r["result"]["finite_difference"]
     nodes = torch.tensor(r["result"]["nodes"], dtype=torch.float64)
     lo, hi = float(exact["eig"][0]), float(exact["eig"][-1])
@@ -195,3 +195,12 @@ def test_options_sharded_runs_cannot_honour_are_refused(problem_file, capsys, tm
 
 def test_fd_order_without_fsdp_is_refused(problem_file, capsys):
     _refused(capsys, ["eig", problem_file, "--fd-order", "4"], "--fd-order applies with --fsdp only")
+
+
+def test_eig_fsdp_float32_uses_the_4_point_stencil_within_its_error(problem_file, exact):
+    r = _torchrun("eig", problem_file, "--fsdp", "--dtype", "float32", "-k", "1", "--tol", "1e-3", "--json")
+    fd = r["result"]["finite_difference"]
+    assert fd["fd_order"] == 4 and fd["gradients_per_product"] == 4
+    lam = float(exact["eig"][-1])  # the float64 exact λ_max (the float32 weights are the same numbers rounded)
+    assert fd["fd_error"] < 1e-2 * lam  # the float32 bound
+    assert abs(r["result"]["eigenvalues"][0] - lam) <= fd["fd_error"], (r["result"]["eigenvalues"], lam, fd)
