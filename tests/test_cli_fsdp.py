@@ -129,7 +129,7 @@ def test_eig_fsdp_matches_exact_and_saves_gathered_eigenvectors(problem_file, ex
     assert res["converged"]
     torch.testing.assert_close(torch.tensor(res["eigenvalues"], dtype=torch.float64), want, rtol=0, atol=err)
     saved = nh.load(out)  # rank 0 gathered the sharded eigenvectors, in parameter-name order
-    assert saved.settings["fsdp"] and saved.result["finite_difference"]["fd_error"] == err
+    assert saved.settings["fsdp"] and saved.result["finite_difference"]["fd_error"] == pytest.approx(err, rel=1e-12)
     V = torch.tensor(saved.result["eigenvectors"], dtype=torch.float64).T
     assert V.shape == (exact["H"].shape[0], 2)
     torch.testing.assert_close(V.norm(dim=0), torch.ones(2, dtype=torch.float64), rtol=0, atol=1e-10)
@@ -204,3 +204,31 @@ def test_eig_fsdp_float32_uses_the_4_point_stencil_within_its_error(problem_file
     lam = float(exact["eig"][-1])  # the float64 exact λ_max (the float32 weights are the same numbers rounded)
     assert fd["fd_error"] < 1e-2 * lam  # the float32 bound
     assert abs(r["result"]["eigenvalues"][0] - lam) <= fd["fd_error"], (r["result"]["eigenvalues"], lam, fd)
+
+
+def test_cost_line_names_finite_difference_products_and_their_gradients():
+    from nethessian._app.cost import estimate_line, product_kind
+
+    assert product_kind({}) is None and product_kind({"method": "auto"}) is None
+    kind = product_kind({"method": "finite-difference", "fd_order": 4, "fd_error": True})
+    assert kind == "finite-difference, order 4: 4 gradients per product"
+    assert product_kind({"method": "finite-difference", "fd_order": 2, "fd_error": False}).endswith(
+        "2 gradients per product"
+    )
+    line = estimate_line(1000, kind, (20, 400), 0.5)
+    assert line.startswith("P = 1,000, finite-difference, order 4: 4 gradients per product; 20–400")
+
+
+def test_an_error_estimate_large_against_the_spectrum_is_flagged():
+    from types import SimpleNamespace
+
+    from nethessian._app.fsdp import fd_summary
+
+    options = {"method": "finite-difference", "fd_order": 4, "fd_error": True}
+    op = SimpleNamespace(fd_error=0.5, global_size=10)
+    facts, lines = fd_summary(op, options, scale=2.0, per_probe=True)
+    assert facts["fd_error_relative"] == pytest.approx(0.25) and facts["probe_fd_error"] == pytest.approx(5.0)
+    assert any("WARNING: that is 25.0% of the largest |eigenvalue|" in line for line in lines), lines
+    facts, lines = fd_summary(SimpleNamespace(fd_error=1e-3, global_size=10), options, scale=2.0)
+    assert facts["fd_error_relative"] == pytest.approx(5e-4) and not any("WARNING" in line for line in lines)
+    assert fd_summary(op, {}) == ({}, [])  # exact products: nothing to say

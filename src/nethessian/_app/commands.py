@@ -107,19 +107,12 @@ def _operator(args, problem: Problem):
     return op
 
 
-def _fd_facts(op, problem: Problem, result: Dict[str, Any], lines: list, per_probe: bool = False) -> None:
-    """With finite-difference products: their error estimate into ``result`` and the printed lines.
-
-    ``per_probe``: also ``P · fd_error``, about how far one probe's ``zᵀHz`` (``‖z‖² = P``) can be off.
-    """
-    facts, more = fsdp.fd_summary(op, problem.operator_options)
-    if not facts:
-        return
-    if per_probe and facts["fd_error"] is not None:
-        facts["probe_fd_error"] = facts["fd_error"] * facts["global_size"]
-        more.append(f"  one probe's zᵀHz (‖z‖² = P) is off by about ≤ P · that = {facts['probe_fd_error']:.2e}")
-    result["finite_difference"] = facts
-    lines += more
+def _fd_facts(op, problem: Problem, result: Dict[str, Any], lines: list, **how) -> None:
+    """Finite-difference products: their error estimate into ``result`` and the lines (``fsdp.fd_summary``)."""
+    facts, more = fsdp.fd_summary(op, problem.operator_options, **how)
+    if facts:
+        result["finite_difference"] = facts
+        lines += more
 
 
 def _checkpoint(args, settings):
@@ -242,7 +235,7 @@ def eig(args) -> int:
         f"  λ{i + 1} = {float(v):+.8e}   residual {float(r):.1e}"
         for i, (v, r) in enumerate(zip(res.eigenvalues, res.residuals))
     ]
-    _fd_facts(op, problem, result, lines)
+    _fd_facts(op, problem, result, lines, scale=float(res.eigenvalues.abs().max()) if len(res.eigenvalues) else None)
     return _finish(args, problem, "eigenvalues", result, settings, "\n".join(lines))
 
 
@@ -315,7 +308,7 @@ def density(args) -> int:
         f"  support ≈ [{float(res.nodes.min()):.4e}, {float(res.nodes.max()):.4e}]",
     ]
     result = res.to_dict()
-    _fd_facts(op, problem, result, lines)
+    _fd_facts(op, problem, result, lines, scale=float(res.nodes.abs().max()))
     text = "\n".join(lines)
     if args.output and dist.is_main():
         from .._plots import density_plot, save as save_figure

@@ -26,7 +26,17 @@ import torch
 from .. import distributed as dist
 from ..errors import InputError
 
-__all__ = ["SUPPORTED", "check_args", "shard_problem", "fd_summary", "gathered_eigenvectors"]
+__all__ = [
+    "SUPPORTED",
+    "check_args",
+    "check_gather",
+    "default_order",
+    "device",
+    "fd_summary",
+    "gathered_eigenvectors",
+    "gradients_per_product",
+    "shard_problem",
+]
 
 #: the commands that run on finite-difference products of sharded vectors
 SUPPORTED = ("eig", "trace", "density")
@@ -101,26 +111,45 @@ def gradients_per_product(order: int, error: bool = True) -> int:
     return 4 if order == 4 or error else 2
 
 
-def fd_summary(op, options: Dict[str, Any]) -> Tuple[Dict[str, Any], List[str]]:
-    """The finite-difference facts of a run (``--json``) and the lines that say them; empty when exact."""
+#: an estimated product error above this fraction of the spectrum's scale is flagged in the output
+LARGE_ERROR = 1e-2
+
+
+def fd_summary(
+    op, options: Dict[str, Any], *, scale: Optional[float] = None, per_probe: bool = False
+) -> Tuple[Dict[str, Any], List[str]]:
+    """The finite-difference facts of a run (``--json``) and the lines that say them; empty when exact.
+
+    Args:
+        op: the operator that served the run (``op.fd_error``: the largest estimate, per unit ‖v‖).
+        options: its keywords (``Problem.operator_options``).
+        scale: the largest |eigenvalue| seen (eig, density): the error relative to it is recorded,
+            and flagged above ``LARGE_ERROR``.
+        per_probe: also ``P · fd_error``, about how far one probe ``zᵀHz`` (``‖z‖² = P``) can be off.
+    """
     if options.get("method") != "finite-difference":
         return {}, []
-    order = options["fd_order"]
+    order, err = options["fd_order"], op.fd_error
     grads = gradients_per_product(order, options.get("fd_error", True))
-    err = op.fd_error
-    facts = {
-        "fd_order": order,
-        "gradients_per_product": grads,
-        "fd_error": err,
-        "global_size": op.global_size,
-        "world_size": dist.world_size(),
-    }
-    line = (
+    facts = {"fd_order": order, "gradients_per_product": grads, "fd_error": err}
+    facts.update(global_size=op.global_size, world_size=dist.world_size())
+    lines = [
         f"  finite-difference products (order {order}, {grads} gradients each) on an FSDP model "
         f"sharded over {dist.world_size()} ranks; estimated product error "
         + ("n/a" if err is None else f"{err:.2e} per unit ‖v‖ (eigenvalues trustworthy to about ± that)")
-    )
-    return facts, [line]
+    ]
+    if err is not None and per_probe:
+        facts["probe_fd_error"] = err * op.global_size
+        lines.append(f"  one probe's zᵀHz (‖z‖² = P) is off by about ≤ P · that = {facts['probe_fd_error']:.2e}")
+    if err is not None and scale:
+        facts["fd_error_relative"] = err / scale
+        if err > LARGE_ERROR * scale:
+            lines.append(
+                f"  WARNING: that is {err / scale:.1%} of the largest |eigenvalue| ({scale:.4g}): the products "
+                "are dominated by finite-difference error (truncation when the step is large for this model's "
+                "weights, rounding in float32 at order 2). Try the other --fd-order, or --dtype float64"
+            )
+    return facts, lines
 
 
 def check_gather(op, k: int) -> None:
