@@ -315,6 +315,26 @@ def table_sharded(runs):
     return lines
 
 
+def _measure(args, cfg, log, contention):
+    """Both parts, each after waiting for a quiet machine, with the other processes' CPU use recorded."""
+    from _machine import measured_section
+
+    wait = 0 if args.tiny else args.wait
+    log(f"part 1: one process, GPT-2 {cfg}")
+    one = measured_section(
+        "single", lambda: _spawn(single, lambda i: (cfg, args.reps), 1, args.timeout)[0], contention, wait, log
+    )
+    log(f"  P = {one['P']:,}, gradient {one['gradient_s']:.3f} s")
+    runs = []
+    for world in (1, 2):
+        log(f"part 2: {world} FSDP rank(s)")
+        got = measured_section(
+            f"ranks{world}", lambda w=world: {"rows": sharded(cfg, args.reps, w, args.timeout)}, contention, wait, log
+        )
+        runs.append(got["rows"])
+    return one, runs
+
+
 def main(argv=None):
     from _timing import base_meta, finish_meta, make_log, write_json
 
@@ -322,6 +342,7 @@ def main(argv=None):
     ap.add_argument("--tiny", action="store_true", help="smoke run (seconds): a 2-layer, width-32 GPT-2")
     ap.add_argument("--size", default=DEFAULT, choices=list(CONFIGS), help="model size (default %(default)s)")
     ap.add_argument("--reps", type=int, default=3, help="timed products per engine (median)")
+    ap.add_argument("--wait", type=float, default=60.0, help="seconds to wait for a quiet machine before each part")
     ap.add_argument("--timeout", type=float, default=900.0, help="seconds before a part's processes are killed")
     ap.add_argument("--out", default=None, help="JSON path (default benchmarks/results/fsdp.json)")
     args = ap.parse_args(argv)
@@ -330,14 +351,10 @@ def main(argv=None):
     size = "tiny" if args.tiny else args.size
     cfg = CONFIGS[size]
     meta = base_meta(size=size, config=cfg, batches=BATCHES, sequences=SEQS, tokens=TOKENS, reps=args.reps)
-    log(f"part 1: one process, {size} GPT-2 {cfg}")
-    one = _spawn(single, lambda i: (cfg, args.reps), 1, args.timeout)[0]
-    log(f"  P = {one['P']:,}, gradient {one['gradient_s']:.3f} s")
-    runs = []
-    for world in (1, 2):
-        log(f"part 2: {world} FSDP rank(s)")
-        runs.append(sharded(cfg, args.reps, world, args.timeout))
+    contention = {}
+    one, runs = _measure(args, cfg, log, contention)
     finish_meta(meta, t_start)
+    meta["others_cpu_cores"] = contention
     print(
         f"\n### One process (P = {one['P']:,}, {one['threads']} threads; gradient {one['gradient_s']:.3f} s; "
         f"top eigenvalue {one['rows'][0]['top_eigenvalue']:.6g})\n"
@@ -345,6 +362,11 @@ def main(argv=None):
     print("\n".join(table_single(one)))
     print("\n### FSDP2 ranks (gloo on 127.0.0.1, order-4 finite differences)\n")
     print("\n".join(table_sharded(runs)))
+    busy = {k: round(v["during"], 2) for k, v in contention.items() if v["during"] > 0.3}
+    print(
+        f"\nwall {meta['wall_s']:.0f} s; load average {meta['loadavg_start']} -> {meta['loadavg_end']}"
+        + (f"; CONTENDED (other processes' cores during): {busy}" if busy else "")
+    )
     out = (
         pathlib.Path(args.out)
         if args.out
