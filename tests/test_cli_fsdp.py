@@ -7,6 +7,7 @@ residual blocks); the references are its dense exact Hessian in one process.
 import json
 import math
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -85,15 +86,22 @@ def _torchrun(*args, timeout=120):
         pytest.skip("torchrun not installed beside this python")
     cmd = [TORCHRUN, "--nproc-per-node", str(WORLD), "--master-addr", "127.0.0.1", "--master-port", _port()]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    run = subprocess.run(
+    proc = subprocess.Popen(
         [*cmd, "-m", "nethessian", *args, "--dist-timeout", "60"],
-        capture_output=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
         text=True,
-        timeout=timeout,
         env=env,
+        start_new_session=True,  # torchrun and its ranks in one process group: killed together on a hang
     )
-    assert run.returncode == 0, run.stderr[-4000:]
-    return json.loads(run.stdout)  # one JSON document: only rank 0 printed
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        out, err = proc.communicate()
+        pytest.fail(f"torchrun {' '.join(args)} hung past {timeout} s: {err[-3000:]}")
+    assert proc.returncode == 0, err[-4000:]
+    return json.loads(out)  # one JSON document: only rank 0 printed
 
 
 def _global_order(shapes, world):
