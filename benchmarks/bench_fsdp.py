@@ -5,7 +5,7 @@ eval mode), loss ``nh.losses.causal_lm()``, float32, 4 sequences × 64 tokens as
 batches of 2 (so 2 ranks get one batch each). Sizes (``CONFIGS``): ``default`` 6
 layers, width 384, 6 heads, vocabulary 32,768 (P = 23,255,040; one gradient ≈ 0.45 s
 on 2 cores; the whole script ≈ 5 min, estimated); ``large`` the same with GPT-2's
-50,257-token vocabulary; ``--tiny`` 2 layers, width 32, 97 tokens (a smoke run, ≈ 25 s).
+50,257-token vocabulary; ``--tiny`` 2 layers, width 32, 97 tokens (a smoke run, ≈ 15–50 s).
 
 1. **One process, not sharded** (all threads): one gradient (``Objective.gradient``);
    the exact kept-graph product; ``method="finite-difference"`` at order 2 without and
