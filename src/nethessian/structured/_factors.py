@@ -255,6 +255,15 @@ def pull_factors(fac: Factors, step, x: torch.Tensor, state, g_y: torch.Tensor, 
     return out, g_x
 
 
+def _add_by_name(diag: torch.Tensor, layout, names, values: torch.Tensor) -> None:
+    """``diag[layout.slice(name)] += values[part of name]`` for the names side by side in ``values``."""
+    start = 0
+    for name in names:
+        sl = layout.slice(name)
+        diag[sl] += values[start : start + sl.stop - sl.start]
+        start += sl.stop - sl.start
+
+
 def factor_diagonal(
     plan, env: Dict[str, torch.Tensor], g: torch.Tensor, H: torch.Tensor, state, layout, diag: torch.Tensor
 ) -> None:
@@ -268,8 +277,7 @@ def factor_diagonal(
             break
         x = env[step.inputs[0]]
         if step.params:
-            idx = layout.indices(list(step.params)).to(diag.device)
-            diag[idx] += param_diagonal(step, x, state, fac, g.shape[1])
+            _add_by_name(diag, layout, step.params, param_diagonal(step, x, state, fac, g.shape[1]))
         below = lv[i - 1] if i > 0 else None
         if below is None:
             break
