@@ -20,7 +20,7 @@ turn, medians), torch on ``--threads`` threads (default 2), OpenBLAS on one:
    bench_core). Target: ≥ 4× faster than torch.func.hessian at no more memory than autodiff.
 
 Prints a markdown table; writes benchmarks/results/structured.json (structured_quick.json
-with ``--quick``) with the date, versions and load averages. About 3–5 minutes on 2 quiet cores.
+with ``--quick``) with the date, versions and load averages. About 2–4 minutes on 2 quiet cores.
 On a busy machine prefix ``OMP_WAIT_POLICY=PASSIVE`` (torch's spinning OpenMP threads
 otherwise slow small kernels 10–100×, see bench_core); the policy is recorded in the JSON.
 
@@ -138,7 +138,7 @@ def parse_args(argv):
 def _settings(quick):
     if quick:
         return {"reps": 3, "trace_reps": 2, "sample_s": 0.02, "columns": 8, "seeds": 2, "dense_rounds": 1}
-    return {"reps": 9, "trace_reps": 3, "sample_s": 0.2, "columns": 32, "seeds": 5, "dense_rounds": 3}
+    return {"reps": 9, "trace_reps": 5, "sample_s": 0.2, "columns": 64, "seeds": 8, "dense_rounds": 3}
 
 
 def _run_parts(args, parts, st, section, log):
