@@ -318,3 +318,26 @@ def test_choices_from_local_timing_are_the_same_on_every_rank(tmp_path):
     assert bool(got[0]["batched"]) == bool(got[1]["batched"])
     for r in (0, 1):
         torch.testing.assert_close(got[r]["GV"], ref["GV"], rtol=1e-12, atol=1e-14 * float(ref["GV"].abs().max()))
+
+
+def test_shard_slices_one_dict_batch_by_rows():
+    """One Hugging Face-style dict batch is sliced along its rows (it used to yield its keys)."""
+    ids = torch.arange(30).reshape(5, 6)
+    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids.clone(), "flag": 3}
+    parts = [nh.shard(batch, r, 2) for r in range(2)]
+    for key in ("input_ids", "attention_mask", "labels"):
+        assert torch.equal(torch.cat([p[key] for p in parts]), batch[key])
+    assert [p["input_ids"].shape[0] for p in parts] == [2, 3] and parts[1]["flag"] == 3
+    # the cost over the shards, weighted by their predicted tokens, is the whole batch's
+    loss = nh.losses.causal_lm()
+    logits = torch.randn(5, 6, 30, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    parts_cost = 0.0
+    for a, p in zip([0, 2], parts):
+        part_logits = logits[a : a + p["labels"].shape[0]]
+        parts_cost += float(loss(part_logits, p["labels"])) * loss.term_count(part_logits, p["labels"])
+    whole = float(loss(logits, ids)) * loss.term_count(logits, ids)
+    assert parts_cost == pytest.approx(whole, rel=1e-12)
+    with pytest.raises(nh.InputError, match="share a first"):
+        nh.shard({"input_ids": ids, "labels": ids[:3]}, 0, 2)
+    with pytest.raises(nh.InputError, match="every rank needs one"):
+        nh.shard({"input_ids": ids[:1]}, 0, 2)

@@ -1,4 +1,4 @@
-"""One rank's part of a data set: contiguous slices of a pair, every world-th batch otherwise.
+"""One rank's part of a data set: contiguous slices of a pair or of one dict batch, every world-th batch otherwise.
 
 ``distributed.shard`` resolves this process's rank and the world size and calls
 ``shard_batches``; the slicing itself lives here.
@@ -25,14 +25,31 @@ class _Sharded:
                 yield b
 
 
+def _bounds(n: int, r: int, w: int):
+    if n < w:
+        raise InputError(f"{n} samples cannot be shared by {w} ranks: every rank needs one")
+    return r * n // w, (r + 1) * n // w
+
+
+def _dict_batch(data: dict, r: int, w: int) -> dict:
+    """One Hugging Face-style batch (``input_ids``, ``attention_mask``, ``labels``): its rows sliced."""
+    sizes = {k: v.shape[0] for k, v in data.items() if isinstance(v, torch.Tensor) and v.dim() > 0}
+    if not sizes or len(set(sizes.values())) != 1:
+        raise InputError(
+            f"cannot shard a dict batch whose tensors do not share a first (batch) dimension: {sizes}; "
+            "pass a list of batches (each rank takes every world-th) or tensors of equal batch size"
+        )
+    lo, hi = _bounds(next(iter(sizes.values())), r, w)
+    return {k: (v[lo:hi] if k in sizes else v) for k, v in data.items()}
+
+
 def shard_batches(data, r: int, w: int):
     """Rank ``r`` of ``w``'s part of ``data`` (see ``nethessian.distributed.shard``)."""
     if isinstance(data, (tuple, list)) and len(data) == 2 and isinstance(data[1], torch.Tensor):
-        n = data[1].shape[0]
-        if n < w:
-            raise InputError(f"{n} samples cannot be shared by {w} ranks: every rank needs one")
-        lo, hi = r * n // w, (r + 1) * n // w
+        lo, hi = _bounds(data[1].shape[0], r, w)
         return (_slice(data[0], lo, hi), data[1][lo:hi])
+    if isinstance(data, dict):
+        return _dict_batch(data, r, w)
     if isinstance(data, (tuple, list)):
         if len(data) < w:
             raise InputError(f"{len(data)} batches cannot be shared by {w} ranks: every rank needs one")

@@ -329,8 +329,9 @@ def check_state(objective) -> None:
 def shard(data, rank_: Optional[int] = None, world: Optional[int] = None):
     """This rank's part of ``data``, so that the parts over all ranks are the whole data set.
 
-    * an ``(inputs, targets)`` pair: contiguous slices along the first dimension
-      (sizes differ by at most one);
+    * an ``(inputs, targets)`` pair, or one Hugging Face-style dict batch
+      (``input_ids``, ``attention_mask``, ``labels``): contiguous slices along the
+      first dimension (sizes differ by at most one);
     * a list/tuple of batches: every ``world``-th batch;
     * any other re-iterable (a ``DataLoader``): a view yielding every ``world``-th batch.
 

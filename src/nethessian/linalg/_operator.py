@@ -37,7 +37,7 @@ Non-convergence convention of ``nethessian.linalg``: a result that carries a
 
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Any, Optional, Tuple
 
 import torch
 
@@ -46,7 +46,15 @@ from .._fingerprint import Hasher
 from .._checks import all_finite, as_seed, check_vector
 from ..errors import InputError, NonFiniteError, NotConvergedWarning, NotSymmetricError
 
-__all__ = ["NotConvergedWarning", "Operator", "as_operator", "check_symmetric", "make_generator"]
+__all__ = [
+    "NotConvergedWarning",
+    "Operator",
+    "as_operator",
+    "check_symmetric",
+    "make_generator",
+    "product_error",
+    "symmetry_rtol",
+]
 
 
 def fingerprint_of(base: Any) -> str:
@@ -262,14 +270,38 @@ def rademacher(
     return op.draw("rademacher", k, generator, dtype)
 
 
+def symmetry_rtol(op: Operator) -> float:
+    """Relative asymmetry tolerated from rounding alone: 1e-8 in float64, 1e-3 otherwise."""
+    return 1e-8 if op.dtype == torch.float64 else 1e-3
+
+
+def product_error(op: Operator) -> Tuple[float, str]:
+    """``(allowance, hint)`` for an operator whose products carry an error estimate.
+
+    Finite-difference products ``H̃ v`` are symmetric only up to their error ``E``
+    (``‖E v̂‖ ≤ op.fd_error`` per unit ``v̂``), so for unit ``u, v`` the test quantity
+    ``uᵀH̃v − vᵀH̃u`` may reach ``2·fd_error``; the allowance is twice that (estimates
+    are estimates). Exact operators: ``(0.0, "")``.
+    """
+    err = getattr(op.base, "fd_error", None)
+    if not isinstance(err, float):
+        return 0.0, ""
+    return 4.0 * err, (
+        f". The operator's finite-difference products carry an estimated error of {err:.2g} per "
+        "unit ‖v‖ (op.fd_error), allowed for here: an asymmetry beyond it means the step is wrong "
+        "for this model. Leave fd_step=None, or try fd_order=4"
+    )
+
+
 def check_symmetric(op: Operator, generator: torch.Generator, *, rtol: Optional[float] = None) -> float:
     """Cheap symmetry test with 2 products: compare uᵀ(Av) with vᵀ(Au).
 
     Returns the relative asymmetry; raises ``NotSymmetricError`` above ``rtol``
-    (default: 1e-3 in float32, 1e-8 in float64).
+    (default ``symmetry_rtol``: 1e-3 in float32, 1e-8 in float64) plus, for
+    finite-difference products, their estimated error (``product_error``).
     """
     if rtol is None:
-        rtol = 1e-8 if op.dtype == torch.float64 else 1e-3
+        rtol = symmetry_rtol(op)
     UV = randn(op, op.size, 2, generator=generator)
     A_UV = op @ UV
     G = op.dot(UV, A_UV, dtype=torch.float64).cpu()  # G[i, j] = UV_iᵀ A UV_j
@@ -277,10 +309,12 @@ def check_symmetric(op: Operator, generator: torch.Generator, *, rtol: Optional[
     n, An = op.col_norms(UV), op.col_norms(A_UV)
     scale = max(float(n[0] * An[1]), float(n[1] * An[0]), torch.finfo(torch.float64).tiny)
     rel = float((a - b).abs()) / scale
-    if rel > rtol:
+    allowance, hint = product_error(op)  # read after the products: they set the estimate
+    if float((a - b).abs()) > rtol * scale + allowance * float(n[0] * n[1]):
         raise NotSymmetricError(
             f"the operator is not symmetric: u·(A v) = {float(a):.6g} but v·(A u) = {float(b):.6g} "
             f"(relative difference {rel:.2e} > {rtol:.0e}); Lanczos and CG need a symmetric operator"
+            + hint
             + _distributed_hint()
         )
     return rel
