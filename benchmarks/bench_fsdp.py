@@ -71,22 +71,6 @@ ENGINES = {  # part 1: name -> HessianOperator keywords
 EIG = dict(k=1, ncv=6, max_matvecs=15, tol=1e-2, seed=0, check_symmetry=False)
 
 
-class LogitsOnly(torch.nn.Module):
-    """A Hugging Face causal LM that returns its logits tensor.
-
-    The finite-difference products call the model and hand its output to the loss as it
-    is; a Hugging Face output object (``.logits``) is not unwrapped there yet (reported
-    to the lead), so the model returns the tensor. The same network and cost.
-    """
-
-    def __init__(self, lm):
-        super().__init__()
-        self.lm = lm
-
-    def forward(self, input_ids, attention_mask):
-        return self.lm(input_ids=input_ids, attention_mask=attention_mask).logits
-
-
 def problem(cfg, dtype=torch.float32):
     """(model, loss, data): a random-weight GPT-2 in eval mode, and ``BATCHES`` token batches."""
     from transformers import GPT2Config, GPT2LMHeadModel
@@ -95,7 +79,7 @@ def problem(cfg, dtype=torch.float32):
 
     torch.manual_seed(0)
     conf = GPT2Config(n_positions=TOKENS, bos_token_id=0, eos_token_id=0, use_cache=False, **cfg)
-    model = LogitsOnly(GPT2LMHeadModel(conf)).to(dtype).eval()
+    model = GPT2LMHeadModel(conf).to(dtype).eval()
     g = torch.Generator().manual_seed(1)
     data = []
     for _ in range(BATCHES):

@@ -30,6 +30,7 @@ from .. import distributed as dist
 from .._data import Batches, resolve_reduction, term_count
 from .._fingerprint import Hasher, _name, loss_description
 from .._params import ParamLayout, select_parameters
+from .._objective_helpers import _output_tensor
 from ..errors import InputError, NetHessianError, RandomModelError
 from ._finite_difference import gradients, model_output
 from ._shard_vectors import ShardTable, allreduce_, check_vectors
@@ -188,10 +189,13 @@ class ShardedObjective:
         return allreduce_(t) if self.sharded else t
 
     def _check_deterministic(self) -> None:
-        """Two forwards of the first batch must agree (dropout in train mode would not)."""
+        """Two forwards of the first batch must agree (dropout in train mode would not).
+
+        Compares the output tensors (a Hugging Face output's ``.logits``).
+        """
         batch = self.data.first()
         with torch.no_grad():
-            a, b = (model_output(self.model, batch.inputs) for _ in range(2))
+            a, b = (_output_tensor(model_output(self.model, batch.inputs)) for _ in range(2))
         reshard(self.model)
         if not torch.equal(a, b):
             raise RandomModelError(
