@@ -193,3 +193,19 @@ def test_symmetric_operators_pass_the_free_test(dtype):
     with_check = eigenvalues(A, k=3, tol=tol, seed=0)
     without = eigenvalues(A, k=3, tol=tol, seed=0, check_symmetry=False)
     assert with_check.num_matvecs == without.num_matvecs  # the check costs no product
+
+
+def test_finite_difference_operators_keep_the_two_product_check():
+    """Approximate products are tested on random vectors, as before (2 products), not on Lanczos vectors."""
+    A = with_spectrum(SPECTRA["indefinite"])
+    exact, fd = Counting(A), Counting(A)
+    fd.engine = "finite-difference"
+    a = eigenvalues(exact, k=3, tol=1e-8, seed=0)
+    b = eigenvalues(fd, k=3, tol=1e-8, seed=0)
+    assert fd.columns == b.num_matvecs and exact.columns == a.num_matvecs
+    torch.testing.assert_close(a.eigenvalues, b.eigenvalues, rtol=1e-8, atol=0)
+    skewed = Counting(A + 1e-3 * (torch.triu(torch.ones_like(A), 1) - torch.tril(torch.ones_like(A), -1)))
+    skewed.engine = "finite-difference"
+    with pytest.raises(NotSymmetricError):
+        eigenvalues(skewed, k=3)
+    assert skewed.columns == 2
