@@ -209,3 +209,17 @@ def test_finite_difference_operators_keep_the_two_product_check():
     with pytest.raises(NotSymmetricError):
         eigenvalues(skewed, k=3)
     assert skewed.columns == 2
+
+
+def test_a_run_of_one_block_checks_symmetry_within_its_budget():
+    """ncv < 2 b: no second block to read the test from, so the 2-product test runs, inside max_matvecs."""
+    A = with_spectrum(uniform(60, 0.0, 1.0))
+    op = Counting(A)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        res = eigenvalues(op, k=1, block_size=4, ncv=5, max_matvecs=7)
+    assert res.num_matvecs == op.columns <= 7
+    B = A.clone()
+    B[0, 1] += 1.0
+    with pytest.raises(NotSymmetricError):
+        eigenvalues(B, k=1, block_size=4, ncv=5, max_matvecs=7)

@@ -242,7 +242,7 @@ def _iterate(
     history = []
     while True:
         full = kry.filled or kry.j + b > ncv  # a basis never filled may have missed the wanted end
-        spent = op.num_matvecs + b + k > max_matvecs
+        spent = op.num_matvecs + b + k + (2 if symmetry else 0) > max_matvecs  # 2: check_symmetric below
         if full or spent:  # before the basis first fills, the Ritz pairs cannot stop the run
             ritz = _Ritz(kry, which)
             bound = ritz.worst_bound(k, tol)
