@@ -28,6 +28,7 @@ from typing import Dict, Tuple
 import torch
 from torch import nn
 
+from .. import distributed
 from ._backprop import Accumulator, Frontier, undo_step
 from ._factors import chain_reason, factor_bytes, factor_diagonal
 from ._graph import Plan, Unsupported, build_plan, run_forward
@@ -37,7 +38,7 @@ from ._loss import loss_derivatives, loss_reason
 __all__ = ["StructuredEngine", "WORK_BYTES"]
 
 WORK_BYTES = 512 * 2**20  # per-chunk working memory the sample chunks are sized to
-KRON_FLOOR = 32 * 2**20  # the Kronecker dense path's chunks: at most the matrix's own size, at least this
+KRON_FLOOR = 32 * 2**20  # the Kronecker dense path's chunks: a quarter of the matrix's size, at least this
 
 
 def _needs(plan: Plan) -> Dict[str, bool]:
@@ -107,9 +108,15 @@ class StructuredEngine:
         return torch.empty((), dtype=self.objective.dtype).element_size()
 
     def _budget(self, mode: str) -> float:
-        """Working memory a chunk may use; the Kronecker dense path stays within the matrix's own size."""
+        """Working memory a chunk may use.
+
+        The Kronecker dense path keeps it to a quarter of the matrix's own size (at least
+        ``KRON_FLOOR``), so its peak stays near the matrix itself, like the autodiff path's
+        column chunks; larger chunks are only slightly faster (each chunk's GEMMs update
+        the whole matrix once).
+        """
         if mode == "dense" and self.kron:
-            own = self.item * float(self.objective.size) ** 2
+            own = self.item * float(self.objective.size) ** 2 / 4
             return min(self.work_bytes, max(own, KRON_FLOOR))
         return self.work_bytes
 
@@ -136,16 +143,17 @@ class StructuredEngine:
         """Samples per chunk: as many as fit the working budget (at least one)."""
         return max(1, int(self._budget(mode) // max(self._per_sample[mode], 1.0)))
 
-    def _batch(self, mode: str, batch, state) -> Tuple[Accumulator, float]:
-        ob = self.objective
+    def _derivatives(self, batch, state):
+        """One batch's forward (every node's output), loss derivatives ``g``, ``H`` and term count."""
         env = run_forward(self.plan, state, batch.inputs)
         out = env[self.plan.output]
-        g, H = loss_derivatives(ob.loss_fn, out, batch.targets)
-        if mode == "dense" and self.kron:
-            acc = KroneckerAccumulator(ob.layout, ob.dtype, ob.device, self.forms)
-        else:
-            acc = Accumulator(mode, ob.layout, ob.dtype, ob.device)
-        N, step = out.shape[0], self.chunk(mode)
+        g, H = loss_derivatives(self.objective.loss_fn, out, batch.targets)
+        return env, g, H, self.objective.count(out, batch.targets)
+
+    def _backprop(self, mode: str, acc, env, g, H, state) -> None:
+        """Undo the steps on chunks of samples, handing parameter rows to ``acc``."""
+        ob = self.objective
+        N, step = g.shape[0], self.chunk(mode)
         for s in range(0, N, step):
             acc.start_chunk()
             envc = {k: v[s : s + step] for k, v in env.items()}
@@ -156,17 +164,43 @@ class StructuredEngine:
             for st in reversed(self.plan.steps):
                 if self.needs[st.name]:
                     undo_step(fr, st, envc, state, self.needs, acc)
-        return acc, ob.count(out, batch.targets)
 
     def _run(self, mode: str, pack) -> torch.Tensor:
-        state = self._state()
+        ob, state = self.objective, self._state()
 
         def fn(batch):
-            acc, count = self._batch(mode, batch, state)
+            env, g, H, count = self._derivatives(batch, state)
+            acc = Accumulator(mode, ob.layout, ob.dtype, ob.device)
+            self._backprop(mode, acc, env, g, H, state)
             return pack(acc), count
 
-        total, n = self.objective.local_sum(fn, what=f"structured Hessian ({mode})")
-        return self.objective.finish(total, n)
+        total, n = ob.local_sum(fn, what=f"structured Hessian ({mode})")
+        return ob.finish(total, n)
+
+    def _kron_dense(self) -> torch.Tensor:
+        """The dense Hessian by Kronecker factors, in one ``P × P`` matrix for all batches.
+
+        The Hessian is linear in the loss derivatives, so each batch's ``g``, ``H`` carry
+        its weight ``w_b`` (``Objective.local_sum``'s: the term count for a mean, else 1)
+        and every batch adds into the same matrix; the all-reduce and the division by
+        the term count (``Objective.finish`` of the scalar weight) happen in place. No
+        per-batch copies of the matrix: peak memory is the matrix plus one chunk.
+        local_sum still checks every batch (a NaN or Inf in g or H names the batch).
+        """
+        ob, state = self.objective, self._state()
+        acc = KroneckerAccumulator(ob.layout, ob.dtype, ob.device, self.forms)
+        mean = ob.reduction not in (None, "sum")  # local_sum's batch weight
+
+        def fn(batch):
+            env, g, H, count = self._derivatives(batch, state)
+            w = count if mean else 1.0
+            self._backprop("dense", acc, env, g * w, H * w, state)
+            return 0.0 * (g.sum() + H.sum()), count  # finite unless g or H is not
+
+        _, n = ob.local_sum(fn, what="structured Hessian (dense)")
+        scale = ob.finish(torch.ones((), dtype=torch.float64) / distributed.world_size(), n)
+        total, _ = distributed.reduce_sum(acc.result(), 0.0)
+        return total.mul_(float(scale))
 
     def diagonal(self) -> torch.Tensor:
         """The exact diagonal of the Hessian of J(θ), ``(P,)`` in layout order."""
@@ -174,6 +208,8 @@ class StructuredEngine:
 
     def dense(self) -> torch.Tensor:
         """The exact dense Hessian ``(P, P)``, cross-layer blocks included."""
+        if self.kron:
+            return self._kron_dense()
         return self._run("dense", lambda acc: acc.result())
 
     def blocks(self) -> Dict[Tuple[str, ...], torch.Tensor]:

@@ -56,6 +56,7 @@ from torch import fx, nn
 __all__ = ["Form", "KroneckerAccumulator", "linear_forms", "kron_sizes"]
 
 _MATMUL = (operator.matmul, torch.matmul)
+SLICES = 4  # K is built for a quarter of a layer's output units at a time
 
 
 @dataclass(frozen=True)
@@ -120,8 +121,8 @@ def linear_forms(plan, model: nn.Module) -> Tuple[Dict[str, Form], Optional[str]
 def kron_sizes(plan, env, forms: Dict[str, Form]) -> Tuple[int, int]:
     """From a one-sample forward, in entries: ``(carried columns, K per sample)``.
 
-    K (the largest pair's weight columns) is written once per pair into a reused
-    buffer; with leading dimensions ``einsum`` makes up to three such tensors. The
+    K (the largest pair's weight columns, for a quarter of the output units) is
+    written into a reused buffer; with leading dimensions ``einsum`` makes up to three such tensors. The
     GEMMs write straight into the dense matrix (no output buffer).
     """
     layers = []
@@ -133,7 +134,10 @@ def kron_sizes(plan, env, forms: Dict[str, Form]) -> Tuple[int, int]:
             layers.append((T, f.d_out, a))
     cols = sum(T * (d + a) for T, d, a in layers)
     copies = 1 if all(T == 1 for T, _, _ in layers) else 3
-    k_sample = max((copies * Tl * dl * Tk * dk * (ak + 1) for Tl, dl, _ in layers for Tk, dk, ak in layers), default=0)
+    k_sample = max(
+        (copies * Tl * -(-dl // SLICES) * Tk * dk * (ak + 1) for Tl, dl, _ in layers for Tk, dk, ak in layers),
+        default=0,
+    )
     return cols, k_sample
 
 
@@ -179,23 +183,27 @@ def _weight_k(d_l: int, k: _Layer, R: torch.Tensor, G: Optional[torch.Tensor], s
     return K
 
 
-def _columns(cur: _Layer, k: _Layer, R: torch.Tensor, G: Optional[torch.Tensor], scratch):
-    """``[(name, K (d_l, n·T_l, cols))]`` per chosen part of layer k, columns in the parameter's layout order.
+def _columns(cur: _Layer, k: _Layer, R: torch.Tensor, G: Optional[torch.Tensor], scratch, rows: slice):
+    """``[(name, K (d, n·T_l, cols))]`` per chosen part of layer k for the output units ``rows`` of cur.
 
     ``K_{z_cur, k}[(s,j), (i,p)] = Σ_t R[(s,j),(t,i)] x_k[t,p] + Σ_t G[(s,j),(t,p)] g_k[t,i]`` for the
-    weight, ``Σ_t R[(s,j),(t,i)]`` for the bias (its feature is the constant 1).
+    weight, ``Σ_t R[(s,j),(t,i)]`` for the bias (its feature is the constant 1); columns in
+    the parameter's layout order.
     """
     n, T_l, d_l = cur.g.shape
     _, T_k, d_k = k.g.shape
-    R5 = R.reshape(n, T_l, d_l, T_k, d_k)
+    R5 = R.reshape(n, T_l, d_l, T_k, d_k)[:, :, rows]
+    if G is not None:
+        G = G.reshape(n, T_l, d_l, T_k, -1)[:, :, rows]
+    d_l = rows.stop - rows.start
     out = []
     if k.f.weight and T_l == T_k == 1:
-        out.append((k.f.weight, _weight_k(d_l, k, R, G, scratch).reshape(d_l, n, -1)))
+        out.append((k.f.weight, _weight_k(d_l, k, R5, G, scratch).reshape(d_l, n, -1)))
     elif k.f.weight:
         spec = "jnspi" if k.f.transposed else "jnsip"
         K = torch.einsum(f"nsjti,ntp->{spec}", R5, k.x)
         if G is not None:
-            K = K + torch.einsum(f"nsjtp,nti->{spec}", G.reshape(n, T_l, d_l, T_k, -1), k.g)
+            K = K + torch.einsum(f"nsjtp,nti->{spec}", G, k.g)
         out.append((k.f.weight, K.reshape(d_l, n * T_l, -1)))
     if k.f.bias:
         out.append((k.f.bias, R5.sum(3).permute(2, 0, 1, 3).reshape(d_l, n * T_l, d_k)))
@@ -254,19 +262,31 @@ class KroneckerAccumulator:
         of the output units); ``result`` copies the rest from it.
         """
         d_l = cur.g.shape[2]
-        for cname, K in _columns(cur, k, R, G, self._scratch):
-            for rname, A, rt in _rows(cur):
-                q = A.shape[0]
-                out = self.dense[self.layout.slice(rname), self.layout.slice(cname)]
-                out = out.view(q, d_l, -1).transpose(0, 1) if rt else out.view(d_l, q, -1)
-                if rname == cname and not rt:
-                    for j in range(d_l):
-                        out[j, :, j * q :].addmm_(A, K[j, :, j * q :])
-                    self.triangles.add((rname, d_l, q))
-                else:
-                    out.baddbmm_(A.expand(d_l, *A.shape), K)
-                if k is not cur:
-                    self.mirror.add((rname, cname))
+        step = -(-d_l // SLICES)
+        for j0 in range(0, d_l, step):
+            rows = slice(j0, min(d_l, j0 + step))
+            for cname, K in _columns(cur, k, R, G, self._scratch, rows):
+                for rname, A, rt in _rows(cur):
+                    self._gemm(self._out(rname, cname, A.shape[0], d_l, rt), A, K, rows, rname == cname and not rt)
+                    if rname == cname and not rt:
+                        self.triangles.add((rname, d_l, A.shape[0]))
+                    if k is not cur:
+                        self.mirror.add((rname, cname))
+
+    def _out(self, rname: str, cname: str, q: int, d_l: int, rt: bool) -> torch.Tensor:
+        """The dense matrix's block ``rname`` × ``cname`` as a ``(j, q, cols)`` view."""
+        out = self.dense[self.layout.slice(rname), self.layout.slice(cname)]
+        return out.view(q, d_l, -1).transpose(0, 1) if rt else out.view(d_l, q, -1)
+
+    @staticmethod
+    def _gemm(out: torch.Tensor, A: torch.Tensor, K: torch.Tensor, rows: slice, triangle: bool) -> None:
+        """``out[j] += A K[j]`` for the units ``rows``; a parameter's own block: columns i ≥ j only."""
+        if not triangle:
+            out[rows].baddbmm_(A.expand(K.shape[0], *A.shape), K)
+            return
+        q = A.shape[0]
+        for j in range(rows.start, rows.stop):
+            out[j, :, j * q :].addmm_(A, K[j - rows.start, :, j * q :])
 
     def _scratch(self, numel: int) -> torch.Tensor:
         if self._buffer is None or self._buffer.numel() < numel:
