@@ -29,7 +29,15 @@ import torch
 
 from ._operator import Operator
 
-__all__ = ["basis_matmul", "column_major", "exact_dot", "norms", "orthonormal_columns", "project_out"]
+__all__ = [
+    "basis_matmul",
+    "column_major",
+    "exact_dot",
+    "norms",
+    "orthonormal_columns",
+    "project_out",
+    "subtract_basis",
+]
 
 _COLS = 16  # basis columns brought to the working dtype/device at a time
 
@@ -94,6 +102,13 @@ def basis_matmul(V: torch.Tensor, Y: torch.Tensor, like: torch.Tensor) -> torch.
     return out
 
 
+def subtract_basis(V: torch.Tensor, c: torch.Tensor, W: torch.Tensor) -> torch.Tensor:
+    """``W − V c`` (a new tensor; one fused pass when ``V`` lives with ``W``)."""
+    if _same_home(V, W) and W.dim() == 2:
+        return torch.addmm(W, V, c.to(W.device, W.dtype), alpha=-1)
+    return W - basis_matmul(V, c, W)
+
+
 def project_out(op: Operator, V: torch.Tensor, W: torch.Tensor, passes: int = 2) -> Tuple[torch.Tensor, torch.Tensor]:
     """``W − V (VᵀW)`` repeated ``passes`` times; returns it and the summed coefficients (float64, CPU)."""
     C = torch.zeros(V.shape[1], *W.shape[1:], dtype=torch.float64)
@@ -101,7 +116,7 @@ def project_out(op: Operator, V: torch.Tensor, W: torch.Tensor, passes: int = 2)
         return W, C
     for _ in range(passes):
         c = _vt_w(op, V, W)
-        W = W - basis_matmul(V, c, W)
+        W = subtract_basis(V, c, W)
         C += c.cpu().double()
     return W, C
 

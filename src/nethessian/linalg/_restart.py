@@ -14,7 +14,7 @@ import numpy as np
 import torch
 
 from ._operator import Operator, randn
-from ._ortho import basis_matmul, column_major, exact_dot, norms, orthonormal_columns, project_out
+from ._ortho import basis_matmul, column_major, exact_dot, norms, orthonormal_columns, project_out, subtract_basis
 
 __all__: list = []
 
@@ -131,7 +131,7 @@ class _Krylov:
         C = torch.zeros(j + b, b, dtype=torch.float64)
         W = self._known_couplings(W, C)
         c = exact_dot(op, self.F, W)
-        W = W - self.F @ c.to(W.dtype)
+        W = subtract_basis(self.F, c, W)
         C[j:] += c.cpu().double()
         before = norms(op, W)
         for sweep in range(2):  # classical Gram-Schmidt, a second pass only under cancellation (DGKS)
@@ -161,7 +161,7 @@ class _Krylov:
         lo = int(nz[0])
         St = self.S[:, lo : self.j].T.contiguous()
         C[lo : self.j] += St
-        return W - basis_matmul(self.V[:, lo : self.j], St, W)
+        return subtract_basis(self.V[:, lo : self.j], St, W)
 
     def restart(self, ritz: "_Ritz", keep: int) -> None:
         """Thick restart: keep the ``keep`` most wanted Ritz vectors (``V ← V Y``, by blocks of rows)."""
