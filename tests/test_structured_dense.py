@@ -242,3 +242,13 @@ def test_checkpoint_takes_the_column_loop_or_is_refused():
     assert chosen is None and "checkpoint" in why
     with pytest.raises(InputError, match="the dense Hessian: engine='structured' .* takes no checkpoint"):
         select(op, "structured", "dense", checkpoint=object(), what="the dense Hessian")
+
+
+def test_operator_names_the_first_unsupported_module():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 4), nn.PReLU(), nn.Linear(4, 2)).to(D)
+    op = nh.HessianOperator(model, nn.MSELoss(), (_x(5, 3), _x(5, 2, seed=3)))
+    assert op.structured is None and "module '1'" in op.structured_reason and "PReLU" in op.structured_reason
+    assert select(op, "auto", "dense") == (None, "autodiff: " + op.structured_reason)
+    H = nh.hessian(model, nn.MSELoss(), (_x(5, 3), _x(5, 2, seed=3)))
+    assert H.engine == "autodiff" and "PReLU" in H.engine_reason
