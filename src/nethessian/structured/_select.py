@@ -23,7 +23,8 @@ ENGINES = ("auto", "structured", "autodiff")
 _ABSENT = object()
 STRUCTURED = "structured: every node of the model and the loss has a second-order backpropagation rule"
 KRON = (
-    "; every chosen parameter sits in a dense layer (nn.Linear, x @ W), so the dense Hessian comes from Kronecker "
+    "; every chosen parameter sits in a dense layer (nn.Linear, F.linear, x @ W), so the dense Hessian comes from "
+    "Kronecker "
     "factors (one GEMM over the samples per pair of layers)"
 )
 
