@@ -24,8 +24,7 @@ _ABSENT = object()
 STRUCTURED = "structured: every node of the model and the loss has a second-order backpropagation rule"
 KRON = (
     "; every chosen parameter sits in a dense layer (nn.Linear, F.linear, x @ W), so the dense Hessian comes from "
-    "Kronecker "
-    "factors (one GEMM over the samples per pair of layers)"
+    "Kronecker factors (one GEMM over the samples per pair of layers)"
 )
 
 
