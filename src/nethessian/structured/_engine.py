@@ -78,29 +78,29 @@ class StructuredEngine:
         """Bytes per sample of the largest frontier matrices, per mode (from a one-sample forward)."""
         env = run_forward(self.plan, self._state(), one)
         size = {k: v[0].numel() for k, v in env.items()}
-        live, widest, jac, jac_diag = {self.plan.output}, size[self.plan.output], 0, 0
+        kron_cols, k_sample = kron_sizes(self.plan, env, self.forms) if self.kron else ({}, 0)
+        live, widest, jac, jac_diag, cols, kron = {self.plan.output}, size[self.plan.output], 0, 0, 0, 0
         for step in reversed(self.plan.steps):
             if step.name not in live:
                 continue
             live.discard(step.name)
             live |= {i for i in step.inputs if self.needs.get(i)}
-            widest = max(widest, sum(size[n] for n in live) + size[step.name])
+            D = sum(size[n] for n in live) + size[step.name]
+            widest = max(widest, D)
+            cols += kron_cols.get(step.name, 0)  # the factored columns carried so far (``_kron``)
+            kron = max(kron, 4 * D**2 + 3 * D * cols)
             P_step = sum(self.objective.layout.numels[self.objective.layout.index(p)] for p in step.params)
             jac = max(jac, size[step.name] * P_step)
             if not isinstance(step.module, nn.Linear):  # Linear diagonals need no per-sample J_θ
                 jac_diag = max(jac_diag, size[step.name] * P_step)
         item = self.item
-        P = self.objective.size
         base = 4 * widest**2 + 3 * jac
         diagonal = (
             factor_bytes(self.plan, env, self.objective.layout, item)
             if self.chain
             else item * (4 * widest**2 + 3 * jac_diag)
         )
-        dense = item * (base + 4 * widest * P)
-        if self.kron:
-            cols, k_sample = kron_sizes(self.plan, env, self.forms)
-            dense = item * (4 * widest**2 + 3 * widest * cols + k_sample)
+        dense = item * (kron + k_sample) if self.kron else item * (base + 4 * widest * self.objective.size)
         return {"diagonal": diagonal, "blocks": item * base, "dense": dense}
 
     @property

@@ -126,21 +126,21 @@ def linear_forms(plan, model: nn.Module) -> Tuple[Dict[str, Form], Optional[str]
     return forms, None
 
 
-def kron_sizes(plan, env, forms: Dict[str, Form]) -> Tuple[int, int]:
-    """From a one-sample forward, in entries: ``(carried columns, K per sample)``.
+def kron_sizes(plan, env, forms: Dict[str, Form]) -> Tuple[Dict[str, int], int]:
+    """From a one-sample forward, in entries: ``({step: columns it adds}, K per sample)``.
 
     K (the largest pair's weight columns, for a quarter of the output units) is
-    written into a reused buffer; with leading dimensions ``einsum`` makes up to three such tensors. The
-    GEMMs write straight into the dense matrix (no output buffer).
+    written into a reused buffer; with leading dimensions ``einsum`` makes up to three
+    such tensors. The GEMMs write straight into the dense matrix (no output buffer).
     """
-    layers = []
+    layers, cols = [], {}
     for step in plan.steps:
         if step.name in forms:
             f = forms[step.name]
             T = env[step.inputs[0]][0].numel() // f.d_in
             a = f.d_in if f.weight else 0
             layers.append((T, f.d_out, a))
-    cols = sum(T * (d + a) for T, d, a in layers)
+            cols[step.name] = T * (f.d_out + a)
     copies = 1 if all(T == 1 for T, _, _ in layers) else 3
     k_sample = max(
         (copies * Tl * -(-dl // SLICES) * Tk * dk * (ak + 1) for Tl, dl, _ in layers for Tk, dk, ak in layers),
