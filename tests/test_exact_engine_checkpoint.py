@@ -39,3 +39,20 @@ def test_structured_with_a_checkpoint_is_refused(tmp_path):
         nh.diagonal(op, method="exact", engine="structured", checkpoint=ck)
     with pytest.raises(nh.InputError, match="takes no checkpoint"):
         nh.trace(op, exact=True, engine="structured", checkpoint=ck)
+
+
+def test_dense_hessian_with_a_checkpoint_takes_the_column_loop(tmp_path):
+    """nh.hessian on a Linear chain: "auto" goes structured without a checkpoint, the resumable
+    column loop with one (it used to run structured and ignore the checkpoint)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2)).double()
+    data = (torch.randn(8, 3, dtype=torch.float64), torch.randn(8, 2, dtype=torch.float64))
+    free = nh.hessian(model, nn.MSELoss(), data)
+    assert free.engine == "structured"
+    ck = nh.Checkpoint(tmp_path / "ck.pt", {"what": "dense"})
+    H = nh.hessian(model, nn.MSELoss(), data, checkpoint=ck)
+    assert H.engine == "autodiff" and "checkpoint" in H.engine_reason
+    assert (tmp_path / "ck.pt").exists()
+    torch.testing.assert_close(H.dense, free.dense, rtol=1e-10, atol=1e-12)
+    with pytest.raises(nh.InputError, match="takes no checkpoint"):
+        nh.hessian(model, nn.MSELoss(), data, checkpoint=ck, engine="structured")

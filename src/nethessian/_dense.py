@@ -126,9 +126,13 @@ def hessian(
         progress: show a progress bar on stderr.
         checkpoint: a ``nethessian._checkpoint.Checkpoint`` to resume long runs.
         engine: ``"auto"`` (second-order backpropagation, ``nethessian.structured``, when
-            every module and the loss are supported; else products), ``"structured"``
+            every chosen parameter sits in a dense layer — ``nn.Linear``, ``F.linear``,
+            ``x @ W`` — and every module and the loss are supported: Kronecker factors,
+            several times faster than products; else products), ``"structured"``
             (refused, naming the first unsupported module, otherwise) or ``"autodiff"``.
-            ``H.engine`` and ``H.engine_reason`` say which ran and why.
+            With a ``checkpoint``, ``"auto"`` takes the resumable column loop and
+            ``"structured"`` is refused. ``H.engine`` and ``H.engine_reason`` say which ran
+            and why; the structured path shows no progress bar (it has no columns).
         **operator_options: passed to ``HessianOperator`` (method, cache, reduction, ...).
 
     Returns:
@@ -141,7 +145,7 @@ def hessian(
     (('W1', 'W2'), (6, 3), (2, 3, 3, 1))
     """
     op = HessianOperator(model, loss_fn, data, params, **operator_options)
-    structured, why = select_engine(op, engine, "dense")
+    structured, why = select_engine(op, engine, "dense", checkpoint=checkpoint, what="the dense Hessian")
     if structured is not None:
         work = structured.work_estimate("dense", structured.chunk("dense"))
         check_dense_size(op.layout.size, op.dtype, max_bytes, work_bytes=work)
