@@ -29,18 +29,40 @@ import os
 # numpy/scipy OpenBLAS threads starve torch's on these small machines (FACTS.md): eigsh
 # driving torch products ran ~3x slower per product until this was set before numpy.
 os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
-# Passive OpenMP waiting: far less sensitive to other processes on a shared machine
-# (see bench_core.py). Override with OMP_WAIT_POLICY=ACTIVE in the environment.
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import sys  # noqa: E402
+import time  # noqa: E402
+
+from _machine import cpu_snapshot, measured_section, others_load  # noqa: E402
+
+
+# OpenMP waiting policy, decided before torch loads (FACTS.md): passive waiting is far less
+# sensitive to other processes on a shared machine, but on an idle one it doubles small
+# kernels — measured here: a kept-graph product on the MLP 5.2 ms (default) vs 9-11 ms
+# (PASSIVE), and the eigensolver's own vector work ~1.5x. --omp-wait auto (default): passive
+# only when other processes are busy at the start; OMP_WAIT_POLICY in the environment wins.
+def _omp_wait(argv):
+    choice = "auto"
+    for i, a in enumerate(argv):
+        if a.startswith("--omp-wait"):
+            choice = a.split("=", 1)[1] if "=" in a else argv[i + 1]
+    if "OMP_WAIT_POLICY" in os.environ:
+        return f"env:{os.environ['OMP_WAIT_POLICY']}"
+    if choice == "auto":
+        a = cpu_snapshot()
+        time.sleep(2.0)
+        choice = "passive" if others_load(a, cpu_snapshot()) > 0.3 else "default"
+    if choice == "passive":
+        os.environ["OMP_WAIT_POLICY"] = "PASSIVE"
+    return choice
+
+
+OMP_WAIT = _omp_wait(sys.argv[1:]) if __name__ == "__main__" else "default"
 os.environ.setdefault("OMP_NUM_THREADS", str(len(os.sched_getaffinity(0))))
 
 import argparse  # noqa: E402
 import importlib.metadata  # noqa: E402
-import sys  # noqa: E402
-import time  # noqa: E402
 from pathlib import Path  # noqa: E402
-
-from _machine import measured_section  # noqa: E402
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
@@ -86,6 +108,13 @@ def parse_args(argv):
         type=int,
         default=THREADS,
         help=f"torch threads (default: the cores this process may use, {THREADS})",
+    )
+    ap.add_argument(
+        "--omp-wait",
+        choices=["auto", "default", "passive"],
+        default="auto",
+        help="OpenMP waiting policy: passive only if the machine is busy at the start (auto, default), "
+        "or forced; OMP_WAIT_POLICY in the environment overrides it",
     )
     ap.add_argument(
         "--wait-quiet",
@@ -173,9 +202,10 @@ def main(argv=None):
         workloads=describe(args.workloads),
         peers=peer_status,
         settings=st,
+        omp_wait=OMP_WAIT,
     )
     log(
-        f"torch {torch.__version__}, {torch.get_num_threads()} threads; peers: "
+        f"torch {torch.__version__}, {torch.get_num_threads()} threads, OpenMP wait {OMP_WAIT}; peers: "
         + ", ".join(f"{m} {s.get('version', '')}{'' if s['ok'] else ' (UNAVAILABLE)'}" for m, s in peer_status.items())
     )
     contention = meta["others_cpu_cores"] = {}

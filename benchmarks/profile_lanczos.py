@@ -19,7 +19,8 @@ from __future__ import annotations
 import os
 
 os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+# OpenMP waits as the environment says (bench_spectrum: --omp-wait); PASSIVE doubles small
+# kernels on an idle machine (FACTS.md), e.g. a kept-graph product on the MLP 5.2 -> 9-11 ms.
 
 import argparse  # noqa: E402
 import contextlib  # noqa: E402
