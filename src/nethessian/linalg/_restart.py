@@ -24,8 +24,7 @@ __all__: list = []
 # cancellation calls for a second pass ("twice is enough"). The bound is sharp for
 # a Krylov basis: a pass keeping a fraction 1/κ leaves the basis's own loss of
 # orthogonality ω multiplied by about √(κ² − 1) in the new vector, so any laxer
-# test lets ω grow geometrically from step to step.
-_ETA = 2**-0.5
+# test lets ω grow geometrically from step to step (``_Krylov.expand``).
 
 
 def _rank(theta: torch.Tensor, which: str) -> torch.Tensor:
@@ -114,9 +113,9 @@ class _Krylov:
         """Append ``F`` to the basis: one block product, the known couplings, one Gram-Schmidt pass.
 
         By the Krylov relation the coefficients of ``A F`` on ``V`` are ``Sᵀ`` (the
-        three-term recurrence; after a restart the whole kept block), so ``A F − V Sᵀ``
-        is formed first from the few columns ``S`` touches, then the new block's own
-        coefficients are taken off in float64 (``H``'s diagonal block). What remains
+        three-term recurrence; after a restart the whole kept block), so ``A F − V Sᵀ − F α``
+        is formed first, in one pass over the few columns ``S`` touches and ``F``, with
+        ``α = Fᵀ A F`` accumulated in float64 (``H``'s diagonal block). What remains
         is nearly ⟂ ``V``: one classical Gram-Schmidt pass against the stored basis
         (two matrix-vector products with ``V[:, :j + b]``) removes the rounding, and the
         DGKS test rarely asks for a second. Done the other way round (the full pass
@@ -129,20 +128,21 @@ class _Krylov:
             self.F = self.V[:, j : j + b].to(self.F.device, self.F.dtype)
         W = op @ self.F
         C = torch.zeros(j + b, b, dtype=torch.float64)
-        W = self._known_couplings(W, C)
-        c = exact_dot(op, self.F, W)
-        W = subtract_basis(self.F, c, W)
-        C[j:] += c.cpu().double()
-        before = norms(op, W)
+        nz = torch.nonzero(self.S.abs().sum(dim=0)).flatten()
+        lo = int(nz[0]) if nz.numel() else j  # the columns S touches: lo .. j-1
+        C[lo:j] = self.S[:, lo:j].T
+        C[j:] = exact_dot(op, self.F, W).cpu().double()  # Fᵀ A F: H's diagonal block, float64-accumulated
+        W = subtract_basis(self.V[:, lo : j + b], C[lo:], W)  # known couplings and diagonal block, one pass
         for sweep in range(2):  # classical Gram-Schmidt, a second pass only under cancellation (DGKS)
             W, c_all = project_out(op, self.V[:, : j + b], W, passes=1)  # the basis as stored
             C += c_all
             if sweep == 0:  # Vᵀ A F − S ᵀ = Vᵀ (A − Aᵀ) F up to rounding: a free symmetry test
                 self.asymmetry = float(c_all[:j].abs().max()) if j else 0.0
             after = norms(op, W)
-            if bool((after > _ETA * before).all()):
+            # DGKS: again if the pass kept less than 1/√2 of the norm, i.e. (Pythagoras,
+            # ‖w before‖² = ‖w after‖² + ‖c‖²) if it took off more than it left
+            if bool((after > c_all.norm(dim=0)).all()):
                 break
-            before = after
         H = torch.zeros(j + b, j + b, dtype=torch.float64)
         H[:j, :j] = self.H
         H[:, j:] = C
@@ -152,16 +152,6 @@ class _Krylov:
         self.F, B = _orthonormalize(op, W, self.V[:, : j + b], self.gen, scale, checked=True, known=after)
         self.S = torch.cat([torch.zeros(b, j, dtype=torch.float64), B], dim=1)
         self.H, self.j = H, j + b
-
-    def _known_couplings(self, W: torch.Tensor, C: torch.Tensor) -> torch.Tensor:
-        """``W − V Sᵀ`` over the columns where ``S`` is not zero (``Sᵀ`` added to ``C``)."""
-        nz = torch.nonzero(self.S.abs().sum(dim=0)).flatten()
-        if nz.numel() == 0:
-            return W
-        lo = int(nz[0])
-        St = self.S[:, lo : self.j].T.contiguous()
-        C[lo : self.j] += St
-        return subtract_basis(self.V[:, lo : self.j], St, W)
 
     def restart(self, ritz: "_Ritz", keep: int) -> None:
         """Thick restart: keep the ``keep`` most wanted Ritz vectors (``V ← V Y``, by blocks of rows)."""
