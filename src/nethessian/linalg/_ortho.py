@@ -78,16 +78,19 @@ def norms(op: Operator, X: torch.Tensor) -> torch.Tensor:
     return op.allreduce_(sq).sqrt().cpu()
 
 
-def exact_dot(op: Operator, X: torch.Tensor, Y: torch.Tensor) -> torch.Tensor:
+def exact_dot(op: Operator, X: torch.Tensor, Y: torch.Tensor, scratch=None) -> torch.Tensor:
     """``Xᵀ Y`` (b x m, float64, on ``Y``'s device) with float64 accumulation, for a few columns ``X``.
 
     Each product ``x_i y_i`` is rounded once in the working dtype (a relative ``eps`` per
     term, random in sign) and the sum is taken in float64: as accurate as a float64
-    copy of both blocks at the cost of ``b`` elementwise passes (no float64 copy).
+    copy of both blocks at the cost of ``b`` elementwise passes (no float64 copy), written
+    into ``scratch`` (a tensor like ``Y``) when given.
     """
     if X.device.type == "mps" or (X.dtype == torch.float64 and Y.dtype == torch.float64):
         return op.dot(X, Y)
-    rows = [(X[:, i : i + 1] * Y).sum(0, dtype=torch.float64) for i in range(X.shape[1])]
+    if scratch is None or scratch.shape != Y.shape or scratch.dtype != Y.dtype:
+        scratch = torch.empty_like(Y)
+    rows = [torch.mul(X[:, i : i + 1], Y, out=scratch).sum(0, dtype=torch.float64) for i in range(X.shape[1])]
     return op.allreduce_(torch.stack(rows).contiguous())
 
 
@@ -102,21 +105,31 @@ def basis_matmul(V: torch.Tensor, Y: torch.Tensor, like: torch.Tensor) -> torch.
     return out
 
 
-def subtract_basis(V: torch.Tensor, c: torch.Tensor, W: torch.Tensor) -> torch.Tensor:
-    """``W − V c`` (a new tensor; one fused pass when ``V`` lives with ``W``)."""
+def subtract_basis(V: torch.Tensor, c: torch.Tensor, W: torch.Tensor, inplace: bool = False) -> torch.Tensor:
+    """``W − V c`` in one fused pass when ``V`` lives with ``W``; ``inplace``: into ``W`` itself.
+
+    In place spares a fresh (n, b) tensor per call: on a CPU each one is a new memory
+    mapping whose pages fault on first touch, which costs more than the arithmetic.
+    """
+    c = c.to(W.device, W.dtype)
     if _same_home(V, W) and W.dim() == 2:
-        return torch.addmm(W, V, c.to(W.device, W.dtype), alpha=-1)
-    return W - basis_matmul(V, c, W)
+        return W.addmm_(V, c, alpha=-1) if inplace else torch.addmm(W, V, c, alpha=-1)
+    return W.sub_(basis_matmul(V, c, W)) if inplace else W - basis_matmul(V, c, W)
 
 
-def project_out(op: Operator, V: torch.Tensor, W: torch.Tensor, passes: int = 2) -> Tuple[torch.Tensor, torch.Tensor]:
-    """``W − V (VᵀW)`` repeated ``passes`` times; returns it and the summed coefficients (float64, CPU)."""
+def project_out(
+    op: Operator, V: torch.Tensor, W: torch.Tensor, passes: int = 2, inplace: bool = False
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """``W − V (VᵀW)`` repeated ``passes`` times (``inplace``: into ``W``); it and the summed coefficients.
+
+    The coefficients are float64 on the CPU.
+    """
     C = torch.zeros(V.shape[1], *W.shape[1:], dtype=torch.float64)
     if V.shape[1] == 0:
         return W, C
     for _ in range(passes):
         c = _vt_w(op, V, W)
-        W = subtract_basis(V, c, W)
+        W = subtract_basis(V, c, W, inplace)
         C += c.cpu().double()
     return W, C
 

@@ -27,6 +27,11 @@ __all__: list = []
 # test lets ω grow geometrically from step to step (``_Krylov.expand``).
 
 
+def _shares(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Whether ``a`` and ``b`` view the same memory."""
+    return a.untyped_storage().data_ptr() == b.untyped_storage().data_ptr()
+
+
 def _rank(theta: torch.Tensor, which: str) -> torch.Tensor:
     """Indices of the Ritz values, most wanted first (``"both"`` alternates top, bottom)."""
     if which == "largest":
@@ -127,14 +132,17 @@ class _Krylov:
         if self.V.dtype != self.F.dtype:  # multiply what the basis holds, so A V = V H + F S stays true
             self.F = self.V[:, j : j + b].to(self.F.device, self.F.dtype)
         W = op @ self.F
+        if _shares(W, self.F) or _shares(W, self.V):
+            W = W.clone()  # an operator that hands back its input: W is worked on in place below
         C = torch.zeros(j + b, b, dtype=torch.float64)
         nz = torch.nonzero(self.S.abs().sum(dim=0)).flatten()
         lo = int(nz[0]) if nz.numel() else j  # the columns S touches: lo .. j-1
         C[lo:j] = self.S[:, lo:j].T
-        C[j:] = exact_dot(op, self.F, W).cpu().double()  # Fᵀ A F: H's diagonal block, float64-accumulated
-        W = subtract_basis(self.V[:, lo : j + b], C[lo:], W)  # known couplings and diagonal block, one pass
+        spent = self.F if b == 1 else None  # F's last use: its memory takes the products x_i y_i
+        C[j:] = exact_dot(op, self.F, W, spent).cpu().double()  # Fᵀ A F, float64-accumulated
+        W = subtract_basis(self.V[:, lo : j + b], C[lo:], W, inplace=True)  # known couplings, diagonal block
         for sweep in range(2):  # classical Gram-Schmidt, a second pass only under cancellation (DGKS)
-            W, c_all = project_out(op, self.V[:, : j + b], W, passes=1)  # the basis as stored
+            W, c_all = project_out(op, self.V[:, : j + b], W, passes=1, inplace=True)  # the basis as stored
             C += c_all
             if sweep == 0:  # Vᵀ A F − S ᵀ = Vᵀ (A − Aᵀ) F up to rounding: a free symmetry test
                 self.asymmetry = float(c_all[:j].abs().max()) if j else 0.0
