@@ -16,6 +16,8 @@ curvlinops, BackPACK). See benchmarks/README.md.
     PyHessian's power iteration and hessian-eigenthings' Lanczos; each result's relative
     error against a float64 reference (``eigsh`` tol 1e-10 on curvlinops' operator of a
     float64 copy of the model), cross-checked against nethessian at tol 1e-8.
+    Also: nethessian b=1's own work (everything but its products, every product timed where it
+    runs; ``profile_lanczos.py``) against the target "under 20 % of the products' time".
 (b) ``trace``: error against products for Hutchinson, Hutch++ and XTrace over several
     seeds (mean |error|, mean reported standard error, z = error / stderr), against
     BackPACK's exact Hessian diagonal (``DiagHessian``) summed; curvlinops'
