@@ -191,3 +191,17 @@ def test_available_bytes_reads_the_machine():
     free = available_bytes(torch.device("cpu"))
     assert free is None or free > 0
     assert available_bytes(torch.device("meta")) is None
+
+
+def test_eigenvalues_refuse_a_basis_above_the_free_memory(monkeypatch):
+    """The default basis of a huge model (20 vectors of P) is refused before the first product when it
+    cannot fit, with what to lower; an explicit max_memory is the caller's own limit."""
+    from nethessian.linalg import _memory
+
+    A = sym(spectrum(), seed=3)
+    need = lanczos_bytes(P, 12, 1, 3, torch.float64, torch.float64, False)
+    monkeypatch.setattr(_memory, "available_bytes", lambda device: need - 1)
+    with pytest.raises(InputError, match="lower ncv"):
+        eigenvalues(A, k=3, ncv=12)
+    res = eigenvalues(A, k=3, ncv=12, tol=1e-8, max_memory=need)
+    assert res.memory_bytes == need

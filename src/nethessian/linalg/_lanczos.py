@@ -190,6 +190,7 @@ def eigenvalues(
         max_memory,
         "lower ncv (at least k + block_size), store the basis in a lower precision (basis_dtype=) "
         "or on the CPU (basis_device='cpu')",
+        bdevice,
     )
     expect = _checkpoint_settings(op, k, which, b, ncv, seed, bdtype)
     kry, done = load_state(checkpoint, expect, op, gen, k, tol, max_matvecs, (bdtype, bdevice))
