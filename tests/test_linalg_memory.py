@@ -203,5 +203,11 @@ def test_eigenvalues_refuse_a_basis_above_the_free_memory(monkeypatch):
     monkeypatch.setattr(_memory, "available_bytes", lambda device: need - 1)
     with pytest.raises(InputError, match="lower ncv"):
         eigenvalues(A, k=3, ncv=12)
+    # the products need their own temporaries: a bound that leaves them under 20 % is refused too
+    monkeypatch.setattr(_memory, "available_bytes", lambda device: int(need / 0.9))
+    with pytest.raises(InputError, match="80% of the"):
+        eigenvalues(A, k=3, ncv=12)
+    monkeypatch.setattr(_memory, "available_bytes", lambda device: int(need / 0.7))
+    assert eigenvalues(A, k=3, ncv=12, tol=1e-8).memory_bytes == need
     res = eigenvalues(A, k=3, ncv=12, tol=1e-8, max_memory=need)
     assert res.memory_bytes == need
