@@ -2,12 +2,14 @@
 
 GPT-2 architecture, 12 layers, width 768, vocabulary 50,257 (≈124M parameters,
 random weights), one batch of 4 × 128 tokens, float32, loss
-``nh.losses.causal_lm()``. Every measurement runs in its own fresh process, so its
-peak memory is the process's high-water mark (``ru_maxrss``) minus the mark after
-the model and data were built (so it includes the operator's set-up: validation and
-the kept graph); the time is the measured call only:
+``nh.losses.causal_lm()``. Every measurement runs in its own fresh process; memory is
+read from the process's ``VmRSS``/``VmHWM`` (Linux), the time is the measured call only:
 
 * one gradient;
+* memory: ``peak`` = the whole process above the mark after the model and data were
+  built (the operator's set-up included: validation, the double-backward cross-check,
+  the kept graph); ``steady`` = what stays resident after set-up plus the measured
+  call's own peak (high-water mark reset in between) — the memory a long run needs;
 * one Hessian-vector product, for the kept-graph engine (``cache=True``) and the
   streaming engine (``cache=False``: a fresh double-backward graph per product) —
   reported as time and peak memory ÷ the gradient's (targets: ≤ 2 and ≤ 2);
@@ -27,7 +29,6 @@ from __future__ import annotations
 import argparse
 import json
 import multiprocessing as mp
-import resource
 import sys
 import time
 
@@ -74,10 +75,6 @@ def machine() -> dict:
     }
 
 
-def _maxrss() -> int:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-
-
 def _task(name, model, loss, data):
     """The callable measured for ``name``; it returns a dict of extra numbers (products, values)."""
     import nethessian as nh
@@ -107,7 +104,8 @@ def _task(name, model, loss, data):
         return eig
 
     def tr():
-        t = nh.trace(op, method="hutch++", num_matvecs=30)
+        method = "hutchinson" if what == "hutchinson30" else "hutch++"
+        t = nh.trace(op, method=method, num_matvecs=30, chunk_size=1)
         return {
             "trace": t.value,
             "stderr": t.stderr,
@@ -118,23 +116,101 @@ def _task(name, model, loss, data):
     return tr
 
 
+def _refusals(fn):
+    """``fn`` whose ``InputError`` (a refusal before any product) becomes an ``error`` entry."""
+    from nethessian.errors import InputError
+
+    def run():
+        try:
+            return fn()
+        except InputError as exc:
+            return {"error": f"refused: {exc}"}
+
+    return run
+
+
+def _status(field: str) -> int:
+    """``VmRSS`` / ``VmHWM`` of this process in bytes (Linux)."""
+    with open("/proc/self/status") as fh:
+        for line in fh:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) * 1024
+    raise KeyError(field)
+
+
+def _reset_hwm() -> bool:
+    """Reset VmHWM to the current RSS (Linux ≥ 4.0); False where not allowed."""
+    try:
+        with open("/proc/self/clear_refs", "w") as fh:
+            fh.write("5")
+        return True
+    except OSError:
+        return False
+
+
 def _child(cfg, name, queue):
+    """Set-up (the operator: validation, cross-check, kept graph) and the call, measured apart.
+
+    ``setup_peak_bytes``: the high-water mark of the set-up above the mark after the model
+    and data were built; ``steady_peak_bytes``: what the set-up left resident plus the
+    call's own peak above that (``VmHWM`` reset before the call) — the memory a run of
+    many products needs; ``extra_peak_bytes``: the larger of the two.
+    """
+    from nethessian.errors import InputError
+
     torch.set_num_threads(cfg.get("threads") or torch.get_num_threads())
     model, loss, data = problem(cfg)
-    base = _maxrss()  # before the operator: its kept graph and validation pass count too
-    fn = _task(name, model, loss, data)
+    _reset_hwm()
+    base = _status("VmRSS")
+    try:
+        fn = _task(name, model, loss, data)
+        fn = _refusals(fn)
+    except InputError as exc:
+        queue.put({"name": name, "error": f"refused: {exc}"})
+        return
+    setup = _status("VmHWM") - base
+    reset = _reset_hwm()
+    resident = _status("VmRSS")
     t0 = time.perf_counter()
     extra = fn()
-    queue.put({"name": name, "time_s": time.perf_counter() - t0, "extra_peak_bytes": _maxrss() - base, **extra})
+    dt = time.perf_counter() - t0
+    if "error" in extra:
+        queue.put({"name": name, **extra})
+        return
+    steady = _status("VmHWM") - base if reset else None
+    queue.put(
+        {
+            "name": name,
+            "time_s": dt,
+            "setup_peak_bytes": setup,
+            "resident_after_setup_bytes": resident - base,
+            "steady_peak_bytes": steady,
+            "extra_peak_bytes": max(setup, steady or 0),
+            **extra,
+        }
+    )
 
 
 def measure(cfg, name):
-    """Run ``name`` in a fresh process; its time and extra peak memory."""
+    """Run ``name`` in a fresh process; its time and extra peak memory.
+
+    A child that dies (the out-of-memory killer) or refuses (``InputError``: a memory
+    bound above what is free) gives a row saying so instead of a hung parent.
+    """
+    import queue as _queue
+
     ctx = mp.get_context("spawn")
     q = ctx.Queue()
     p = ctx.Process(target=_child, args=(cfg, name, q))
     p.start()
-    res = q.get()
+    while True:
+        try:
+            res = q.get(timeout=5)
+            break
+        except _queue.Empty:
+            if not p.is_alive():
+                res = {"name": name, "error": f"the process died (exit code {p.exitcode}: killed for memory?)"}
+                break
     p.join()
     return res
 
@@ -151,7 +227,7 @@ def main(argv=None):
     )
     args = ap.parse_args(argv)
     cfg = dict(TINY if args.tiny else W5, threads=args.threads)
-    names = ["gradient"] + [f"{e}:{w}" for e in ENGINES for w in ("hvp", "top1", "top5", "hutch++30")]
+    names = ["gradient"] + [f"{e}:{w}" for e in ENGINES for w in ("hvp", "top1", "top5", "hutch++30", "hutchinson30")]
     if args.runs:
         wanted = args.runs.split(",")
         unknown = sorted(set(wanted) - set(names))
@@ -159,23 +235,34 @@ def main(argv=None):
             ap.error(f"unknown runs {unknown}; choose from {names}")
         names = ["gradient"] + [n for n in names if n in wanted and n != "gradient"]
     rows = {}
-    print(f"{'run':22s} {'time':>9s} {'÷grad':>7s} {'peak MiB':>9s} {'÷grad':>7s}  extra", flush=True)
+    print(
+        f"{'run':22s} {'time':>9s} {'÷grad':>7s} {'peak MiB':>9s} {'÷grad':>7s} "
+        f"{'steady MiB':>10s} {'÷grad':>7s}  extra",
+        flush=True,
+    )
     for n in names:  # each row printed and saved as soon as it is measured (a W5 run takes long)
         r = rows[n] = measure(cfg, n)
+        if "error" in r:
+            print(f"{n:22s} {r['error']}", flush=True)
+            _save(args, cfg, rows)
+            continue
         grad = rows["gradient"]
-        extras = {k: v for k, v in r.items() if k not in ("name", "time_s", "extra_peak_bytes")}
+        extras = {k: v for k, v in r.items() if k not in ("name", "time_s") and not k.endswith("_bytes")}
+        steady, gsteady = r["steady_peak_bytes"] or 0, grad["steady_peak_bytes"] or 1
         print(
             f"{n:22s} {r['time_s']:9.3f} {r['time_s'] / grad['time_s']:7.2f} "
             f"{r['extra_peak_bytes'] / 2**20:9.1f} {r['extra_peak_bytes'] / max(grad['extra_peak_bytes'], 1):7.2f}"
-            f"  {extras}",
+            f" {steady / 2**20:10.1f} {steady / gsteady:7.2f}  {extras}",
             flush=True,
         )
-        if args.out:
-            with open(args.out, "w") as f:
-                json.dump(
-                    {"config": cfg, "tiny": args.tiny, "ncv": NCV, "machine": machine(), "rows": rows}, f, indent=1
-                )
+        _save(args, cfg, rows)
     return 0
+
+
+def _save(args, cfg, rows) -> None:
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump({"config": cfg, "tiny": args.tiny, "ncv": NCV, "machine": machine(), "rows": rows}, f, indent=1)
 
 
 if __name__ == "__main__":
