@@ -6,15 +6,13 @@ count, so batch weights use the *global* count and every rank gets the same
 product. Every rank must therefore run the same computation on the same
 numbers; this module is where ranks make sure of that:
 
-* ``check_state(objective)`` at start-up: parameter names, shapes, dtype,
-  device type and values, the fixed parameters, the buffers (batch-norm running
-  statistics), the train/eval mode of every module, and the loss's settings;
-* ``common_seed(seed)``: one seed for every rank (``None`` is drawn on rank 0
-  and broadcast), so random probes are the same everywhere;
-* ``check_same(what, **values)``: the same options (``k``, ``num_matvecs`` ...)
-  on every rank, before the first collective they decide;
-* ``agree(error)``: a rank whose local validation failed makes every rank stop
-  with an error that names it, instead of leaving the others waiting.
+* ``check_state(objective)`` at start-up: parameter names, shapes, dtype, device type
+  and values, fixed parameters, buffers, every module's train/eval mode, loss settings;
+* ``common_seed(seed)``: one seed for every rank (``None``: drawn on rank 0, broadcast);
+* ``check_same(what, **values)``: the same options (``k``, ``num_matvecs`` ...) on every
+  rank, before the first collective they decide;
+* ``agree(error)``: a rank whose validation failed stops every rank, naming it;
+* ``finish()``: the clean end (barriers before gloo's teardown).
 
 Every disagreement raises ``DistributedError`` on *every* rank, naming what
 differs and each rank's value. All are no-ops without torch.distributed.
@@ -27,8 +25,10 @@ from __future__ import annotations
 
 import contextlib
 import datetime
+import itertools
 import json
 import os
+import time
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
@@ -368,14 +368,33 @@ def gather_vector(op, x, dst: int = 0, *, max_bytes=None):
     return _gather(op, x, dst, max_bytes=max_bytes)
 
 
-def finish() -> None:
-    """End a distributed run cleanly: a barrier, then the process group's teardown.
+_FINISHED = itertools.count(1)  # generations of store barriers in this process
 
-    Without the barrier a rank that finished first can tear gloo down while another
-    is still in its last collective, and gloo aborts the process. No-op without
-    torch.distributed.
+
+def _store_barrier(timeout_s: float = 60.0) -> None:
+    """Wait for every rank in the rendezvous store: proof that all left gloo's last collective.
+
+    (After a gloo barrier returns on one rank, the other may still be reading its last
+    message; tearing the connections down then aborts it, seen under load.)
+    """
+    from torch.distributed.distributed_c10d import _get_default_store
+
+    key, store = f"nethessian/finish/{next(_FINISHED)}", _get_default_store()
+    store.add(key, 1)
+    deadline = time.monotonic() + timeout_s
+    while store.add(key, 0) < world_size():
+        if time.monotonic() > deadline:
+            raise DistributedError(f"the final barrier: another rank did not finish within {timeout_s:.0f} s")
+        time.sleep(0.005)
+
+
+def finish() -> None:
+    """End a distributed run cleanly (no-op alone): a barrier, a store barrier, the teardown.
+
+    Else a rank that finished first can tear gloo down under another's last collective.
     """
     if not is_active():
         return
     _collective(torch.distributed.barrier, "the final barrier")
+    _store_barrier()
     torch.distributed.destroy_process_group()
