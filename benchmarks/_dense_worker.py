@@ -229,14 +229,18 @@ def run_dense(rounds, threads, log):
     with tempfile.TemporaryDirectory(prefix="nh_bench_dense_") as tmp:
         results, saved = _rounds(rounds, threads, tmp, log)
         check, correct = _check(results, saved, log)
+    return {"runs": results, "summary": summarise(results), "check": check, "correct": correct}
+
+
+def summarise(results):
+    """Per method: median time and extra peak RSS over the rounds (the probes dropped)."""
     for rs in results.values():
         for r in rs:
             r.pop("probe")
-    summary = {
+    return {
         m: {
             "time_median_s": statistics.median(r["time_s"] for r in rs),
             "extra_peak_median_bytes": statistics.median(r["extra_peak_bytes"] for r in rs),
         }
         for m, rs in results.items()
     }
-    return {"runs": results, "summary": summary, "check": check, "correct": correct}

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import os
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -21,7 +20,7 @@ import torch
 
 import nethessian as nh
 
-from _dense_worker import _flat_loss, _measure, _warm_up
+from _dense_worker import _flat_loss, _measure, _warm_up, summarise
 from _timing import rotated
 
 METHODS = ["nh structured", "nh autodiff", "torch.func.hessian"]
@@ -113,14 +112,4 @@ def run_dense(rounds, quick, threads, log):
                     f"+{res['extra_peak_bytes'] / 2**20:7.0f} MiB (hwm reset: {res['hwm_reset']})"
                 )
         check, correct = _check(saved, results, log)
-    for rs in results.values():
-        for x in rs:
-            x.pop("probe")
-    summary = {
-        m: {
-            "time_median_s": statistics.median(x["time_s"] for x in rs),
-            "extra_peak_median_bytes": statistics.median(x["extra_peak_bytes"] for x in rs),
-        }
-        for m, rs in results.items()
-    }
-    return {"runs": results, "summary": summary, "check": check, "correct": correct}
+    return {"runs": results, "summary": summarise(results), "check": check, "correct": correct}

@@ -129,25 +129,6 @@ def _refusals(fn):
     return run
 
 
-def _status(field: str) -> int:
-    """``VmRSS`` / ``VmHWM`` of this process in bytes (Linux)."""
-    with open("/proc/self/status") as fh:
-        for line in fh:
-            if line.startswith(field + ":"):
-                return int(line.split()[1]) * 1024
-    raise KeyError(field)
-
-
-def _reset_hwm() -> bool:
-    """Reset VmHWM to the current RSS (Linux ≥ 4.0); False where not allowed."""
-    try:
-        with open("/proc/self/clear_refs", "w") as fh:
-            fh.write("5")
-        return True
-    except OSError:
-        return False
-
-
 def _child(cfg, name, queue):
     """Set-up (the operator: validation, cross-check, kept graph) and the call, measured apart.
 
@@ -156,28 +137,30 @@ def _child(cfg, name, queue):
     call's own peak above that (``VmHWM`` reset before the call) — the memory a run of
     many products needs; ``extra_peak_bytes``: the larger of the two.
     """
+    from _dense_worker import _reset_hwm, _status_kb  # the RSS high-water mark, as bench_core reads it
+
     from nethessian.errors import InputError
 
     torch.set_num_threads(cfg.get("threads") or torch.get_num_threads())
     model, loss, data = problem(cfg)
     _reset_hwm()
-    base = _status("VmRSS")
+    base = _status_kb("VmRSS")
     try:
         fn = _task(name, model, loss, data)
         fn = _refusals(fn)
     except InputError as exc:
         queue.put({"name": name, "error": f"refused: {exc}"})
         return
-    setup = _status("VmHWM") - base
+    setup = _status_kb("VmHWM") - base
     reset = _reset_hwm()
-    resident = _status("VmRSS")
+    resident = _status_kb("VmRSS")
     t0 = time.perf_counter()
     extra = fn()
     dt = time.perf_counter() - t0
     if "error" in extra:
         queue.put({"name": name, **extra})
         return
-    steady = _status("VmHWM") - base if reset else None
+    steady = _status_kb("VmHWM") - base if reset else None
     queue.put(
         {
             "name": name,
