@@ -69,9 +69,12 @@ def _problem(args) -> Problem:
     return problem
 
 
-def _memory(args) -> Dict[str, Any]:
-    """``max_memory=`` for the estimators when ``--max-memory`` was given."""
-    return {} if args.max_memory is None else {"max_memory": args.max_memory}
+def _estimator_options(args, settings) -> Dict[str, Any]:
+    """What every estimator command passes: seed, checkpoint, progress and ``max_memory=`` when given."""
+    options = {"seed": args.seed, "checkpoint": _checkpoint(args, settings), "progress": _progress()}
+    if args.max_memory is not None:
+        options["max_memory"] = args.max_memory
+    return options
 
 
 def _protected(args, problem: Problem):
@@ -219,10 +222,7 @@ def eig(args) -> int:
         k=args.k,
         which=args.which,
         tol=args.tol,
-        seed=args.seed,
-        checkpoint=_checkpoint(args, settings),
-        progress=_progress(),
-        **_memory(args),
+        **_estimator_options(args, settings),
     )
     result = res.to_dict(eigenvectors=bool(args.save) and not gather)  # --save keeps whole eigenpairs
     if gather:  # each rank holds its slice: the whole vectors on rank 0, in parameter-name order
@@ -251,12 +251,9 @@ def trace(args) -> int:
         op,
         method=args.method,
         num_matvecs=args.num_matvecs,
-        seed=args.seed,
         exact=args.exact,
         by_block=args.by_block,
-        progress=_progress(),
-        checkpoint=_checkpoint(args, settings),
-        **_memory(args),
+        **_estimator_options(args, settings),
     )
     lines = [f"trace of the Hessian ({res.method}, {res.num_matvecs} products): {res.value:.6e} ± {res.stderr:.2e}"]
     for name, b in (res.blocks or {}).items():
@@ -276,11 +273,8 @@ def diag(args) -> int:
         op,
         method=args.method,
         num_matvecs=args.num_matvecs,
-        seed=args.seed,
         chunk_size=args.chunk_size,
-        progress=_progress(),
-        checkpoint=_checkpoint(args, settings),
-        **_memory(args),
+        **_estimator_options(args, settings),
     )
     lines = [f"diagonal of the Hessian ({res.method}, {res.num_matvecs} products)"]
     for name, t in res.by_name.items():
@@ -298,10 +292,7 @@ def density(args) -> int:
         op,
         num_probes=args.probes,
         lanczos_steps=args.steps,
-        seed=args.seed,
-        checkpoint=_checkpoint(args, settings),
-        progress=_progress(),
-        **_memory(args),
+        **_estimator_options(args, settings),
     )
     lines = [
         f"spectral density (SLQ: {args.probes} probes × {args.steps} Lanczos steps, {res.num_matvecs} products)",
