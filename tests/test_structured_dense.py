@@ -21,6 +21,7 @@ import nethessian as nh
 from nethessian._objective import Objective
 from nethessian.errors import InputError
 from nethessian.structured import StructuredEngine, offer, select
+from structured_cases import Residual  # y = W2 (x + tanh(W1 x)): a graph, not a chain
 
 D = torch.float64
 TOL = dict(rtol=1e-9, atol=1e-11)
@@ -41,18 +42,6 @@ def _mlp(sizes=(8, 6, 5, 3), act=nn.Tanh, bias=True, seed=0):
     for i, (a, b) in enumerate(zip(sizes[:-1], sizes[1:])):
         layers += [nn.Linear(a, b, bias=bias)] + ([act()] if i < len(sizes) - 2 else [])
     return nn.Sequential(*layers).to(D)
-
-
-class Residual(nn.Module):
-    """A graph, not a chain: y = W3 (h + tanh(W2 h)), h = W1 x (the joint frontier carries the factors)."""
-
-    def __init__(self):
-        super().__init__()
-        self.inp, self.f, self.out = nn.Linear(3, 4), nn.Linear(4, 4), nn.Linear(4, 2)
-
-    def forward(self, x):
-        h = self.inp(x)
-        return self.out(h + torch.tanh(self.f(h)))
 
 
 class Functional(nn.Module):
