@@ -57,7 +57,7 @@ def worker(rank: int, world: int, port: str, threads: int, reps: int, out: str) 
     if rank == 0:
         torch.save({"t1": t1, "t32": t32, "hv": hv}, out)
     if world > 1:
-        torch.distributed.destroy_process_group()
+        nh.distributed.finish()
 
 
 def _port() -> str:

@@ -201,14 +201,15 @@ def _rank_run(cfg, reps, world):
 
 
 def rank_main(rank, world, port, cfg, reps, queue):
+    from nethessian.distributed import finish
+
     torch.set_num_threads(1 if world > 1 else max(1, len(os.sched_getaffinity(0))))
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=port)
     torch.distributed.init_process_group("gloo", rank=rank, world_size=world, timeout=datetime.timedelta(seconds=600))
     try:
         queue.put({"rank": rank, **_rank_run(cfg, reps, world)})
     finally:
-        torch.distributed.barrier()
-        torch.distributed.destroy_process_group()
+        finish()
 
 
 def _port() -> str:

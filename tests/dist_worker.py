@@ -100,8 +100,7 @@ def main():
         torch.save(dist_scenarios.seed_none_run(rank, problem), f"{out}.{rank}")
     elif mode == "choices":
         torch.save(dist_scenarios.local_choices_run(rank, problem), f"{out}.{rank}")
-    torch.distributed.barrier()  # no rank tears gloo down while the other is still in a collective
-    torch.distributed.destroy_process_group()
+    nh.distributed.finish()  # no rank tears gloo down while the other is still in a collective
 
 
 if __name__ == "__main__":

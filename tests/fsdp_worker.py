@@ -182,8 +182,7 @@ def main():
         killed(rank, world, int(out))
     elif mode == "refuse":
         refuse()
-    torch.distributed.barrier()  # no rank tears gloo down while the other is still in a collective
-    torch.distributed.destroy_process_group()
+    nh.distributed.finish()  # no rank tears gloo down while the other is still in a collective
 
 
 if __name__ == "__main__":

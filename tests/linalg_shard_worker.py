@@ -15,6 +15,7 @@ import torch.distributed as dist
 
 sys.path.insert(0, os.path.dirname(__file__))
 from nethessian._checkpoint import Checkpoint  # noqa: E402
+from nethessian.distributed import finish as nh_finish  # noqa: E402
 from nethessian.linalg._density import spectral_density  # noqa: E402
 from nethessian.linalg._diagonal import diagonal  # noqa: E402
 from nethessian.linalg._lanczos import eigenvalues  # noqa: E402
@@ -109,8 +110,7 @@ def main():
     dist.init_process_group("gloo", rank=rank, world_size=world, timeout=datetime.timedelta(seconds=60))
     lo, hi = (0, SPLIT) if rank == 0 else (SPLIT, P)
     torch.save(results(FakeSharded(matrix(), lo, hi, world), lo, hi, f"{out}.ck{rank}"), f"{out}.{rank}")
-    dist.barrier()  # no rank tears gloo down while the other is still in a collective
-    dist.destroy_process_group()
+    nh_finish()  # no rank tears gloo down while the other is still in a collective
 
 
 if __name__ == "__main__":
