@@ -247,7 +247,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         was_active = dist.is_active()
         started = dist.init_from_env(timeout_s=args.dist_timeout) and not was_active
         code = args.func(args)
-        if started:
+        if started and dist.is_active():  # a process group this run created
             dist.finish()  # every rank done before gloo is torn down
             _exit_after_torchrun(code)
         return code
