@@ -73,9 +73,10 @@ from ..operators._base import check_dense_size
 from ._eigen_result import EigenResult
 from ._lanczos_options import _basis_home, _basis_size, _budget, _checkpoint_settings, _validate
 from ._lanczos_state import load_state, save_state
-from ._memory import check_memory, lanczos_bytes
+from ._memory import check_memory, lanczos_bytes, verify_chunk
 from ._operator import Operator, _distributed_hint, as_operator, check_symmetric, make_generator
-from ._restart import _final_order, _Krylov, _like, _rank, _Ritz
+from ._ortho import norms
+from ._restart import _final_order, _Krylov, _like, _rank, _Ritz, _shares
 from ._util import warn_not_converged
 
 __all__ = ["EigenResult", "eigenvalues"]
@@ -321,18 +322,38 @@ def _expected_total(history, k: int, b: int, max_matvecs: int) -> int:
 
 
 def _verified(ritz: _Ritz, op: Operator, k: int, tol: float, which: str):
-    """The ``k`` wanted pairs with residuals recomputed from ``k`` real products, and their bound."""
+    """The ``k`` wanted pairs with residuals recomputed from ``k`` real products, and their bound.
+
+    The products are taken ``verify_chunk`` columns at a time and each residual ``A x − θ x`` is formed
+    in place in its product and measured with float64 accumulation (``_ortho.norms``), so
+    the verification holds ``X`` and one block beyond the basis (``linalg._memory``); a
+    half-precision operator's residual is formed in float32, one column at a time.
+    """
     idx, X = ritz.wanted(k)
     theta = ritz.theta[idx]
-    AX = op @ X
-    dev = AX.device if AX.device.type != "mps" else torch.device("cpu")  # MPS has no float64
-    true = op.col_norms(AX.to(dev, torch.float64) - X.to(dev, torch.float64) * theta.to(dev))
+    c = verify_chunk(op.size, k, ritz.kry.b)
+    true = torch.cat([_residual_norms(op, X[:, a : a + c], theta[a : a + c]) for a in range(0, k, c)])
     res = ritz.res.clone()
     res[idx] = true
     bound = ritz.worst_bound(k, tol, res)
     return EigenResult(
         theta.clone(), X, true, op.num_matvecs, bound <= 1.0, op.layout, which, precision_note=op.precision_note
     ), bound
+
+
+def _residual_norms(op: Operator, X: torch.Tensor, theta: torch.Tensor) -> torch.Tensor:
+    """``‖A x_i − θ_i x_i‖`` (float64, on the CPU) of a few columns, from one block product."""
+    AX = op @ X
+    if _shares(AX, X):
+        AX = AX.clone()  # an operator that hands back its input
+    out = torch.empty(X.shape[1], dtype=torch.float64)
+    for i in range(X.shape[1]):
+        if AX.dtype in (torch.float32, torch.float64) and AX.device.type != "mps":
+            r = AX[:, i].sub_(X[:, i].to(AX.dtype), alpha=float(theta[i]))
+        else:  # half precision (or MPS, no float64): the difference in float32
+            r = AX[:, i].float().sub_(X[:, i].float(), alpha=float(theta[i]))
+        out[i] = norms(op, r)[0]
+    return out
 
 
 def _dense(op: Operator, k: int, which: str, gen, check_symmetry: bool, checkpoint, progress, max_bytes) -> EigenResult:

@@ -7,10 +7,14 @@ model's activations and gradients, see the operator's ``chunk`` rule). Every
 result carries its bound as ``memory_bytes``; ``max_memory=`` (bytes) refuses a
 configuration above it before a single product is spent.
 
-* eigenvalues (thick-restart Lanczos): ``n·ncv·s_basis + n·(3b + 2k)·s`` — the
-  basis (``ncv`` columns, never more: thick restart), the next block, its product
-  and one projection temporary, and the ``k`` Ritz vectors with their products at
-  the verification; plus ``n·16·s`` when the basis is held in another dtype/device.
+* eigenvalues (thick-restart Lanczos): ``n·ncv·s_basis + n·(max(3b, b + c) + k)·s`` —
+  the basis (``ncv`` columns, never more: thick restart), the next block, its product
+  and one projection temporary; at the verification the ``k`` Ritz vectors beside
+  the basis and the last block, multiplied ``c`` at a time (``verify_chunk``: ``b``
+  on a large model, all ``k`` at once on a small one) with the residual formed in
+  the product;
+  plus ``n·16·s`` when the basis is held in another dtype/device, and ``n·8`` for a
+  half-precision operator's float32 residual.
 * spectral_density (SLQ): ``n·(m + 4)·s`` with full reorthogonalisation (the
   ``m``-step basis), ``n·4·s`` without (``reorthogonalize=False``: O(P)).
 * trace: Hutchinson ``n·c·(2s + 8)`` (a chunk of ``c`` probes, their products and
@@ -37,9 +41,10 @@ from typing import Optional
 import torch
 
 from .._checks import as_int
+from .._columns import column_chunk
 from ..errors import InputError
 
-__all__ = ["available_bytes", "check_memory", "lanczos_bytes", "size_of"]
+__all__ = ["available_bytes", "check_memory", "lanczos_bytes", "size_of", "verify_chunk"]
 
 
 def size_of(dtype: torch.dtype) -> int:
@@ -52,7 +57,14 @@ def lanczos_bytes(
 ) -> int:
     """Per-rank bound of ``eigenvalues`` (module docstring); ``separate``: basis in another dtype/device."""
     s = size_of(dtype)
-    return int(n * ncv * size_of(basis_dtype) + n * (3 * b + 2 * k) * s + (n * 16 * s if separate else 0))
+    extra = (n * 16 * s if separate else 0) + (n * 8 if s < 4 else 0)
+    work = max(3 * b, b + verify_chunk(n, k, b)) + k
+    return int(n * ncv * size_of(basis_dtype) + n * work * s + extra)
+
+
+def verify_chunk(n: int, k: int, b: int) -> int:
+    """Columns per product when Lanczos verifies its ``k`` pairs: the column rule, at least ``b``."""
+    return max(b, column_chunk(n, k))
 
 
 def gib(nbytes: float) -> str:
