@@ -44,6 +44,7 @@ import torch
 from .. import distributed
 from .._fingerprint import Hasher
 from .._checks import all_finite, as_seed, check_vector
+from ._accumulate import column_sums, gram
 from ..errors import InputError, NonFiniteError, NotConvergedWarning, NotSymmetricError
 
 __all__ = [
@@ -139,6 +140,9 @@ class Operator:
         1-D gives a 0-dim tensor. ``reduce=False`` returns the local part only (to
         sum several parts with one ``allreduce_``).
         """
+        if dtype == torch.float64 and X.ndim == Y.ndim == 2 and (X.dtype, Y.dtype) != (dtype, dtype):
+            out = gram(X, Y).to(X.device if X.device.type != "mps" else "cpu")  # no float64 copies
+            return self.allreduce_(out.contiguous()) if reduce else out
         if dtype is not None:
             X, Y = X.to(dtype), Y.to(dtype)
         elif X.dtype != Y.dtype:
@@ -148,8 +152,13 @@ class Operator:
         return self.allreduce_(out.contiguous()) if reduce else out
 
     def col_norms(self, X: torch.Tensor) -> torch.Tensor:
-        """Euclidean norms of the (global) columns of ``X`` (n, k), float64 (k,) on the CPU."""
-        sq = X.to(torch.float64).square().sum(dim=0) if X.device.type != "mps" else X.cpu().double().square().sum(dim=0)
+        """Euclidean norms of the (global) columns of ``X`` (n, k), float64 (k,) on the CPU.
+
+        Accumulated in float64 a piece at a time (``_accumulate``): no float64 copy of ``X``.
+        """
+        sq = column_sums(X)
+        if sq.device.type == "mps":
+            sq = sq.cpu()
         return self.allreduce_(sq).sqrt().cpu()
 
     def norm(self, x: torch.Tensor) -> float:
@@ -166,8 +175,8 @@ class Operator:
         ``kind`` is ``"normal"`` or ``"rademacher"``. See ``draw_columns``: the
         numbers do not depend on the number of ranks.
         """
-        X = draw_columns(kind, self.global_size, self.local_range, 1 if k is None else k, generator)
-        X = X.to(device=self.device, dtype=dtype or self.dtype)
+        cols = 1 if k is None else k
+        X = draw_columns(kind, self.global_size, self.local_range, cols, generator, dtype or self.dtype).to(self.device)
         return X[:, 0] if k is None else X
 
     def fingerprint(self) -> str:
@@ -226,8 +235,10 @@ def _piece_seed(base: int, piece: int) -> int:
     return (z ^ (z >> 31)) & _MASK
 
 
-def draw_columns(kind: str, P: int, local_range, k: int, generator: torch.Generator) -> torch.Tensor:
-    """Rows ``[lo, hi)`` of a global (P, k) random block, float64 on the CPU.
+def draw_columns(
+    kind: str, P: int, local_range, k: int, generator: torch.Generator, dtype: torch.dtype = torch.float64
+) -> torch.Tensor:
+    """Rows ``[lo, hi)`` of a global (P, k) random block on the CPU, drawn in float64, stored in ``dtype``.
 
     For each column one number is drawn from ``generator`` (the common, seeded
     one: every rank draws it alike), and the column is cut into pieces of ``2**18``
@@ -238,7 +249,7 @@ def draw_columns(kind: str, P: int, local_range, k: int, generator: torch.Genera
     exactly those of a single-process draw whatever the number of ranks.
     """
     lo, hi = local_range
-    out = torch.empty(hi - lo, k, dtype=torch.float64)
+    out = torch.empty(hi - lo, k, dtype=dtype if dtype.is_floating_point else torch.float64)
     g = torch.Generator(device="cpu")
     for j in range(k):
         base = int(torch.randint(0, 1 << 62, (), generator=generator))

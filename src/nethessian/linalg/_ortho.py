@@ -69,29 +69,21 @@ def column_major(V: torch.Tensor) -> torch.Tensor:
 def norms(op: Operator, X: torch.Tensor) -> torch.Tensor:
     """Euclidean norms of the (global) columns of ``X`` (n, k) or of a vector, float64 (k,) on the CPU.
 
-    Accumulated in float64 (like ``Operator.col_norms``) but without a float64 copy of ``X``.
+    Accumulated in float64 without a float64 copy of ``X`` (``Operator.col_norms``).
     """
-    X = X.reshape(-1, 1) if X.dim() == 1 else X
-    if X.device.type == "mps" or X.dtype == torch.float64:
-        return op.col_norms(X)
-    sq = torch.linalg.vector_norm(X, dim=0, dtype=torch.float64).square()
-    return op.allreduce_(sq).sqrt().cpu()
+    return op.col_norms(X.reshape(-1, 1) if X.dim() == 1 else X)
 
 
 def exact_dot(op: Operator, X: torch.Tensor, Y: torch.Tensor, scratch=None) -> torch.Tensor:
-    """``Xᵀ Y`` (b x m, float64, on ``Y``'s device) with float64 accumulation, for a few columns ``X``.
+    """``Xᵀ Y`` (b x m, float64, on ``Y``'s device) accumulated in float64, for a few columns ``X``.
 
-    Each product ``x_i y_i`` is rounded once in the working dtype (a relative ``eps`` per
-    term, random in sign) and the sum is taken in float64: as accurate as a float64
-    copy of both blocks at the cost of ``b`` elementwise passes (no float64 copy), written
-    into ``scratch`` (a tensor like ``Y``) when given.
+    The blocks are converted to float64 a piece of rows at a time (``_accumulate.gram``):
+    as accurate as float64 copies of both, without them. ``scratch`` is unused (kept for
+    callers that pass one).
     """
     if X.device.type == "mps" or (X.dtype == torch.float64 and Y.dtype == torch.float64):
         return op.dot(X, Y)
-    if scratch is None or scratch.shape != Y.shape or scratch.dtype != Y.dtype:
-        scratch = torch.empty_like(Y)
-    rows = [torch.mul(X[:, i : i + 1], Y, out=scratch).sum(0, dtype=torch.float64) for i in range(X.shape[1])]
-    return op.allreduce_(torch.stack(rows).contiguous())
+    return op.dot(X, Y, dtype=torch.float64)
 
 
 def basis_matmul(V: torch.Tensor, Y: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
