@@ -211,3 +211,54 @@ def test_eigenvalues_refuse_a_basis_above_the_free_memory(monkeypatch):
     assert eigenvalues(A, k=3, ncv=12, tol=1e-8).memory_bytes == need
     res = eigenvalues(A, k=3, ncv=12, tol=1e-8, max_memory=need)
     assert res.memory_bytes == need
+
+
+class _Diagonal:
+    """A diagonal operator whose product allocates only its output (``d ⊙ V``)."""
+
+    def __init__(self, d):
+        self.d, self.shape, self.dtype, self.device = d, (d.numel(), d.numel()), d.dtype, d.device
+
+    def __matmul__(self, v):
+        return self.d * v if v.ndim == 1 else self.d[:, None] * v
+
+
+def _peak_beyond_now(fn):
+    """``fn()``'s result and how far the resident set rose above where it was (bytes), or skip."""
+    status = "/proc/self/status"
+
+    def read(field):
+        with open(status) as fh:
+            return next(int(line.split()[1]) * 1024 for line in fh if line.startswith(field + ":"))
+
+    try:
+        with open("/proc/self/clear_refs", "w") as fh:
+            fh.write("5")  # the high-water mark restarts from the current resident set
+    except OSError:
+        pytest.skip("the resident-set high-water mark cannot be reset here")
+    start = read("VmRSS")
+    out = fn()
+    return out, read("VmHWM") - start
+
+
+@pytest.mark.skipif(not __import__("os").path.exists("/proc/self/clear_refs"), reason="Linux /proc needed")
+@pytest.mark.parametrize("what", ["hutch++", "hutchinson", "eigenvalues"])
+def test_measured_memory_stays_within_the_stated_bound(what):
+    """Issue 12: the resident set a float32 run adds stays under its stated bound plus one product's
+    output (the operator's own memory) and 48 MiB of allocator slack. The vectors (34 MB) are above
+    malloc's mmap threshold, so each one's allocation shows in the resident set. Measured here:
+    Hutch++ rose 267 MiB (bound 224 MiB); with float64 sketch, basis and tables it rose 2.0 GiB."""
+    n = 8_400_000
+    d = torch.linspace(0.0, 1.0, n)
+    d[-2:] = torch.tensor([3.0, 4.0])
+    A = _Diagonal(d)
+    runs = {
+        "hutch++": lambda: trace(A, method="hutch++", num_matvecs=12, chunk_size=1),
+        "hutchinson": lambda: trace(A, method="hutchinson", num_matvecs=4, chunk_size=2),
+        "eigenvalues": lambda: eigenvalues(A, k=2, ncv=6, tol=1e-3, check_symmetry=False),
+    }
+    res, peak = _peak_beyond_now(runs[what])
+    chunk = 2 if what == "hutchinson" else 1
+    allowance = res.memory_bytes + chunk * n * 4 + 48 * 2**20
+    assert peak <= allowance, f"{what}: rose {peak / 2**20:.0f} MiB, bound {res.memory_bytes / 2**20:.0f} MiB"
+    assert peak >= 0.5 * res.memory_bytes  # the measurement sees the vectors (else it proves nothing)

@@ -9,7 +9,7 @@ the result the same float64 sums (the pieces' partial sums are added in float64)
 
 >>> import torch
 >>> x = torch.arange(5.0)
->>> float(column_sums(x)), gram(x.reshape(-1, 1), torch.ones(5, 2)).tolist()
+>>> float(column_sums(x, x)), gram(x.reshape(-1, 1), torch.ones(5, 2)).tolist()
 (30.0, [[10.0, 10.0]])
 """
 
@@ -30,12 +30,12 @@ def _piece(X: torch.Tensor, a: int) -> torch.Tensor:
 
 
 def column_sums(X: torch.Tensor, Y: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """``Σ_rows X ⊙ Y`` (``X ⊙ X`` when ``Y`` is None) per column, float64; ``X``, ``Y`` (n,) or (n, k)."""
+    """``Σ_rows X ⊙ Y`` (``Σ_rows X`` when ``Y`` is None) per column, float64; ``X``, ``Y`` (n,) or (n, k)."""
     n = X.shape[0]
     total = None
     for a in range(0, max(n, 1), PIECE):
         x = _piece(X, a)
-        part = (x.square() if Y is None or Y is X else x * _piece(Y, a)).sum(dim=0)
+        part = (x if Y is None else x.square() if Y is X else x * _piece(Y, a)).sum(dim=0)
         total = part if total is None else total + part
     return total
 

@@ -3,7 +3,8 @@
 The bounds count, per rank, the vectors an algorithm keeps (``n`` = the local
 size: ``P`` unsharded, about ``P / world`` on a sharded operator) in the dtype
 they are kept in; they do not count the memory of a product itself (the
-model's activations and gradients, see the operator's ``chunk`` rule). Every
+model's activations and gradients, see the operator's ``chunk`` rule), nor the
+float64 pieces of ``_accumulate`` (``2**18`` rows per column at a time: a few MiB). Every
 result carries its bound as ``memory_bytes``; ``max_memory=`` (bytes) refuses a
 configuration above it before a single product is spent.
 
@@ -17,10 +18,12 @@ configuration above it before a single product is spent.
   half-precision operator's float32 residual.
 * spectral_density (SLQ): ``n·(m + 4)·s`` with full reorthogonalisation (the
   ``m``-step basis), ``n·4·s`` without (``reorthogonalize=False``: O(P)).
-* trace: Hutchinson ``n·c·(2s + 8)`` (a chunk of ``c`` probes, their products and
-  the float64 row table); Hutch++ ``n·(k·(s + 24) + 24·g + 2c·s)`` (sketch,
-  its float64 product, Q and A Q; the g deflated probes, their deflation and
-  products); XTrace ``n·(s + 64)·q`` for its ``q`` probes (ten float64 (n, q) tables).
+* trace: Hutchinson ``n·2c·s`` (a chunk of ``c`` probes and their products, reduced
+  to per-block sums as they come); Hutch++ ``n·(k·w + c·(w + 2s))`` with ``w = max(s, 4)``
+  (the sketch A S of ``k = m/3`` columns, orthonormalised in place into Q, in the
+  working dtype: float32 for a half-precision operator; then a chunk of basis columns
+  or deflated probes with their products); XTrace ``n·(s + 64)·q`` for its ``q``
+  probes (ten float64 (n, q) tables).
 * diagonal estimate: ``n·(16 + c·(2s + 16))`` (mean, M2, a chunk with its products).
 * solve: CG ``n·6·s``, MINRES ``n·10·s``.
 

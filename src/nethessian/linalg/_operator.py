@@ -140,8 +140,9 @@ class Operator:
         1-D gives a 0-dim tensor. ``reduce=False`` returns the local part only (to
         sum several parts with one ``allreduce_``).
         """
-        if dtype == torch.float64 and X.ndim == Y.ndim == 2 and (X.dtype, Y.dtype) != (dtype, dtype):
-            out = gram(X, Y).to(X.device if X.device.type != "mps" else "cpu")  # no float64 copies
+        if dtype == torch.float64 and (X.dtype, Y.dtype) != (dtype, dtype):  # no float64 copies
+            out = gram(X.reshape(X.shape[0], -1), Y.reshape(Y.shape[0], -1))
+            out = out.reshape(X.shape[1:] + Y.shape[1:]).to(X.device if X.device.type != "mps" else "cpu")
             return self.allreduce_(out.contiguous()) if reduce else out
         if dtype is not None:
             X, Y = X.to(dtype), Y.to(dtype)
@@ -156,7 +157,7 @@ class Operator:
 
         Accumulated in float64 a piece at a time (``_accumulate``): no float64 copy of ``X``.
         """
-        sq = column_sums(X)
+        sq = column_sums(X, X)
         if sq.device.type == "mps":
             sq = sq.cpu()
         return self.allreduce_(sq).sqrt().cpu()

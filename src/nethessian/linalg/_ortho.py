@@ -127,17 +127,19 @@ def project_out(
 
 
 def orthonormal_columns(
-    op: Operator, W: torch.Tensor, tiny: float = 0.0, rtol: float = 0.0
+    op: Operator, W: torch.Tensor, tiny: float = 0.0, rtol: float = 0.0, inplace: bool = False
 ) -> Tuple[torch.Tensor, torch.Tensor]:
     """``W = Q R`` by column-wise two-pass Gram-Schmidt; ``R`` float64 (k x k) upper triangular on the CPU.
 
     ``R`` has a non-negative diagonal; a column whose norm after projection is
     ``<= tiny`` or ``<= rtol ·`` its norm before (it lay in the span of the
     previous ones, e.g. more columns than dimensions) gets ``Q[:, i] = 0`` and
-    ``R[i, i] = 0`` (``QQᵀ`` stays a projector).
+    ``R[i, i] = 0`` (``QQᵀ`` stays a projector). ``inplace``: ``Q`` is written over
+    ``W`` (column ``i`` of ``W`` is read only before it is replaced), so a large
+    sketch is orthonormalised without a second copy of it.
     """
     k = W.shape[1]
-    Q = torch.zeros_like(W)
+    Q = W if inplace else torch.zeros_like(W)
     R = torch.zeros(k, k, dtype=torch.float64)
     before = norms(op, W) if rtol > 0 else torch.zeros(k, dtype=torch.float64)
     for i in range(k):
@@ -147,4 +149,6 @@ def orthonormal_columns(
         if r > tiny and r > rtol * float(before[i]) and r > 0:
             Q[:, i] = w / r
             R[i, i] = r
+        else:
+            Q[:, i] = 0
     return Q, R

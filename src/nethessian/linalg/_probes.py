@@ -40,12 +40,15 @@ class Products:
         self.A, self.chunk, self.checkpoint, self.expect, self.bar = A, chunk, checkpoint, expect, bar
         self.skipped = 0  # columns a resumed run did not multiply again
         self.saved: Dict[str, torch.Tensor] = {}
+        self.done: Dict[str, int] = {}  # finished columns of each saved block
         state = resume(checkpoint, expect)
         if state is not None:
-            saved = state.get("blocks")
+            saved, done = state.get("blocks"), state.get("done", {})
             if not isinstance(saved, dict) or not all(isinstance(v, torch.Tensor) for v in saved.values()):
                 raise self._damaged("the saved product blocks are malformed")
-            self.saved = dict(saved)
+            if not isinstance(done, dict):
+                raise self._damaged("the saved counts of finished columns are malformed")
+            self.saved, self.done = dict(saved), dict(done)
 
     @property
     def num_matvecs(self) -> int:
@@ -61,9 +64,13 @@ class Products:
             return None
         if got.ndim != 2 or got.shape[0] != rows or got.shape[1] > n or not got.is_floating_point():
             raise self._damaged(f"block {label!r} has shape {tuple(got.shape)}, expected ({rows}, <= {n})")
+        done = self.done.get(label, got.shape[1])  # a checkpoint without counts saved finished columns only
+        if not isinstance(done, int) or isinstance(done, bool) or not 0 <= done <= got.shape[1]:
+            raise self._damaged(f"block {label!r} has {done!r} finished columns of {got.shape[1]}")
+        got = got[:, :done]
         if not all_finite(got):
             raise self._damaged(f"block {label!r} contains NaN or Inf")
-        return got.double()
+        return got
 
     def run(
         self,
@@ -72,28 +79,34 @@ class Products:
         rows: int,
         draw: Callable[[int, int], torch.Tensor],
         reduce: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+        dtype: torch.dtype = torch.float64,
     ) -> torch.Tensor:
-        """``reduce(V, A V)`` for columns ``0..n`` of ``V``, as a ``(rows, n)`` float64 tensor.
+        """``reduce(V, A V)`` for columns ``0..n`` of ``V``, as a ``(rows, n)`` tensor of ``dtype``.
 
         ``draw(start, stop)`` returns those columns of ``V`` (it is also called for
         columns a checkpoint already holds, so that a generator it draws from advances
-        exactly as in an uninterrupted run).
+        exactly as in an uninterrupted run). The result is allocated once, stored by
+        columns, and each chunk's reduction is written into it: a block of products kept
+        whole (``rows`` = the operator's size) takes its own size and no more, and a
+        checkpoint saves it with the count of finished columns rather than a copy.
         """
-        parts = []
+        out = torch.zeros(n, rows, dtype=dtype, device=self.A.device).T
         done = 0
         old = self._resumed(label, rows, n)
         if old is not None and old.shape[1]:
             done = old.shape[1]
             draw(0, done)
-            parts.append(old.to(self.A.device))
+            out[:, :done] = old
+            del old
             self.skipped += done
             self.bar.update(done)
         for start in range(done, n, self.chunk):
             stop = min(n, start + self.chunk)
             V = draw(start, stop)
-            parts.append(reduce(V, self.A @ V).double())
+            out[:, start:stop] = reduce(V, self.A @ V)
+            del V
             self.bar.update(stop - start)
             if self.checkpoint is not None and (stop == n or self.checkpoint.due()):
-                self.saved[label] = torch.cat(parts, dim=1).cpu()
-                self.checkpoint.save({**self.expect, "blocks": self.saved}, force=True)
-        return torch.cat(parts, dim=1) if parts else torch.zeros(rows, 0, dtype=torch.float64, device=self.A.device)
+                self.saved[label], self.done[label] = out.cpu(), stop
+                self.checkpoint.save({**self.expect, "blocks": self.saved, "done": self.done}, force=True)
+        return out

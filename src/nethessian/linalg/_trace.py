@@ -62,7 +62,8 @@ from ..errors import InputError
 from ._diagonal import exact_diagonal
 from ._operator import Operator, as_operator, make_generator, rademacher, randn
 from ._memory import check_memory, size_of
-from ._ortho import orthonormal_columns
+from ._accumulate import column_sums
+from ._ortho import orthonormal_columns, project_out
 from ._probes import Products
 from ._util import chunk_for, exact_engine
 
@@ -189,7 +190,7 @@ def trace(
         if structured is not None:  # second-order backpropagation: no products
             values = structured.diagonal().to(A.dtype)
             return replace(
-                _summarise(_reduce(A, values[:, None], layout), 0, "exact", layout),
+                _summarise(_reduce(A, values[:, None], None, layout), 0, "exact", layout),
                 engine="structured",
                 engine_reason=why,
                 precision_note=A.precision_note,
@@ -198,7 +199,7 @@ def trace(
             A, chunk_size=chunk_for(A.size, A.size, chunk_size), progress=progress, checkpoint=checkpoint
         )
         return replace(
-            _summarise(_reduce(A, values[:, None], layout), A.size, "exact", layout),
+            _summarise(_reduce(A, values[:, None], None, layout), A.size, "exact", layout),
             engine_reason=why,
             precision_note=A.precision_note,
         )
@@ -238,10 +239,10 @@ def _trace_bytes(method: str, n: int, m: int, c: int, s: int) -> int:
     """Per-rank memory bound of an estimate (``linalg._memory``'s docstring)."""
     c = min(c, m)
     if method == "hutchinson":
-        return n * c * (2 * s + 8)
+        return n * c * 2 * s
     if method == "hutch++":
-        k, g = m // 3, m - 2 * (m // 3)
-        return n * (k * (s + 24) + 24 * g + 2 * c * s)
+        w = max(s, 4)  # kept in float32 when the operator is in half precision
+        return n * ((m // 3) * w + c * (w + 2 * s))
     return n * (s + 64) * (m // 2)
 
 
@@ -282,12 +283,14 @@ def _block_layout(A: Operator) -> ParamLayout:
 # ---------------------------------------------------------------- row tables
 
 
-def _reduce(A: Operator, rows: torch.Tensor, layout: Optional[ParamLayout]) -> torch.Tensor:
-    """Column sums of a (P, s) row table, (1, s); or per block, (num_blocks, s); float64, over all ranks."""
-    rows = rows.double()
+def _reduce(A: Operator, X: torch.Tensor, Y: Optional[torch.Tensor], layout: Optional[ParamLayout]) -> torch.Tensor:
+    """Column sums of the (P, s) row table ``X ⊙ Y`` (``X`` when ``Y`` is None), float64, over all ranks.
+
+    (1, s); or per block, (num_blocks, s). Accumulated without a float64 copy of the table.
+    """
     if layout is None:
-        return A.allreduce_(rows.sum(dim=0, keepdim=True))
-    return torch.stack([rows[layout.slice(name)].sum(dim=0) for name in layout.names])
+        return A.allreduce_(column_sums(X, Y)[None])
+    return torch.stack([column_sums(X[sl], None if Y is None else Y[sl]) for sl in map(layout.slice, layout.names)])
 
 
 def _products(prods: Products, label: str, V: torch.Tensor) -> torch.Tensor:
@@ -302,23 +305,41 @@ def _hutchinson_samples(A: Operator, m: int, gen, prods: Products, layout) -> to
     def draw(start: int, stop: int) -> torch.Tensor:  # column by column: independent of the chunking
         return rademacher(A, A.size, stop - start, generator=gen)
 
-    return prods.run("hutchinson", m, rows, draw, lambda Z, AZ: _reduce(A, Z * AZ, layout))
+    return prods.run("hutchinson", m, rows, draw, lambda Z, AZ: _reduce(A, Z, AZ, layout))
 
 
 def _hutchpp_samples(A: Operator, m: int, gen, prods: Products, layout) -> torch.Tensor:
-    """Rows of Hutch++, (P, g): diag(A QQᵀ) (exact given Q) plus z̃ ⊙ A z̃, z̃ = (I-QQᵀ)z."""
-    k = m // 3
-    g = m - 2 * k
-    S = rademacher(A, A.size, k, generator=gen)
-    G = rademacher(A, A.size, g, generator=gen).double()
-    Q, _ = orthonormal_columns(
-        A, _products(prods, "sketch", S), rtol=_RANK_RTOL * k
-    )  # a vanished column stays 0: QQᵀ a projector
-    AQ = _products(prods, "basis", Q.to(A.dtype))
-    exact_rows = (Q * AQ).sum(dim=1)  # diag(A QQᵀ); sums to tr(QᵀAQ)
-    Gt = G - Q @ A.dot(Q, G)
-    AGt = _products(prods, "deflated", Gt.to(A.dtype))
-    return _reduce(A, exact_rows[:, None] + Gt * AGt, layout)
+    """Hutch++ samples, (rows, g): the exact tr(P_B A QQᵀ) plus z̃_Bᵀ (A z̃)_B, z̃ = (I-QQᵀ)z.
+
+    Memory (``linalg._memory``): the sketch A S, orthonormalised in place into Q, in the
+    working dtype (float32 for a half-precision operator); S, the basis products and the
+    deflated probes go a chunk at a time, each reduced to per-block sums as it is formed.
+    The checkpoint's ``"sketch"`` block is that same tensor: once Q is formed it holds Q,
+    which orthonormalises to itself on a resumed run.
+    """
+    k, g = m // 3, m - 2 * (m // 3)
+    work = _work_dtype(A.dtype)
+    rows = 1 if layout is None else len(layout.names)
+
+    def signs(start: int, stop: int) -> torch.Tensor:  # column by column: independent of the chunking
+        return rademacher(A, A.size, stop - start, generator=gen)
+
+    Q = prods.run("sketch", k, A.size, signs, lambda _, AS: AS, dtype=work)
+    orthonormal_columns(A, Q, rtol=_RANK_RTOL * k, inplace=True)  # a vanished column stays 0: QQᵀ a projector
+    exact = prods.run(
+        "basis", k, rows, lambda a, b: Q[:, a:b].to(A.dtype), lambda V, AV: _reduce(A, V, AV, layout)
+    ).sum(dim=1, keepdim=True)  # per block: the rows of diag(A QQᵀ), summing to tr(QᵀAQ)
+
+    def deflated(start: int, stop: int) -> torch.Tensor:
+        G = signs(start, stop).to(work)
+        return project_out(A, Q, G, passes=2, inplace=True)[0].to(A.dtype)
+
+    return exact + prods.run("deflated", g, rows, deflated, lambda V, AV: _reduce(A, V, AV, layout))
+
+
+def _work_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Where kept vectors and elementwise products live: the operator's dtype, float32 for half precision."""
+    return dtype if dtype in (torch.float32, torch.float64) else torch.float32
 
 
 def _xtrace_samples(A: Operator, m: int, gen, prods: Products, layout) -> torch.Tensor:
@@ -331,8 +352,8 @@ def _xtrace_samples(A: Operator, m: int, gen, prods: Products, layout) -> torch.
     Q, R = orthonormal_columns(A, Y, rtol=_RANK_RTOL * n)
     Z = _products(prods, "basis", Q.to(A.dtype))
     if _sketch_is_complete(R, n, P):  # range(A) ⊂ range(Q): tr(A) = tr(QᵀAQ) exactly
-        return _reduce(A, (Q * Z).sum(dim=1, keepdim=True), layout)
-    return _reduce(A, _xtrace_table(A, Om, Y, Q, R.to(Q.device), Z), layout)
+        return _reduce(A, Q, Z, layout).sum(dim=1, keepdim=True)
+    return _reduce(A, _xtrace_table(A, Om, Y, Q, R.to(Q.device), Z), None, layout)
 
 
 def _sketch_is_complete(R: torch.Tensor, n: int, P: int) -> bool:
