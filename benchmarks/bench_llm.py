@@ -135,7 +135,9 @@ def _child(cfg, name, queue):
     ``setup_peak_bytes``: the high-water mark of the set-up above the mark after the model
     and data were built; ``steady_peak_bytes``: what the set-up left resident plus the
     call's own peak above that (``VmHWM`` reset before the call) — the memory a run of
-    many products needs; ``extra_peak_bytes``: the larger of the two.
+    many products needs; ``call_peak_bytes``: the call's own rise above what set-up left
+    (an estimator's stated bound plus one product's temporaries); ``extra_peak_bytes``:
+    the larger of set-up and steady.
     """
     from _dense_worker import _reset_hwm, _status_kb  # the RSS high-water mark, as bench_core reads it
 
@@ -160,7 +162,8 @@ def _child(cfg, name, queue):
     if "error" in extra:
         queue.put({"name": name, **extra})
         return
-    steady = _status_kb("VmHWM") - base if reset else None
+    hwm = _status_kb("VmHWM")
+    steady = hwm - base if reset else None
     queue.put(
         {
             "name": name,
@@ -168,6 +171,8 @@ def _child(cfg, name, queue):
             "setup_peak_bytes": setup,
             "resident_after_setup_bytes": resident - base,
             "steady_peak_bytes": steady,
+            # the call's own rise above what set-up left: the estimator's vectors plus one product's temporaries
+            "call_peak_bytes": hwm - resident if reset else None,
             "extra_peak_bytes": max(setup, steady or 0),
             **extra,
         }
@@ -220,7 +225,7 @@ def main(argv=None):
     rows = {}
     print(
         f"{'run':22s} {'time':>9s} {'÷grad':>7s} {'peak MiB':>9s} {'÷grad':>7s} "
-        f"{'steady MiB':>10s} {'÷grad':>7s}  extra",
+        f"{'steady MiB':>10s} {'÷grad':>7s} {'call MiB':>9s} {'bound MiB':>9s}  extra",
         flush=True,
     )
     for n in names:  # each row printed and saved as soon as it is measured (a W5 run takes long)
@@ -235,11 +240,16 @@ def main(argv=None):
         print(
             f"{n:22s} {r['time_s']:9.3f} {r['time_s'] / grad['time_s']:7.2f} "
             f"{r['extra_peak_bytes'] / 2**20:9.1f} {r['extra_peak_bytes'] / max(grad['extra_peak_bytes'], 1):7.2f}"
-            f" {steady / 2**20:10.1f} {steady / gsteady:7.2f}  {extras}",
+            f" {steady / 2**20:10.1f} {steady / gsteady:7.2f} {_mib(r.get('call_peak_bytes'))}"
+            f" {_mib(r.get('stated_bound_bytes'))}  {extras}",
             flush=True,
         )
         _save(args, cfg, rows)
     return 0
+
+
+def _mib(nbytes) -> str:
+    return f"{'—':>9s}" if nbytes is None else f"{nbytes / 2**20:9.1f}"
 
 
 def _save(args, cfg, rows) -> None:
