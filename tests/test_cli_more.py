@@ -37,6 +37,38 @@ def test_estimate_line_before_a_long_run(argv, products, capsys, monkeypatch):
         assert f"; {products[0]} Hessian-vector products" in line[0]
 
 
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["eig", "-k", "2", "--ncv", "5"],
+        ["trace", "--num-matvecs", "12"],
+        ["trace", "--method", "hutchinson", "--num-matvecs", "6"],
+        ["diag", "--method", "estimate", "--num-matvecs", "4"],
+        ["density", "--probes", "2", "--steps", "5"],
+    ],
+)
+def test_estimate_line_states_the_memory_bound_the_result_carries(argv, capsys, monkeypatch):
+    """Issue 12: before a long run the CLI prints the vectors' memory bound; it is the one the estimator
+    then states (and enforces with --max-memory)."""
+    monkeypatch.setattr(cost, "ANNOUNCE_ABOVE_S", 0.0)
+    assert main(argv + ["--json"]) == 0
+    out = capsys.readouterr()
+    held = json.loads(out.out)["result"]["memory_bytes"]
+    assert held > 0 and f"holds ≤ {cost.memory_words(held)} of vectors per rank" in out.err
+    assert main(argv + ["--max-memory", str(held - 1)]) != 0
+    assert "max_memory" in capsys.readouterr().err
+
+
+def test_eig_ncv_sets_the_basis(capsys):
+    """`eig --ncv` bounds the Lanczos basis (the memory a large model needs), and a too-small one is refused."""
+    small = _json(capsys, ["eig", "-k", "2", "--ncv", "5"])["result"]
+    big = _json(capsys, ["eig", "-k", "2", "--ncv", "7"])["result"]
+    assert small["memory_bytes"] < big["memory_bytes"]
+    torch.testing.assert_close(torch.tensor(small["eigenvalues"]), torch.tensor(big["eigenvalues"]), rtol=1e-6, atol=0)
+    assert main(["eig", "-k", "2", "--ncv", "2"]) != 0
+    assert "ncv=2 is too small" in capsys.readouterr().err
+
+
 def test_estimate_counts_match_the_work(capsys, monkeypatch):
     """The planned products of `density` are the products it reports doing."""
     res = _json(capsys, ["density", "--probes", "3", "--steps", "4"])

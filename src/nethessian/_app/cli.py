@@ -129,6 +129,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-k", type=int, default=5)
     p.add_argument("--which", default="largest", choices=["largest", "smallest", "both", "magnitude"])
     p.add_argument("--tol", type=float, default=1e-3)
+    p.add_argument(
+        "--ncv",
+        type=int,
+        default=None,
+        help="Lanczos basis size, the most vectors of P held (default max(2k+1, 20)); lower it on a large model",
+    )
     _memory_flag(p)
     p = add("trace", commands.trace, "trace estimate with its standard error")
     p.add_argument("--method", default="hutch++", choices=["hutchinson", "hutch++", "xtrace"])

@@ -213,7 +213,7 @@ def eig(args) -> int:
 
     problem = _problem(args)
     op = _operator(args, problem)
-    settings = _settings(args, problem, k=args.k, which=args.which, tol=args.tol)
+    settings = _settings(args, problem, k=args.k, which=args.which, tol=args.tol, ncv=args.ncv)
     gather = op.sharded and bool(args.save)
     if gather:
         fsdp.check_gather(op, args.k)
@@ -222,6 +222,7 @@ def eig(args) -> int:
         k=args.k,
         which=args.which,
         tol=args.tol,
+        ncv=args.ncv,
         **_estimator_options(args, settings),
     )
     result = res.to_dict(eigenvectors=bool(args.save) and not gather)  # --save keeps whole eigenpairs

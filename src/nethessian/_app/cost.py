@@ -15,7 +15,16 @@ import torch
 
 from .. import distributed as dist
 
-__all__ = ["ANNOUNCE_ABOVE_S", "announce", "command_products", "estimate_line", "product_kind", "product_time"]
+__all__ = [
+    "ANNOUNCE_ABOVE_S",
+    "announce",
+    "command_memory",
+    "command_products",
+    "estimate_line",
+    "memory_words",
+    "product_kind",
+    "product_time",
+]
 
 #: a CLI command whose planned work (at most) exceeds this many seconds prints its estimate on stderr
 ANNOUNCE_ABOVE_S = 30.0
@@ -45,8 +54,15 @@ def estimate_line(
     return f"P = {P:,}{', ' + mode if mode else ''}; {span} {what} products × {t * 1e3:.3g} ms each ≈ {when}"
 
 
-def _lanczos_span(k: int, P: int) -> Tuple[int, int]:
-    ncv = min(max(2 * k + 1, 20), P)
+def _ncv(args, k: int, P: int) -> int:
+    """The basis size ``eigenvalues`` will use (its own default rule when ``--ncv`` is not given)."""
+    from ..linalg._lanczos_options import _basis_size
+
+    return min(_basis_size(P, k, 1, getattr(args, "ncv", None)), P)
+
+
+def _lanczos_span(args, k: int, P: int) -> Tuple[int, int]:
+    ncv = _ncv(args, k, P)
     return (P, P) if P < ncv + 1 else (ncv, 20 * ncv)
 
 
@@ -57,7 +73,7 @@ def command_products(args, P: int) -> Optional[Tuple[int, int]]:
         return P, P
     if cmd == "eig":
         k = args.k if args.which != "both" else args.k - args.k // 2
-        lo, hi = _lanczos_span(min(k, P - 1), P)
+        lo, hi = _lanczos_span(args, min(k, P - 1), P)
         return (2 * lo, 2 * hi) if args.which == "both" else (lo, hi)
     if cmd in ("trace", "diag"):
         exact = args.exact if cmd == "trace" else args.method == "exact"
@@ -76,6 +92,39 @@ def _default_matvecs(args) -> int:
     from ..linalg._trace import _budget
 
     return _budget(args.method, None) if args.command == "trace" else 100
+
+
+def command_memory(args, n: int, P: int, dtype: torch.dtype) -> Optional[int]:
+    """The per-rank memory bound the estimator of a CLI command will state (``linalg._memory``), or None.
+
+    ``n``: this rank's share of the P entries. ``None`` for the exact (column-by-column or
+    dense) commands, whose memory check is their own.
+    """
+    from ..linalg import _memory as mem
+    from ..linalg._util import chunk_for
+
+    s, cmd = mem.size_of(dtype), args.command
+    if cmd == "eig":
+        k = min(args.k, P - 1)
+        ncv = _ncv(args, k, P)
+        return None if P < ncv + 1 else mem.lanczos_bytes(n, ncv, 1, k, dtype, dtype, False)
+    if cmd == "trace" and not args.exact:
+        m = args.num_matvecs if args.num_matvecs is not None else _default_matvecs(args)
+        return mem.trace_bytes(args.method, n, m, chunk_for(n, m, None), s)
+    if cmd == "diag" and args.method == "estimate":
+        m = args.num_matvecs if args.num_matvecs is not None else _default_matvecs(args)
+        return mem.diagonal_bytes(n, m, chunk_for(n, m, args.chunk_size), s)
+    if cmd == "density":
+        return mem.density_bytes(n, min(args.steps, P), True, s)
+    return None
+
+
+def memory_words(nbytes: int) -> str:
+    """``"3.2 GiB"``-style size."""
+    for unit, scale in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if nbytes >= scale:
+            return f"{nbytes / scale:.3g} {unit}"
+    return f"{nbytes} bytes"
 
 
 def product_kind(options: Optional[Dict[str, Any]]) -> Optional[str]:
@@ -105,5 +154,8 @@ def announce(args, op, options: Optional[Dict[str, Any]] = None) -> Optional[str
     if not dist.is_main() or products[1] * t < ANNOUNCE_ABOVE_S:
         return None
     line = f"nethessian {args.command}: {estimate_line(P, product_kind(options), products, t)}"
+    held = command_memory(args, op.shape[0], P, op.dtype)
+    if held is not None:
+        line += f"; holds ≤ {memory_words(held)} of vectors per rank beside the model (--max-memory caps it)"
     print(line, file=sys.stderr, flush=True)
     return line

@@ -43,7 +43,7 @@ from .._checks import as_float, as_int
 from .._progress import Progress
 from ..errors import CheckpointError, InputError
 from ._krylov import lanczos_tridiag
-from ._memory import check_memory, size_of
+from ._memory import check_memory, density_bytes, size_of
 from ._operator import Operator, as_operator, check_symmetric, make_generator, randn
 from ._util import loaded_count, loaded_generator, loaded_tensor, resume
 
@@ -187,7 +187,7 @@ def spectral_density(
     s = size_of(A.dtype)
     memory = check_memory(
         "spectral_density",
-        A.size * ((steps if reorthogonalize else 0) + 4) * s,
+        density_bytes(A.size, steps, reorthogonalize, s),
         max_memory,
         "lower lanczos_steps or pass reorthogonalize=False (O(P) memory)",
         A.device,

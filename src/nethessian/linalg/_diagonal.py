@@ -34,7 +34,7 @@ from .._columns import identity_columns
 from .._params import ParamLayout
 from .._progress import Progress
 from ..errors import CheckpointError, InputError
-from ._memory import check_memory, size_of
+from ._memory import check_memory, diagonal_bytes, size_of
 from ._operator import Operator, as_operator, make_generator, rademacher
 from ._util import chunk_for, exact_engine, loaded_count, loaded_generator, loaded_tensor, resume
 
@@ -202,7 +202,7 @@ def diagonal(
     distributed.check_same("diagonal", method=method, num_matvecs=m, chunk=chunk)
     memory = check_memory(
         "diagonal(method='estimate')",
-        A.size * (16 + min(chunk, m) * (2 * size_of(A.dtype) + 16)),
+        diagonal_bytes(A.size, m, chunk, size_of(A.dtype)),
         max_memory,
         "lower chunk_size",
         A.device,

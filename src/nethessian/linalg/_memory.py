@@ -47,7 +47,16 @@ from .._checks import as_int
 from .._columns import column_chunk
 from ..errors import InputError
 
-__all__ = ["available_bytes", "check_memory", "lanczos_bytes", "size_of", "verify_chunk"]
+__all__ = [
+    "available_bytes",
+    "check_memory",
+    "density_bytes",
+    "diagonal_bytes",
+    "lanczos_bytes",
+    "size_of",
+    "trace_bytes",
+    "verify_chunk",
+]
 
 
 def size_of(dtype: torch.dtype) -> int:
@@ -63,6 +72,27 @@ def lanczos_bytes(
     extra = (n * 16 * s if separate else 0) + (n * 8 if s < 4 else 0)
     work = max(3 * b, b + verify_chunk(n, k, b)) + k
     return int(n * ncv * size_of(basis_dtype) + n * work * s + extra)
+
+
+def trace_bytes(method: str, n: int, m: int, c: int, s: int) -> int:
+    """Per-rank bound of ``trace``'s estimates: ``m`` products, chunks of ``c``, ``s`` bytes per entry."""
+    c = min(c, m)
+    if method == "hutchinson":
+        return n * c * 2 * s
+    if method == "hutch++":
+        w = max(s, 4)  # kept in float32 when the operator is in half precision
+        return n * ((m // 3) * w + c * (w + 2 * s))
+    return n * (s + 64) * (m // 2)
+
+
+def density_bytes(n: int, steps: int, reorthogonalize: bool, s: int) -> int:
+    """Per-rank bound of ``spectral_density`` (SLQ)."""
+    return n * ((steps if reorthogonalize else 0) + 4) * s
+
+
+def diagonal_bytes(n: int, m: int, c: int, s: int) -> int:
+    """Per-rank bound of ``diagonal(method="estimate")``."""
+    return n * (16 + min(c, m) * (2 * s + 16))
 
 
 def verify_chunk(n: int, k: int, b: int) -> int:

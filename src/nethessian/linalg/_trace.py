@@ -61,7 +61,7 @@ from .._progress import Progress
 from ..errors import InputError
 from ._diagonal import exact_diagonal
 from ._operator import Operator, as_operator, make_generator, rademacher, randn
-from ._memory import check_memory, size_of
+from ._memory import check_memory, size_of, trace_bytes
 from ._accumulate import column_sums
 from ._ortho import orthonormal_columns, project_out
 from ._probes import Products
@@ -210,7 +210,7 @@ def trace(
     distributed.check_same("trace", method=method, num_matvecs=m, by_block=bool(by_block), chunk=chunk)
     memory = check_memory(
         f"trace(method={method!r})",
-        _trace_bytes(method, A.size, m, chunk, size_of(A.dtype)),
+        trace_bytes(method, A.size, m, chunk, size_of(A.dtype)),
         max_memory,
         "lower num_matvecs or chunk_size",
         A.device,
@@ -233,17 +233,6 @@ def trace(
     return replace(
         _summarise(sums, prods.num_matvecs, method, layout), memory_bytes=memory, precision_note=A.precision_note
     )
-
-
-def _trace_bytes(method: str, n: int, m: int, c: int, s: int) -> int:
-    """Per-rank memory bound of an estimate (``linalg._memory``'s docstring)."""
-    c = min(c, m)
-    if method == "hutchinson":
-        return n * c * 2 * s
-    if method == "hutch++":
-        w = max(s, 4)  # kept in float32 when the operator is in half precision
-        return n * ((m // 3) * w + c * (w + 2 * s))
-    return n * (s + 64) * (m // 2)
 
 
 def _unsharded(A: Operator, what: str) -> None:
