@@ -19,7 +19,7 @@ import pytest
 import torch
 
 from nethessian.errors import NotSymmetricError
-from nethessian.linalg import _ortho, _restart
+from nethessian.linalg import _restart
 from nethessian.linalg._lanczos import eigenvalues
 from nethessian.linalg._operator import as_operator, make_generator
 from test_lanczos import Reflected, clustered, f64, uniform, with_spectrum
@@ -115,19 +115,32 @@ def test_basis_stays_orthogonal_over_many_restarts(dtype):
 
 
 def test_one_gram_schmidt_pass_per_step(monkeypatch):
-    """Work per step: one pass over the basis (two reads), a second only rarely (DGKS)."""
-    calls = []
-    orig = _ortho.project_out
+    """Work per step: one read of the basis to measure ``Vᵀ w``, a second to subtract only when
+    the coefficients are above rounding, a further pass only rarely (DGKS)."""
+    reads = {"measure": 0, "subtract": 0, "second pass": 0}
+    coefficients, subtract, project = _restart.coefficients, _restart.subtract_basis, _restart.project_out
 
-    def counting(op, V, W, passes=2, inplace=False):
-        calls.append(V.shape[1])
-        return orig(op, V, W, passes, inplace)
+    def measuring(op, V, W):
+        reads["measure"] += 1
+        return coefficients(op, V, W)
 
-    monkeypatch.setattr(_restart, "project_out", counting)
+    def subtracting(V, c, W, inplace=False):
+        reads["subtract"] += 1  # the known couplings (a few columns), then the pass's when needed
+        return subtract(V, c, W, inplace)
+
+    def again(op, V, W, passes=2, inplace=False):
+        reads["second pass"] += 1
+        return project(op, V, W, passes, inplace)
+
+    monkeypatch.setattr(_restart, "coefficients", measuring)
+    monkeypatch.setattr(_restart, "subtract_basis", subtracting)
+    monkeypatch.setattr(_restart, "project_out", again)
     op = as_operator(Reflected(SPECTRA["clustered"]))
     steps = 120
     run_steps(op, steps)
-    assert steps <= len(calls) <= steps * 1.1  # every call here is a pass of expand
+    assert reads["measure"] == steps
+    assert steps <= reads["subtract"] <= 2 * steps
+    assert reads["second pass"] <= steps * 0.1 + 2  # (+2: the start's two passes)
 
 
 # Product counts of fixed problems (k=5, tol=1e-3, seed 0, defaults otherwise; the symmetry test free),

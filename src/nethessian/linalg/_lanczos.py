@@ -58,7 +58,6 @@ References:
 
 from __future__ import annotations
 
-import math
 from dataclasses import replace
 from typing import Any, Dict, Literal, Optional
 
@@ -71,7 +70,8 @@ from .._progress import Progress
 from ..errors import InputError, NotSymmetricError
 from ..operators._base import check_dense_size
 from ._eigen_result import EigenResult
-from ._lanczos_options import _basis_home, _basis_size, _budget, _checkpoint_settings, _validate
+from ._lanczos_options import _basis_home, _basis_size, _budget, _checkpoint_settings, _expected_total, _kept
+from ._lanczos_options import _tests_to_skip, _validate
 from ._lanczos_state import load_state, save_state
 from ._memory import check_memory, lanczos_bytes, verify_chunk
 from ._operator import Operator, _distributed_hint, as_operator, check_symmetric, make_generator
@@ -291,34 +291,6 @@ def _check_symmetry(kry: _Krylov, op: Operator) -> None:
             f"{kry.asymmetry:.3g}, relative to ‖A‖ ≈ {scale:.3g} that is {rel:.2e} > {rtol:.0e}; "
             "Lanczos needs a symmetric operator" + _distributed_hint()
         )
-
-
-def _tests_to_skip(bound: float) -> int:
-    """Expansions to make before the next stopping test, far from the target.
-
-    The Krylov bound falls by a roughly constant factor per step (linear convergence,
-    ~0.9 on a clustered Hessian spectrum); a bound still 100x (10⁴x) above the target
-    is tested every 2nd (4th) step. A run stops at most that many steps late, and
-    only if its bound fell that much within them.
-    """
-    return 0 if bound < 1e2 else 1 if bound < 1e4 else 3
-
-
-def _kept(k: int, b: int, ncv: int) -> int:
-    """Ritz vectors kept at a thick restart: the wanted ``k`` and a buffer of their neighbours."""
-    return min(k + max(b, (ncv - k) // 2), ncv - b)
-
-
-def _expected_total(history, k: int, b: int, max_matvecs: int) -> int:
-    """Products the run will likely take: extrapolate the bound's geometric decrease to 1."""
-    n, bound = history[-1]
-    if len(history) < 2 or not math.isfinite(bound) or not math.isfinite(history[-2][1]):
-        return max_matvecs
-    n0, bound0 = history[-2]
-    rate = (math.log(max(bound0, 1e-300)) - math.log(max(bound, 1e-300))) / max(n - n0, 1)
-    if rate <= 0:
-        return max_matvecs
-    return int(min(max_matvecs, n + math.log(max(bound, 1.0)) / rate + b + k))
 
 
 def _verified(ritz: _Ritz, op: Operator, k: int, tol: float, which: str):

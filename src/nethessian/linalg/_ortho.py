@@ -31,6 +31,8 @@ from ._operator import Operator
 
 __all__ = [
     "basis_matmul",
+    "block_dot",
+    "coefficients",
     "column_major",
     "exact_dot",
     "norms",
@@ -86,6 +88,24 @@ def exact_dot(op: Operator, X: torch.Tensor, Y: torch.Tensor, scratch=None) -> t
     return op.dot(X, Y, dtype=torch.float64)
 
 
+def block_dot(op: Operator, X: torch.Tensor, Y: torch.Tensor) -> torch.Tensor:
+    """``Xᵀ Y`` (b x m, float64 on the CPU) for a few columns: in the working dtype for float32/float64.
+
+    One column each is ``torch.dot`` (on the CPU MKL's ``(1 x n) @ (n x 1)`` matmul is ~10x slower).
+    For the Krylov block's own coefficients ``Fᵀ A F``: the Gram-Schmidt pass that follows
+    measures what this leaves along ``F`` and adds it, so their sum is as accurate as any
+    other coefficient of the pass (a float64-accumulated sum would be rounded by that pass
+    anyway). Half precision, or MPS, goes through ``exact_dot``.
+    """
+    if X.dtype != Y.dtype or X.dtype not in (torch.float32, torch.float64) or X.device.type == "mps":
+        return exact_dot(op, X, Y).cpu().double()
+    if X.shape[1] == 1 and Y.shape[1] == 1:
+        out = torch.dot(X[:, 0], Y[:, 0]).reshape(1, 1)
+    else:
+        out = X.T @ Y
+    return op.allreduce_(out.contiguous()).cpu().double()
+
+
 def basis_matmul(V: torch.Tensor, Y: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     """``V @ Y`` in ``like``'s dtype and on its device (local rows; no reduction)."""
     Y = Y.to(like.device, like.dtype)
@@ -107,6 +127,13 @@ def subtract_basis(V: torch.Tensor, c: torch.Tensor, W: torch.Tensor, inplace: b
     if _same_home(V, W) and W.dim() == 2:
         return W.addmm_(V, c, alpha=-1) if inplace else torch.addmm(W, V, c, alpha=-1)
     return W.sub_(basis_matmul(V, c, W)) if inplace else W - basis_matmul(V, c, W)
+
+
+def coefficients(op: Operator, V: torch.Tensor, W: torch.Tensor) -> torch.Tensor:
+    """``Vᵀ W`` summed over the ranks, float64 on the CPU (one read of ``V``)."""
+    if V.shape[1] == 0:
+        return torch.zeros(0, *W.shape[1:], dtype=torch.float64)
+    return _vt_w(op, V, W).cpu().double()
 
 
 def project_out(
