@@ -18,6 +18,7 @@ import warnings
 import pytest
 import torch
 
+import nethessian as nh
 from nethessian.errors import NotSymmetricError
 from nethessian.linalg import _restart
 from nethessian.linalg._lanczos import eigenvalues
@@ -264,3 +265,17 @@ def test_operators_that_reuse_their_output_memory(echo, block_size):
     res = eigenvalues(Buffered(lam, echo), k=3, tol=1e-10, block_size=block_size, check_symmetry=False)
     assert res.converged
     torch.testing.assert_close(res.eigenvalues, f64(1.0, 1.0, 1.0) if echo else f64(4.0, 3.0, 2.5), rtol=1e-10, atol=0)
+
+
+def test_a_b1_run_verifies_without_timing_blocks_on_a_hessian_operator():
+    """The verification of a b=1 run multiplies column by column when the operator never saw a block:
+    no batched-vs-loop trial (``op.batched`` stays None), the same true residuals."""
+    model, loss_fn, (X, y) = nh.examples.mlp((6, 8, 3), n=40, seed=1, dtype=torch.float64)
+    op = nh.HessianOperator(model, loss_fn, (X, y))
+    res = eigenvalues(op, k=3, tol=1e-9, seed=0)
+    assert res.converged and op.batched is None
+    H = op.to_dense().double()
+    lam = torch.linalg.eigvalsh((H + H.T) / 2)
+    torch.testing.assert_close(res.eigenvalues, lam.flip(0)[:3], rtol=1e-8, atol=1e-12)
+    true = (H @ res.eigenvectors - res.eigenvectors * res.eigenvalues).norm(dim=0)
+    torch.testing.assert_close(res.residuals, true, rtol=1e-6, atol=1e-12)

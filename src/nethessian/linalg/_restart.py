@@ -201,7 +201,9 @@ class _Krylov:
         Vt, j = self.V.T, self.j  # (ncv, P): the basis stored by columns is this, by rows
         work = torch.float64 if Vt.dtype == torch.float64 else torch.float32
         Yt = Y.T.to(Vt.device, work).contiguous()
-        cols = max(1, (1 << 24) // max(1, j))  # column blocks: transient j x cols, not P x keep
+        # column blocks: transient j x cols, not P x keep; on the CPU blocks of 8192 keep the
+        # product in cache (1.4 ms instead of 1.9 on W3, one thread)
+        cols = max(1, min(8192 if Vt.device.type == "cpu" else 1 << 30, (1 << 24) // max(1, j)))
         for a in range(0, Vt.shape[1], cols):
             Vt[:keep, a : a + cols] = (Yt @ Vt[:j, a : a + cols].to(work)).to(Vt.dtype)
         self.H = torch.diag(ritz.theta[idx])
