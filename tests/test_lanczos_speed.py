@@ -1,8 +1,8 @@
 """The cheap thick-restart Lanczos: same answers as dense eigvalsh, honest bounds, bounded work.
 
 The solver's own work per step is the known couplings (``A F − V Sᵀ``), the new block's
-coefficients in float64 and ONE classical Gram-Schmidt pass against the basis stored by
-columns (a second only under cancellation). These tests check, in float64 against
+coefficients and ONE classical Gram-Schmidt pass against the basis stored by columns (its
+subtraction only above rounding, a second pass only under cancellation). These tests check, in float64 against
 ``torch.linalg.eigvalsh``, that the scheme is as accurate as full DGKS reorthogonalisation
 on clustered, repeated and indefinite spectra; that the returned residual bound holds
 (``|λ − θ| ≤ r`` for the nearest true eigenvalue); that the basis stays orthogonal to
