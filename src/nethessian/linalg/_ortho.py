@@ -76,12 +76,11 @@ def norms(op: Operator, X: torch.Tensor) -> torch.Tensor:
     return op.col_norms(X.reshape(-1, 1) if X.dim() == 1 else X)
 
 
-def exact_dot(op: Operator, X: torch.Tensor, Y: torch.Tensor, scratch=None) -> torch.Tensor:
+def exact_dot(op: Operator, X: torch.Tensor, Y: torch.Tensor) -> torch.Tensor:
     """``Xᵀ Y`` (b x m, float64, on ``Y``'s device) accumulated in float64, for a few columns ``X``.
 
     The blocks are converted to float64 a piece of rows at a time (``_accumulate.gram``):
-    as accurate as float64 copies of both, without them. ``scratch`` is unused (kept for
-    callers that pass one).
+    as accurate as float64 copies of both, without them.
     """
     if X.device.type == "mps" or (X.dtype == torch.float64 and Y.dtype == torch.float64):
         return op.dot(X, Y)
