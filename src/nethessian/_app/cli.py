@@ -103,6 +103,19 @@ def _memory_flag(p) -> None:
     )
 
 
+def _eig_flags(p) -> None:
+    p.add_argument("-k", type=int, default=5)
+    p.add_argument("--which", default="largest", choices=["largest", "smallest", "both", "magnitude"])
+    p.add_argument("--tol", type=float, default=1e-3)
+    p.add_argument(
+        "--ncv",
+        type=int,
+        default=None,
+        help="Lanczos basis size, the most vectors of P held (default max(2k+1, 20)); lower it on a large model",
+    )
+    _memory_flag(p)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="nethessian", description=__doc__.splitlines()[0])
     _shared_flags(parser, defaults=True)
@@ -125,17 +138,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = add("hessian", commands.hessian, "dense Hessian: .pt, .npz and a heatmap")
     p.add_argument("-o", "--output", default=None, help="output folder")
     p.add_argument("--max-bytes", type=int, default=None)
-    p = add("eig", commands.eig, "extreme eigenvalues (Lanczos)")
-    p.add_argument("-k", type=int, default=5)
-    p.add_argument("--which", default="largest", choices=["largest", "smallest", "both", "magnitude"])
-    p.add_argument("--tol", type=float, default=1e-3)
-    p.add_argument(
-        "--ncv",
-        type=int,
-        default=None,
-        help="Lanczos basis size, the most vectors of P held (default max(2k+1, 20)); lower it on a large model",
-    )
-    _memory_flag(p)
+    _eig_flags(add("eig", commands.eig, "extreme eigenvalues (Lanczos)"))
     p = add("trace", commands.trace, "trace estimate with its standard error")
     p.add_argument("--method", default="hutch++", choices=["hutchinson", "hutch++", "xtrace"])
     p.add_argument("--num-matvecs", type=int, default=None)
