@@ -151,7 +151,37 @@ def test_damaged_density_checkpoint_is_a_checkpoint_error(tmp_path, key, value):
         spectral_density(A, num_probes=2, lanczos_steps=5, checkpoint=Checkpoint(path, {"t": 1}, every=0))
 
 
-@pytest.mark.parametrize("method,m,crash", [("hutchinson", 20, 9), ("hutch++", 21, 10), ("xtrace", 20, 13)])
+@pytest.mark.parametrize("done", [{"sketch": 99}, {"sketch": -1}, {"sketch": True}, "7"])
+def test_damaged_count_of_finished_columns_is_a_checkpoint_error(tmp_path, done):
+    """A saved block's count of finished columns that does not fit the block is refused, not trusted."""
+    A = sym(torch.linspace(-1, 3, 80), seed=6)
+    path = tmp_path / "t.ckpt"
+    with pytest.raises(KeyboardInterrupt):
+        trace(
+            CrashAfter(A, 5),
+            method="hutch++",
+            num_matvecs=21,
+            chunk_size=4,
+            checkpoint=Checkpoint(path, {"t": 1}, every=0),
+        )
+    ck = Checkpoint(path, {"t": 1}, every=0)
+    state = ck.load()
+    ck.save({**state, "done": done}, force=True)  # a consistent file (checksum rewritten) with a bad count
+    with pytest.raises(CheckpointError, match="finished columns"):
+        trace(
+            CrashAfter(A, 10**6),
+            method="hutch++",
+            num_matvecs=21,
+            chunk_size=4,
+            checkpoint=Checkpoint(path, {"t": 1}, every=0),
+        )
+
+
+@pytest.mark.parametrize(
+    "method,m,crash",
+    # hutch++ at 5: killed inside its sketch (a block kept whole, saved with its count of finished columns)
+    [("hutchinson", 20, 9), ("hutch++", 21, 10), ("hutch++", 21, 5), ("xtrace", 20, 13), ("xtrace", 20, 6)],
+)
 def test_trace_probes_resume_from_a_checkpoint(tmp_path, method, m, crash):
     """Issue 9.13 (API): a killed trace resumes without redoing finished products, same estimate."""
     A = sym(torch.linspace(-1, 3, 80), seed=6)
