@@ -206,7 +206,7 @@ def eigenvalues(
         kry = _Krylov.start(op, ncv, b, gen, bdtype, bdevice)
     with Progress(max_matvecs, f"eigenvalues ({which})", enabled=progress, initial=op.num_matvecs) as bar:
         ritz = _iterate(kry, op, k, which, tol, ncv, max_matvecs, checkpoint, expect, bar, symmetry)
-        result, bound = _verified(ritz, _verifying(op, b), k, tol, which)
+        result, bound = _verified(ritz, op, k, tol, which)
         result = replace(result, memory_bytes=memory)
         bar.update(k)
         bar.set_total(op.num_matvecs)
@@ -293,32 +293,6 @@ def _check_symmetry(kry: _Krylov, op: Operator) -> None:
         )
 
 
-class _ByBlocks:
-    """``op`` whose products take ``b`` columns at a time (into one ``out``, one block beyond ``X``)."""
-
-    def __init__(self, op: Operator, b: int):
-        self.op, self.b = op, b
-
-    def __getattr__(self, name: str):
-        return getattr(self.op, name)
-
-    def __matmul__(self, X: torch.Tensor) -> torch.Tensor:
-        out = torch.empty(X.shape, dtype=self.op.dtype, device=self.op.device)
-        for a in range(0, X.shape[1], self.b):
-            out[:, a : a + self.b] = self.op @ X[:, a : a + self.b]
-        return out
-
-
-def _verifying(op: Operator, b: int):
-    """The operator the verification multiplies by: ``b`` columns at a time if it never saw a block.
-
-    A ``CurvatureOperator`` times batched against looped columns on its first block (``batched`` is
-    None until then): after a b=1 run that trial costs ~4x the verification (W3: ~21 products' time
-    to verify 5 pairs, and it chose the loop). Same products, grouped as the expansion's were.
-    """
-    return _ByBlocks(op, b) if getattr(op.base, "batched", False) is None else op
-
-
 def _verified(ritz: _Ritz, op: Operator, k: int, tol: float, which: str):
     """The ``k`` wanted pairs with residuals recomputed from ``k`` real products, and their bound.
 
@@ -326,10 +300,16 @@ def _verified(ritz: _Ritz, op: Operator, k: int, tol: float, which: str):
     in place in its product and measured with float64 accumulation (``_ortho.norms``), so
     the verification holds ``X`` and one block beyond the basis (``linalg._memory``); a
     half-precision operator's residual is formed in float32, one column at a time.
+
+    An operator that never saw a block (``batched`` None: a ``CurvatureOperator`` after a
+    b=1 run) is given ``b`` columns at a time, as the expansion's products were: a larger
+    block would first time batched against looped columns (W3: ~21 products' time to verify
+    5 pairs, and it chose the loop). Same products either way.
     """
     idx, X = ritz.wanted(k)
     theta = ritz.theta[idx]
-    c = verify_chunk(op.size, k, ritz.kry.b)
+    b = ritz.kry.b
+    c = b if getattr(op.base, "batched", False) is None else verify_chunk(op.size, k, b)
     true = torch.cat([_residual_norms(op, X[:, a : a + c], theta[a : a + c]) for a in range(0, k, c)])
     res = ritz.res.clone()
     res[idx] = true

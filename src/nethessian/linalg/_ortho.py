@@ -9,9 +9,8 @@ transient memory stays ``P x _COLS`` in the working dtype.
 
 * ``project_out``: classical Gram-Schmidt against ``V``, ``W ← W − V (Vᵀ W)``,
   one all-reduce per pass.
-* ``norms`` / ``exact_dot``: column norms and a few inner products accumulated in
-  float64 without float64 copies of the long vectors (the Krylov scalars' precision
-  at the cost of one pass over the vectors).
+* ``norms`` / ``block_dot``: column norms accumulated in float64 without float64 copies of
+  the long vectors (``_accumulate``), and the new block's own coefficients.
 * ``column_major``: the basis stored by columns, so a leading block of it is one
   contiguous stretch of memory (a Gram-Schmidt pass reads ``n·j``, not ``n·ncv``, entries).
 * ``orthonormal_columns``: column-by-column classical Gram-Schmidt with two passes
@@ -34,7 +33,6 @@ __all__ = [
     "block_dot",
     "coefficients",
     "column_major",
-    "exact_dot",
     "norms",
     "orthonormal_columns",
     "project_out",
@@ -76,17 +74,6 @@ def norms(op: Operator, X: torch.Tensor) -> torch.Tensor:
     return op.col_norms(X.reshape(-1, 1) if X.dim() == 1 else X)
 
 
-def exact_dot(op: Operator, X: torch.Tensor, Y: torch.Tensor) -> torch.Tensor:
-    """``Xᵀ Y`` (b x m, float64, on ``Y``'s device) accumulated in float64, for a few columns ``X``.
-
-    The blocks are converted to float64 a piece of rows at a time (``_accumulate.gram``):
-    as accurate as float64 copies of both, without them.
-    """
-    if X.device.type == "mps" or (X.dtype == torch.float64 and Y.dtype == torch.float64):
-        return op.dot(X, Y)
-    return op.dot(X, Y, dtype=torch.float64)
-
-
 def block_dot(op: Operator, X: torch.Tensor, Y: torch.Tensor) -> torch.Tensor:
     """``Xᵀ Y`` (b x m, float64 on the CPU) for a few columns: in the working dtype for float32/float64.
 
@@ -94,10 +81,10 @@ def block_dot(op: Operator, X: torch.Tensor, Y: torch.Tensor) -> torch.Tensor:
     For the Krylov block's own coefficients ``Fᵀ A F``: the Gram-Schmidt pass that follows
     measures what this leaves along ``F`` and adds it, so their sum is as accurate as any
     other coefficient of the pass (a float64-accumulated sum would be rounded by that pass
-    anyway). Half precision, or MPS, goes through ``exact_dot``.
+    anyway). Half precision, or MPS, is accumulated in float64 (``Operator.dot``, no float64 copy).
     """
     if X.dtype != Y.dtype or X.dtype not in (torch.float32, torch.float64) or X.device.type == "mps":
-        return exact_dot(op, X, Y).cpu().double()
+        return op.dot(X, Y, dtype=torch.float64).cpu()
     if X.shape[1] == 1 and Y.shape[1] == 1:
         out = torch.dot(X[:, 0], Y[:, 0]).reshape(1, 1)
     else:
