@@ -116,7 +116,7 @@ def test_basis_stays_orthogonal_over_many_restarts(dtype):
 
 
 def test_one_gram_schmidt_pass_per_step(monkeypatch):
-    """Work per step: one read of the basis to measure ``Vᵀ w``, a second to subtract only when
+    """Work per step (blocks): one read of the basis to measure ``Vᵀ w``, a second to subtract only when
     the coefficients are above rounding, a further pass only rarely (DGKS)."""
     reads = {"measure": 0, "subtract": 0, "second pass": 0}
     coefficients, subtract, project = _restart.coefficients, _restart.subtract_basis, _restart.project_out
@@ -137,11 +137,33 @@ def test_one_gram_schmidt_pass_per_step(monkeypatch):
     monkeypatch.setattr(_restart, "subtract_basis", subtracting)
     monkeypatch.setattr(_restart, "project_out", again)
     op = as_operator(Reflected(SPECTRA["clustered"]))
-    steps = 120
-    run_steps(op, steps)
+    steps = 60
+    run_steps(op, steps, b=2)
     assert reads["measure"] == steps
     assert steps <= reads["subtract"] <= 2 * steps
     assert reads["second pass"] <= steps * 0.1 + 2  # (+2: the start's two passes)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_one_vector_step_reads_the_basis_once_or_twice(monkeypatch, dtype):
+    """The single-vector step (``_expand_vector``): one measurement of ``Vᵀ w`` and ``‖w‖`` per step (the
+    norm after a pass that keeps most of ``w`` follows by Pythagoras), more only under cancellation
+    (DGKS); and the next vector written into the basis's next column, not copied there."""
+    calls, measure = [], _restart._measure
+
+    def counting(op, V, w):
+        calls.append(V.shape[1])
+        return measure(op, V, w)
+
+    monkeypatch.setattr(_restart, "_measure", counting)
+    op = as_operator(with_spectrum(SPECTRA["clustered"]).to(dtype))
+    steps, ncv = 120, 20
+    kry = run_steps(op, steps, ncv=ncv)
+    first = sum(1 for a, b in zip([None] + calls, calls) if a is None or b != a)  # a new column count: a step
+    assert first == steps
+    assert steps <= len(calls) <= 1.1 * steps  # a second measurement only under cancellation (DGKS)
+    if kry.j < ncv:
+        assert kry.F.data_ptr() == kry.V[:, kry.j].data_ptr()
 
 
 # Product counts of fixed problems (k=5, tol=1e-3, seed 0, defaults otherwise; the symmetry test free),
@@ -279,3 +301,29 @@ def test_a_b1_run_verifies_without_timing_blocks_on_a_hessian_operator():
     torch.testing.assert_close(res.eigenvalues, lam.flip(0)[:3], rtol=1e-8, atol=1e-12)
     true = (H @ res.eigenvectors - res.eigenvectors * res.eigenvalues).norm(dim=0)
     torch.testing.assert_close(res.residuals, true, rtol=1e-6, atol=1e-12)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_one_vector_step_under_cancellation_takes_a_second_pass(dtype):
+    """A product that lies mostly in the basis (the pass cancels more than it keeps): the DGKS branch
+    measures again, and the new vector is still unit and ⟂ V to rounding, with ``H``'s new column
+    the true ``Vᵀ A f``."""
+    n, j = 400, 4
+    g = torch.Generator().manual_seed(0)
+    Q = torch.linalg.qr(torch.randn(n, j + 2, generator=g, dtype=torch.float64))[0]
+    # A f = 3 v_0 + 2 v_1 + 0.01 u (u ⟂ V, f): nearly all of it in the basis, none of it in S
+    f, u = Q[:, j], Q[:, j + 1]
+    A = sum(a * (torch.outer(x, f) + torch.outer(f, x)) for a, x in ((3, Q[:, 0]), (2, Q[:, 1]), (0.01, u)))
+    op = as_operator(A.to(dtype))
+    V = torch.zeros(8, n, dtype=dtype).T
+    V[:, :j] = Q[:, :j].to(dtype)
+    H = torch.diag(torch.tensor([1.0, 2.0, 3.0, 4.0], dtype=torch.float64))
+    kry = _restart._Krylov(V, j, H, f.to(dtype)[:, None], torch.zeros(1, j, dtype=torch.float64), make_generator(0))
+    kry.expand(op)
+    eps = torch.finfo(dtype).eps
+    Fd, Vd = kry.F.double()[:, 0], kry.V[:, : kry.j].double()
+    assert abs(float(Fd.norm()) - 1) < 10 * eps
+    assert float((Vd.T @ Fd).abs().max()) < 10 * eps
+    torch.testing.assert_close(kry.H[:, j], Vd.T @ (A @ Vd[:, j]), rtol=0, atol=20 * eps * 3)
+    rtol = 1e-3 if dtype == torch.float32 else 1e-9
+    torch.testing.assert_close(kry.S[0, j], torch.tensor(0.01, dtype=torch.float64), rtol=rtol, atol=0)

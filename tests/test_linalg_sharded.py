@@ -64,7 +64,11 @@ def test_two_sharded_ranks_equal_one_process(sharded_runs, tmp_path):
                 continue
             want = val[lo:hi] if key in sliced else val
             atol = 1e-9 if key == "eigvec" else 1e-12 * max(1.0, float(val.abs().max()))
-            torch.testing.assert_close(got[r][key], want, rtol=1e-10, atol=atol, msg=f"rank {r}: {key}")
+            # plain Lanczos (no reorthogonalisation) amplifies the rounding of its inner products, whose
+            # order depends on the split, by its loss of orthogonality: 1e-11-1e-10 relative measured
+            # for two summation orders (square-and-sum, dot); everything else agrees to 1e-10
+            rtol = 1e-8 if key == "density_plain" else 1e-10
+            torch.testing.assert_close(got[r][key], want, rtol=rtol, atol=atol, msg=f"rank {r}: {key}")
 
 
 def test_sharded_results_match_dense_truth(sharded_runs):

@@ -232,7 +232,7 @@ def _quadrature(
     """Gauss quadrature nodes and weights of each probe, ``(num_probes, steps)`` float64."""
     expect = {
         "kind": "spectral-density",
-        "operator": A.fingerprint(),
+        "operator": A.key(checkpoint),
         "size": A.size,
         "num_probes": num_probes,
         "lanczos_steps": steps,

@@ -232,7 +232,7 @@ def exact_diagonal(
         chunk=chunk_size,
         keep="diagonal",
         checkpoint=checkpoint,
-        identity={"operator": A.fingerprint()},
+        identity={"operator": A.key(checkpoint)},
         progress=progress,
         desc="diagonal",
     )
@@ -245,7 +245,7 @@ def _bks(A: Operator, m: int, seed, chunk: int, progress: bool, checkpoint) -> t
     which keeps the variance accurate when it is small next to the mean.
     """
     P = A.size
-    expect = {"kind": "diagonal-estimate", "operator": A.fingerprint(), "size": P, "num_matvecs": m, "seed": seed}
+    expect = {"kind": "diagonal-estimate", "operator": A.key(checkpoint), "size": P, "num_matvecs": m, "seed": seed}
     if A.sharded:
         expect.update(global_size=A.global_size, local_range=list(A.local_range))
     gen = make_generator(seed)

@@ -193,7 +193,7 @@ def eigenvalues(
         "or on the CPU (basis_device='cpu')",
         bdevice,
     )
-    expect = _checkpoint_settings(op, k, which, b, ncv, seed, bdtype)
+    expect = _checkpoint_settings(op, k, which, b, ncv, seed, bdtype, checkpoint)
     kry, done = load_state(checkpoint, expect, op, gen, k, tol, max_matvecs, (bdtype, bdevice))
     if done is not None:
         return replace(done, memory_bytes=memory)
@@ -354,7 +354,7 @@ def _dense(op: Operator, k: int, which: str, gen, check_symmetry: bool, checkpoi
             device=op.device,
             chunk=column_chunk(P),
             checkpoint=checkpoint,
-            identity={"operator": op.fingerprint()},
+            identity={"operator": op.key(checkpoint)},
             progress=progress,
             desc="eigenvalues (dense)",
         )

@@ -7,7 +7,7 @@ vectors kept at a restart, when to test for convergence, the expected number of 
 from __future__ import annotations
 
 import math
-from typing import Any, Dict
+from typing import Dict
 
 import torch
 
@@ -20,11 +20,11 @@ __all__: list = []
 _WHICH = ("largest", "smallest", "both", "magnitude")
 
 
-def _checkpoint_settings(op: Operator, k: int, which: str, b: int, ncv: int, seed, bdtype) -> Dict[str, Any]:
+def _checkpoint_settings(op: Operator, k: int, which: str, b: int, ncv: int, seed, bdtype, checkpoint) -> Dict:
     """What a checkpoint of this run must have been made with (``load_state`` compares it)."""
     expect = {
         "kind": "lanczos",
-        "operator": op.fingerprint(),
+        "operator": op.key(checkpoint),
         "P": op.size,
         "k": k,
         "which": which,

@@ -37,7 +37,7 @@ def save_state(
         "V": kry.V.cpu().contiguous(),  # row-major on disk (the live basis is stored by columns)
         "j": kry.j,
         "H": kry.H,
-        "F": kry.F.cpu(),
+        "F": kry.F.to("cpu", copy=True),  # not a view: F may live in the basis's next column
         "S": kry.S,
         "generator": kry.gen.get_state(),
         "num_matvecs": op.num_matvecs,

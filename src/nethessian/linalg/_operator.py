@@ -186,6 +186,10 @@ class Operator:
             self._fingerprint = fingerprint_of(self.base)
         return self._fingerprint
 
+    def key(self, checkpoint: Any) -> str:
+        """``fingerprint()`` for a checkpoint's identity; ``""`` without one (a model's takes a pass over the data)."""
+        return "" if checkpoint is None else self.fingerprint()
+
     def __matmul__(self, v: torch.Tensor) -> torch.Tensor:
         step = self.num_matvecs + 1
         if not self._checks_itself:  # a CurvatureOperator validates its input itself

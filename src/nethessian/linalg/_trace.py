@@ -218,7 +218,7 @@ def trace(
     gen = make_generator(seed)
     expect = {
         "kind": f"trace-{method}",
-        "operator": A.fingerprint(),
+        "operator": A.key(checkpoint),
         "size": A.size,
         "num_matvecs": m,
         "seed": seed,
