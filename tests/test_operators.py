@@ -337,3 +337,53 @@ def test_an_infinite_loss_in_any_in_memory_batch_is_refused_at_construction(make
     options = {"cache": False} if make is HessianOperator else {}
     with pytest.raises(NonFiniteError, match=f"batch {bad}"):
         make(model, loss, batches, reduction="mean", **options)
+
+
+class _Identity(nn.Module):
+    """The output is the parameter itself: the product's backward passes the vector straight through."""
+
+    def __init__(self):
+        super().__init__()
+        self.w = nn.Parameter(torch.randn(5, dtype=torch.float64))
+
+    def forward(self, x):
+        return self.w * 1.0
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+def test_a_product_never_writes_into_its_input(reduction):
+    """The kept graph divides its result by the term count in place; a graph that hands the vector
+    back unchanged (here H = I / count) must not have the caller's vector divided instead."""
+    torch.manual_seed(0)
+    data = [(torch.zeros(3, dtype=torch.float64), torch.zeros(5, dtype=torch.float64)) for _ in range(2)]
+
+    def loss(out, y):
+        return 0.5 * (out * out).sum()
+
+    op = HessianOperator(_Identity(), loss, data, reduction=reduction)
+    for v in (torch.randn(5, dtype=torch.float64), torch.randn(5, 3, dtype=torch.float64)):
+        v0 = v.clone()
+        out = op @ v
+        assert torch.equal(v, v0)
+        torch.testing.assert_close(out, v0 * (1.0 if reduction == "mean" else 2.0))
+
+
+def test_estimators_without_a_checkpoint_do_not_fingerprint_the_operator(monkeypatch):
+    """The fingerprint hashes the model and every batch: only a checkpoint needs it."""
+    import nethessian as nh
+    from nethessian.linalg._operator import Operator
+
+    def refuse(self):
+        raise AssertionError("fingerprint computed without a checkpoint")
+
+    monkeypatch.setattr(Operator, "fingerprint", refuse)
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 2)).double()
+    data = [(torch.randn(8, 4, dtype=torch.float64), torch.randn(8, 2, dtype=torch.float64))]
+    op = HessianOperator(model, nn.MSELoss(), data)
+    assert nh.eigenvalues(op, k=2, tol=1e-6, ncv=12).converged
+    nh.eigenvalues(op, k=2)  # P = 44 < ncv + 1: the dense path
+    nh.trace(op, num_matvecs=6)
+    nh.diagonal(op, method="estimate", num_matvecs=4)
+    nh.diagonal(op)
+    nh.spectral_density(op, num_probes=1, lanczos_steps=5)

@@ -339,13 +339,17 @@ class Objective:
                 "data and the loss (log of 0, overflow), and the parameters' scale"
             )
 
-    def finish(self, total: torch.Tensor, n: float) -> torch.Tensor:
-        """All-reduce a local weighted sum and divide by the global term count for a mean."""
+    def finish(self, total: torch.Tensor, n: float, inplace: bool = False) -> torch.Tensor:
+        """All-reduce a local weighted sum and divide by the global term count for a mean.
+
+        ``inplace``: ``total`` is the caller's own fresh tensor and may be divided in place
+        (a product's output: no second vector per product).
+        """
         total, n = dist.reduce_sum(total, n)
         if self.reduction not in (None, "sum"):
             if n <= 0:
                 raise InputError(_ALL_IGNORED)
-            total = total / n
+            total = total.div_(n) if inplace else total / n
         return total
 
     def value(self, theta: Optional[torch.Tensor] = None) -> float:

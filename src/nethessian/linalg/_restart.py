@@ -144,7 +144,10 @@ def _measure(op: Operator, V: torch.Tensor, w: torch.Tensor):
 
     ``‖w‖²`` is accumulated in float64 (``_accumulate``); ``Vᵀ w`` is one read of the basis.
     """
-    both = op.allreduce_(torch.cat([(V.T @ w).double(), column_sums(w, w).reshape(1)])).cpu().numpy()
+    c, sq = V.T @ w, column_sums(w, w)
+    if not op.sharded and c.device.type == "cpu":
+        return c.numpy().astype(np.float64), math.sqrt(float(sq))
+    both = op.allreduce_(torch.cat([c.double(), sq.reshape(1)])).cpu().numpy()
     return both[:-1], math.sqrt(both[-1])
 
 
@@ -235,19 +238,20 @@ class _Krylov:
         w = W[:, 0]
         C = np.zeros((j + 1, 1))
         C[lo:j, 0] = self.S.numpy()[0, lo:j]
-        C[j, 0] = float(op.allreduce_(torch.dot(f, w).reshape(1))[0])  # fᵀ A f
-        w.addmv_(V[:, lo : j + 1], torch.from_numpy(C[lo:, 0]).to(w.dtype), alpha=-1)  # known couplings
+        a = torch.dot(f, w)
+        C[j, 0] = float(op.allreduce_(a.reshape(1))[0]) if op.sharded else float(a)  # fᵀ A f
+        w.addmv_(V[:, lo : j + 1], torch.tensor(C[lo:, 0], dtype=w.dtype), alpha=-1)  # known couplings
         c, before = _measure(op, V[:, : j + 1], w)
         self.asymmetry = float(np.abs(c[:j]).max()) if j else 0.0
         after = before
         if np.abs(c).max() > _ROUNDING * torch.finfo(w.dtype).eps * before:  # see _reorthogonalize
-            w.addmv_(V[:, : j + 1], torch.from_numpy(c).to(w.dtype), alpha=-1)
+            w.addmv_(V[:, : j + 1], torch.tensor(c, dtype=w.dtype), alpha=-1)
             cc = float(c @ c)
             if cc < before * before / 2:  # kept more than 1/√2: one pass; ‖w‖ by Pythagoras, no read
                 after = math.sqrt(before * before - cc)
             else:  # DGKS: measure what the pass left and take it off too
                 c2, _ = _measure(op, V[:, : j + 1], w)
-                w.addmv_(V[:, : j + 1], torch.from_numpy(c2).to(w.dtype), alpha=-1)
+                w.addmv_(V[:, : j + 1], torch.tensor(c2, dtype=w.dtype), alpha=-1)
                 c, (_, after) = c + c2, _measure(op, V[:, : j + 1], w)
             C[:, 0] += c
         H = np.zeros((j + 1, j + 1))
@@ -257,10 +261,11 @@ class _Krylov:
         if after > torch.finfo(w.dtype).eps * max(scale, torch.finfo(torch.float64).tiny):
             self.F = V[:, j + 1 : j + 2] if j + 1 < V.shape[1] else W  # the next column, while there is one
             torch.div(W, after, out=self.F)
-            B = torch.tensor([[after]], dtype=torch.float64)
         else:  # w vanished: a fresh random direction (_orthonormalize)
             self.F, B = _orthonormalize(op, W, V[:, : j + 1], self.gen, scale, checked=True)
-        self.S = torch.cat([torch.zeros(1, j, dtype=torch.float64), B], dim=1)
+            after = float(B[0, 0])
+        self.S = torch.zeros(1, j + 1, dtype=torch.float64)
+        self.S[0, j] = after
         self.H, self.j, self.lo = torch.from_numpy(H), j + 1, j
 
     def restart(self, ritz: "_Ritz", keep: int) -> None:

@@ -7,10 +7,10 @@ Two engines, chosen automatically:
   ``Hv = ∂(gᵀv)/∂θ`` — about 1.2–1.4 gradients, the cheapest HVP in PyTorch.
   Many columns go through ``is_grads_batched`` (vmap over the backward), or a
   loop where batching is not measurably faster on this model.
-* **streaming** (a DataLoader, or ``cache=False``): per batch, forward-over-
-  reverse ``jvp(grad(L_b))`` with ``torch.func`` (vmapped over columns), or double
-  backward for models with an op that has no forward-mode rule (tried once, on the
-  first batch, at construction: ``op.engine`` and ``op.fallback_reason`` say which).
+* **streaming** (a DataLoader, or ``cache=False``): per batch, forward-over-reverse
+  ``jvp(grad(L_b))`` with ``torch.func`` (vmapped over columns), or double backward for models
+  with an op that has no forward-mode rule (tried once, on the first batch, at construction:
+  ``op.engine`` and ``op.fallback_reason`` say which).
 
 A third, approximate engine is chosen explicitly: ``method="finite-difference"``,
 central differences of the model's own gradients (``_finite_difference``) — for models
@@ -307,7 +307,8 @@ class HessianOperator(ShardedVectors, CurvatureOperator):
                 g, theta, V.T.contiguous(), retain_graph=True, is_grads_batched=True, allow_unused=True
             )
             out = _zeros_if_none(hv, V.T).T
-        return self.objective.finish(out.detach(), n)
+        fresh = out.untyped_storage().data_ptr() != V.untyped_storage().data_ptr()  # not V handed back
+        return self.objective.finish(out.detach(), n, inplace=fresh)
 
     # -- streaming ----------------------------------------------------------------------
     def _batch_forward_over_reverse(self, batch, V):
@@ -385,13 +386,8 @@ class HessianOperator(ShardedVectors, CurvatureOperator):
         def at_v(per_batch):
             return lambda v: per_batch(batch, v[:, None])[0][:, 0]
 
-        verify_jv(
-            at_v(self._batch_double_backward),
-            grad_at,
-            obj.theta0,
-            exact=at_v(self._batch_forward_over_reverse),
-            what="double backward (H v)",
-        )
+        exact = at_v(self._batch_forward_over_reverse)
+        verify_jv(at_v(self._batch_double_backward), grad_at, obj.theta0, exact=exact, what="double backward (H v)")
 
     def _trial(self, forward: bool) -> None:
         """One column on the first batch: raises where the engine has an AD gap on this model."""
