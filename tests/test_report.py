@@ -399,3 +399,27 @@ def test_report_command_takes_the_options_and_states_its_cost(tmp_path, capsys):
     assert R["density"] is None and R["trace"]["num_matvecs"] == 8
     assert len(R["eigenvalues"]["largest"]["eigenvalues"]) == 2
     assert main(["report", str(f), "--sections", "nope"]) == 2
+
+
+def test_report_ncv_sizes_every_eigenvalue_run_and_a_too_small_one_is_refused_first(tmp_path, capsys):
+    """``--ncv`` (a large model's way to fit the report in memory) reaches every Lanczos run: the
+    stated memory bound of each is that of an ``ncv``-vector basis; fewer than ``num_eigs + 1``
+    vectors is refused before any product."""
+    from nethessian._app.cli import main
+    from nethessian.linalg._memory import lanczos_bytes
+
+    f = tmp_path / "p.py"
+    f.write_text(SMALL_PROBLEM)
+    common = ["report", str(f), "--dense-max-params", "10", "--num-eigs", "2", "--sections", "eigenvalues", "ggn"]
+    assert main(common + ["-o", str(tmp_path / "r"), "--ncv", "7"]) == 0
+    R = json.loads((tmp_path / "r" / "report.json").read_text())
+    assert R["settings"]["ncv"] == 7
+    P = 51  # 4·6 + 6 + 6·3 + 3
+    want = lanczos_bytes(P, 7, 1, 2, torch.float64, torch.float64, False)
+    assert R["eigenvalues"]["largest"]["memory_bytes"] == R["eigenvalues"]["smallest"]["memory_bytes"] == want
+    assert R["eigenvalues"]["largest"]["converged"]
+    assert "ncv=7" in (tmp_path / "r" / "report.html").read_text()
+    capsys.readouterr()
+    assert main(common + ["-o", str(tmp_path / "bad"), "--ncv", "2"]) != 0
+    assert "ncv" in capsys.readouterr().err
+    assert not (tmp_path / "bad" / "report.json").exists()

@@ -193,6 +193,13 @@ def _report_options(p: argparse.ArgumentParser) -> None:
     for flag, key, metavar, text in _BUDGETS:
         p.add_argument(flag, type=int, default=DEFAULTS[key], metavar=metavar, help=f"{text} (default %(default)s)")
     p.add_argument(
+        "--ncv",
+        type=int,
+        default=None,
+        metavar="N",
+        help="matrix-free: Lanczos basis vectors (default max(2K + 1, 20)); memory P × N entries",
+    )
+    p.add_argument(
         "--sections",
         nargs="+",
         default=None,

@@ -341,7 +341,7 @@ def report(args) -> int:
     problem = _problem(args)
     options = {
         k: getattr(args, k)
-        for k in ("dense_max_params", "num_eigs", "trace_matvecs", "density_probes", "lanczos_steps", "sections")
+        for k in ("dense_max_params", "num_eigs", "trace_matvecs", "density_probes", "lanczos_steps", "ncv", "sections")
     }
     paths = report_problem(problem, args.output, params=args.params, seed=args.seed, progress=_progress(), **options)
     return _finish(

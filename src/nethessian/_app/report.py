@@ -34,7 +34,7 @@ from ..errors import InputError
 from .problem import Problem
 from .report_html import SECTIONS, render_page
 from .cost import estimate_line, product_time
-from .report_more import input_dim, planned_extra
+from .report_more import input_dim, lanczos_ncv, planned_extra
 from .report_notes import reduction_text
 from .report_sections import COSTLY, OFF_BY_DEFAULT, compute, is_dense
 from .saving import to_json, versions, write_atomic
@@ -58,7 +58,7 @@ def build_report(model, loss_fn, data, out_dir, *, problem_name: Optional[str] =
 
     ``options`` are :func:`report_problem`'s (``params``, ``seed``, ``title``, the budgets
     ``dense_max_params``, ``num_eigs``, ``trace_matvecs``, ``density_probes``,
-    ``lanczos_steps``, and ``quadratic_radius``, ``sections``, ``progress``).
+    ``lanczos_steps``, ``ncv``, and ``quadratic_radius``, ``sections``, ``progress``).
     """
     return report_problem(Problem(model, loss_fn, data, name=problem_name), out_dir, **options)
 
@@ -75,6 +75,7 @@ def report_problem(
     trace_matvecs: int = 90,
     density_probes: int = 8,
     lanczos_steps: int = 80,
+    ncv: Optional[int] = None,
     quadratic_radius: Optional[float] = None,
     sections: Optional[Sequence[str]] = None,
     progress: Optional[bool] = False,
@@ -93,6 +94,9 @@ def report_problem(
         trace_matvecs: matrix-free: the Hutch++ product budget.
         density_probes: matrix-free: SLQ probes.
         lanczos_steps: matrix-free: Lanczos steps per SLQ probe.
+        ncv: matrix-free: basis vectors of every eigenvalue run (default ``nh.eigenvalues``'
+            ``max(2k + 1, 20)``); the memory is ``P × ncv`` entries, so a large model needs a
+            smaller one (at least ``num_eigs + 1``).
         quadratic_radius: largest |α| of the quadratic-model plot (default: where
             ½ λ_max α² reaches J, clipped to [1e-3, 10]); the grid is 41 points
             symmetric about α = 0, which is exactly 0.
@@ -117,6 +121,7 @@ def report_problem(
             trace_matvecs=trace_matvecs,
             density_probes=density_probes,
             lanczos_steps=lanczos_steps,
+            ncv=ncv,
             quadratic_radius=quadratic_radius,
             params=None if params is None else list(params),
             sections=sections,
@@ -152,6 +157,8 @@ def _settings(S: Dict[str, Any]) -> Dict[str, Any]:
     S["sections"] = [sid for sid in known if sid in set(chosen) | ALWAYS]
     for name in DEFAULTS:
         S[name] = as_int(name, S[name], minimum=0 if name == "dense_max_params" else 1)
+    if S["ncv"] is not None:  # refused now, not after the sections before the first Lanczos run
+        S["ncv"] = as_int("ncv", S["ncv"], minimum=S["num_eigs"] + 1)
     if S["quadratic_radius"] is not None and not (
         isinstance(S["quadratic_radius"], (int, float)) and 0 < S["quadratic_radius"] < float("inf")
     ):
@@ -174,7 +181,7 @@ def planned_products(P: int, S: Dict[str, Any], numels: Sequence[int] = (), inpu
         base = P + n_quadratic if want & set(COSTLY) - {"input-hessian"} else 0
         return base + extra[0], base + extra[1]
     k = min(S["num_eigs"], P - 1)
-    ncv = min(max(2 * k + 1, 20), P)
+    ncv = lanczos_ncv(S, k, P)
     runs = ("eigenvalues" in want) + bool(want & {"eigenvalues", "quadratic", "eigenvectors", "ggn"})
     fixed = (
         n_quadratic

@@ -279,6 +279,7 @@ _SETTING_KEYS = (
     "trace_matvecs",
     "density_probes",
     "lanczos_steps",
+    "ncv",
     "quadratic_radius",
     "params",
     "sections",
@@ -305,7 +306,7 @@ def _call(R: Dict[str, Any]) -> str:
         "import nethessian as nh\nfrom nethessian._app.report import build_report\n"
         + make
         + 'build_report(model, loss_fn, data, "report",\n'
-        + ",\n".join(f"             {k}={st[k]!r}" for k in _SETTING_KEYS[:9])
+        + ",\n".join(f"             {k}={st[k]!r}" for k in _SETTING_KEYS[:10])
         + ")"
     )
 

@@ -37,6 +37,7 @@ __all__ = [
     "structure",
     "input_hessian_section",
     "layer_of",
+    "lanczos_ncv",
     "planned_extra",
 ]
 
@@ -44,6 +45,14 @@ __all__ = [
 BLOCK_DENSE_MAX = 40
 #: random unit vectors on which the GGN residual ‖(H − G) v‖ / ‖H v‖ is measured (plus the top eigenvector)
 NUM_RANDOM = 3
+
+
+def lanczos_ncv(S: Dict[str, Any], k: int, n: int) -> int:
+    """The Lanczos basis of a run for ``k`` pairs of an ``n``-dimensional operator.
+
+    The report's ``ncv`` setting, else ``nh.eigenvalues``' default (``max(2k + 1, 20)``), at most ``n``.
+    """
+    return min(S.get("ncv") or max(2 * k + 1, 20), n)
 
 
 def layer_of(name: str) -> str:
@@ -62,13 +71,13 @@ def planned_extra(P: int, numels, S: Dict[str, Any], dense: bool, input_dim: Opt
             if n <= BLOCK_DENSE_MAX:
                 lo, hi = lo + n, hi + n
             else:
-                ncv = min(20, n)
+                ncv = lanczos_ncv(S, 1, n)
                 lo, hi = lo + ncv, hi + 20 * ncv
     if "ggn" in want:
         if dense:
             lo, hi = lo + P, hi + P
         else:
-            ncv = min(max(2 * min(S["num_eigs"], P - 1) + 1, 20), P)
+            ncv = lanczos_ncv(S, min(S["num_eigs"], P - 1), P)
             lo, hi = lo + ncv + 2 * (NUM_RANDOM + 1), hi + 20 * ncv + 2 * (NUM_RANDOM + 1)
     if "input-hessian" in want and input_dim:
         lo, hi = lo + input_dim, hi + input_dim
@@ -114,7 +123,7 @@ def block_top_eigenvalues(q, S: Dict[str, Any], dense_H: Optional[torch.Tensor])
                 "num_matvecs": n,
             }
         else:
-            r = _lanczos(BlockOperator(q.operator, start, n), 1, "largest", S["seed"])
+            r = _lanczos(BlockOperator(q.operator, start, n), 1, "largest", S["seed"], lanczos_ncv(S, 1, n))
             out[name] = {
                 "numel": n,
                 "top_eigenvalue": float(r.eigenvalues[0]),
@@ -126,12 +135,12 @@ def block_top_eigenvalues(q, S: Dict[str, Any], dense_H: Optional[torch.Tensor])
     return out
 
 
-def _lanczos(op, k: int, which: str, seed: int):
+def _lanczos(op, k: int, which: str, seed: int, ncv: int):
     from ..linalg._lanczos import eigenvalues
 
     with warnings.catch_warnings():  # non-convergence is shown on the page
         warnings.simplefilter("ignore", UserWarning)
-        return eigenvalues(op, k=k, which=which, tol=1e-3, seed=seed, progress=False)
+        return eigenvalues(op, k=k, which=which, tol=1e-3, seed=seed, progress=False, ncv=ncv)
 
 
 # ----------------------------------------------------------------------------- eigenvectors
@@ -178,7 +187,7 @@ def ggn_vs_hessian(
         Hd = dense_H.double().cpu()
         HV, GV, method, n_g = Hd @ V, Gd.cpu() @ V, "dense", P
     else:
-        r = _lanczos(G, k, "largest", S["seed"])
+        r = _lanczos(G, k, "largest", S["seed"], lanczos_ncv(S, k, P))
         top_G, method = r.eigenvalues.cpu(), "thick-restart Lanczos"
         Vd = V.to(device=q.operator.device, dtype=q.operator.dtype)
         HV = (q.operator @ Vd).double().cpu()

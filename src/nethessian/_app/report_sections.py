@@ -15,6 +15,8 @@ from typing import Any, Callable, Dict, Tuple
 
 import torch
 
+from .report_more import lanczos_ncv
+
 __all__ = ["COSTLY", "OFF_BY_DEFAULT", "compute", "alpha_grid", "is_dense"]
 
 Figures = Dict[str, Callable[[], bytes]]
@@ -179,11 +181,12 @@ def _matrix_free_part(q, S, stages, progress, R, want, ctx):
     lam = top = trace = density = None
     cond_note = ""
     if want & {"eigenvalues", "quadratic", "eigenvectors", "ggn"}:
-        hi = stages("largest eigenvalues (Lanczos)", lambda: _lanczos(op, k, "largest", S["seed"], progress))
+        ncv = lanczos_ncv(S, k, P)
+        hi = stages("largest eigenvalues (Lanczos)", lambda: _lanczos(op, k, "largest", S["seed"], progress, ncv))
         lam, top = hi.eigenvalues.cpu(), hi.eigenvectors[:, 0]
         ctx.update(top_values=hi.eigenvalues.cpu(), top_vectors=hi.eigenvectors)
     if "eigenvalues" in want:
-        lo = stages("smallest eigenvalues (Lanczos)", lambda: _lanczos(op, k, "smallest", S["seed"], progress))
+        lo = stages("smallest eigenvalues (Lanczos)", lambda: _lanczos(op, k, "smallest", S["seed"], progress, ncv))
         lam = torch.cat([lo.eigenvalues, hi.eigenvalues]).cpu()
         R["eigenvalues"] = {"method": "thick-restart Lanczos", "largest": hi.to_dict(), "smallest": lo.to_dict()}
         v = classify_point(lam, q.gradient_norm)
@@ -232,12 +235,12 @@ def _common_figures(trace, density, exact_lam, S, P) -> Figures:
     return figs
 
 
-def _lanczos(op, k, which, seed, progress):
+def _lanczos(op, k, which, seed, progress, ncv):
     from ..linalg._lanczos import eigenvalues
 
     with warnings.catch_warnings():  # non-convergence is shown on the page (converged: False)
         warnings.simplefilter("ignore", UserWarning)
-        return eigenvalues(op, k=k, which=which, tol=1e-3, seed=seed, progress=progress)
+        return eigenvalues(op, k=k, which=which, tol=1e-3, seed=seed, progress=progress, ncv=ncv)
 
 
 def _block_letters(names):
