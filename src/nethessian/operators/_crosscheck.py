@@ -22,7 +22,7 @@ import torch
 
 from ._engine import EngineRejected, describe, is_ad_gap
 
-__all__ = ["central_difference", "verify_jv"]
+__all__ = ["central_difference", "verify_first_batch", "verify_jv"]
 
 JV = Callable[[torch.Tensor], torch.Tensor]  # direction (P,) -> J v with the outputs' shape
 
@@ -89,3 +89,23 @@ def verify_jv(
             "or the model recomputes activations during backward with its own weights, as activation "
             "checkpointing does, so nethessian's parameter values never reach the recomputation)"
         )
+
+
+def verify_first_batch(obj, per_batch, exact_per_batch, what: str) -> None:
+    """``verify_jv`` of a per-batch product ``per_batch(batch, V) -> (H_b V, count)`` on the first batch.
+
+    For streamed data (one pass over it would cost as much as the run): the batch's own gradient
+    and the exact per-batch route (``exact_per_batch``) stand in for the data set's.
+    """
+    batch = obj.data.first()
+
+    def grad_at(theta):
+        leaf, named = obj.leaf(theta)
+        with torch.enable_grad():
+            (g,) = torch.autograd.grad(obj.batch_loss(named, batch)[0], leaf, allow_unused=True)
+        return torch.zeros_like(leaf) if g is None else g.detach()
+
+    def at_v(fn):
+        return lambda v: fn(batch, v[:, None])[0][:, 0]
+
+    verify_jv(at_v(per_batch), grad_at, obj.theta0, exact=at_v(exact_per_batch), what=what)
