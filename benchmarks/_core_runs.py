@@ -72,6 +72,7 @@ def run_hvp(pb: Problem, reps, sample_s, first_reps, log):
     med, samples, inner, paired = bench_interleaved(fns, reps, sample_s, log=lambda s: log(f"  [{pb.name}] hvp {s}"))
     out = {"median_s": med, "samples_s": samples, "inner_calls": inner}
     out.update(_first_calls(pb, first_reps))
+    out["engine"] = op.engine
     out["rel_err_vs_float64"] = errs
     out.update(gradient_ratios(med, samples, paired))
     grad_first = statistics.median(out["gradient_during_first_s"])
@@ -94,6 +95,8 @@ def run_batch(pb: Problem, reps, sample_s, log):
     op = pb.nh_operator()
     op @ pb.V  # builds the graph and decides batched-vs-loop (timed inside the operator)
     chosen = {True: "batched (is_grads_batched)", False: "loop", None: "undecided"}[op.batched]
+    if op.engine == "structured":  # its run takes the block and goes through it column by column
+        chosen = "structured, column by column"
     ref = pb.reference_hvp(pb.V)
     ps, g = pb.raw_kept_graph()
     cols = [pb.V[:, j].contiguous() for j in range(K_BATCH)]

@@ -73,8 +73,8 @@ def warm_up_eig(pb: EigProblem):
 
 
 ENGINE = {  # which product engine each method's products go through (for the product-time share)
-    "nethessian": "nethessian kept graph",
-    "eigsh tol=1e-3 on nethessian": "nethessian kept graph",
+    "nethessian": "nethessian operator",
+    "eigsh tol=1e-3 on nethessian": "nethessian operator",
     "eigsh": "curvlinops jvp(jacrev)",
     "PyHessian": "PyHessian kept graph",
     "hessian-eigenthings": "hessian-eigenthings graph rebuilt",
@@ -93,7 +93,7 @@ def _product_fns(pb: EigProblem, v):
     ps = list(pb.model.parameters())
     fns = {"gradient": lambda: torch.autograd.grad(pb.loss_fn(pb.model(pb.X), pb.y), ps)}
     op = pb.nh_op()
-    fns["nethessian kept graph"] = lambda: op @ v
+    fns["nethessian operator"] = lambda: op @ v
     if "curvlinops" in pb.mods:
         H = pb.curvlinops_op()
         fns["curvlinops jvp(jacrev)"] = lambda: H @ v

@@ -98,7 +98,7 @@ def _hvp_rows(wl, r):
     return [
         (
             wl,
-            "1 HVP, steady state (kept graph)",
+            f"1 HVP, steady state ({r.get('engine', 'kept-graph')})",
             f"{fmt_t(r['median_s']['nethessian'])} = {x:.2f} grads",
             f"jvp(grad) {g['torch.func jvp(grad)']:.2f}; db rebuilt {g['double backward rebuilt']:.2f}; "
             f"raw kept graph {g['raw kept graph (plain torch)']:.2f} (grad = {fmt_t(r['median_s']['gradient'])})",

@@ -117,7 +117,7 @@ class ChainHVP:
             cols = [self._column(entry, V[:, i]) for i in range(V.shape[1])]
             return torch.stack(cols, dim=1), entry[3]
 
-        return self.objective.finish(*self.objective.local_sum(one_batch))
+        return self.objective.finish(*self.objective.local_sum(one_batch), inplace=True)  # local_sum's own sum
 
     def _tangent(self, v: torch.Tensor, name: str, shape) -> Any:
         """The entries of ``v`` for parameter ``name``, shaped like it; None when it is not chosen."""
