@@ -32,6 +32,7 @@ from torch.func import grad as func_grad, jvp, vmap
 from ..errors import InputError
 from ._base import CurvatureOperator
 from ._crosscheck import verify_first_batch, verify_jv
+from ._chain_engine import chain_engine
 from ._engine import Engine, graph_bytes
 from ._finite_difference import FDErrors, FDProducts, PlainAccess, check_options, fd_options
 from ._shard_vectors import ShardedVectors, check_vectors
@@ -262,15 +263,7 @@ class HessianOperator(ShardedVectors, CurvatureOperator):
         return [chosen]
 
     def _chain(self) -> List[Engine]:
-        """The structured pass (``structured._hvp``) when the model is a Linear/activation chain."""
-        from ..structured._hvp import offer_hvp
-
-        chain, _ = offer_hvp(self.objective)
-        if chain is None:
-            return []
-        why = "a Linear/activation chain: second-order forward and backward passes on kept per-batch quantities"
-        check = lambda: self._verify_double_backward(chain.run, "second-order backprop (H v)")  # noqa: E731
-        return [Engine("structured", chain.run, trial=check, keeps_graph=True, why=why)]
+        return chain_engine(self)
 
     def _bytes_per_column(self) -> Optional[float]:
         if self.engine in (FD, "structured"):

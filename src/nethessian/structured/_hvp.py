@@ -54,6 +54,13 @@ class ChainHVP:
                 raise Unsupported(f"{step.label}: the Hessian-vector pass knows nn.Linear among linear steps")
             if step.kind == "elementwise" and step.params:
                 raise Unsupported(f"{step.label}: an element-wise step with parameters")
+        first = next(iter(objective.data.iterate(None)))
+        if not isinstance(first.inputs, torch.Tensor) or first.inputs.ndim < 2:
+            raise Unsupported("the inputs are not one (N, ..., features) tensor")
+        last = [s.module for s in plan.steps if s.kind == "linear"][-1]
+        outputs = last.out_features * int(torch.tensor(first.inputs.shape[1:-1]).prod())
+        if outputs > MAX_OUTPUTS:  # before any loss Hessian is formed
+            raise Unsupported(f"{outputs} outputs per sample: the loss's Hessian would hold N·D² entries")
         self.objective, self.plan = objective, plan
         lay = objective.layout
         self._slices = {n: (o, o + m) for n, o, m in zip(lay.names, lay.offsets, lay.numels)}
@@ -69,7 +76,7 @@ class ChainHVP:
         obj = self.objective
         x = batch.inputs
         if not isinstance(x, torch.Tensor):
-            raise Unsupported(f"the inputs are a {type(x).__name__}; the chain takes one tensor")
+            raise Unsupported(f"batch {batch.index}: the inputs are a {type(x).__name__}, not one tensor")
         outs = []
         with torch.enable_grad():
             h = x.detach().requires_grad_(True)  # a graph through every step (the parameters are constants)
@@ -81,9 +88,7 @@ class ChainHVP:
         count = obj.count(h.detach(), batch.targets)
         if count != 0 or obj.reduction in (None, "sum"):  # an all-ignored mean batch is 0/0 and weighs 0
             obj.check_finite(loss.detach(), batch.index)
-        g_out, H = loss_derivatives(obj.loss_fn, h.detach(), batch.targets)
-        if g_out.shape[1] > MAX_OUTPUTS:
-            raise Unsupported(f"{g_out.shape[1]} outputs per sample: the loss's Hessian would hold N·D² entries")
+        _, H = loss_derivatives(obj.loss_fn, h.detach(), batch.targets)
         records, prev = [], x
         for step, out, g in zip(self.plan.steps, outs, grads):
             g = torch.zeros_like(out) if g is None else g.detach()
@@ -96,6 +101,10 @@ class ChainHVP:
                 records.append(("activation", s1, r))
             prev = out.detach()
         return records, H, tuple(h.shape), count
+
+    def prepare(self) -> None:
+        """Compute every batch's quantities now (``Unsupported`` for a batch the pass cannot take)."""
+        self._batches()
 
     def _batches(self):
         if not self._cache:
