@@ -141,3 +141,15 @@ def test_a_wrong_product_is_refused_at_construction(monkeypatch):
     monkeypatch.setattr(_hvp.ChainHVP, "run", lambda self, V: 1.01 * run(self, V))
     op = nh.HessianOperator(_net(nn.Tanh), nn.CrossEntropyLoss(), _data())
     assert op.engine == "kept-graph" and "second-order backprop" in op.fallback_reason
+
+
+def test_many_outputs_per_sample_keep_the_kept_graph():
+    """The loss's per-sample Hessian is N·D² entries: above MAX_OUTPUTS the kept graph serves, decided
+    from the layers before any loss Hessian is formed."""
+    D = _hvp.MAX_OUTPUTS + 1
+    model = nn.Sequential(nn.Linear(4, 3), nn.Tanh(), nn.Linear(3, D)).to(DT)
+    X = torch.randn(6, 4, dtype=DT)
+    y = torch.randint(0, D, (6,), generator=torch.Generator().manual_seed(0))
+    chain, reason = _hvp.offer_hvp(nh.HessianOperator(model, nn.CrossEntropyLoss(), (X, y)).objective)
+    assert chain is None and f"{D} outputs per sample" in reason
+    assert nh.HessianOperator(model, nn.CrossEntropyLoss(), (X, y)).engine == "kept-graph"
