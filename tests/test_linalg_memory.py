@@ -2,6 +2,8 @@
 estimator states its bound (``memory_bytes``) and ``max_memory`` refuses a run above it; SLQ runs on
 O(P) memory without reorthogonalisation; results carry the operator's ``precision_note``."""
 
+import gc
+
 import pytest
 import torch
 
