@@ -57,8 +57,10 @@ class ChainHVP:
         first = next(iter(objective.data.iterate(None)))
         if not isinstance(first.inputs, torch.Tensor) or first.inputs.ndim < 2:
             raise Unsupported("the inputs are not one (N, ..., features) tensor")
-        last = [s.module for s in plan.steps if s.kind == "linear"][-1]
-        outputs = last.out_features * int(torch.tensor(first.inputs.shape[1:-1]).prod())
+        linears = [s.module for s in plan.steps if s.kind == "linear"]
+        if not linears:
+            raise Unsupported("no nn.Linear layer")
+        outputs = linears[-1].out_features * int(torch.tensor(first.inputs.shape[1:-1]).prod())
         if outputs > MAX_OUTPUTS:  # before any loss Hessian is formed
             raise Unsupported(f"{outputs} outputs per sample: the loss's Hessian would hold N·D² entries")
         self.objective, self.plan = objective, plan
