@@ -153,3 +153,16 @@ def test_many_outputs_per_sample_keep_the_kept_graph():
     chain, reason = _hvp.offer_hvp(nh.HessianOperator(model, nn.CrossEntropyLoss(), (X, y)).objective)
     assert chain is None and f"{D} outputs per sample" in reason
     assert nh.HessianOperator(model, nn.CrossEntropyLoss(), (X, y)).engine == "kept-graph"
+
+
+def test_inputs_with_a_sequence_axis():
+    """``nn.Linear`` acts on the last axis: (N, T, features) inputs, per-sample outputs T·out."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2)).to(DT)
+    X = torch.randn(5, 6, 3, dtype=DT)
+    Y = torch.randn(5, 6, 2, dtype=DT)
+    op = nh.HessianOperator(model, nn.MSELoss(), (X, Y))
+    assert op.engine == "structured"
+    torch.testing.assert_close(op.to_dense(), reference_hessian(model, nn.MSELoss(), (X, Y)), **TOL)
+    sub = nh.HessianOperator(model, nn.MSELoss(), (X, Y), params=["0.weight"])
+    torch.testing.assert_close(sub.to_dense(), reference_hessian(model, nn.MSELoss(), (X, Y), ["0.weight"]), **TOL)

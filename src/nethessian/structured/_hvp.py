@@ -125,7 +125,7 @@ class ChainHVP:
 
         def one_batch(_batch):
             entry = next(it)
-            cols = [self._column(entry, V[:, i]) for i in range(V.shape[1])]
+            cols = [self._column(entry, V[:, i].contiguous()) for i in range(V.shape[1])]
             return torch.stack(cols, dim=1), entry[3]
 
         return self.objective.finish(*self.objective.local_sum(one_batch), inplace=True)  # local_sum's own sum
@@ -150,7 +150,10 @@ class ChainHVP:
             vb = self._tangent(v, prefix + "bias", W.shape[:1]) if has_b else None
             z = None if R is None else R @ W.T
             if VW is not None:
-                z = a @ VW.T if z is None else z.addmm_(a.reshape(-1, a.shape[-1]), VW.T).view_as(z)
+                if z is None:
+                    z = a @ VW.T
+                else:  # leading axes folded: (N, ..., d) inputs
+                    z.view(-1, z.shape[-1]).addmm_(a.reshape(-1, a.shape[-1]), VW.T)
             if vb is not None:
                 z = vb.expand(*a.shape[:-1], W.shape[0]).clone() if z is None else z.add_(vb)
             R = z
