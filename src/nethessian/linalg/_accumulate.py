@@ -35,10 +35,9 @@ def column_sums(X: torch.Tensor, Y: Optional[torch.Tensor] = None) -> torch.Tens
     total = None
     for a in range(0, max(n, 1), PIECE):
         x = _piece(X, a)
-        if Y is X and x.dim() == 1:
-            part = torch.dot(x, x)  # no squared temporary: one read (Lanczos norms its vector every step)
-        elif Y is X and x.shape[1] == 1:
-            part = torch.dot(x[:, 0], x[:, 0]).reshape(1)
+        if Y is X and (x.dim() == 1 or x.shape[1] == 1):  # one column: no squared temporary (Lanczos, every step)
+            flat = x.reshape(-1)
+            part = torch.dot(flat, flat).reshape(x.shape[1:])
         else:
             part = (x if Y is None else x * x if Y is X else x * _piece(Y, a)).sum(dim=0)
         total = part if total is None else total + part

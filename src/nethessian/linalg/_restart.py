@@ -101,6 +101,11 @@ def _orthonormalize(
 _ROUNDING = 4.0  # Gram-Schmidt coefficients below this many units of rounding of ‖w‖ are left in w
 
 
+def _below_rounding(c: np.ndarray, norms, dtype: torch.dtype) -> bool:
+    """Whether every coefficient is at most ``_ROUNDING`` units of rounding of its column's norm."""
+    return bool((np.abs(c).max(axis=0) <= _ROUNDING * torch.finfo(dtype).eps * np.asarray(norms)).all())
+
+
 def _reorthogonalize(op: Operator, V: torch.Tensor, W: torch.Tensor, j: int):
     """``W`` made ⟂ ``V`` to rounding: ``(W, coefficients taken off, column norms after, asymmetry)``.
 
@@ -116,7 +121,7 @@ def _reorthogonalize(op: Operator, V: torch.Tensor, W: torch.Tensor, j: int):
     c = coefficients(op, V, W).numpy()
     asymmetry = float(np.abs(c[:j]).max()) if j else 0.0
     before = norms(op, W)
-    if bool((np.abs(c).max(axis=0) <= _ROUNDING * torch.finfo(W.dtype).eps * before.numpy()).all()):
+    if _below_rounding(c, before.numpy(), W.dtype):
         return W, np.zeros_like(c), before, asymmetry
     W = subtract_basis(V, torch.from_numpy(c), W, inplace=True)
     after = norms(op, W)
@@ -246,7 +251,7 @@ class _Krylov:
         c, before = _measure(op, V[:, : j + 1], w)
         self.asymmetry = float(np.abs(c[:j]).max()) if j else 0.0
         after = before
-        if np.abs(c).max() > _ROUNDING * torch.finfo(w.dtype).eps * before:  # see _reorthogonalize
+        if not _below_rounding(c, before, w.dtype):  # else left in w, as in _reorthogonalize
             w.addmv_(V[:, : j + 1], torch.tensor(c, dtype=w.dtype), alpha=-1)
             cc = float(c @ c)
             if cc < before * before / 2:  # kept more than 1/√2: one pass; ‖w‖ by Pythagoras, no read

@@ -253,7 +253,7 @@ class HessianOperator(ShardedVectors, CurvatureOperator):
                 why="data in memory: the gradient graph is kept, one backward per product",
                 timed_batching=True,
             )
-            return [*self._chain(), kept, streaming["forward-over-reverse"]] if method == "auto" else [kept]
+            return [*chain_engine(self), kept, streaming["forward-over-reverse"]] if method == "auto" else [kept]
         if method == "auto":
             return [streaming["forward-over-reverse"], streaming["double-backward"]]
         chosen = streaming[method]
@@ -261,9 +261,6 @@ class HessianOperator(ShardedVectors, CurvatureOperator):
         if method == "forward-over-reverse":
             chosen.trial = None  # exact where it runs; its AD gap surfaces at use
         return [chosen]
-
-    def _chain(self) -> List[Engine]:
-        return chain_engine(self)
 
     def _bytes_per_column(self) -> Optional[float]:
         if self.engine in (FD, "structured"):

@@ -54,7 +54,7 @@ class ChainHVP:
                 raise Unsupported(f"{step.label}: the Hessian-vector pass knows nn.Linear among linear steps")
             if step.kind == "elementwise" and step.params:
                 raise Unsupported(f"{step.label}: an element-wise step with parameters")
-        first = next(iter(objective.data.iterate(None)))
+        first = objective.data.first()
         if not isinstance(first.inputs, torch.Tensor) or first.inputs.ndim < 2:
             raise Unsupported("the inputs are not one (N, ..., features) tensor")
         linears = [s.module for s in plan.steps if s.kind == "linear"]
