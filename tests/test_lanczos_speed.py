@@ -327,3 +327,22 @@ def test_one_vector_step_under_cancellation_takes_a_second_pass(dtype):
     torch.testing.assert_close(kry.H[:, j], Vd.T @ (A @ Vd[:, j]), rtol=0, atol=20 * eps * 3)
     rtol = 1e-3 if dtype == torch.float32 else 1e-9
     torch.testing.assert_close(kry.S[0, j], torch.tensor(0.01, dtype=torch.float64), rtol=rtol, atol=0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("k", [1, 5, 12])
+def test_basis_times_small_matrix_in_any_layout(dtype, k):
+    """``basis_matmul``: ``V Y`` for a basis stored by columns (computed as ``(Yᵀ Vᵀ)ᵀ``) or by rows, and
+    for a basis kept in another dtype (brought over a few columns at a time), against float64."""
+    from nethessian.linalg._ortho import basis_matmul
+
+    g = torch.Generator().manual_seed(k)
+    by_rows = torch.randn(300, 20, generator=g, dtype=torch.float64)
+    Y = torch.randn(20, k, generator=g, dtype=torch.float64)
+    want = by_rows @ Y
+    like = torch.zeros(1, dtype=dtype)
+    for V in (by_rows.to(dtype), by_rows.to(dtype).T.contiguous().T, by_rows.float().T.contiguous().T):
+        got = basis_matmul(V, Y, like)
+        assert got.dtype == dtype and got.shape == (300, k)
+        eps = max(torch.finfo(dtype).eps, torch.finfo(V.dtype).eps)  # the coarser of basis and result
+        assert float((got.double() - want).abs().max()) < 100 * eps * float(want.abs().max())

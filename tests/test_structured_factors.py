@@ -132,3 +132,28 @@ def test_matrix_weighted_factors_stand_for_their_matrix():
     H_out = W
     start = Factors.of_matrices(H_out)
     torch.testing.assert_close(start.V.transpose(1, 2) @ start.W @ start.V, H_out, **TOL)
+
+
+def test_step_functions_use_the_state_and_honour_hooks():
+    """A traced step computes with the state's tensors, bypassing ``functional_call`` only where that
+    changes nothing: a module holding no tensors, or a plain ``nn.Linear`` without hooks (a hooked
+    one still runs its hook), all matching ``functional_call`` on the same state."""
+    from nethessian.structured._graph import build_plan
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2, bias=False))
+    seen = []
+    model[2].register_forward_hook(lambda m, i, o: seen.append(o.shape))
+    names = [n for n, _ in model.named_parameters()]
+    plan = build_plan(model, names)
+    state = {n: torch.randn_like(p) for n, p in model.named_parameters()}
+    x = torch.randn(5, 3)
+    h = x
+    for step, module in zip(plan.steps, model):
+        got = step.fn([h], state)
+        local = {k: state[step.prefix + k] for k, _ in module.named_parameters()}
+        want = functional_call(module, local, (h,))
+        assert torch.allclose(got, want, rtol=1e-6, atol=1e-7)
+        h = got
+    assert len(seen) == 2  # the hooked Linear ran its hook once in each call
+    assert not torch.allclose(h, model(x))  # the state's weights, not the module's

@@ -17,9 +17,10 @@ Own work per step (``_restart._Krylov.expand``): the couplings the relation alre
 knows (``A F − V Sᵀ``: the three-term recurrence, the whole kept block after a restart),
 the new block's own coefficients, then one classical Gram-Schmidt pass against the basis
 (stored by columns: only ``j`` columns are read): ``Vᵀ w`` is measured, and subtracted only
-above a few units of rounding; the DGKS test (a second pass when a column loses more than
-1/√2 of its norm) rarely fires once the known couplings are gone. The basis stays orthogonal
-to rounding, measured every step (a laxer test lets the loss of orthogonality grow geometrically).
+above 16 units of rounding (``_restart._ROUNDING``: what the products' own rounding leaves
+there); the DGKS test (a second pass when a column loses more than 1/√2 of its norm) rarely
+fires once the known couplings are gone. The basis stays orthogonal to 16 eps, measured every
+step (a laxer test lets the loss of orthogonality grow geometrically).
 The same pass measures ``uᵀ(A − Aᵀ)v`` on the first two blocks: the symmetry check
 costs no product.
 

@@ -92,14 +92,25 @@ def block_dot(op: Operator, X: torch.Tensor, Y: torch.Tensor) -> torch.Tensor:
     return op.allreduce_(out.contiguous()).cpu().double()
 
 
+def _times(V: torch.Tensor, Y: torch.Tensor) -> torch.Tensor:
+    """``V @ Y``; for ``V`` stored by columns as ``(Yᵀ Vᵀ)ᵀ``, the result stored by columns too.
+
+    MKL's ``(P x j)(j x k)`` product with ``V`` by columns runs up to 4x slower on the CPU
+    (W3: j = 20, k = 5, 4.1 ms against 1.1 ms the other way round).
+    """
+    if V.dim() == 2 and Y.dim() == 2 and V.stride(0) == 1:
+        return (Y.T @ V.T).T
+    return V @ Y
+
+
 def basis_matmul(V: torch.Tensor, Y: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     """``V @ Y`` in ``like``'s dtype and on its device (local rows; no reduction)."""
     Y = Y.to(like.device, like.dtype)
     if _same_home(V, like):
-        return V @ Y
+        return _times(V, Y)
     out = torch.zeros(V.shape[0], *Y.shape[1:], dtype=like.dtype, device=like.device)
     for a in range(0, V.shape[1], _COLS):
-        out += V[:, a : a + _COLS].to(like.device, like.dtype) @ Y[a : a + _COLS]
+        out += _times(V[:, a : a + _COLS].to(like.device, like.dtype), Y[a : a + _COLS])
     return out
 
 
