@@ -138,7 +138,6 @@ class ChainHVP:
     def _column(self, entry, v: torch.Tensor) -> torch.Tensor:
         """``H_b v`` of one batch's loss (as ``loss_fn`` returns it) for one column."""
         records, H, out_shape, _ = entry
-        out = torch.zeros_like(v)
         R, rs = None, []  # R: the current activation's tangent; rs: each step's input tangent
         for rec in records:
             rs.append(R)
@@ -158,7 +157,10 @@ class ChainHVP:
                 z = vb.expand(*a.shape[:-1], W.shape[0]).clone() if z is None else z.add_(vb)
             R = z
         if R is None:  # nothing chosen reaches the output
-            return out
+            return torch.zeros_like(v)
+        # every chosen parameter belongs to a Linear the backward pass below reaches, and each
+        # writes its whole slice (``_weight_rows``): no zero fill needed
+        out = torch.empty_like(v)
         N = out_shape[0]
         Rg = torch.bmm(H, R.reshape(N, -1, 1)).view(out_shape)
         for i in reversed(range(len(records))):
