@@ -106,6 +106,7 @@ def _orthonormalize(
 # On W3 the subtraction then runs at 24 % of the steps instead of 55 % (at 4 units), for the
 # same products and eigenvalues.
 _ROUNDING = 16.0
+_TINY = torch.finfo(torch.float64).tiny
 
 
 def _below_rounding(c: np.ndarray, norms, dtype: torch.dtype) -> bool:
@@ -243,9 +244,9 @@ class _Krylov:
         finds it (no copy).
         """
         j, lo, V = self.j, self.lo, self.V
-        if self.F.data_ptr() != V[:, j].data_ptr():
-            V[:, j].copy_(self.F[:, 0])
         f = V[:, j]
+        if self.F.data_ptr() != f.data_ptr():
+            f.copy_(self.F[:, 0])
         W = op @ V[:, j : j + 1]
         if _shares(W, V):
             W = W.clone()  # an operator that hands back its input: W is worked on in place below
@@ -257,7 +258,7 @@ class _Krylov:
         w.addmv_(V[:, lo : j + 1], torch.tensor(C[lo:, 0], dtype=w.dtype), alpha=-1)  # known couplings
         c, before = _measure(op, V[:, : j + 1], w)
         self.asymmetry = float(np.abs(c[:j]).max()) if j else 0.0
-        after = before
+        after, eps = before, torch.finfo(w.dtype).eps
         if not _below_rounding(c, before, w.dtype):  # else left in w, as in _reorthogonalize
             w.addmv_(V[:, : j + 1], torch.tensor(c, dtype=w.dtype), alpha=-1)
             cc = float(c @ c)
@@ -272,15 +273,15 @@ class _Krylov:
         H[:j, :j] = self.H.numpy()
         H[:, j] = H[j, :] = C[:, 0]
         scale = float(np.abs(H).sum(0).max())
-        if after > torch.finfo(w.dtype).eps * max(scale, torch.finfo(torch.float64).tiny):
+        if after > eps * max(scale, _TINY):
             self.F = V[:, j + 1 : j + 2] if j + 1 < V.shape[1] else W  # the next column, while there is one
             torch.div(W, after, out=self.F)
         else:  # w vanished: a fresh random direction (_orthonormalize)
             self.F, B = _orthonormalize(op, W, V[:, : j + 1], self.gen, scale, checked=True)
             after = float(B[0, 0])
-        self.S = torch.zeros(1, j + 1, dtype=torch.float64)
-        self.S[0, j] = after
-        self.H, self.j, self.lo = torch.from_numpy(H), j + 1, j
+        S = np.zeros((1, j + 1))
+        S[0, j] = after
+        self.S, self.H, self.j, self.lo = torch.from_numpy(S), torch.from_numpy(H), j + 1, j
 
     def restart(self, ritz: "_Ritz", keep: int) -> None:
         """Thick restart: keep the ``keep`` most wanted Ritz vectors (``V ← V Y``, by blocks of rows)."""
