@@ -138,7 +138,7 @@ def test_step_functions_use_the_state_and_honour_hooks():
     """A traced step computes with the state's tensors, bypassing ``functional_call`` only where that
     changes nothing: a module holding no tensors, or a plain ``nn.Linear`` without hooks (a hooked
     one still runs its hook), all matching ``functional_call`` on the same state."""
-    from nethessian.structured._graph import build_plan
+    from nethessian.structured._graph import _hooked, build_plan
 
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2, bias=False))
@@ -157,3 +157,12 @@ def test_step_functions_use_the_state_and_honour_hooks():
         h = got
     assert len(seen) == 2  # the hooked Linear ran its hook once in each call
     assert not torch.allclose(h, model(x))  # the state's weights, not the module's
+    plain = nn.Linear(3, 2)
+    assert not _hooked(plain)
+    plain.register_full_backward_hook(lambda m, gi, go: None)  # backward hooks count too
+    assert _hooked(plain)
+    handle = nn.modules.module.register_module_forward_pre_hook(lambda m, i: None)  # and global ones
+    try:
+        assert _hooked(nn.Linear(3, 2))
+    finally:
+        handle.remove()

@@ -79,12 +79,15 @@ def _substitute(node: fx.Node, order: Dict[str, int]) -> Callable:
     return fill
 
 
+_HOOKS = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks")
+
+
 def _hooked(module: nn.Module) -> bool:
-    """Whether calling ``module`` runs hooks of its own or global ones (then it is called, not bypassed)."""
+    """Whether calling ``module`` runs forward or backward hooks, its own or global ones (then it is called)."""
     from torch.nn.modules import module as m
 
-    own = (module._forward_hooks, module._forward_pre_hooks)
-    return any(own) or bool(m._global_forward_hooks or m._global_forward_pre_hooks)
+    own = any(getattr(module, h, None) for h in _HOOKS)
+    return own or any(getattr(m, "_global" + h, None) for h in _HOOKS)
 
 
 def _function_of(node: fx.Node, model: nn.Module, order: Dict[str, int]) -> Callable:
