@@ -50,3 +50,18 @@ def test_estimators_report_progress_in_a_log(what, monkeypatch):
         op.to_dense(progress=True)
     lines = [ln for ln in err.getvalue().splitlines() if ln.startswith("nethessian:")]
     assert lines and f"{P}/{P}" in lines[-1] and "ETA" in lines[-1]
+
+
+def test_lanczos_expected_total_keeps_its_estimate_through_a_cycle_that_did_not_improve():
+    """The Lanczos bar's total: extrapolated from the bound's fall between restarts; a cycle whose
+    bound rose keeps the previous estimate (no jump back to the budget), until the run passes it."""
+    from nethessian.linalg._lanczos_options import _expected_total
+
+    falling = [(20, 100.0), (30, 10.0)]  # a factor 10 per 10 products: 1 is 10 products away
+    first = _expected_total(falling, k=5, b=1, max_matvecs=400)
+    assert first == 30 + 10 + 1 + 5  # + one block and the k verification products
+    rose = falling + [(40, 12.0)]
+    assert _expected_total(rose, k=5, b=1, max_matvecs=400, previous=first) == first
+    assert _expected_total(rose, k=5, b=1, max_matvecs=400) == 400  # no estimate yet: the budget
+    passed = falling + [(60, 12.0)]
+    assert _expected_total(passed, k=5, b=1, max_matvecs=400, previous=first) == 400

@@ -259,7 +259,7 @@ def _iterate(
                 kry.restart(ritz, keep)
                 save_state(checkpoint, kry, expect, op)
                 history.append((op.num_matvecs, bound))
-                bar.set_total(_expected_total(history, k, b, max_matvecs))
+                bar.set_total(_expected_total(history, k, b, max_matvecs, previous=bar.total))
         elif full:
             skip -= 1
         kry.expand(op)

@@ -7,7 +7,7 @@ vectors kept at a restart, when to test for convergence, the expected number of 
 from __future__ import annotations
 
 import math
-from typing import Dict
+from typing import Dict, Optional
 
 import torch
 
@@ -109,13 +109,18 @@ def _kept(k: int, b: int, ncv: int) -> int:
     return min(k + max(b, (ncv - k) // 2), ncv - b)
 
 
-def _expected_total(history, k: int, b: int, max_matvecs: int) -> int:
-    """Products the run will likely take: extrapolate the bound's geometric decrease to 1."""
+def _expected_total(history, k: int, b: int, max_matvecs: int, previous: Optional[int] = None) -> int:
+    """Products the run will likely take: extrapolate the bound's geometric decrease to 1.
+
+    A cycle whose bound did not fall gives no rate: the ``previous`` estimate stands while the
+    run has not passed it (a progress bar's total does not jump back to the budget and down again).
+    """
     n, bound = history[-1]
+    fallback = previous if previous is not None and n < previous <= max_matvecs else max_matvecs
     if len(history) < 2 or not math.isfinite(bound) or not math.isfinite(history[-2][1]):
-        return max_matvecs
+        return fallback
     n0, bound0 = history[-2]
     rate = (math.log(max(bound0, 1e-300)) - math.log(max(bound, 1e-300))) / max(n - n0, 1)
     if rate <= 0:
-        return max_matvecs
+        return fallback
     return int(min(max_matvecs, n + math.log(max(bound, 1.0)) / rate + b + k))
