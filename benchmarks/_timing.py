@@ -26,6 +26,7 @@ CONTENDED = 0.3  # cores used by other processes above which a measurement is fl
 __all__ = [
     "THREADS",
     "time_calls",
+    "median_time",
     "rotated",
     "bench_interleaved",
     "gradient_ratios",
@@ -54,6 +55,18 @@ def time_calls(fn, n):
     finally:
         if gc_was:
             gc.enable()
+
+
+def median_time(fn, reps, before=None):
+    """Median seconds of ``reps`` calls of ``fn``, ``before()`` (a barrier, a cache flush) run untimed ahead of each."""
+    ts = []
+    for _ in range(reps):
+        if before is not None:
+            before()
+        t0 = time.perf_counter()
+        fn()
+        ts.append(time.perf_counter() - t0)
+    return statistics.median(ts)
 
 
 def rotated(names, r):

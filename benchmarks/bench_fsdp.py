@@ -43,7 +43,6 @@ import pathlib
 import queue as queue_mod
 import resource
 import socket
-import statistics
 import sys
 import time
 
@@ -51,6 +50,8 @@ HERE = pathlib.Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
 import torch  # noqa: E402
+
+from _timing import median_time  # noqa: E402
 
 CONFIGS = {
     "tiny": dict(vocab_size=97, n_layer=2, n_embd=32, n_head=2),
@@ -92,17 +93,6 @@ def _maxrss() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
-def _median_time(fn, reps, sync=None) -> float:
-    ts = []
-    for _ in range(reps):
-        if sync is not None:
-            sync()
-        t0 = time.perf_counter()
-        fn()
-        ts.append(time.perf_counter() - t0)
-    return statistics.median(ts)
-
-
 def _norm(x) -> float:
     return float(x.double().norm())
 
@@ -132,7 +122,7 @@ def _errors(op, V, ref):
 def _engine_row(name, op, v, reps, t_grad):
     """Time of ``op @ v`` (median of ``reps``, after one warm product) and its ratio to a gradient."""
     op @ v  # warm: builds the graph / takes the first gradients
-    t = _median_time(lambda: op @ v, reps)
+    t = median_time(lambda: op @ v, reps)
     return {"engine": name, "time_s": t, "in_gradients": t / t_grad}
 
 
@@ -149,7 +139,7 @@ def single(cfg, reps, queue):
     model, loss, data = problem(cfg)
     obj = Objective(model, loss, data)
     obj.gradient()
-    t_grad = _median_time(obj.gradient, reps)
+    t_grad = median_time(obj.gradient, reps)
     v = torch.randn(obj.size, generator=torch.Generator().manual_seed(2))
     rows, V, ref = [], None, None
     for name, kw in ENGINES.items():
@@ -179,7 +169,7 @@ def _rank_run(cfg, reps, world):
     op = nh.HessianOperator(model, loss, data, method=FD, fd_order=4)
     v = torch.randn(op.shape[0], generator=torch.Generator().manual_seed(3 + nh.distributed.rank()))
     op @ v
-    t = _median_time(lambda: op @ v, reps, sync=torch.distributed.barrier)
+    t = median_time(lambda: op @ v, reps, before=torch.distributed.barrier)
     t0 = time.perf_counter()
     res = nh.eigenvalues(op, progress=False, **EIG)
     return {

@@ -25,7 +25,6 @@ os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 
 import argparse  # noqa: E402
 import json  # noqa: E402
-import statistics  # noqa: E402
 import sys  # noqa: E402
 import time  # noqa: E402
 import warnings  # noqa: E402
@@ -34,20 +33,14 @@ import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
 import nethessian as nh  # noqa: E402
+from _timing import median_time  # noqa: E402
 from _workloads import make_workload  # noqa: E402
 
 
 def timed(fn, reps=60, before=None):
-    """Median seconds of ``fn()``, ``before()`` run untimed ahead of each call."""
+    """Median seconds of ``fn()`` after one warm-up call (``_timing.median_time``)."""
     fn()
-    out = []
-    for _ in range(reps):
-        if before is not None:
-            before()
-        t0 = time.perf_counter()
-        fn()
-        out.append(time.perf_counter() - t0)
-    return statistics.median(out)
+    return median_time(fn, reps, before)
 
 
 def product_flops(model: nn.Sequential, n: int) -> float:

@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 from torch.func import functional_call
+from torch.nn.modules import module as _module
 
 from ._rules import classify_function, classify_module
 
@@ -84,10 +85,8 @@ _HOOKS = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_
 
 def _hooked(module: nn.Module) -> bool:
     """Whether calling ``module`` runs forward or backward hooks, its own or global ones (then it is called)."""
-    from torch.nn.modules import module as m
-
     own = any(getattr(module, h, None) for h in _HOOKS)
-    return own or any(getattr(m, "_global" + h, None) for h in _HOOKS)
+    return own or any(getattr(_module, "_global" + h, None) for h in _HOOKS)
 
 
 def _function_of(node: fx.Node, model: nn.Module, order: Dict[str, int]) -> Callable:
