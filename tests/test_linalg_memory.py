@@ -264,10 +264,15 @@ def test_measured_memory_stays_within_the_stated_bound(what):
     chunk = 2 if what == "hutchinson" else 1
     allowance = res.memory_bytes + chunk * n * 4 + 48 * 2**20
     first = peak
-    if peak > allowance:  # the process's resident set also holds other threads' allocations: once more
+    # the process's resident set also holds other threads' allocations and frees (a rise above the
+    # allowance, or none at all, seen once each in full parallel runs): a reading outside
+    # [bound / 2, allowance] is taken once more, and the second must lie inside
+    if not 0.5 * res.memory_bytes <= peak <= allowance:
         gc.collect()
         res, peak = _peak_beyond_now(runs[what])
     assert peak <= allowance, (
         f"{what}: rose {first / 2**20:.0f} then {peak / 2**20:.0f} MiB, bound {res.memory_bytes / 2**20:.0f} MiB"
     )
-    assert peak >= 0.5 * res.memory_bytes  # the measurement sees the vectors (else it proves nothing)
+    assert peak >= 0.5 * res.memory_bytes, (  # the measurement sees the vectors (else it proves nothing)
+        f"{what}: rose {first / 2**20:.0f} then {peak / 2**20:.0f} MiB, bound {res.memory_bytes / 2**20:.0f} MiB"
+    )
